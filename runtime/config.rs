@@ -1,0 +1,185 @@
+//! The model configuration (`config.json` of an HF-style model directory).
+//!
+//! Principal types: [`ModelConfig`] (the LlamaConfig fields nocturne uses),
+//! [`QuantizationConfig`] (present in int8 packs), [`ConfigError`].
+//!
+//! Invariants of a validated config: all dimensions are non-zero;
+//! `num_attention_heads` is a multiple of `num_key_value_heads`; `head_dim` is
+//! even (RoPE rotates pairs); in an int8 pack every matrix input dimension is a
+//! multiple of the quantization block.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::profile::Precision;
+
+/// Elements per int8 quantization block, along a matrix's input dimension.
+pub const INT8_BLOCK: usize = 32;
+
+/// `quant_method` written into `config.json` of an int8 pack.
+pub const INT8_QUANT_METHOD: &str = "nocturne-int8";
+
+/// The `quantization_config` of an int8 pack: symmetric int8 values, one f16
+/// scale per block of [`INT8_BLOCK`] inputs, stored as `<name>.weight` (I8,
+/// `[out, in]`) and `<name>.weight_scale` (F16, `[out, in / block_size]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuantizationConfig {
+    /// Always [`INT8_QUANT_METHOD`].
+    pub quant_method: String,
+    /// Inputs per block; always [`INT8_BLOCK`].
+    pub block_size: usize,
+}
+
+/// The fields of a Hugging Face `LlamaConfig` that nocturne reads and writes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// `["LlamaForCausalLM"]`.
+    pub architectures: Vec<String>,
+    /// `"llama"`.
+    pub model_type: String,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP's hidden layer.
+    pub intermediate_size: usize,
+    /// Transformer blocks.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention).
+    pub num_key_value_heads: usize,
+    /// Dimension of one head.
+    pub head_dim: usize,
+    /// Longest context the model was trained for, tokens.
+    pub max_position_embeddings: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f32,
+    /// RoPE base frequency.
+    pub rope_theta: f32,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Whether the output projection reuses the token embedding.
+    pub tie_word_embeddings: bool,
+    /// Beginning-of-sequence token id.
+    pub bos_token_id: u32,
+    /// End-of-sequence token id.
+    pub eos_token_id: u32,
+    /// `"silu"`.
+    pub hidden_act: String,
+    /// `"float16"` for both packs (the int8 pack's scales are f16).
+    pub torch_dtype: String,
+    /// Present in int8 packs only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization_config: Option<QuantizationConfig>,
+}
+
+/// A `config.json` that cannot be read or breaks an invariant.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The operating-system error.
+        source: std::io::Error,
+    },
+    /// The file is not valid JSON for a `LlamaConfig`, or breaks an invariant.
+    #[error("{path}: {problem}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+impl ModelConfig {
+    /// Reads and validates `config.json`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Io`] when the file cannot be read, [`ConfigError::Invalid`]
+    /// when it is not a valid config (the message names the field).
+    pub fn read(path: &Path) -> Result<ModelConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
+        let invalid = |problem: String| ConfigError::Invalid { path: path.into(), problem };
+        let config: ModelConfig = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        config.validate().map_err(invalid)?;
+        Ok(config)
+    }
+
+    /// Weight precision of the pack this config describes.
+    pub fn precision(&self) -> Precision {
+        if self.quantization_config.is_some() {
+            Precision::Int8
+        } else {
+            Precision::Fp16
+        }
+    }
+
+    /// Width of the concatenated query heads (`num_attention_heads × head_dim`).
+    pub fn q_width(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+
+    /// Width of the concatenated key (or value) heads (`num_key_value_heads × head_dim`).
+    pub fn kv_width(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
+    }
+
+    /// Checks the invariants in the module documentation.
+    ///
+    /// # Errors
+    /// A message naming the first field that breaks one.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.model_type != "llama" {
+            return Err(format!("model_type is {:?}, only \"llama\" is supported", self.model_type));
+        }
+        if self.hidden_act != "silu" {
+            return Err(format!("hidden_act is {:?}, only \"silu\" is supported", self.hidden_act));
+        }
+        for (field, value) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+        ] {
+            if value == 0 {
+                return Err(format!("{field} must be greater than zero"));
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(format!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_attention_heads, self.num_key_value_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {
+            return Err("rms_norm_eps and rope_theta must be positive".into());
+        }
+        if let Some(q) = &self.quantization_config {
+            if q.quant_method != INT8_QUANT_METHOD || q.block_size != INT8_BLOCK {
+                return Err(format!(
+                    "quantization_config is {:?} with block_size {}, expected {INT8_QUANT_METHOD:?} with block_size {INT8_BLOCK}",
+                    q.quant_method, q.block_size
+                ));
+            }
+            for (field, value) in [
+                ("hidden_size", self.hidden_size),
+                ("intermediate_size", self.intermediate_size),
+                ("num_attention_heads × head_dim", self.q_width()),
+            ] {
+                if value % INT8_BLOCK != 0 {
+                    return Err(format!("{field} ({value}) is not a multiple of the int8 block ({INT8_BLOCK})"));
+                }
+            }
+        }
+        Ok(())
+    }
+}

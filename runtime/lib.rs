@@ -1,0 +1,13 @@
+//! nocturne: an on-device language-model runtime that learns while it sleeps.
+//!
+//! By day the device answers prompts from memory-mapped weights inside the
+//! budget of the firmware profile it was built with; see `ARCHITECTURE.md`
+//! for the day/night flow and the code map.
+//!
+//! Modules: [`profile`] (the build-time firmware profile), [`config`]
+//! (`config.json`), [`weights`] (the memory-mapped pack), [`tokenizer`].
+
+pub mod config;
+pub mod profile;
+pub mod tokenizer;
+pub mod weights;

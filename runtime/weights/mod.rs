@@ -1,0 +1,382 @@
+//! The memory-mapped weight pack.
+//!
+//! Principal types: [`ModelPack`] (an opened, validated model directory),
+//! [`Matrix`] and [`LayerWeights`] (zero-copy views into the mapping),
+//! [`TensorSpec`] (the pack layout), [`WeightsError`].
+//!
+//! A model directory holds `config.json` ([`ModelConfig`]), `tokenizer.json`
+//! and `model.safetensors` ([safetensors format](https://github.com/huggingface/safetensors):
+//! u64 little-endian header length, JSON header, raw little-endian data).
+//! Tensor names follow Hugging Face's `LlamaForCausalLM`. Matrices are
+//! `[out, in]` row-major; in an fp16 pack they are F16; in an int8 pack
+//! `<name>.weight` is I8 `[out, in]` and `<name>.weight_scale` is F16
+//! `[out, in / 32]` (symmetric per-block quantization: `w = q × scale`).
+//! RMSNorm weights are F32 in both packs.
+//!
+//! Invariants:
+//! - [`ModelPack::open`] validates the header, every dtype, shape, offset and
+//!   alignment against `config.json` before it returns; no tensor is missing,
+//!   unexpected, overlapping or out of bounds. After that, views cannot fail.
+//! - No weight byte is copied: every view borrows the read-only mapping. Heap
+//!   use at open is proportional to the number of tensors, not their size.
+//! - Pages are read from disk only when touched (the kernel's readahead is
+//!   hinted with `madvise(MADV_WILLNEED)`).
+//! - The pack file must not be truncated or rewritten while it is mapped
+//!   (the same contract as llama.cpp's mmap loader); packs are replaced by
+//!   writing a new directory and renaming it.
+
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use half::f16;
+use memmap2::{Advice, Mmap};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::config::{ConfigError, ModelConfig, INT8_BLOCK};
+use crate::profile::Precision;
+
+#[cfg(target_endian = "big")]
+compile_error!("weight packs are little-endian; big-endian targets are not supported");
+
+/// Name of the configuration file in a model directory.
+pub const CONFIG_FILE: &str = "config.json";
+/// Name of the tokenizer file in a model directory.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// Name of the weights file in a model directory.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Suffix of the int8 scale tensor that accompanies `<name>.weight`.
+pub const SCALE_SUFFIX: &str = "_scale";
+
+/// A model directory that cannot be opened. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    /// `config.json` is missing or invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A file cannot be opened or mapped.
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The operating-system error.
+        source: std::io::Error,
+    },
+    /// The weights file does not match the safetensors format or `config.json`.
+    #[error("{path}: {problem}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the tensor where there is one.
+        problem: String,
+    },
+}
+
+/// What kind of tensor a [`TensorSpec`] describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorKind {
+    /// A `[rows, cols]` weight matrix, stored in the pack's precision.
+    Matrix {
+        /// Output dimension.
+        rows: usize,
+        /// Input dimension.
+        cols: usize,
+    },
+    /// An RMSNorm weight vector of `len` elements, stored as F32.
+    Norm {
+        /// Elements.
+        len: usize,
+    },
+}
+
+/// One tensor of the pack layout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// Hugging Face tensor name, e.g. `model.layers.0.self_attn.q_proj.weight`.
+    pub name: String,
+    /// Shape and role.
+    pub kind: TensorKind,
+}
+
+/// Tensors per transformer layer, in [`pack_layout`] order: input norm, q, k,
+/// v, o, post-attention norm, gate, up, down.
+pub const TENSORS_PER_LAYER: usize = 9;
+
+/// The tensors a pack for `config` holds, in a fixed order: the token
+/// embedding, [`TENSORS_PER_LAYER`] tensors per layer, the final norm, and
+/// `lm_head.weight` when embeddings are not tied.
+pub fn pack_layout(config: &ModelConfig) -> Vec<TensorSpec> {
+    let (h, q, kv, ff) = (config.hidden_size, config.q_width(), config.kv_width(), config.intermediate_size);
+    let matrix = |name: String, rows, cols| TensorSpec { name, kind: TensorKind::Matrix { rows, cols } };
+    let norm = |name: String, len| TensorSpec { name, kind: TensorKind::Norm { len } };
+    let mut specs = vec![matrix("model.embed_tokens.weight".into(), config.vocab_size, h)];
+    for i in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        specs.extend([
+            norm(format!("{p}.input_layernorm.weight"), h),
+            matrix(format!("{p}.self_attn.q_proj.weight"), q, h),
+            matrix(format!("{p}.self_attn.k_proj.weight"), kv, h),
+            matrix(format!("{p}.self_attn.v_proj.weight"), kv, h),
+            matrix(format!("{p}.self_attn.o_proj.weight"), h, q),
+            norm(format!("{p}.post_attention_layernorm.weight"), h),
+            matrix(format!("{p}.mlp.gate_proj.weight"), ff, h),
+            matrix(format!("{p}.mlp.up_proj.weight"), ff, h),
+            matrix(format!("{p}.mlp.down_proj.weight"), h, ff),
+        ]);
+    }
+    specs.push(norm("model.norm.weight".into(), h));
+    if !config.tie_word_embeddings {
+        specs.push(matrix("lm_head.weight".into(), config.vocab_size, h));
+    }
+    specs
+}
+
+/// A zero-copy view of one weight matrix (`[rows, cols]`, row-major).
+#[derive(Clone, Copy, Debug)]
+pub enum Matrix<'a> {
+    /// Int8 values and one f16 scale per [`INT8_BLOCK`] consecutive values of a
+    /// row: element `(r, c)` is `values[r*cols + c] × scales[r*cols/32 + c/32]`.
+    Int8 {
+        /// Output dimension.
+        rows: usize,
+        /// Input dimension (a multiple of [`INT8_BLOCK`]).
+        cols: usize,
+        /// `rows × cols` values.
+        values: &'a [i8],
+        /// `rows × cols / 32` scales.
+        scales: &'a [f16],
+    },
+    /// IEEE binary16 values.
+    F16 {
+        /// Output dimension.
+        rows: usize,
+        /// Input dimension.
+        cols: usize,
+        /// `rows × cols` values.
+        values: &'a [f16],
+    },
+}
+
+impl Matrix<'_> {
+    /// `(rows, cols)`.
+    pub fn shape(&self) -> (usize, usize) {
+        match *self {
+            Matrix::Int8 { rows, cols, .. } | Matrix::F16 { rows, cols, .. } => (rows, cols),
+        }
+    }
+
+    /// Bytes of weights (values and scales) a full matrix-vector product reads.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Matrix::Int8 { values, scales, .. } => values.len() + 2 * scales.len(),
+            Matrix::F16 { values, .. } => 2 * values.len(),
+        }
+    }
+}
+
+/// Views of one transformer layer's weights.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerWeights<'a> {
+    /// RMSNorm before attention, `[hidden]`.
+    pub input_norm: &'a [f32],
+    /// Query projection, `[heads × head_dim, hidden]`.
+    pub q_proj: Matrix<'a>,
+    /// Key projection, `[kv_heads × head_dim, hidden]`.
+    pub k_proj: Matrix<'a>,
+    /// Value projection, `[kv_heads × head_dim, hidden]`.
+    pub v_proj: Matrix<'a>,
+    /// Attention output projection, `[hidden, heads × head_dim]`.
+    pub o_proj: Matrix<'a>,
+    /// RMSNorm before the MLP, `[hidden]`.
+    pub post_attention_norm: &'a [f32],
+    /// MLP gate projection, `[intermediate, hidden]`.
+    pub gate_proj: Matrix<'a>,
+    /// MLP up projection, `[intermediate, hidden]`.
+    pub up_proj: Matrix<'a>,
+    /// MLP down projection, `[hidden, intermediate]`.
+    pub down_proj: Matrix<'a>,
+}
+
+/// Where a validated tensor lives in the mapping.
+#[derive(Clone, Debug)]
+enum Slot {
+    Matrix { rows: usize, cols: usize, values: Range<usize>, scales: Option<Range<usize>> },
+    Norm(Range<usize>),
+}
+
+/// An opened, validated model directory whose weights are memory-mapped.
+#[derive(Debug)]
+pub struct ModelPack {
+    dir: PathBuf,
+    config: ModelConfig,
+    map: Mmap,
+    /// One slot per [`pack_layout`] entry, same order.
+    slots: Vec<Slot>,
+}
+
+impl ModelPack {
+    /// Opens the model directory `dir`: reads `config.json`, checks that
+    /// `tokenizer.json` exists, maps `model.safetensors` read-only and
+    /// validates it against the config.
+    ///
+    /// # Errors
+    /// [`WeightsError`] naming the file and the problem: a missing or invalid
+    /// config, a missing tokenizer, an unreadable weights file, a malformed
+    /// safetensors header (truncated file, offsets past the end, overlapping
+    /// tensors), a missing or unexpected tensor, a wrong dtype or shape, or a
+    /// misaligned tensor.
+    pub fn open(dir: &Path) -> Result<ModelPack, WeightsError> {
+        let config = ModelConfig::read(&dir.join(CONFIG_FILE))?;
+        let tokenizer = dir.join(TOKENIZER_FILE);
+        if !tokenizer.is_file() {
+            return Err(WeightsError::Invalid { path: tokenizer, problem: "missing: a model directory needs its tokenizer".into() });
+        }
+        let path = dir.join(WEIGHTS_FILE);
+        let io = |source| WeightsError::Io { path: path.clone(), source };
+        let file = File::open(&path).map_err(io)?;
+        // SAFETY: the mapping is read-only and packs are never modified in
+        // place (see the module invariants); every access is bounds-checked
+        // by the validation below before a view is handed out.
+        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        // Advisory only: a kernel that ignores the hint still serves page faults.
+        let _ = map.advise(Advice::WillNeed);
+        let slots = validate(&map, &config).map_err(|problem| WeightsError::Invalid { path: path.clone(), problem })?;
+        Ok(ModelPack { dir: dir.to_path_buf(), config, map, slots })
+    }
+
+    /// The model directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The validated `config.json`.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Precision of the matrices.
+    pub fn precision(&self) -> Precision {
+        self.config.precision()
+    }
+
+    /// Size of the mapped weights file, bytes.
+    pub fn mapped_bytes(&self) -> usize {
+        self.map.len()
+    }
+
+    /// The token embedding, `[vocab, hidden]`.
+    pub fn embed_tokens(&self) -> Matrix<'_> {
+        self.matrix(0)
+    }
+
+    /// The output projection, `[vocab, hidden]` (the embedding when tied).
+    pub fn lm_head(&self) -> Matrix<'_> {
+        if self.config.tie_word_embeddings {
+            self.embed_tokens()
+        } else {
+            self.matrix(self.slots.len() - 1)
+        }
+    }
+
+    /// The final RMSNorm weight, `[hidden]`.
+    pub fn final_norm(&self) -> &[f32] {
+        self.norm(1 + TENSORS_PER_LAYER * self.config.num_hidden_layers)
+    }
+
+    /// Views of layer `index`.
+    ///
+    /// # Panics
+    /// If `index >= num_hidden_layers` (a caller bug, not bad input).
+    pub fn layer(&self, index: usize) -> LayerWeights<'_> {
+        assert!(index < self.config.num_hidden_layers, "layer {index} out of range");
+        let base = 1 + TENSORS_PER_LAYER * index;
+        LayerWeights {
+            input_norm: self.norm(base),
+            q_proj: self.matrix(base + 1),
+            k_proj: self.matrix(base + 2),
+            v_proj: self.matrix(base + 3),
+            o_proj: self.matrix(base + 4),
+            post_attention_norm: self.norm(base + 5),
+            gate_proj: self.matrix(base + 6),
+            up_proj: self.matrix(base + 7),
+            down_proj: self.matrix(base + 8),
+        }
+    }
+
+    fn matrix(&self, slot: usize) -> Matrix<'_> {
+        match &self.slots[slot] {
+            Slot::Matrix { rows, cols, values, scales: Some(scales) } => Matrix::Int8 {
+                rows: *rows,
+                cols: *cols,
+                values: bytemuck::cast_slice(&self.map[values.clone()]),
+                scales: bytemuck::cast_slice(&self.map[scales.clone()]),
+            },
+            Slot::Matrix { rows, cols, values, scales: None } => {
+                Matrix::F16 { rows: *rows, cols: *cols, values: bytemuck::cast_slice(&self.map[values.clone()]) }
+            }
+            Slot::Norm(_) => unreachable!("pack_layout puts a matrix in slot {slot}"),
+        }
+    }
+
+    fn norm(&self, slot: usize) -> &[f32] {
+        match &self.slots[slot] {
+            Slot::Norm(range) => bytemuck::cast_slice(&self.map[range.clone()]),
+            Slot::Matrix { .. } => unreachable!("pack_layout puts a norm in slot {slot}"),
+        }
+    }
+}
+
+/// Checks the mapped file against `config` and returns one slot per
+/// [`pack_layout`] entry, or a message naming the problem.
+fn validate(bytes: &[u8], config: &ModelConfig) -> Result<Vec<Slot>, String> {
+    let (header_len, metadata) =
+        SafeTensors::read_metadata(bytes).map_err(|e| format!("not a valid safetensors file: {e}"))?;
+    let data_start = 8 + header_len;
+    let layout = pack_layout(config);
+    let int8 = config.precision() == Precision::Int8;
+    let mut found = 0usize;
+    let mut resolve = |name: &str, dtype: Dtype, shape: &[usize]| -> Result<Range<usize>, String> {
+        let info = metadata.info(name).ok_or_else(|| format!("tensor `{name}` is missing"))?;
+        if info.dtype != dtype {
+            return Err(format!("tensor `{name}` has dtype {:?}, expected {dtype:?}", info.dtype));
+        }
+        if info.shape != shape {
+            return Err(format!("tensor `{name}` has shape {:?}, expected {shape:?}", info.shape));
+        }
+        let (start, end) = (data_start + info.data_offsets.0, data_start + info.data_offsets.1);
+        let align = dtype.bitsize() / 8;
+        if start % align != 0 {
+            return Err(format!("tensor `{name}` starts at byte {start}, not aligned to its {align}-byte elements"));
+        }
+        found += 1;
+        Ok(start..end)
+    };
+    let mut slots = Vec::with_capacity(layout.len());
+    for spec in &layout {
+        slots.push(match spec.kind {
+            TensorKind::Norm { len } => Slot::Norm(resolve(&spec.name, Dtype::F32, &[len])?),
+            TensorKind::Matrix { rows, cols } if int8 => Slot::Matrix {
+                rows,
+                cols,
+                values: resolve(&spec.name, Dtype::I8, &[rows, cols])?,
+                scales: Some(resolve(&format!("{}{SCALE_SUFFIX}", spec.name), Dtype::F16, &[rows, cols / INT8_BLOCK])?),
+            },
+            TensorKind::Matrix { rows, cols } => {
+                Slot::Matrix { rows, cols, values: resolve(&spec.name, Dtype::F16, &[rows, cols])?, scales: None }
+            }
+        });
+    }
+    let total = metadata.offset_keys().len();
+    if found != total {
+        let mut expected = std::collections::HashSet::new();
+        for spec in &layout {
+            if int8 && matches!(spec.kind, TensorKind::Matrix { .. }) {
+                expected.insert(format!("{}{SCALE_SUFFIX}", spec.name));
+            }
+            expected.insert(spec.name.clone());
+        }
+        let extra = metadata.offset_keys().into_iter().find(|n| !expected.contains(n)).unwrap_or_default();
+        return Err(format!("unexpected tensor `{extra}` ({total} tensors, the config accounts for {found})"));
+    }
+    Ok(slots)
+}
