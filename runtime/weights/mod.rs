@@ -329,8 +329,10 @@ impl ModelPack {
 /// Checks the mapped file against `config` and returns one slot per
 /// [`pack_layout`] entry, or a message naming the problem.
 fn validate(bytes: &[u8], config: &ModelConfig) -> Result<Vec<Slot>, String> {
-    let (header_len, metadata) =
-        SafeTensors::read_metadata(bytes).map_err(|e| format!("not a valid safetensors file: {e}"))?;
+    let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        let detail = diagnose_offsets(bytes).map_or(String::new(), |d| format!(" ({d})"));
+        format!("not a valid safetensors file: {e}{detail}")
+    })?;
     let data_start = 8 + header_len;
     let layout = pack_layout(config);
     let int8 = config.precision() == Precision::Int8;
@@ -379,4 +381,27 @@ fn validate(bytes: &[u8], config: &ModelConfig) -> Result<Vec<Slot>, String> {
         return Err(format!("unexpected tensor `{extra}` ({total} tensors, the config accounts for {found})"));
     }
     Ok(slots)
+}
+
+/// On the error path only: names the first tensor whose byte range lies past
+/// the end of the data or overlaps another, which `safetensors`' own error
+/// does not always identify.
+fn diagnose_offsets(bytes: &[u8]) -> Option<String> {
+    let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    let data_len = bytes.len() - 8 - n;
+    let mut ranges: Vec<(u64, u64, &str)> = header
+        .iter()
+        .filter_map(|(name, t)| {
+            let o = t.get("data_offsets")?.as_array()?;
+            Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?, name.as_str()))
+        })
+        .collect();
+    if let Some((start, end, name)) = ranges.iter().find(|(_, end, _)| *end > data_len as u64) {
+        return Some(format!("tensor `{name}` spans bytes {start}..{end} of a {data_len}-byte data section"));
+    }
+    ranges.sort_unstable();
+    ranges.windows(2).find(|w| w[1].0 < w[0].1).map(|w| {
+        format!("tensors `{}` ({}..{}) and `{}` ({}..{}) overlap", w[0].2, w[0].0, w[0].1, w[1].2, w[1].0, w[1].1)
+    })
 }

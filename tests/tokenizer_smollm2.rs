@@ -1,0 +1,53 @@
+//! The tokenizer converted from the SmolLM2 GGUF, checked on real text.
+//! Needs the converted pack: run `models/fetch` first.
+
+use std::path::PathBuf;
+
+use nocturne::tokenizer::Tokenizer;
+
+fn tokenizer() -> Tokenizer {
+    let path: PathBuf =
+        [env!("CARGO_MANIFEST_DIR"), "models/cache/smollm2-135m-instruct/int8/tokenizer.json"].iter().collect();
+    assert!(path.is_file(), "{} is missing: run `models/fetch` first", path.display());
+    Tokenizer::from_file(&path).unwrap()
+}
+
+fn pieces(t: &Tokenizer, text: &str) -> Vec<String> {
+    t.encode(text).unwrap().into_iter().map(|id| t.id_to_token(id).unwrap()).collect()
+}
+
+#[test]
+fn digits_split_one_by_one_and_words_keep_their_space() {
+    let t = tokenizer();
+    assert_eq!(pieces(&t, "Hello world 2024!"), ["Hello", "Ġworld", "Ġ", "2", "0", "2", "4", "!"]);
+    assert_eq!(pieces(&t, "x=10"), ["x", "=", "1", "0"]);
+}
+
+#[test]
+fn chatml_markers_are_single_special_tokens() {
+    let t = tokenizer();
+    let ids = t.encode("<|im_start|>user\nHi<|im_end|>\n").unwrap();
+    assert_eq!(ids.first(), Some(&1));
+    assert_eq!(t.token_to_id("<|im_start|>"), Some(1));
+    assert_eq!(t.token_to_id("<|im_end|>"), Some(2));
+    assert_eq!(t.token_to_id("<|endoftext|>"), Some(0));
+    assert_eq!(ids.iter().filter(|&&id| id == 2).count(), 1);
+    assert_eq!(t.vocab_size(), 49152);
+}
+
+#[test]
+fn real_text_round_trips() {
+    let t = tokenizer();
+    for text in [
+        "The quick brown fox jumps over the lazy dog.",
+        "Não há nada mais difícil do que começar; a ação e o coração estão lá, avô e avó.",
+        "Pi is 3.14159, the year 2024, the phone +351 912 345 678.",
+        "Bom dia 🌞🚀 and a family 👩‍👩‍👧 with flags 🇵🇹",
+        "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nOlá, tudo bem?<|im_end|>\n",
+        "  leading spaces,\ttabs\nand\r\nnewlines  ",
+    ] {
+        let ids = t.encode(text).unwrap();
+        assert!(!ids.is_empty());
+        assert_eq!(t.decode(&ids).unwrap(), text, "ids {ids:?}");
+    }
+}
