@@ -140,6 +140,15 @@ pub fn convert(gguf: &GgufFile, out: &Path) -> anyhow::Result<ConvertReport> {
         Some(QuantizationConfig { quant_method: INT8_QUANT_METHOD.into(), block_size: INT8_BLOCK });
     int8_config.validate().map_err(|e| anyhow::anyhow!("{}: model shape: {e}", gguf.path().display()))?;
 
+    let layers_possible = gguf.tensors.len() / nocturne::weights::TENSORS_PER_LAYER;
+    if config.num_hidden_layers > layers_possible {
+        bail!(
+            "{}: llama.block_count is {} but the file holds only {} tensors",
+            gguf.path().display(),
+            config.num_hidden_layers,
+            gguf.tensors.len()
+        );
+    }
     let layout = pack_layout(&config);
     let bar = ProgressBar::new(layout.len() as u64).with_style(
         ProgressStyle::with_template("converting {bar:40} {pos}/{len} tensors {msg}").expect("static template"),

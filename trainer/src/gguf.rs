@@ -201,7 +201,13 @@ impl<'a> Cursor<'a> {
             8 => MetaValue::Str(self.string(&what)?),
             9 if depth == 0 => {
                 let item_type = self.u32(&what)?;
-                let n = self.count(&what, 1)?;
+                let min_item_bytes = match item_type {
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    8 | 10..=12 => 8,
+                    _ => 1,
+                };
+                let n = self.count(&what, min_item_bytes)?;
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
                     items.push(self.value(item_type, key, depth + 1)?);
