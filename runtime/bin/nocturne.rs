@@ -60,7 +60,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info { model } => {
             print_profile(&profile::ACTIVE);
             if let Some(dir) = model {
+                let started = std::time::Instant::now();
                 let pack = ModelPack::open(&dir)?;
+                let opened = started.elapsed();
                 let c = pack.config();
                 println!("model              {}", dir.display());
                 println!(
@@ -74,6 +76,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     c.vocab_size
                 );
                 println!("mapped weights     {} bytes ({}), file-backed", pack.mapped_bytes(), pack.precision().name());
+                println!("opened and validated in {:.2} ms", opened.as_secs_f64() * 1e3);
             }
             Ok(())
         }
