@@ -1,17 +1,18 @@
 //! The model configuration (`config.json` of an HF-style model directory).
 //!
 //! Principal types: [`ModelConfig`] (the LlamaConfig fields nocturne uses),
-//! [`QuantizationConfig`] (present in int8 packs), [`ConfigError`].
+//! [`QuantizationConfig`] (present in int8 packs). Errors are [`FileError`]s.
 //!
 //! Invariants of a validated config: all dimensions are non-zero;
 //! `num_attention_heads` is a multiple of `num_key_value_heads`; `head_dim` is
 //! even (RoPE rotates pairs); in an int8 pack every matrix input dimension is a
 //! multiple of the quantization block.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::file_error::FileError;
 use crate::profile::Precision;
 
 /// Elements per int8 quantization block, along a matrix's input dimension.
@@ -73,38 +74,17 @@ pub struct ModelConfig {
     pub quantization_config: Option<QuantizationConfig>,
 }
 
-/// A `config.json` that cannot be read or breaks an invariant.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file cannot be read.
-    #[error("{path}: cannot read: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The operating-system error.
-        source: std::io::Error,
-    },
-    /// The file is not valid JSON for a `LlamaConfig`, or breaks an invariant.
-    #[error("{path}: {problem}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        problem: String,
-    },
-}
-
 impl ModelConfig {
     /// Reads and validates `config.json`.
     ///
     /// # Errors
-    /// [`ConfigError::Io`] when the file cannot be read, [`ConfigError::Invalid`]
+    /// [`FileError::Io`] when the file cannot be read, [`FileError::Invalid`]
     /// when it is not a valid config (the message names the field).
-    pub fn read(path: &Path) -> Result<ModelConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
-        let invalid = |problem: String| ConfigError::Invalid { path: path.into(), problem };
-        let config: ModelConfig = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        config.validate().map_err(invalid)?;
+    pub fn read(path: &Path) -> Result<ModelConfig, FileError> {
+        let text = std::fs::read_to_string(path).map_err(FileError::io(path))?;
+        let config: ModelConfig =
+            serde_json::from_str(&text).map_err(|e| FileError::invalid(path, e.to_string()))?;
+        config.validate().map_err(|problem| FileError::invalid(path, problem))?;
         Ok(config)
     }
 

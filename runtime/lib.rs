@@ -5,9 +5,11 @@
 //! for the day/night flow and the code map.
 //!
 //! Modules: [`profile`] (the build-time firmware profile), [`config`]
-//! (`config.json`), [`weights`] (the memory-mapped pack), [`tokenizer`].
+//! (`config.json`), [`weights`] (the memory-mapped pack), [`tokenizer`],
+//! [`file_error`] (the error of every on-disk format reader).
 
 pub mod config;
+pub mod file_error;
 pub mod profile;
 pub mod tokenizer;
 pub mod weights;

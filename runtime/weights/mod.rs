@@ -2,7 +2,7 @@
 //!
 //! Principal types: [`ModelPack`] (an opened, validated model directory),
 //! [`Matrix`] and [`LayerWeights`] (zero-copy views into the mapping),
-//! [`TensorSpec`] (the pack layout), [`WeightsError`].
+//! [`TensorSpec`] (the pack layout). Errors are [`FileError`]s.
 //!
 //! A model directory holds `config.json` ([`ModelConfig`]), `tokenizer.json`
 //! and `model.safetensors` ([safetensors format](https://github.com/huggingface/safetensors):
@@ -33,7 +33,8 @@ use half::f16;
 use memmap2::{Advice, Mmap};
 use safetensors::{Dtype, SafeTensors};
 
-use crate::config::{ConfigError, ModelConfig, INT8_BLOCK};
+use crate::config::{ModelConfig, INT8_BLOCK};
+use crate::file_error::FileError;
 use crate::profile::Precision;
 
 #[cfg(target_endian = "big")]
@@ -47,30 +48,6 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// Suffix of the int8 scale tensor that accompanies `<name>.weight`.
 pub const SCALE_SUFFIX: &str = "_scale";
-
-/// A model directory that cannot be opened. Every variant names the file.
-#[derive(Debug, thiserror::Error)]
-pub enum WeightsError {
-    /// `config.json` is missing or invalid.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// A file cannot be opened or mapped.
-    #[error("{path}: cannot read: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The operating-system error.
-        source: std::io::Error,
-    },
-    /// The weights file does not match the safetensors format or `config.json`.
-    #[error("{path}: {problem}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong, naming the tensor where there is one.
-        problem: String,
-    },
-}
 
 /// What kind of tensor a [`TensorSpec`] describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -220,27 +197,26 @@ impl ModelPack {
     /// validates it against the config.
     ///
     /// # Errors
-    /// [`WeightsError`] naming the file and the problem: a missing or invalid
+    /// [`FileError`] naming the file and the problem: a missing or invalid
     /// config, a missing tokenizer, an unreadable weights file, a malformed
     /// safetensors header (truncated file, offsets past the end, overlapping
     /// tensors), a missing or unexpected tensor, a wrong dtype or shape, or a
     /// misaligned tensor.
-    pub fn open(dir: &Path) -> Result<ModelPack, WeightsError> {
+    pub fn open(dir: &Path) -> Result<ModelPack, FileError> {
         let config = ModelConfig::read(&dir.join(CONFIG_FILE))?;
         let tokenizer = dir.join(TOKENIZER_FILE);
         if !tokenizer.is_file() {
-            return Err(WeightsError::Invalid { path: tokenizer, problem: "missing: a model directory needs its tokenizer".into() });
+            return Err(FileError::invalid(&tokenizer, "missing: a model directory needs its tokenizer"));
         }
         let path = dir.join(WEIGHTS_FILE);
-        let io = |source| WeightsError::Io { path: path.clone(), source };
-        let file = File::open(&path).map_err(io)?;
+        let file = File::open(&path).map_err(FileError::io(&path))?;
         // SAFETY: the mapping is read-only and packs are never modified in
         // place (see the module invariants); every access is bounds-checked
         // by the validation below before a view is handed out.
-        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let map = unsafe { Mmap::map(&file) }.map_err(FileError::io(&path))?;
         // Advisory only: a kernel that ignores the hint still serves page faults.
         let _ = map.advise(Advice::WillNeed);
-        let slots = validate(&map, &config).map_err(|problem| WeightsError::Invalid { path: path.clone(), problem })?;
+        let slots = validate(&map, &config).map_err(|problem| FileError::invalid(&path, problem))?;
         Ok(ModelPack { dir: dir.to_path_buf(), config, map, slots })
     }
 

@@ -47,10 +47,7 @@ pub struct ConvertReport {
 pub fn model_config(gguf: &GgufFile) -> Result<ModelConfig, GgufError> {
     let arch = gguf.str("general.architecture")?;
     if arch != "llama" {
-        return Err(GgufError::Invalid {
-            path: gguf.path().into(),
-            problem: format!("architecture {arch:?} is not supported (only \"llama\")"),
-        });
+        return Err(GgufError::invalid(gguf.path(), format!("architecture {arch:?} is not supported (only \"llama\")")));
     }
     let hidden = gguf.usize("llama.embedding_length")?;
     let heads = gguf.usize("llama.attention.head_count")?;

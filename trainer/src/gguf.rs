@@ -1,7 +1,7 @@
 //! A reader for GGUF model files (llama.cpp's format).
 //!
 //! Principal types: [`GgufFile`] (a mapped, parsed file), [`MetaValue`],
-//! [`GgmlType`], [`GgufTensor`], [`GgufError`].
+//! [`GgmlType`], [`GgufTensor`]. Errors are [`FileError`]s, aliased [`GgufError`].
 //!
 //! Format (GGUF v2/v3, little-endian, as specified in ggml's `docs/gguf.md`):
 //! magic `GGUF`, u32 version, u64 tensor count, u64 metadata count; metadata
@@ -24,27 +24,7 @@ use std::path::{Path, PathBuf};
 
 use half::f16;
 use memmap2::Mmap;
-
-/// A GGUF file that cannot be read. Every variant names the file.
-#[derive(Debug, thiserror::Error)]
-pub enum GgufError {
-    /// The file cannot be opened or mapped.
-    #[error("{path}: cannot read: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The operating-system error.
-        source: std::io::Error,
-    },
-    /// The file is not a well-formed, supported GGUF file.
-    #[error("{path}: {problem}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong and where (byte offset or tensor name).
-        problem: String,
-    },
-}
+pub use nocturne::file_error::FileError as GgufError;
 
 /// The ggml tensor types this reader dequantizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -230,13 +210,11 @@ impl GgufFile {
     /// truncated header, a tensor of an unsupported type, a tensor whose data
     /// lies outside the file.
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
-        let io = |source| GgufError::Io { path: path.into(), source };
-        let file = File::open(path).map_err(io)?;
+        let file = File::open(path).map_err(GgufError::io(path))?;
         // SAFETY: read-only mapping of a file the converter does not modify;
         // all reads are bounds-checked by the parser.
-        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let (version, metadata, tensors) =
-            parse(&map).map_err(|problem| GgufError::Invalid { path: path.into(), problem })?;
+        let map = unsafe { Mmap::map(&file) }.map_err(GgufError::io(path))?;
+        let (version, metadata, tensors) = parse(&map).map_err(|problem| GgufError::invalid(path, problem))?;
         Ok(GgufFile { path: path.into(), map, version, metadata, tensors })
     }
 
@@ -246,7 +224,7 @@ impl GgufFile {
     }
 
     fn invalid(&self, problem: String) -> GgufError {
-        GgufError::Invalid { path: self.path.clone(), problem }
+        GgufError::invalid(&self.path, problem)
     }
 
     /// The integer metadata value `key`.

@@ -42,7 +42,7 @@ fn strings<'a>(gguf: &'a GgufFile, key: &str) -> Result<Vec<&'a str>, GgufError>
         .enumerate()
         .map(|(i, v)| match v {
             MetaValue::Str(s) => Ok(s.as_str()),
-            _ => Err(GgufError::Invalid { path: gguf.path().into(), problem: format!("`{key}`[{i}] is not a string") }),
+            _ => Err(GgufError::invalid(gguf.path(), format!("`{key}`[{i}] is not a string"))),
         })
         .collect()
 }
@@ -53,7 +53,7 @@ fn strings<'a>(gguf: &'a GgufFile, key: &str) -> Result<Vec<&'a str>, GgufError>
 /// Missing metadata, an unsupported tokenizer model or pre-tokenizer, a merge
 /// that is not two tokens, or special-token ids outside the vocabulary.
 pub fn build_tokenizer(gguf: &GgufFile) -> Result<BuiltTokenizer, GgufError> {
-    let invalid = |problem: String| GgufError::Invalid { path: gguf.path().into(), problem };
+    let invalid = |problem: String| GgufError::invalid(gguf.path(), problem);
     let model = gguf.str("tokenizer.ggml.model")?;
     let pre = gguf.str("tokenizer.ggml.pre")?;
     if model != "gpt2" || pre != "smollm" {
