@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod file_error;
+pub mod kernels;
 pub mod profile;
 pub mod tokenizer;
 pub mod weights;

@@ -1,0 +1,362 @@
+//! Compute kernels of the decoder.
+//!
+//! Principal types: [`Kernels`] (the vector primitives, chosen once at run
+//! time by CPU feature detection), [`Isa`]; functions [`rms_norm`],
+//! [`rope`], [`RopeTable`], [`softmax`], [`silu_mul`].
+//!
+//! The vector primitives — int8 and fp16 row dot products against f32
+//! activations, f32 dot, axpy, row dequantization, f32→f16 — exist as a plain
+//! scalar reference ([`scalar`]) and, on x86-64 with AVX2+FMA+F16C, as SIMD
+//! versions ([`avx2`]). A matrix-vector product is one row dot per output
+//! row; prefill's matrix-matrix product dequantizes each weight row once into
+//! an L1-resident f32 buffer and dots it with every token of the block, so a
+//! weight byte is read from memory once per block instead of once per token.
+//! RMSNorm reuses the f32 dot; RoPE, softmax and SiLU are scalar (they touch
+//! O(hidden) values per token against O(hidden²) for the products).
+//!
+//! Not here yet: NEON kernels for aarch64 (this machine has no aarch64
+//! toolchain to build or test them); aarch64 uses the scalar kernels.
+//!
+//! Invariants: no kernel allocates; a SIMD kernel agrees with its scalar
+//! reference up to float reassociation (property tests below).
+
+pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+
+use half::f16;
+
+use crate::weights::Matrix;
+
+/// Instruction set the kernels were chosen for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable Rust.
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+}
+
+impl Isa {
+    /// Lowercase name, as printed by `nocturne info`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2+fma+f16c",
+        }
+    }
+}
+
+/// The vector primitives for one instruction set. All slices are read up to
+/// the shorter length; int8 lengths are multiples of 32.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    /// Which implementation these are.
+    pub isa: Isa,
+    /// `Σ values[i] × scales[i/32] × x[i]`.
+    pub dot_i8: fn(&[i8], &[f16], &[f32]) -> f32,
+    /// `Σ a[i] × b[i]`, `a` in f16.
+    pub dot_f16: fn(&[f16], &[f32]) -> f32,
+    /// `Σ a[i] × b[i]`.
+    pub dot_f32: fn(&[f32], &[f32]) -> f32,
+    /// `y += alpha × x`, `x` in f16.
+    pub axpy_f16: fn(f32, &[f16], &mut [f32]),
+    /// `y += alpha × x`.
+    pub axpy_f32: fn(f32, &[f32], &mut [f32]),
+    /// `out = values × scales` per 32-block.
+    pub dequant_i8: fn(&[i8], &[f16], &mut [f32]),
+    /// `out = values` widened.
+    pub dequant_f16: fn(&[f16], &mut [f32]),
+    /// `out = x` narrowed to f16.
+    pub to_f16: fn(&[f32], &mut [f16]),
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2_safe {
+    //! Safe entry points to the AVX2 kernels. They are reachable only
+    //! through `Kernels::AVX2`, which `Kernels::detect` hands out only after
+    //! `is_x86_feature_detected!` confirmed AVX2, FMA and F16C.
+    use super::avx2;
+    use half::f16;
+    // SAFETY (all functions): CPU support is checked before these are selected.
+    pub fn dot_i8(v: &[i8], s: &[f16], x: &[f32]) -> f32 {
+        unsafe { avx2::dot_i8(v, s, x) }
+    }
+    pub fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
+        unsafe { avx2::dot_f16(a, b) }
+    }
+    pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        unsafe { avx2::dot_f32(a, b) }
+    }
+    pub fn axpy_f16(a: f32, x: &[f16], y: &mut [f32]) {
+        unsafe { avx2::axpy_f16(a, x, y) }
+    }
+    pub fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
+        unsafe { avx2::axpy_f32(a, x, y) }
+    }
+    pub fn dequant_i8(v: &[i8], s: &[f16], o: &mut [f32]) {
+        unsafe { avx2::dequant_i8(v, s, o) }
+    }
+    pub fn dequant_f16(v: &[f16], o: &mut [f32]) {
+        unsafe { avx2::dequant_f16(v, o) }
+    }
+    pub fn to_f16(x: &[f32], o: &mut [f16]) {
+        unsafe { avx2::to_f16(x, o) }
+    }
+}
+
+impl Kernels {
+    /// The scalar reference kernels.
+    pub const SCALAR: Kernels = Kernels {
+        isa: Isa::Scalar,
+        dot_i8: scalar::dot_i8,
+        dot_f16: scalar::dot_f16,
+        dot_f32: scalar::dot_f32,
+        axpy_f16: scalar::axpy_f16,
+        axpy_f32: scalar::axpy_f32,
+        dequant_i8: scalar::dequant_i8,
+        dequant_f16: scalar::dequant_f16,
+        to_f16: scalar::to_f16,
+    };
+
+    #[cfg(target_arch = "x86_64")]
+    const AVX2: Kernels = Kernels {
+        isa: Isa::Avx2,
+        dot_i8: avx2_safe::dot_i8,
+        dot_f16: avx2_safe::dot_f16,
+        dot_f32: avx2_safe::dot_f32,
+        axpy_f16: avx2_safe::axpy_f16,
+        axpy_f32: avx2_safe::axpy_f32,
+        dequant_i8: avx2_safe::dequant_i8,
+        dequant_f16: avx2_safe::dequant_f16,
+        to_f16: avx2_safe::to_f16,
+    };
+
+    /// The fastest kernels this CPU supports. `NOCTURNE_KERNELS=scalar` in the
+    /// environment forces the scalar reference (for comparisons).
+    pub fn detect() -> Kernels {
+        if std::env::var_os("NOCTURNE_KERNELS").is_some_and(|v| v == "scalar") {
+            return Kernels::SCALAR;
+        }
+        Self::best()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn best() -> Kernels {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+            Kernels::AVX2
+        } else {
+            Kernels::SCALAR
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn best() -> Kernels {
+        Kernels::SCALAR
+    }
+
+    /// Dot product of row `row` of `m` with `x` (`x.len() == cols`).
+    #[inline]
+    pub fn row_dot(&self, m: &Matrix<'_>, row: usize, x: &[f32]) -> f32 {
+        match *m {
+            Matrix::Int8 { cols, values, scales, .. } => {
+                let blocks = cols / crate::config::INT8_BLOCK;
+                (self.dot_i8)(&values[row * cols..(row + 1) * cols], &scales[row * blocks..(row + 1) * blocks], x)
+            }
+            Matrix::F16 { cols, values, .. } => (self.dot_f16)(&values[row * cols..(row + 1) * cols], x),
+        }
+    }
+
+    /// Row `row` of `m` as f32 into `out` (`out.len() >= cols`).
+    #[inline]
+    pub fn dequant_row(&self, m: &Matrix<'_>, row: usize, out: &mut [f32]) {
+        match *m {
+            Matrix::Int8 { cols, values, scales, .. } => {
+                let blocks = cols / crate::config::INT8_BLOCK;
+                (self.dequant_i8)(&values[row * cols..(row + 1) * cols], &scales[row * blocks..(row + 1) * blocks], out)
+            }
+            Matrix::F16 { cols, values, .. } => (self.dequant_f16)(&values[row * cols..(row + 1) * cols], out),
+        }
+    }
+}
+
+/// RMSNorm (Zhang & Sennrich, 2019): `out = x / sqrt(mean(x²) + eps) × weight`.
+pub fn rms_norm(k: &Kernels, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mean_square = (k.dot_f32)(x, x) / x.len() as f32;
+    let inv = 1.0 / (mean_square + eps).sqrt();
+    out.iter_mut().zip(x.iter().zip(weight)).for_each(|(o, (x, w))| *o = x * inv * w);
+}
+
+/// Precomputed rotary-embedding angles (Su et al., RoFormer, 2021) for
+/// positions `0..positions` of heads of dimension `head_dim`:
+/// `θ(p, i) = p × base^(−2i / head_dim)`, `i < head_dim / 2`.
+pub struct RopeTable {
+    half: usize,
+    /// `[positions × head_dim/2]` cosines, then sines.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    /// Builds the table (`positions × head_dim` f32 in all).
+    pub fn new(positions: usize, head_dim: usize, base: f32) -> RopeTable {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
+        for p in 0..positions {
+            for i in 0..half {
+                let inv_freq = (base as f64).powf(-2.0 * i as f64 / head_dim as f64);
+                let angle = p as f64 * inv_freq;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        RopeTable { half, cos, sin }
+    }
+
+    /// Bytes the table occupies.
+    pub fn bytes(positions: usize, head_dim: usize) -> usize {
+        positions * head_dim * std::mem::size_of::<f32>()
+    }
+}
+
+/// Rotates every head of `x` (`[heads × head_dim]`) to position `pos`, in
+/// Hugging Face's half-split layout: element `i` pairs with `i + head_dim/2`.
+pub fn rope(x: &mut [f32], head_dim: usize, pos: usize, table: &RopeTable) {
+    let half = table.half;
+    let (cos, sin) = (&table.cos[pos * half..(pos + 1) * half], &table.sin[pos * half..(pos + 1) * half]);
+    for head in x.chunks_exact_mut(head_dim) {
+        let (a, b) = head.split_at_mut(half);
+        for i in 0..half {
+            let (x0, x1) = (a[i], b[i]);
+            a[i] = x0 * cos[i] - x1 * sin[i];
+            b[i] = x1 * cos[i] + x0 * sin[i];
+        }
+    }
+}
+
+/// Numerically stable softmax in place.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// SwiGLU's gating (Shazeer, 2020): `gate[i] = silu(gate[i]) × up[i]`.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    gate.iter_mut().zip(up).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn close(a: f32, b: f32, scale: f32) -> bool {
+        (a - b).abs() <= 1e-5 * scale.max(1.0)
+    }
+
+    fn halves(v: &[f32]) -> Vec<f16> {
+        v.iter().map(|&x| f16::from_f32(x)).collect()
+    }
+
+    fn vecs(max: usize) -> impl Strategy<Value = (Vec<f32>, Vec<f32>)> {
+        (0..max).prop_flat_map(|n| (prop::collection::vec(-4.0f32..4.0, n), prop::collection::vec(-4.0f32..4.0, n)))
+    }
+
+    fn blocks(max_blocks: usize) -> impl Strategy<Value = (Vec<i8>, Vec<f16>, Vec<f32>)> {
+        (1..=max_blocks).prop_flat_map(|b| {
+            (
+                prop::collection::vec(-127i8..=127, b * 32),
+                prop::collection::vec((0.0f32..0.1).prop_map(f16::from_f32), b),
+                prop::collection::vec(-4.0f32..4.0, b * 32),
+            )
+        })
+    }
+
+    fn best() -> Kernels {
+        let k = Kernels::best();
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+            assert_eq!(k.isa, Isa::Avx2, "AVX2 CPU must get the AVX2 kernels");
+        }
+        k
+    }
+
+    proptest! {
+        #[test]
+        fn dot_i8_matches_scalar((q, s, x) in blocks(40)) {
+            let scale: f32 = q.iter().zip(&x).map(|(q, x)| (f32::from(*q) * x * 0.1).abs()).sum();
+            prop_assert!(close((best().dot_i8)(&q, &s, &x), scalar::dot_i8(&q, &s, &x), scale));
+        }
+
+        #[test]
+        fn dequant_i8_matches_scalar((q, s, _x) in blocks(20)) {
+            let (mut a, mut b) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+            (best().dequant_i8)(&q, &s, &mut a);
+            scalar::dequant_i8(&q, &s, &mut b);
+            prop_assert_eq!(a, b);
+        }
+
+        #[test]
+        fn dot_f16_and_f32_match_scalar((a, b) in vecs(300)) {
+            let scale: f32 = a.iter().zip(&b).map(|(a, b)| (a * b).abs()).sum();
+            let ah = halves(&a);
+            prop_assert!(close((best().dot_f16)(&ah, &b), scalar::dot_f16(&ah, &b), scale));
+            prop_assert!(close((best().dot_f32)(&a, &b), scalar::dot_f32(&a, &b), scale));
+        }
+
+        #[test]
+        fn axpy_matches_scalar((x, y) in vecs(300), alpha in -2.0f32..2.0) {
+            let xh = halves(&x);
+            let (mut a, mut b) = (y.clone(), y.clone());
+            (best().axpy_f16)(alpha, &xh, &mut a);
+            scalar::axpy_f16(alpha, &xh, &mut b);
+            for (a, b) in a.iter().zip(&b) { prop_assert!(close(*a, *b, 8.0)); }
+            let (mut a, mut b) = (y.clone(), y);
+            (best().axpy_f32)(alpha, &x, &mut a);
+            scalar::axpy_f32(alpha, &x, &mut b);
+            for (a, b) in a.iter().zip(&b) { prop_assert!(close(*a, *b, 8.0)); }
+        }
+
+        #[test]
+        fn f16_conversions_match_scalar((x, _) in vecs(300)) {
+            let (mut a, mut b) = (vec![f16::ZERO; x.len()], vec![f16::ZERO; x.len()]);
+            (best().to_f16)(&x, &mut a);
+            scalar::to_f16(&x, &mut b);
+            prop_assert_eq!(&a, &b);
+            let (mut c, mut d) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+            (best().dequant_f16)(&a, &mut c);
+            scalar::dequant_f16(&a, &mut d);
+            prop_assert_eq!(c, d);
+        }
+    }
+
+    #[test]
+    fn rope_rotates_half_split_pairs() {
+        let table = RopeTable::new(4, 4, 10_000.0);
+        let mut x = [1.0, 0.0, 0.0, 1.0];
+        rope(&mut x, 4, 0, &table);
+        assert_eq!(x, [1.0, 0.0, 0.0, 1.0]);
+        rope(&mut x, 4, 1, &table);
+        // Pair (x0, x2) rotates by 1 radian, pair (x1, x3) by 1/100.
+        assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[2] - 1f32.sin()).abs() < 1e-6);
+        assert!((x[1] + 0.01f32.sin()).abs() < 1e-6 && (x[3] - 0.01f32.cos()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn softmax_and_rms_norm() {
+        let mut x = [1.0, 2.0, 3.0];
+        softmax(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6 && x[2] > x[1]);
+        let mut out = [0.0; 2];
+        rms_norm(&Kernels::SCALAR, &[3.0, 4.0], &[1.0, 2.0], 0.0, &mut out);
+        let rms = (12.5f32).sqrt();
+        assert!((out[0] - 3.0 / rms).abs() < 1e-6 && (out[1] - 8.0 / rms).abs() < 1e-6);
+    }
+}
