@@ -8,9 +8,12 @@
 //! (`config.json`), [`weights`] (the memory-mapped pack), [`tokenizer`],
 //! [`file_error`] (the error of every on-disk format reader).
 
+pub mod budget;
 pub mod config;
+pub mod decoder;
 pub mod file_error;
 pub mod kernels;
+pub mod pool;
 pub mod profile;
 pub mod tokenizer;
 pub mod weights;

@@ -110,6 +110,31 @@ pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// # Safety
+/// The CPU must support AVX2 and FMA; `rows.len() >= 4 × x.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot4_f32(rows: &[f32], x: &[f32]) -> [f32; 4] {
+    let n = x.len();
+    assert!(rows.len() >= 4 * n);
+    let (rp, xp) = (rows.as_ptr(), x.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 8 <= n {
+        let xv = _mm256_loadu_ps(xp.add(i));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(rp.add(r * n + i)), xv, *acc);
+        }
+        i += 8;
+    }
+    let mut out = [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])];
+    for j in i..n {
+        for (r, o) in out.iter_mut().enumerate() {
+            *o += rows[r * n + j] * x[j];
+        }
+    }
+    out
+}
+
+/// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn axpy_f16(alpha: f32, x: &[f16], y: &mut [f32]) {

@@ -5,12 +5,14 @@
 //! [`rope`], [`RopeTable`], [`softmax`], [`silu_mul`].
 //!
 //! The vector primitives — int8 and fp16 row dot products against f32
-//! activations, f32 dot, axpy, row dequantization, f32→f16 — exist as a plain
+//! activations, f32 dot (single and four rows at once), axpy, row
+//! dequantization, f32→f16 — exist as a plain
 //! scalar reference ([`scalar`]) and, on x86-64 with AVX2+FMA+F16C, as SIMD
 //! versions ([`avx2`]). A matrix-vector product is one row dot per output
-//! row; prefill's matrix-matrix product dequantizes each weight row once into
-//! an L1-resident f32 buffer and dots it with every token of the block, so a
-//! weight byte is read from memory once per block instead of once per token.
+//! row; prefill's matrix-matrix product dequantizes four weight rows at a
+//! time into an L1-resident f32 buffer and dots them with every token of the
+//! block (`dot4_f32` loads each activation once for four rows), so a weight
+//! byte is read from memory once per block instead of once per token.
 //! RMSNorm reuses the f32 dot; RoPE, softmax and SiLU are scalar (they touch
 //! O(hidden) values per token against O(hidden²) for the products).
 //!
@@ -59,6 +61,8 @@ pub struct Kernels {
     pub dot_f16: fn(&[f16], &[f32]) -> f32,
     /// `Σ a[i] × b[i]`.
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
+    /// Four rows (back to back in the first slice) dotted with one vector.
+    pub dot4_f32: fn(&[f32], &[f32]) -> [f32; 4],
     /// `y += alpha × x`, `x` in f16.
     pub axpy_f16: fn(f32, &[f16], &mut [f32]),
     /// `y += alpha × x`.
@@ -88,6 +92,9 @@ mod avx2_safe {
     pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         unsafe { avx2::dot_f32(a, b) }
     }
+    pub fn dot4_f32(rows: &[f32], x: &[f32]) -> [f32; 4] {
+        unsafe { avx2::dot4_f32(rows, x) }
+    }
     pub fn axpy_f16(a: f32, x: &[f16], y: &mut [f32]) {
         unsafe { avx2::axpy_f16(a, x, y) }
     }
@@ -112,6 +119,7 @@ impl Kernels {
         dot_i8: scalar::dot_i8,
         dot_f16: scalar::dot_f16,
         dot_f32: scalar::dot_f32,
+        dot4_f32: scalar::dot4_f32,
         axpy_f16: scalar::axpy_f16,
         axpy_f32: scalar::axpy_f32,
         dequant_i8: scalar::dequant_i8,
@@ -125,6 +133,7 @@ impl Kernels {
         dot_i8: avx2_safe::dot_i8,
         dot_f16: avx2_safe::dot_f16,
         dot_f32: avx2_safe::dot_f32,
+        dot4_f32: avx2_safe::dot4_f32,
         axpy_f16: avx2_safe::axpy_f16,
         axpy_f32: avx2_safe::axpy_f32,
         dequant_i8: avx2_safe::dequant_i8,
@@ -309,6 +318,14 @@ mod tests {
             let ah = halves(&a);
             prop_assert!(close((best().dot_f16)(&ah, &b), scalar::dot_f16(&ah, &b), scale));
             prop_assert!(close((best().dot_f32)(&a, &b), scalar::dot_f32(&a, &b), scale));
+        }
+
+        #[test]
+        fn dot4_matches_scalar((rows, x) in (0usize..200).prop_flat_map(|n| (
+            prop::collection::vec(-4.0f32..4.0, 4 * n), prop::collection::vec(-4.0f32..4.0, n)))) {
+            let scale: f32 = rows.iter().map(|r| r.abs() * 4.0).sum();
+            let (a, b) = ((best().dot4_f32)(&rows, &x), scalar::dot4_f32(&rows, &x));
+            for r in 0..4 { prop_assert!(close(a[r], b[r], scale)); }
         }
 
         #[test]

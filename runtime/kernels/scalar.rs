@@ -25,6 +25,13 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(a, b)| a * b).sum()
 }
 
+/// Four dot products at once: `rows` holds four rows of `x.len()` values
+/// back to back; returns `[rows[0]·x, rows[1]·x, rows[2]·x, rows[3]·x]`.
+pub fn dot4_f32(rows: &[f32], x: &[f32]) -> [f32; 4] {
+    let n = x.len();
+    std::array::from_fn(|r| dot_f32(&rows[r * n..(r + 1) * n], x))
+}
+
 /// `y[i] += alpha × x[i]` with `x` in f16.
 pub fn axpy_f16(alpha: f32, x: &[f16], y: &mut [f32]) {
     y.iter_mut().zip(x).for_each(|(y, x)| *y += alpha * x.to_f32());

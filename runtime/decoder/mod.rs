@@ -1,0 +1,412 @@
+//! The Llama-family decoder over a memory-mapped pack.
+//!
+//! Principal types: [`Decoder`], [`DecodeError`]; [`kv_cache::KvCache`].
+//!
+//! The forward pass follows Hugging Face's `LlamaForCausalLM`: token
+//! embedding; per layer RMSNorm → q/k/v projections → RoPE (half-split) →
+//! grouped-query causal attention over the KV cache → output projection →
+//! residual; RMSNorm → SiLU-gated MLP → residual; final RMSNorm; the output
+//! projection (tied to the embedding when the config says so). Prefill runs
+//! the prompt in blocks of `prefill_block` tokens through matrix-matrix
+//! products; decode is the same pass with one token (matrix-vector).
+//! Matrix rows and attention heads are split over a persistent
+//! [`WorkerPool`].
+//!
+//! Invariants:
+//! - Every buffer is allocated in [`Decoder::new`], sized by the
+//!   [`MemoryPlan`]; [`Decoder::forward`] performs no heap allocation.
+//! - Weights are read in place from the mapping, never copied.
+//! - Position `p` of the KV cache holds token `p` of the current sequence;
+//!   [`Decoder::truncate`] forgets positions, nothing else rewinds.
+
+pub mod kv_cache;
+
+use half::f16;
+
+use crate::budget::{KvPrecision, MemoryPlan, PlanSettings};
+use crate::kernels::{rms_norm, rope, silu_mul, softmax, Kernels, RopeTable};
+use crate::pool::{share, WorkerPool};
+use crate::weights::{Matrix, ModelPack};
+use kv_cache::{Cache, KvCache, KvElement};
+
+/// A forward pass that cannot run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The tokens do not fit in the remaining context.
+    #[error("context full: {needed} tokens needed, the context holds {capacity}")]
+    ContextFull {
+        /// Positions the request would need.
+        needed: usize,
+        /// Context capacity.
+        capacity: usize,
+    },
+    /// A token id outside the vocabulary.
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange {
+        /// The id.
+        id: u32,
+        /// Vocabulary size.
+        vocab: usize,
+    },
+    /// Nothing to process.
+    #[error("no tokens to process")]
+    Empty,
+}
+
+/// Disjoint parallel writes into one buffer: each worker writes only the
+/// indices its static share gives it.
+#[derive(Clone, Copy)]
+struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: workers write disjoint index ranges (see each use), and the owning
+// buffer outlives the `WorkerPool::run` call that uses the pointer.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn new(buf: &mut [f32]) -> SharedOut {
+        SharedOut { ptr: buf.as_mut_ptr(), len: buf.len() }
+    }
+
+    /// # Safety
+    /// No other thread may access `start..start + len` during the borrow.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.len, "shared write out of bounds");
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+}
+
+/// Activation buffers of one prefill block (`prefill_block` rows each).
+struct Activations {
+    x: Vec<f32>,
+    xb: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+/// A decoding session's model state: KV cache, buffers, worker pool.
+pub struct Decoder<'m> {
+    pack: &'m ModelPack,
+    kernels: Kernels,
+    pool: WorkerPool,
+    settings: PlanSettings,
+    kv: KvCache,
+    rope: RopeTable,
+    act: Activations,
+    /// Per worker: `context` attention scores.
+    scores: Vec<f32>,
+    /// Per worker: one dequantized weight row.
+    rows: Vec<f32>,
+    logits: Vec<f32>,
+    pos: usize,
+}
+
+impl<'m> Decoder<'m> {
+    /// Allocates every buffer of the plan for `pack` under `settings` and
+    /// starts the worker pool. Budget checks happen before this (see
+    /// [`MemoryPlan::check`]).
+    pub fn new(pack: &'m ModelPack, settings: PlanSettings) -> Decoder<'m> {
+        let c = pack.config();
+        let (h, q, kv, ff) = (c.hidden_size, c.q_width(), c.kv_width(), c.intermediate_size);
+        let b = settings.prefill_block;
+        let zeros = |n: usize| vec![0.0f32; n];
+        Decoder {
+            pack,
+            kernels: Kernels::detect(),
+            pool: WorkerPool::new(settings.threads),
+            settings,
+            kv: KvCache::new(settings.kv, c.num_hidden_layers, settings.context_tokens, kv),
+            rope: RopeTable::new(settings.context_tokens, c.head_dim, c.rope_theta),
+            act: Activations {
+                x: zeros(b * h),
+                xb: zeros(b * h),
+                q: zeros(b * q),
+                k: zeros(b * kv),
+                v: zeros(b * kv),
+                att: zeros(b * q),
+                gate: zeros(b * ff),
+                up: zeros(b * ff),
+            },
+            scores: zeros(settings.threads * settings.context_tokens),
+            rows: zeros(settings.threads * ROW_TILE * h.max(q).max(ff)),
+            logits: zeros(settings.logit_rows * c.vocab_size),
+            pos: 0,
+        }
+    }
+
+    /// Bytes this decoder allocated, itemized like the plan's first entries
+    /// (KV cache, activations, thread scratch, logits, RoPE table).
+    pub fn allocated(&self) -> [usize; 5] {
+        let f = |v: &Vec<f32>| v.capacity() * 4;
+        let a = &self.act;
+        [
+            self.kv.bytes(),
+            f(&a.x) + f(&a.xb) + f(&a.q) + f(&a.k) + f(&a.v) + f(&a.att) + f(&a.gate) + f(&a.up),
+            f(&self.scores) + f(&self.rows),
+            f(&self.logits),
+            RopeTable::bytes(self.settings.context_tokens, self.pack.config().head_dim),
+        ]
+    }
+
+    /// The settings the decoder was planned with.
+    pub fn settings(&self) -> &PlanSettings {
+        &self.settings
+    }
+
+    /// Kernels in use.
+    pub fn kernels(&self) -> &Kernels {
+        &self.kernels
+    }
+
+    /// Worker threads in use, the caller included.
+    pub fn threads(&self) -> usize {
+        self.pool.workers()
+    }
+
+    /// The pack being decoded.
+    pub fn pack(&self) -> &'m ModelPack {
+        self.pack
+    }
+
+    /// Tokens in the KV cache.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Context capacity in tokens.
+    pub fn capacity(&self) -> usize {
+        self.settings.context_tokens
+    }
+
+    /// Forgets every position from `pos` on (`pos <= position()`).
+    pub fn truncate(&mut self, pos: usize) {
+        self.pos = self.pos.min(pos);
+    }
+
+    /// Appends `tokens` to the sequence and returns the logits (`[vocab]`)
+    /// after the last one.
+    ///
+    /// # Errors
+    /// [`DecodeError`] when `tokens` is empty, does not fit the context, or
+    /// holds an id outside the vocabulary; nothing is appended then.
+    pub fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], DecodeError> {
+        self.check(tokens)?;
+        for block in tokens.chunks(self.settings.prefill_block) {
+            self.block(block, false);
+        }
+        Ok(&self.logits[..self.pack.config().vocab_size])
+    }
+
+    /// Like [`forward`](Self::forward), but calls `each(index, logits)` with
+    /// the logits after every token (for perplexity). Needs a plan with
+    /// `logit_rows == prefill_block`.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub fn forward_all(&mut self, tokens: &[u32], mut each: impl FnMut(usize, &[f32])) -> Result<(), DecodeError> {
+        assert_eq!(self.settings.logit_rows, self.settings.prefill_block, "plan keeps one row of logits");
+        self.check(tokens)?;
+        let vocab = self.pack.config().vocab_size;
+        for (b, block) in tokens.chunks(self.settings.prefill_block).enumerate() {
+            self.block(block, true);
+            for i in 0..block.len() {
+                each(b * self.settings.prefill_block + i, &self.logits[i * vocab..(i + 1) * vocab]);
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&self, tokens: &[u32]) -> Result<(), DecodeError> {
+        if tokens.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        let needed = self.pos + tokens.len();
+        if needed > self.settings.context_tokens {
+            return Err(DecodeError::ContextFull { needed, capacity: self.settings.context_tokens });
+        }
+        let vocab = self.pack.config().vocab_size;
+        match tokens.iter().find(|&&t| t as usize >= vocab) {
+            Some(&id) => Err(DecodeError::TokenOutOfRange { id, vocab }),
+            None => Ok(()),
+        }
+    }
+
+    /// One block of at most `prefill_block` checked tokens.
+    fn block(&mut self, tokens: &[u32], all_logits: bool) {
+        let c = self.pack.config();
+        let (h, qw, kw, ff, d) = (c.hidden_size, c.q_width(), c.kv_width(), c.intermediate_size, c.head_dim);
+        let (n, pos0, eps, k) = (tokens.len(), self.pos, c.rms_norm_eps, self.kernels);
+        let a = &mut self.act;
+        let embed = self.pack.embed_tokens();
+        for (i, &t) in tokens.iter().enumerate() {
+            k.dequant_row(&embed, t as usize, &mut a.x[i * h..(i + 1) * h]);
+        }
+        for layer in 0..c.num_hidden_layers {
+            let w = self.pack.layer(layer);
+            for i in 0..n {
+                rms_norm(&k, &a.x[i * h..(i + 1) * h], w.input_norm, eps, &mut a.xb[i * h..(i + 1) * h]);
+            }
+            let input = &a.xb[..n * h];
+            matmul(&self.pool, &k, &w.q_proj, input, n, &mut a.q, &mut self.rows);
+            matmul(&self.pool, &k, &w.k_proj, input, n, &mut a.k, &mut self.rows);
+            matmul(&self.pool, &k, &w.v_proj, input, n, &mut a.v, &mut self.rows);
+            for i in 0..n {
+                rope(&mut a.q[i * qw..(i + 1) * qw], d, pos0 + i, &self.rope);
+                rope(&mut a.k[i * kw..(i + 1) * kw], d, pos0 + i, &self.rope);
+            }
+            let shape = AttentionShape { heads: c.num_attention_heads, kv_heads: c.num_key_value_heads, head_dim: d, context: self.settings.context_tokens };
+            match &mut self.kv {
+                KvCache::F16(cache) => attend::<f16>(&self.pool, &k, cache, layer, a, n, pos0, &shape, &mut self.scores),
+                KvCache::F32(cache) => attend::<f32>(&self.pool, &k, cache, layer, a, n, pos0, &shape, &mut self.scores),
+            }
+            matmul(&self.pool, &k, &w.o_proj, &a.att[..n * qw], n, &mut a.xb, &mut self.rows);
+            add(&mut a.x[..n * h], &a.xb[..n * h]);
+            for i in 0..n {
+                rms_norm(&k, &a.x[i * h..(i + 1) * h], w.post_attention_norm, eps, &mut a.xb[i * h..(i + 1) * h]);
+            }
+            let input = &a.xb[..n * h];
+            matmul(&self.pool, &k, &w.gate_proj, input, n, &mut a.gate, &mut self.rows);
+            matmul(&self.pool, &k, &w.up_proj, input, n, &mut a.up, &mut self.rows);
+            silu_mul(&mut a.gate[..n * ff], &a.up[..n * ff]);
+            matmul(&self.pool, &k, &w.down_proj, &a.gate[..n * ff], n, &mut a.xb, &mut self.rows);
+            add(&mut a.x[..n * h], &a.xb[..n * h]);
+        }
+        let first = if all_logits { 0 } else { n - 1 };
+        for (j, i) in (first..n).enumerate() {
+            rms_norm(&k, &a.x[i * h..(i + 1) * h], self.pack.final_norm(), eps, &mut a.xb[j * h..(j + 1) * h]);
+        }
+        let rows = n - first;
+        matmul(&self.pool, &k, &self.pack.lm_head(), &a.xb[..rows * h], rows, &mut self.logits, &mut self.rows);
+        self.pos += n;
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+}
+
+/// `out[i × rows + r] = m[r] · input[i × cols ..]` for `i < n`, rows split
+/// over the pool. With `n > 1` each worker dequantizes [`ROW_TILE`] weight
+/// rows at a time into its slice of `scratch` and dots them with all `n`
+/// inputs.
+fn matmul(pool: &WorkerPool, k: &Kernels, m: &Matrix<'_>, input: &[f32], n: usize, out: &mut [f32], scratch: &mut [f32]) {
+    let (rows, cols) = m.shape();
+    let stride = scratch.len() / pool.workers();
+    let (out, scratch) = (SharedOut::new(&mut out[..n * rows]), SharedOut::new(scratch));
+    pool.run(&|w, workers| {
+        let mine = share(rows, w, workers);
+        if n == 1 {
+            // SAFETY: worker w writes only rows in its share.
+            let out = unsafe { out.slice(mine.start, mine.len()) };
+            for (o, r) in out.iter_mut().zip(mine) {
+                *o = k.row_dot(m, r, input);
+            }
+            return;
+        }
+        // SAFETY: worker w owns scratch[w × stride ..][..stride].
+        let tile = unsafe { scratch.slice(w * stride, ROW_TILE * cols) };
+        // SAFETY (writes below): element (i, r) belongs to the worker that owns row r.
+        let put = |i: usize, r: usize, v: f32| unsafe { out.slice(i * rows + r, 1)[0] = v };
+        let mut r0 = mine.start;
+        while r0 + ROW_TILE <= mine.end {
+            for t in 0..ROW_TILE {
+                k.dequant_row(m, r0 + t, &mut tile[t * cols..(t + 1) * cols]);
+            }
+            for i in 0..n {
+                let dots = (k.dot4_f32)(tile, &input[i * cols..(i + 1) * cols]);
+                dots.iter().enumerate().for_each(|(t, &v)| put(i, r0 + t, v));
+            }
+            r0 += ROW_TILE;
+        }
+        for r in r0..mine.end {
+            k.dequant_row(m, r, &mut tile[..cols]);
+            for i in 0..n {
+                put(i, r, (k.dot_f32)(&tile[..cols], &input[i * cols..(i + 1) * cols]));
+            }
+        }
+    });
+}
+
+struct AttentionShape {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    context: usize,
+}
+
+/// Stores the block's keys and values at `pos0..pos0 + n`, then computes
+/// causal grouped-query attention for each (token, head) into `a.att`.
+#[allow(clippy::too_many_arguments)]
+fn attend<E: KvElement>(
+    pool: &WorkerPool,
+    k: &Kernels,
+    cache: &mut Cache<E>,
+    layer: usize,
+    a: &mut Activations,
+    n: usize,
+    pos0: usize,
+    shape: &AttentionShape,
+    scores: &mut [f32],
+) {
+    let (d, heads, kw) = (shape.head_dim, shape.heads, shape.kv_heads * shape.head_dim);
+    for i in 0..n {
+        cache.store(k, layer, pos0 + i, &a.k[i * kw..(i + 1) * kw], &a.v[i * kw..(i + 1) * kw]);
+    }
+    let (keys, values) = (cache.keys(layer), cache.values(layer));
+    let group = heads / shape.kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let q = &a.q;
+    let (att, scores) = (SharedOut::new(&mut a.att[..n * heads * d]), SharedOut::new(scores));
+    pool.run(&|w, workers| {
+        // SAFETY: worker w owns scores[w × context ..][..context].
+        let sc = unsafe { scores.slice(w * shape.context, shape.context) };
+        for item in share(n * heads, w, workers) {
+            let (i, head) = (item / heads, item % heads);
+            let (len, g) = (pos0 + i + 1, head / group);
+            let qh = &q[(i * heads + head) * d..][..d];
+            for (s, score) in sc[..len].iter_mut().enumerate() {
+                *score = E::dot(k, &keys[s * kw + g * d..][..d], qh) * scale;
+            }
+            softmax(&mut sc[..len]);
+            // SAFETY: (token i, head) is this worker's item; its output span is disjoint.
+            let out = unsafe { att.slice((i * heads + head) * d, d) };
+            out.fill(0.0);
+            for (s, &p) in sc[..len].iter().enumerate() {
+                E::axpy(k, p, &values[s * kw + g * d..][..d], out);
+            }
+        }
+    });
+}
+
+/// The plan settings a device session uses by default: f16 KV cache, the
+/// profile's context (capped by the model's), one row of logits.
+pub fn default_settings(pack: &ModelPack, context_tokens: usize, threads: usize) -> PlanSettings {
+    PlanSettings {
+        context_tokens: context_tokens.min(pack.config().max_position_embeddings),
+        prefill_block: PREFILL_BLOCK,
+        threads,
+        kv: KvPrecision::F16,
+        logit_rows: 1,
+    }
+}
+
+/// Weight rows a prefill worker dequantizes and applies together.
+pub const ROW_TILE: usize = 4;
+
+/// Tokens per prefill block: large enough to amortize each weight row over
+/// many tokens, small enough that activations stay a few hundred KiB.
+pub const PREFILL_BLOCK: usize = 32;
+
+/// The memory plan of a decoder with `settings`, for budget checks before
+/// anything is allocated.
+pub fn plan(pack: &ModelPack, settings: &PlanSettings, token_table: usize) -> MemoryPlan {
+    MemoryPlan::new(pack.config(), settings, token_table)
+}
