@@ -68,6 +68,9 @@ pub struct MemoryPlan {
     /// Token text table: the UTF-8 bytes of every vocabulary entry plus
     /// `vocab + 1` u32 offsets.
     pub token_table: usize,
+    /// Request buffers: the token history (`context` u32) and the reply text
+    /// (`max_new_tokens ×` the longest token's bytes).
+    pub request: usize,
 }
 
 /// The plan exceeds the profile's budget.
@@ -88,8 +91,9 @@ const F32: usize = 4;
 
 impl MemoryPlan {
     /// The plan for `config` under `settings`; `token_table` is the byte size
-    /// of the tokenizer's token text table.
-    pub fn new(config: &ModelConfig, settings: &PlanSettings, token_table: usize) -> MemoryPlan {
+    /// of the tokenizer's token table and `reply_bytes` the capacity of the
+    /// reply text.
+    pub fn new(config: &ModelConfig, settings: &PlanSettings, token_table: usize, reply_bytes: usize) -> MemoryPlan {
         let (h, q, kv, ff, v) =
             (config.hidden_size, config.q_width(), config.kv_width(), config.intermediate_size, config.vocab_size);
         let (ctx, block) = (settings.context_tokens, settings.prefill_block);
@@ -101,6 +105,7 @@ impl MemoryPlan {
             rope_table: crate::kernels::RopeTable::bytes(ctx, config.head_dim),
             sampler: v * (4 + F32),
             token_table,
+            request: ctx * 4 + reply_bytes,
         }
     }
 
@@ -113,6 +118,7 @@ impl MemoryPlan {
             + self.rope_table
             + self.sampler
             + self.token_table
+            + self.request
     }
 
     /// Checks the plan against a profile's budget.
@@ -127,7 +133,7 @@ impl MemoryPlan {
     }
 
     /// `(name, bytes)` of each item, in display order.
-    pub fn items(&self) -> [(&'static str, usize); 7] {
+    pub fn items(&self) -> [(&'static str, usize); 8] {
         [
             ("KV cache", self.kv_cache),
             ("activations", self.activations),
@@ -136,6 +142,7 @@ impl MemoryPlan {
             ("RoPE table", self.rope_table),
             ("sampler", self.sampler),
             ("token table", self.token_table),
+            ("request buffers", self.request),
         ]
     }
 }

@@ -15,5 +15,7 @@ pub mod file_error;
 pub mod kernels;
 pub mod pool;
 pub mod profile;
+pub mod sampler;
+pub mod session;
 pub mod tokenizer;
 pub mod weights;

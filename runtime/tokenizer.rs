@@ -1,7 +1,9 @@
 //! The tokenizer of a model directory (`tokenizer.json`, Hugging Face
 //! `tokenizers` format).
 //!
-//! Principal types: [`Tokenizer`], [`TokenizerError`].
+//! Principal types: [`Tokenizer`], [`TokenTable`] (the UTF-8 bytes of every
+//! token, for allocation-free streaming), [`ChatMessage`] and [`chatml`]
+//! (the chat template), [`TokenizerError`].
 //!
 //! Invariants: special tokens written in the text (the ChatML markers
 //! `<|im_start|>`, `<|im_end|>`) encode to their single ids; nothing is added
@@ -73,4 +75,102 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// The byte table of every token (see [`TokenTable`]).
+    pub fn token_table(&self) -> TokenTable {
+        let vocab = self.vocab_size();
+        let added = self.inner.get_added_tokens_decoder();
+        let mut bytes = Vec::new();
+        let mut offsets = Vec::with_capacity(vocab + 1);
+        offsets.push(0u32);
+        for id in 0..vocab as u32 {
+            if let Some(token) = added.get(&id) {
+                bytes.extend_from_slice(token.content.as_bytes());
+            } else if let Some(piece) = self.inner.id_to_token(id) {
+                bytes.extend(piece.chars().filter_map(byte_of_char));
+            }
+            offsets.push(bytes.len() as u32);
+        }
+        bytes.shrink_to_fit();
+        TokenTable { bytes, offsets }
+    }
+}
+
+/// The inverse of GPT-2's `bytes_to_unicode` (openai/gpt-2, `encoder.py`),
+/// which byte-level BPE uses to spell bytes as printable characters: bytes
+/// `!`..`~`, `¡`..`¬` and `®`..`ÿ` stand for themselves; the other 68 bytes
+/// are spelled, in order, by U+0100 onwards.
+fn byte_of_char(c: char) -> Option<u8> {
+    let code = c as u32;
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    if code < 256 && printable(code) {
+        return Some(code as u8);
+    }
+    let index = code.checked_sub(256)?;
+    (0u32..256).filter(|&b| !printable(b)).nth(index as usize).map(|b| b as u8)
+}
+
+/// The UTF-8 bytes each token id stands for, in one buffer: byte-level BPE
+/// tokens may hold part of a character, so a reply is assembled as bytes and
+/// cut at character boundaries when streamed.
+pub struct TokenTable {
+    bytes: Vec<u8>,
+    offsets: Vec<u32>,
+}
+
+impl TokenTable {
+    /// Bytes of token `id` (empty for an id outside the vocabulary).
+    pub fn bytes(&self, id: u32) -> &[u8] {
+        match (self.offsets.get(id as usize), self.offsets.get(id as usize + 1)) {
+            (Some(&a), Some(&b)) => &self.bytes[a as usize..b as usize],
+            _ => &[],
+        }
+    }
+
+    /// Length of the longest token, bytes.
+    pub fn longest(&self) -> usize {
+        self.offsets.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0)
+    }
+
+    /// Bytes the table occupies.
+    pub fn allocated(&self) -> usize {
+        self.bytes.capacity() + self.offsets.capacity() * 4
+    }
+}
+
+/// The default system prompt of SmolLM2-Instruct (from its chat template).
+pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+
+/// One message of a conversation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message with `role` and `content`.
+    pub fn new(role: &str, content: &str) -> ChatMessage {
+        ChatMessage { role: role.into(), content: content.into() }
+    }
+}
+
+/// Renders `messages` with the ChatML template SmolLM2 ships
+/// (`<|im_start|>{role}\n{content}<|im_end|>\n` per message, a default
+/// system message when the first is not one), followed by the assistant
+/// header when `add_generation_prompt`.
+pub fn chatml(messages: &[ChatMessage], add_generation_prompt: bool) -> String {
+    let mut out = String::new();
+    if messages.first().is_none_or(|m| m.role != "system") {
+        out.push_str(&format!("<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n"));
+    }
+    for m in messages {
+        out.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content));
+    }
+    if add_generation_prompt {
+        out.push_str("<|im_start|>assistant\n");
+    }
+    out
 }

@@ -23,7 +23,7 @@ pub mod kv_cache;
 
 use half::f16;
 
-use crate::budget::{KvPrecision, MemoryPlan, PlanSettings};
+use crate::budget::{KvPrecision, PlanSettings};
 use crate::kernels::{rms_norm, rope, silu_mul, softmax, Kernels, RopeTable};
 use crate::pool::{share, WorkerPool};
 use crate::weights::{Matrix, ModelPack};
@@ -112,7 +112,7 @@ pub struct Decoder<'m> {
 impl<'m> Decoder<'m> {
     /// Allocates every buffer of the plan for `pack` under `settings` and
     /// starts the worker pool. Budget checks happen before this (see
-    /// [`MemoryPlan::check`]).
+    /// [`crate::budget::MemoryPlan::check`]).
     pub fn new(pack: &'m ModelPack, settings: PlanSettings) -> Decoder<'m> {
         let c = pack.config();
         let (h, q, kv, ff) = (c.hidden_size, c.q_width(), c.kv_width(), c.intermediate_size);
@@ -192,17 +192,17 @@ impl<'m> Decoder<'m> {
     }
 
     /// Appends `tokens` to the sequence and returns the logits (`[vocab]`)
-    /// after the last one.
+    /// after the last one (mutable, for the sampler's in-place penalties).
     ///
     /// # Errors
     /// [`DecodeError`] when `tokens` is empty, does not fit the context, or
     /// holds an id outside the vocabulary; nothing is appended then.
-    pub fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], DecodeError> {
+    pub fn forward(&mut self, tokens: &[u32]) -> Result<&mut [f32], DecodeError> {
         self.check(tokens)?;
         for block in tokens.chunks(self.settings.prefill_block) {
             self.block(block, false);
         }
-        Ok(&self.logits[..self.pack.config().vocab_size])
+        Ok(&mut self.logits[..self.pack.config().vocab_size])
     }
 
     /// Like [`forward`](Self::forward), but calls `each(index, logits)` with
@@ -404,9 +404,3 @@ pub const ROW_TILE: usize = 4;
 /// Tokens per prefill block: large enough to amortize each weight row over
 /// many tokens, small enough that activations stay a few hundred KiB.
 pub const PREFILL_BLOCK: usize = 32;
-
-/// The memory plan of a decoder with `settings`, for budget checks before
-/// anything is allocated.
-pub fn plan(pack: &ModelPack, settings: &PlanSettings, token_table: usize) -> MemoryPlan {
-    MemoryPlan::new(pack.config(), settings, token_table)
-}

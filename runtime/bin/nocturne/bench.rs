@@ -1,0 +1,161 @@
+//! `nocturne bench`: prefill and decode speed for the int8 and fp16 packs at
+//! one thread and at the profile's threads, time from process start to the
+//! first token and peak RSS (measured on a child `nocturne generate`), and
+//! the weight-streaming bandwidth of decode next to the machine's measured
+//! memory read bandwidth.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use nocturne::pool::{share, WorkerPool};
+use nocturne::profile::{worker_threads, ACTIVE};
+use nocturne::sampler::argmax;
+use nocturne::session::Session;
+use nocturne::tokenizer::Tokenizer;
+use nocturne::weights::{ModelPack, TOKENIZER_FILE};
+
+/// Benchmark settings.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Directory holding the int8/ and fp16/ packs.
+    #[arg(long, default_value = "models/cache/smollm2-135m-instruct")]
+    packs: PathBuf,
+    /// Prompt length for prefill.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens to decode.
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Bytes read to measure memory bandwidth.
+    #[arg(long, default_value_t = 512 << 20)]
+    bandwidth_bytes: usize,
+}
+
+const TEXT: &str = "The lighthouse keeper climbed the spiral stairs each evening, counting the steps \
+    and listening to the sea below. Ships passed in the dark, guided by the slow turn of the lamp, \
+    and in the morning he wrote their names in a book that nobody else ever read. ";
+
+/// Weight bytes one decode step reads: every matrix once (the tied output
+/// projection included), one embedding row, and the norms.
+fn weight_bytes_per_token(pack: &ModelPack) -> usize {
+    let c = pack.config();
+    let mut bytes = pack.lm_head().bytes() + pack.embed_tokens().bytes() / c.vocab_size;
+    for l in 0..c.num_hidden_layers {
+        let w = pack.layer(l);
+        bytes += [w.q_proj, w.k_proj, w.v_proj, w.o_proj, w.gate_proj, w.up_proj, w.down_proj]
+            .iter()
+            .map(|m| m.bytes())
+            .sum::<usize>();
+        bytes += 2 * 4 * c.hidden_size;
+    }
+    bytes + 4 * c.hidden_size
+}
+
+/// Read bandwidth of `bytes` of memory with `threads` threads, best of five, bytes/s.
+fn read_bandwidth(bytes: usize, threads: usize) -> f64 {
+    let data: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
+    let pool = WorkerPool::new(threads);
+    let sink = std::sync::atomic::AtomicU64::new(0);
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let started = Instant::now();
+        pool.run(&|w, n| {
+            let part = &data[share(data.len(), w, n)];
+            let mut lanes = [0u64; 8];
+            for chunk in part.chunks_exact(8) {
+                for (l, v) in lanes.iter_mut().zip(chunk) {
+                    *l = l.wrapping_add(*v);
+                }
+            }
+            sink.fetch_add(lanes.iter().fold(0, |a, b| a.wrapping_add(*b)), std::sync::atomic::Ordering::Relaxed);
+        });
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(sink.into_inner());
+    bytes as f64 / best
+}
+
+/// Runs `nocturne generate` on the prompt as a child process; returns the
+/// time from spawning it to its first byte of output, and its peak RSS.
+fn child_first_token(precision: &str, threads: usize, prompt: &str, new_tokens: usize) -> anyhow::Result<(f64, f64)> {
+    let started = Instant::now();
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["generate", "--raw", "--precision", precision, "--threads", &threads.to_string()])
+        .args(["--max-new-tokens", &new_tokens.to_string(), prompt])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start a child nocturne")?;
+    let mut stdout = child.stdout.take().context("child has no stdout")?;
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).context("the child printed nothing")?;
+    let ttft = started.elapsed().as_secs_f64();
+    std::io::copy(&mut stdout, &mut std::io::sink())?;
+    let mut status = 0;
+    // SAFETY: plain wait4(2) on our own child's pid, with valid out-pointers.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    if pid < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("the child nocturne generate failed (status {status})");
+    }
+    Ok((ttft, usage.ru_maxrss as f64 / 1024.0))
+}
+
+/// Runs the benchmark and prints its table.
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let profile_threads = worker_threads(&ACTIVE);
+    let mut thread_counts = vec![1, profile_threads];
+    thread_counts.dedup();
+    println!("measuring memory read bandwidth ({} MiB)...", args.bandwidth_bytes >> 20);
+    let bandwidth: Vec<(usize, f64)> = thread_counts.iter().map(|&t| (t, read_bandwidth(args.bandwidth_bytes, t))).collect();
+    for (t, bw) in &bandwidth {
+        println!("memory read bandwidth, {t} thread(s): {:.2} GB/s", bw / 1e9);
+    }
+    println!(
+        "\n| pack | threads | prefill tok/s ({} tokens) | decode tok/s ({} tokens) | start to first token ms | peak RSS MiB | weight MB/token | streaming GB/s | % of read bandwidth |",
+        args.prompt_tokens, args.new_tokens
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for precision in ["int8", "fp16"] {
+        let dir = args.packs.join(precision);
+        let pack = ModelPack::open(&dir)?;
+        let tokenizer = Tokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
+        let mut ids = Vec::new();
+        while ids.len() < args.prompt_tokens {
+            ids = tokenizer.encode(&TEXT.repeat(1 + args.prompt_tokens / 40))?;
+        }
+        ids.truncate(args.prompt_tokens);
+        let prompt_text = tokenizer.decode(&ids)?;
+        let per_token = weight_bytes_per_token(&pack);
+        for &(threads, read_bw) in &bandwidth {
+            let mut options = nocturne::session::SessionOptions::for_profile(&ACTIVE);
+            options.threads = threads;
+            let mut session = Session::start(&pack, &tokenizer, &ACTIVE, options)?;
+            let decoder = session.decoder();
+            decoder.forward(&ids[..8])?; // warm-up: fault in the pages, wake the pool
+            decoder.truncate(0);
+            let started = Instant::now();
+            let mut next = argmax(decoder.forward(&ids)?);
+            let prefill = args.prompt_tokens as f64 / started.elapsed().as_secs_f64();
+            let started = Instant::now();
+            for _ in 0..args.new_tokens {
+                next = argmax(decoder.forward(&[next])?);
+            }
+            let decode = args.new_tokens as f64 / started.elapsed().as_secs_f64();
+            let (ttft, rss) = child_first_token(precision, threads, &prompt_text, args.new_tokens)?;
+            let streaming = per_token as f64 * decode;
+            println!(
+                "| {precision} | {threads} | {prefill:.1} | {decode:.1} | {:.0} | {rss:.1} | {:.1} | {:.2} | {:.0}% |",
+                ttft * 1e3,
+                per_token as f64 / 1e6,
+                streaming / 1e9,
+                100.0 * streaming / read_bw
+            );
+        }
+    }
+    Ok(())
+}
