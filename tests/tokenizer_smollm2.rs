@@ -51,3 +51,28 @@ fn real_text_round_trips() {
         assert_eq!(t.decode(&ids).unwrap(), text, "ids {ids:?}");
     }
 }
+
+#[test]
+fn token_table_spells_every_token_like_the_decoder() {
+    let t = tokenizer();
+    let table = t.token_table();
+    let text = "Não há nada 🌞 like <|im_start|>user\n3.14 naïve café\t!";
+    let ids = t.encode(text).unwrap();
+    let bytes: Vec<u8> = ids.iter().flat_map(|&id| table.bytes(id).to_vec()).collect();
+    assert_eq!(String::from_utf8(bytes).unwrap(), text);
+    assert_eq!(table.bytes(2), b"<|im_end|>");
+    assert!(table.longest() >= "<|im_start|>".len());
+}
+
+#[test]
+fn chatml_matches_the_gguf_template_rendering() {
+    use nocturne::tokenizer::{chatml, ChatMessage};
+    let rendered = chatml(&[ChatMessage::new("user", "What is the capital of France?")], true);
+    assert_eq!(
+        rendered,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let with_system = chatml(&[ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")], false);
+    assert_eq!(with_system, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+}

