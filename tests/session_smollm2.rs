@@ -1,0 +1,164 @@
+//! Sessions on the real SmolLM2 int8 pack: the memory plan is what gets
+//! allocated, the budget is enforced, decode allocates nothing per token,
+//! and every stop reason and bad request behaves as documented.
+//! Needs the converted model: run `models/fetch` first.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use nocturne::profile::ACTIVE;
+use nocturne::sampler::{Sampler, SamplerConfig};
+use nocturne::session::{RequestOptions, Session, SessionError, SessionOptions, StopReason};
+use nocturne::tokenizer::{chatml, ChatMessage, Tokenizer};
+use nocturne::weights::ModelPack;
+
+struct Counting;
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Allocation counts are process-wide: the tests of this binary run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn model() -> (ModelPack, Tokenizer) {
+    let dir: PathBuf = [env!("CARGO_MANIFEST_DIR"), "models/cache/smollm2-135m-instruct/int8"].iter().collect();
+    assert!(dir.is_dir(), "{} is missing: run `models/fetch` first", dir.display());
+    (ModelPack::open(&dir).unwrap(), Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap())
+}
+
+fn prompt(tokenizer: &Tokenizer, question: &str) -> Vec<u32> {
+    tokenizer.encode(&chatml(&[ChatMessage::new("user", question)], true)).unwrap()
+}
+
+#[test]
+fn allocations_match_the_memory_plan_exactly() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (pack, tokenizer) = model();
+    let session = Session::start(&pack, &tokenizer, &ACTIVE, SessionOptions::for_profile(&ACTIVE)).unwrap();
+    let planned: Vec<usize> = session.memory_plan().items().iter().map(|(_, b)| *b).collect();
+    assert_eq!(session.allocated().to_vec(), planned);
+    // 30 layers x 2048 positions x 3 KV heads x 64 x 2 (K, V) x 2 bytes.
+    assert_eq!(session.memory_plan().kv_cache, 47_185_920);
+}
+
+#[test]
+fn a_budget_too_small_for_the_kv_cache_refuses_to_start() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (pack, tokenizer) = model();
+    let mut profile = ACTIVE;
+    profile.memory_budget_bytes = 40 << 20;
+    let err = match Session::start(&pack, &tokenizer, &profile, SessionOptions::for_profile(&profile)) {
+        Err(SessionError::Budget(e)) => e,
+        Err(other) => panic!("expected a budget error, got {other}"),
+        Ok(_) => panic!("a 40 MiB budget cannot hold a 45 MiB KV cache"),
+    };
+    let message = err.to_string();
+    assert!(err.needed > 47_185_920, "{message}");
+    for part in ["41943040", &err.needed.to_string(), "KV cache 47185920", "memory_budget_bytes"] {
+        assert!(message.contains(part), "{message:?} lacks {part:?}");
+    }
+}
+
+#[test]
+fn decoding_allocates_nothing_per_token() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (pack, tokenizer) = model();
+    let mut session = Session::start(&pack, &tokenizer, &ACTIVE, SessionOptions::for_profile(&ACTIVE)).unwrap();
+    let ids = prompt(&tokenizer, "Tell me a long story about a lighthouse.");
+    // Decoder and sampler, 64 steps after the first.
+    let mut sampler = Sampler::new(SamplerConfig { temperature: 0.8, top_k: 40, top_p: 0.9, repetition_penalty: 1.1, seed: 3 }, 49152);
+    let mut history = ids.clone();
+    history.reserve(128);
+    let decoder = session.decoder();
+    let mut next = sampler.sample(decoder.forward(&ids).unwrap(), &history);
+    history.push(next);
+    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    for _ in 0..64 {
+        next = sampler.sample(decoder.forward(&[next]).unwrap(), &history);
+        history.push(next);
+    }
+    assert_eq!(ALLOCATIONS.load(Ordering::SeqCst) - before, 0, "allocations in 64 decode steps");
+
+    // A whole request: the count does not grow with the number of tokens.
+    let mut count = |max_new_tokens| {
+        session.reset();
+        let options = RequestOptions {
+            max_new_tokens,
+            deadline: Duration::from_secs(600),
+            stop: vec!["THE END".into()],
+            sampler: SamplerConfig { temperature: 0.8, seed: 5, ..SamplerConfig::default() },
+        };
+        let before = ALLOCATIONS.load(Ordering::SeqCst);
+        let stats = session.generate(&ids, &options, &mut |_| {}).unwrap();
+        (ALLOCATIONS.load(Ordering::SeqCst) - before, stats)
+    };
+    let (short, short_stats) = count(2);
+    let (long, long_stats) = count(66);
+    assert_eq!((short_stats.stop_reason, long_stats.stop_reason), (StopReason::MaxTokens, StopReason::MaxTokens));
+    assert_eq!(long_stats.new_tokens, 66);
+    assert_eq!(short, long, "a 66-token request allocated more than a 2-token one");
+}
+
+#[test]
+fn every_stop_reason_is_reported() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (pack, tokenizer) = model();
+    let mut session = Session::start(&pack, &tokenizer, &ACTIVE, SessionOptions::for_profile(&ACTIVE)).unwrap();
+    let ids = prompt(&tokenizer, "What is the capital of France?");
+    let base = RequestOptions::for_profile(&ACTIVE);
+    let mut text = String::new();
+    let stats = session.generate(&ids, &base, &mut |t| text.push_str(t)).unwrap();
+    assert_eq!(stats.stop_reason, StopReason::Eos);
+    assert!(text.contains("Paris"), "{text:?}");
+    assert_eq!(text, session.reply_text());
+
+    let stats = session.generate(&ids, &RequestOptions { max_new_tokens: 3, ..base.clone() }, &mut |_| {}).unwrap();
+    assert_eq!((stats.stop_reason, stats.new_tokens), (StopReason::MaxTokens, 3));
+    assert_eq!(stats.reused_tokens, ids.len() - 1, "the repeated prompt reuses its KV entries");
+
+    let mut streamed = String::new();
+    let stop = RequestOptions { stop: vec![" is".into()], ..base.clone() };
+    let stats = session.generate(&ids, &stop, &mut |t| streamed.push_str(t)).unwrap();
+    assert_eq!(stats.stop_reason, StopReason::StopString);
+    assert_eq!(session.reply_text(), "The capital of France");
+    assert_eq!(streamed, "The capital of France", "the stop string is never streamed");
+
+    let stats = session.generate(&ids, &RequestOptions { deadline: Duration::ZERO, ..base.clone() }, &mut |_| {}).unwrap();
+    assert_eq!(stats.stop_reason, StopReason::Deadline);
+    assert!(stats.new_tokens <= 1, "{} tokens after the deadline", stats.new_tokens);
+}
+
+#[test]
+fn bad_requests_are_refused_and_the_session_stays_usable() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (pack, tokenizer) = model();
+    let mut session = Session::start(&pack, &tokenizer, &ACTIVE, SessionOptions::for_profile(&ACTIVE)).unwrap();
+    let options = RequestOptions { max_new_tokens: 4, ..RequestOptions::for_profile(&ACTIVE) };
+    assert!(matches!(session.generate(&[], &options, &mut |_| {}), Err(SessionError::EmptyPrompt)));
+    let long = vec![28u32; ACTIVE.max_context_tokens as usize];
+    match session.generate(&long, &options, &mut |_| {}) {
+        Err(SessionError::PromptTooLong { tokens, capacity }) => assert_eq!((tokens, capacity), (2048, 2048)),
+        other => panic!("expected PromptTooLong, got {:?}", other.map(|s| s.stop_reason)),
+    }
+    assert!(session.generate(&[1, 60_000], &options, &mut |_| {}).is_err());
+    let ids = prompt(&tokenizer, "Say hello.");
+    assert!(session.generate(&ids, &options, &mut |_| {}).unwrap().new_tokens > 0);
+}
