@@ -80,14 +80,16 @@ fn read_bandwidth(bytes: usize, threads: usize) -> f64 {
 }
 
 /// Runs `nocturne generate` on the prompt as a child process; returns the
-/// time from spawning it to its first byte of output, and its peak RSS.
+/// time from spawning it to its first byte of output, and its peak RSS in
+/// MiB as the child reports it (`VmHWM`; a parent's `wait4` figure would
+/// include the parent's own pages, inherited across fork and exec).
 fn child_first_token(precision: &str, threads: usize, prompt: &str, new_tokens: usize) -> anyhow::Result<(f64, f64)> {
     let started = Instant::now();
     let mut child = Command::new(std::env::current_exe()?)
         .args(["generate", "--raw", "--precision", precision, "--threads", &threads.to_string()])
         .args(["--max-new-tokens", &new_tokens.to_string(), prompt])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .context("cannot start a child nocturne")?;
     let mut stdout = child.stdout.take().context("child has no stdout")?;
@@ -95,14 +97,18 @@ fn child_first_token(precision: &str, threads: usize, prompt: &str, new_tokens: 
     stdout.read_exact(&mut first).context("the child printed nothing")?;
     let ttft = started.elapsed().as_secs_f64();
     std::io::copy(&mut stdout, &mut std::io::sink())?;
-    let mut status = 0;
-    // SAFETY: plain wait4(2) on our own child's pid, with valid out-pointers.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
-    if pid < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        bail!("the child nocturne generate failed (status {status})");
+    let output = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        bail!("the child nocturne generate failed: {stderr}");
     }
-    Ok((ttft, usage.ru_maxrss as f64 / 1024.0))
+    let rss = stderr
+        .split("peak RSS ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .context("the child did not report its peak RSS")?;
+    Ok((ttft, rss / (1024.0 * 1024.0)))
 }
 
 /// Runs the benchmark and prints its table.

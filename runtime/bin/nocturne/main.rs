@@ -178,6 +178,16 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// Peak resident set of this process (`VmHWM`), bytes; 0 where /proc is absent.
+pub fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
 fn read_prompt(prompt: Option<String>) -> anyhow::Result<String> {
     let text = match prompt {
         Some(p) => p,
@@ -230,17 +240,19 @@ fn generate(prompt: Option<String>, model: &ModelArgs, request: &RequestArgs, ra
             "model": model.dir(),
             "precision": pack.precision().name(),
             "threads": session.decoder().threads(),
+            "peak_rss_bytes": peak_rss_bytes(),
         });
         println!("{value}");
     } else {
         eprintln!(
-            "[{}; {} prompt + {} new tokens; prefill {:.1} tok/s, decode {:.1} tok/s, first token after {:.0} ms]",
+            "[{}; {} prompt + {} new tokens; prefill {:.1} tok/s, decode {:.1} tok/s, first token after {:.0} ms; peak RSS {} bytes]",
             stats.stop_reason.name(),
             stats.prompt_tokens,
             stats.new_tokens,
             stats.prefill_tokens_per_second(),
             stats.decode_tokens_per_second(),
-            stats.time_to_first_token.as_secs_f64() * 1e3
+            stats.time_to_first_token.as_secs_f64() * 1e3,
+            peak_rss_bytes()
         );
     }
     Ok(())
