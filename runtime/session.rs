@@ -286,8 +286,9 @@ impl<'m> Session<'m> {
             }
             self.history.push(token);
             new_tokens += 1;
-            self.reply.extend_from_slice(self.table.bytes(token));
-            if let Some(cut) = stop_position(&self.reply, &options.stop) {
+            let piece = self.table.bytes(token);
+            self.reply.extend_from_slice(piece);
+            if let Some(cut) = stop_position(&self.reply, piece.len(), &options.stop) {
                 self.reply.truncate(cut);
                 break StopReason::StopString;
             }
@@ -317,14 +318,15 @@ impl<'m> Session<'m> {
     }
 }
 
-/// Where the earliest stop string in `reply` starts, if one ends the reply
-/// text so far (checked after every token, so only the tail can match).
-fn stop_position(reply: &[u8], stop: &[String]) -> Option<usize> {
+/// Where the earliest stop string in `reply` starts, if one appeared with
+/// the last `added` bytes (checked after every token, so a match must end
+/// inside them and start at most `len − 1` bytes before them).
+fn stop_position(reply: &[u8], added: usize, stop: &[String]) -> Option<usize> {
     stop.iter()
         .filter(|s| !s.is_empty())
         .filter_map(|s| {
             let s = s.as_bytes();
-            let from = reply.len().saturating_sub(s.len() + 64);
+            let from = reply.len().saturating_sub(added + s.len() - 1);
             reply[from..].windows(s.len()).position(|w| w == s).map(|p| from + p)
         })
         .min()

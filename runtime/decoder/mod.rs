@@ -152,7 +152,7 @@ impl<'m> Decoder<'m> {
             f(&a.x) + f(&a.xb) + f(&a.q) + f(&a.k) + f(&a.v) + f(&a.att) + f(&a.gate) + f(&a.up),
             f(&self.scores) + f(&self.rows),
             f(&self.logits),
-            RopeTable::bytes(self.settings.context_tokens, self.pack.config().head_dim),
+            self.rope.allocated(),
         ]
     }
 

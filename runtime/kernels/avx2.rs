@@ -59,54 +59,90 @@ pub unsafe fn dot_i8(values: &[i8], scales: &[f16], x: &[f32]) -> f32 {
     hsum(_mm256_add_ps(acc0, acc1))
 }
 
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C.
+/// Element types the f32-accumulating loops read eight at a time.
+trait Lanes: Copy {
+    /// Eight elements at `p` as f32.
+    unsafe fn load8(p: *const Self) -> __m256;
+    /// One element as f32 (for the tail).
+    fn widen(self) -> f32;
+}
+
+impl Lanes for f32 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Lanes for f16 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f16) -> __m256 {
+        load_f16x8(p)
+    }
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// `Σ a[i] × b[i]` with four accumulators.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
+unsafe fn dot<E: Lanes>(a: &[E], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (ap, bp) = (a.as_ptr(), b.as_ptr());
     let mut acc = [_mm256_setzero_ps(); 4];
     let mut i = 0;
     while i + 32 <= n {
         for (k, acc) in acc.iter_mut().enumerate() {
-            *acc = _mm256_fmadd_ps(load_f16x8(ap.add(i + 8 * k)), _mm256_loadu_ps(bp.add(i + 8 * k)), *acc);
+            *acc = _mm256_fmadd_ps(E::load8(ap.add(i + 8 * k)), _mm256_loadu_ps(bp.add(i + 8 * k)), *acc);
         }
         i += 32;
     }
     while i + 8 <= n {
-        acc[0] = _mm256_fmadd_ps(load_f16x8(ap.add(i)), _mm256_loadu_ps(bp.add(i)), acc[0]);
+        acc[0] = _mm256_fmadd_ps(E::load8(ap.add(i)), _mm256_loadu_ps(bp.add(i)), acc[0]);
         i += 8;
     }
     let mut sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
     for j in i..n {
-        sum += a[j].to_f32() * b[j];
+        sum += a[j].widen() * b[j];
     }
     sum
 }
 
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (ap, bp) = (a.as_ptr(), b.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); 4];
+/// `y += alpha × x`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy<E: Lanes>(alpha: f32, x: &[E], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let a = _mm256_set1_ps(alpha);
+    let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
     let mut i = 0;
-    while i + 32 <= n {
-        for (k, acc) in acc.iter_mut().enumerate() {
-            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(i + 8 * k)), _mm256_loadu_ps(bp.add(i + 8 * k)), *acc);
-        }
-        i += 32;
-    }
     while i + 8 <= n {
-        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(i)), _mm256_loadu_ps(bp.add(i)), acc[0]);
+        _mm256_storeu_ps(yp.add(i), _mm256_fmadd_ps(a, E::load8(xp.add(i)), _mm256_loadu_ps(yp.add(i))));
         i += 8;
     }
-    let mut sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
     for j in i..n {
-        sum += a[j] * b[j];
+        y[j] += alpha * x[j].widen();
     }
-    sum
+}
+
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
+    dot(a, b)
+}
+
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    dot(a, b)
 }
 
 /// # Safety
@@ -138,34 +174,14 @@ pub unsafe fn dot4_f32(rows: &[f32], x: &[f32]) -> [f32; 4] {
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn axpy_f16(alpha: f32, x: &[f16], y: &mut [f32]) {
-    let n = x.len().min(y.len());
-    let a = _mm256_set1_ps(alpha);
-    let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
-    let mut i = 0;
-    while i + 8 <= n {
-        _mm256_storeu_ps(yp.add(i), _mm256_fmadd_ps(a, load_f16x8(xp.add(i)), _mm256_loadu_ps(yp.add(i))));
-        i += 8;
-    }
-    for j in i..n {
-        y[j] += alpha * x[j].to_f32();
-    }
+    axpy(alpha, x, y)
 }
 
 /// # Safety
-/// The CPU must support AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
-    let n = x.len().min(y.len());
-    let a = _mm256_set1_ps(alpha);
-    let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
-    let mut i = 0;
-    while i + 8 <= n {
-        _mm256_storeu_ps(yp.add(i), _mm256_fmadd_ps(a, _mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i))));
-        i += 8;
-    }
-    for j in i..n {
-        y[j] += alpha * x[j];
-    }
+    axpy(alpha, x, y)
 }
 
 /// # Safety

@@ -223,9 +223,14 @@ impl RopeTable {
         RopeTable { half, cos, sin }
     }
 
-    /// Bytes the table occupies.
+    /// Bytes a table for `positions` and `head_dim` occupies.
     pub fn bytes(positions: usize, head_dim: usize) -> usize {
         positions * head_dim * std::mem::size_of::<f32>()
+    }
+
+    /// Bytes this table allocated.
+    pub fn allocated(&self) -> usize {
+        (self.cos.capacity() + self.sin.capacity()) * std::mem::size_of::<f32>()
     }
 }
 
