@@ -6,12 +6,16 @@
 //!
 //! Modules: [`profile`] (the build-time firmware profile), [`config`]
 //! (`config.json`), [`weights`] (the memory-mapped pack), [`tokenizer`],
-//! [`file_error`] (the error of every on-disk format reader).
+//! [`file_error`] (the error of every on-disk format reader), [`journal`]
+//! (the append-only feedback journal), [`durable_file`] (atomic replacement
+//! of small state files).
 
 pub mod budget;
 pub mod config;
 pub mod decoder;
+pub mod durable_file;
 pub mod file_error;
+pub mod journal;
 pub mod kernels;
 pub mod pool;
 pub mod profile;

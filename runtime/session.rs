@@ -25,8 +25,10 @@ use crate::sampler::{Sampler, SamplerConfig};
 use crate::tokenizer::{TokenTable, Tokenizer};
 use crate::weights::ModelPack;
 
-/// Why a request ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Why a request ended. Journal records store it: variants are only ever
+/// appended, never reordered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum StopReason {
     /// The model produced its end-of-sequence token.
     Eos,
