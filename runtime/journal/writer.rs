@@ -148,6 +148,12 @@ impl Shared {
     }
 }
 
+/// Most disk bytes a `len`-byte record can add: its framing, and the header
+/// of a new segment if it starts one.
+fn queued_bound(len: usize) -> u64 {
+    (max_framed_len(len) + HEADER_LEN) as u64
+}
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -340,7 +346,7 @@ impl Journal {
         slot.resize(RECORD_MAX, 0).expect("RECORD_MAX fits the slot");
         let len = encode(&mut slot, lsn, now_ms(), body)?;
         slot.truncate(len);
-        let bound = max_framed_len(len) as u64;
+        let bound = queued_bound(len);
         let used = self.shared.used.load(Ordering::Acquire);
         let reclaimable = self.shared.reclaimable.load(Ordering::Acquire);
         let queued = self.shared.queued.load(Ordering::Acquire);
@@ -467,7 +473,7 @@ impl Writer {
                 }
                 Some(Msg::Record(slot)) => {
                     let result = self.write(&slot);
-                    self.shared.queued.fetch_sub(max_framed_len(slot.len()) as u64, Ordering::AcqRel);
+                    self.shared.queued.fetch_sub(queued_bound(slot.len()), Ordering::AcqRel);
                     match self.config.durability {
                         Durability::FsyncEachRecord => result.and_then(|()| self.sync()),
                         Durability::GroupCommit => {

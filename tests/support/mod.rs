@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod journal;
+
 use std::path::Path;
 
 use half::f16;
