@@ -6,7 +6,7 @@ mod support;
 use std::path::Path;
 
 use nocturne::profile::Precision;
-use nocturne::weights::{ModelPack, WEIGHTS_FILE};
+use nocturne::weights::{ModelPack, DIGEST_FILE, WEIGHTS_FILE};
 use support::{edit_header, pack_tensors, tiny_config, write_dir, write_pack};
 
 fn valid(dir: &Path, precision: Precision) {
@@ -127,6 +127,13 @@ fn missing_files() {
     valid(tmp.path(), Precision::Int8);
     std::fs::remove_file(tmp.path().join(WEIGHTS_FILE)).unwrap();
     assert_names(&error_of(tmp.path()), &[WEIGHTS_FILE, "cannot read"]);
+    valid(tmp.path(), Precision::Int8);
+    std::fs::remove_file(tmp.path().join(DIGEST_FILE)).unwrap();
+    assert_names(&error_of(tmp.path()), &[DIGEST_FILE, "missing", "models/fetch"]);
+    std::fs::write(tmp.path().join(DIGEST_FILE), "1234  model.safetensors\n").unwrap();
+    assert_names(&error_of(tmp.path()), &[DIGEST_FILE, "not 64 hex digits"]);
+    std::fs::write(tmp.path().join(DIGEST_FILE), format!("{}  other.bin\n", "0".repeat(64))).unwrap();
+    assert_names(&error_of(tmp.path()), &[DIGEST_FILE, "not of `model.safetensors`"]);
 }
 
 #[test]

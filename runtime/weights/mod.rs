@@ -34,7 +34,9 @@ use memmap2::{Advice, Mmap};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::config::{ModelConfig, INT8_BLOCK};
+use crate::digest::parse_digest_line;
 use crate::file_error::FileError;
+use crate::journal::ModelId;
 use crate::profile::Precision;
 
 #[cfg(target_endian = "big")]
@@ -46,6 +48,9 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// Name of the weights file in a model directory.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Name of the file holding the SHA-256 of [`WEIGHTS_FILE`] (`sha256sum`
+/// format), written by the converter. It is the base model's id.
+pub const DIGEST_FILE: &str = "model.sha256";
 /// Suffix of the int8 scale tensor that accompanies `<name>.weight`.
 pub const SCALE_SUFFIX: &str = "_scale";
 
@@ -187,18 +192,21 @@ pub struct ModelPack {
     dir: PathBuf,
     config: ModelConfig,
     map: Mmap,
+    id: ModelId,
     /// One slot per [`pack_layout`] entry, same order.
     slots: Vec<Slot>,
 }
 
 impl ModelPack {
     /// Opens the model directory `dir`: reads `config.json`, checks that
-    /// `tokenizer.json` exists, maps `model.safetensors` read-only and
-    /// validates it against the config.
+    /// `tokenizer.json` exists, reads the weights' SHA-256 from
+    /// `model.sha256` (not recomputed: that would read every page at start),
+    /// maps `model.safetensors` read-only and validates it against the config.
     ///
     /// # Errors
     /// [`FileError`] naming the file and the problem: a missing or invalid
-    /// config, a missing tokenizer, an unreadable weights file, a malformed
+    /// config, a missing tokenizer, a missing or malformed digest file, an
+    /// unreadable weights file, a malformed
     /// safetensors header (truncated file, offsets past the end, overlapping
     /// tensors), a missing or unexpected tensor, a wrong dtype or shape, or a
     /// misaligned tensor.
@@ -208,6 +216,14 @@ impl ModelPack {
         if !tokenizer.is_file() {
             return Err(FileError::invalid(&tokenizer, "missing: a model directory needs its tokenizer"));
         }
+        let digest = dir.join(DIGEST_FILE);
+        let text = std::fs::read_to_string(&digest).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                FileError::invalid(&digest, "missing: a model directory needs the SHA-256 of its weights (re-run `models/fetch`)")
+            }
+            _ => FileError::io(&digest)(e),
+        })?;
+        let id = ModelId(parse_digest_line(&text, WEIGHTS_FILE).map_err(|p| FileError::invalid(&digest, p))?);
         let path = dir.join(WEIGHTS_FILE);
         let file = File::open(&path).map_err(FileError::io(&path))?;
         // SAFETY: the mapping is read-only and packs are never modified in
@@ -217,7 +233,12 @@ impl ModelPack {
         // Advisory only: a kernel that ignores the hint still serves page faults.
         let _ = map.advise(Advice::WillNeed);
         let slots = validate(&map, &config).map_err(|problem| FileError::invalid(&path, problem))?;
-        Ok(ModelPack { dir: dir.to_path_buf(), config, map, slots })
+        Ok(ModelPack { dir: dir.to_path_buf(), config, map, id, slots })
+    }
+
+    /// The base model's id: the SHA-256 of `model.safetensors`.
+    pub fn id(&self) -> ModelId {
+        self.id
     }
 
     /// The model directory.

@@ -9,7 +9,7 @@ use std::path::Path;
 use half::f16;
 use nocturne::config::{ModelConfig, QuantizationConfig, INT8_BLOCK, INT8_QUANT_METHOD};
 use nocturne::profile::Precision;
-use nocturne::weights::{pack_layout, TensorKind, CONFIG_FILE, SCALE_SUFFIX, TOKENIZER_FILE, WEIGHTS_FILE};
+use nocturne::weights::{pack_layout, TensorKind, CONFIG_FILE, DIGEST_FILE, SCALE_SUFFIX, TOKENIZER_FILE, WEIGHTS_FILE};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
@@ -93,6 +93,8 @@ pub fn write_dir(dir: &Path, config: &ModelConfig, tensors: &[(String, Dtype, Ve
         .map(|(name, dtype, shape, bytes)| (name.clone(), TensorView::new(*dtype, shape.clone(), bytes).unwrap()))
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join(WEIGHTS_FILE)).unwrap();
+    let digest = nocturne::digest::sha256_file(&dir.join(WEIGHTS_FILE)).unwrap();
+    std::fs::write(dir.join(DIGEST_FILE), nocturne::digest::digest_line(&digest, WEIGHTS_FILE)).unwrap();
 }
 
 /// Writes a complete, valid pack for `config` into `dir`.

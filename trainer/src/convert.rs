@@ -23,7 +23,7 @@ use half::f16;
 use indicatif::{ProgressBar, ProgressStyle};
 use nocturne::config::{ModelConfig, QuantizationConfig, INT8_BLOCK, INT8_QUANT_METHOD};
 use nocturne::profile::Precision;
-use nocturne::weights::{pack_layout, TensorKind, CONFIG_FILE, SCALE_SUFFIX, TOKENIZER_FILE, WEIGHTS_FILE};
+use nocturne::weights::{pack_layout, TensorKind, CONFIG_FILE, DIGEST_FILE, SCALE_SUFFIX, TOKENIZER_FILE, WEIGHTS_FILE};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
@@ -239,6 +239,9 @@ fn write_pack(
     let weights = tmp.join(WEIGHTS_FILE);
     safetensors::serialize_to_file(views, metadata, &weights)
         .with_context(|| format!("cannot write {}", weights.display()))?;
+    let digest = nocturne::digest::sha256_file(&weights).with_context(|| format!("cannot read {}", weights.display()))?;
+    std::fs::write(tmp.join(DIGEST_FILE), nocturne::digest::digest_line(&digest, WEIGHTS_FILE))
+        .with_context(|| format!("cannot write {}", tmp.join(DIGEST_FILE).display()))?;
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot replace {}", dir.display()))?;
     }

