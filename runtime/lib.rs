@@ -13,6 +13,7 @@
 pub mod budget;
 pub mod config;
 pub mod decoder;
+pub mod device;
 pub mod digest;
 pub mod durable_file;
 pub mod file_error;

@@ -1,14 +1,19 @@
 //! The `nocturne` command end to end: the README's main job answers a real
-//! prompt with both packs, and bad input gives a clear error and a non-zero
-//! exit, never a panic. Needs the converted model: run `models/fetch` first.
+//! prompt with both packs, interactions and feedback reach the journal, and
+//! bad input gives a clear error and a non-zero exit, never a panic. Needs
+//! the converted model: run `models/fetch` first.
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
+/// Runs `nocturne` in the project directory with its own state directory
+/// (unless `--state-dir` is among `args`), so tests do not share a journal.
 fn nocturne(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let state = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_nocturne"))
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("NOCTURNE_STATE_DIR", state.path())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -84,4 +89,129 @@ fn info_prints_profile_and_plan() {
     for part in ["profile            mid", "KV cache", "47185920", "mapped weights", "143078568"] {
         assert!(text.contains(part), "{text}");
     }
+}
+
+fn json_lines(output: &Output) -> Vec<serde_json::Value> {
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn generate_records_the_interaction_and_feedback_refers_to_it() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().to_str().unwrap();
+    let out = nocturne(&["generate", "--json", "--state-dir", dir, "What is the capital of France?"], None);
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["interaction"], 1);
+    let fixed = nocturne(&["feedback", "--state-dir", dir, "--interaction", "1", "--rating", "5", "--fix", "Paris.", "--copied"], None);
+    assert!(fixed.status.success(), "{}", String::from_utf8_lossy(&fixed.stderr));
+    assert!(String::from_utf8_lossy(&fixed.stdout).contains("recorded as record 2 (acknowledged)"));
+    let records = json_lines(&nocturne(&["journal", "dump", "--state-dir", dir], None));
+    assert_eq!(records.len(), 2);
+    let interaction = &records[0];
+    assert_eq!(interaction["kind"], "interaction");
+    assert_eq!(interaction["prompt"], "What is the capital of France?");
+    assert_eq!(interaction["reply"], reply["reply"]);
+    assert_eq!(interaction["stop_reason"], "eos");
+    assert_eq!(interaction["new_tokens"], reply["new_tokens"]);
+    let digest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/models/cache/smollm2-135m-instruct/int8/model.sha256")).unwrap();
+    assert_eq!(interaction["base_model"].as_str().unwrap(), &digest[..64]);
+    let feedback = &records[1];
+    assert_eq!((&feedback["kind"], &feedback["interaction"], &feedback["rating"]), (&"feedback".into(), &1.into(), &5.into()));
+    assert_eq!(feedback["correction"], "Paris.");
+    assert_eq!(feedback["implicit"]["copied"], true);
+    // Feedback on an interaction that does not exist, or saying nothing, is refused.
+    assert!(failure(&nocturne(&["feedback", "--state-dir", dir, "--interaction", "9", "--good"], None)).contains("no interaction 9"));
+    assert!(failure(&nocturne(&["feedback", "--state-dir", dir, "--interaction", "1"], None)).contains("feedback needs a rating"));
+    let bad_rating = nocturne(&["feedback", "--state-dir", dir, "--interaction", "1", "--rating", "6"], None);
+    assert!(!bad_rating.status.success() && String::from_utf8_lossy(&bad_rating.stderr).contains("6 is not in 1..=5"));
+    assert_eq!(json_lines(&nocturne(&["journal", "dump", "--state-dir", dir], None)).len(), 2);
+}
+
+#[test]
+fn chat_commands_record_explicit_and_implicit_feedback() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().to_str().unwrap();
+    let script = "What is 2+2?\n/rate 4\n/fix Four.\n/retry\nthanks\n/rate 9\n/reset\n/exit\n";
+    let out = nocturne(&["chat", "--state-dir", dir, "--max-new-tokens", "16"], Some(script.as_bytes()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("/rate takes a number from 1 to 5, not `9`"), "{stderr}");
+    let records = json_lines(&nocturne(&["journal", "dump", "--state-dir", dir], None));
+    let summary: Vec<String> = records
+        .iter()
+        .map(|r| match r["kind"].as_str().unwrap() {
+            "interaction" => format!("interaction turn {} {}", r["turn"], r["prompt"]),
+            _ => {
+                let implicit: Vec<&str> =
+                    ["regenerated", "abandoned"].into_iter().filter(|k| r["implicit"][*k] == true).collect();
+                let follow_up = if r["implicit"]["follow_up_s"].is_u64() { " follow-up" } else { "" };
+                format!("feedback on {}: {} {} {:?}{follow_up}", r["interaction"], r["rating"], r["correction"], implicit)
+            }
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            "interaction turn 0 \"What is 2+2?\"",
+            "feedback on 1: 4 null []",
+            "feedback on 1: null \"Four.\" []",
+            "feedback on 1: null null [\"regenerated\"]",
+            "interaction turn 0 \"What is 2+2?\"",
+            "feedback on 5: null null [] follow-up",
+            "interaction turn 1 \"thanks\"",
+            "feedback on 7: null null [\"abandoned\"]",
+        ]
+    );
+    let conversations: Vec<&serde_json::Value> = records.iter().filter(|r| r["kind"] == "interaction").map(|r| &r["conversation"]).collect();
+    assert!(conversations.iter().all(|c| *c == conversations[0]), "one conversation");
+}
+
+#[test]
+fn journal_verify_reports_a_damaged_record_and_dump_keeps_the_rest() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().to_str().unwrap();
+    for _ in 0..3 {
+        let out = nocturne(&["generate", "--state-dir", dir, "--max-new-tokens", "4", "Hello"], None);
+        assert!(out.status.success());
+    }
+    let ok = nocturne(&["journal", "verify", "--state-dir", dir], None);
+    assert!(ok.status.success() && String::from_utf8_lossy(&ok.stdout).contains("ok, 3 records in 1 segments"));
+    let segment = state.path().join("journal/00000000000000000001.seg");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    // The middle of the file is inside the second of three similar records.
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(&segment, &bytes).unwrap();
+    let bad = nocturne(&["journal", "verify", "--state-dir", dir], None);
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("corrupt:") && stderr.contains("00000000000000000001.seg: bytes"), "{stderr}");
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("1 problem(s)"));
+    let stat = nocturne(&["journal", "stat", "--state-dir", dir], None);
+    assert!(String::from_utf8_lossy(&stat.stdout).contains("problems           1"));
+    // The reader resynchronises at the next 32 KiB block: the third record,
+    // in the same block, is lost with the damaged one.
+    let lsns = |records: Vec<serde_json::Value>| records.iter().map(|r| r["lsn"].as_u64().unwrap()).collect::<Vec<_>>();
+    assert_eq!(lsns(json_lines(&nocturne(&["journal", "dump", "--state-dir", dir], None))), vec![1]);
+    // The device goes on in a new segment, leaving the damaged one as it is,
+    // and no LSN the damaged bytes may hold is given out again.
+    let out = nocturne(&["generate", "--state-dir", dir, "--max-new-tokens", "4", "Hello"], None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("are damaged"));
+    assert_eq!(std::fs::read(&segment).unwrap(), bytes);
+    let after = lsns(json_lines(&nocturne(&["journal", "dump", "--state-dir", dir], None)));
+    assert_eq!(after.len(), 2);
+    assert!(after[1] > 3, "{after:?}");
+    assert!(state.path().join("journal/00000000000000000002.seg").exists());
+}
+
+#[test]
+fn no_journal_writes_no_state() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().join("state");
+    let out = nocturne(&["generate", "--no-journal", "--json", "--state-dir", dir.to_str().unwrap(), "Hi"], None);
+    assert!(out.status.success());
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(reply["interaction"].is_null());
+    assert!(!dir.exists());
 }

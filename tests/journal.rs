@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use nocturne::journal::reader::read_segment;
 use nocturne::journal::record::{self, RECORD_PREFIX};
 use nocturne::journal::writer::QUEUE_DEPTH;
-use nocturne::journal::segment::{scan, Framer, SegmentHeader, BLOCK, HEADER_LEN};
+use nocturne::journal::segment::{scan, Framer, SegmentHeader, BLOCK, CHUNK_HEADER, HEADER_LEN};
 use nocturne::journal::{
     read_journal, AdapterAction, AdapterEvent, AdapterId, Body, DeviceId, Feedback, ImplicitSignals, Interaction, Journal,
     JournalError, JournalReport, MetricsSnapshot, ModelId, Record, Thumbs,
@@ -367,6 +367,33 @@ fn a_damaged_header_or_foreign_segment_is_skipped_never_appended_to_or_deleted()
         journal.close().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), bytes, "{case}: the skipped segment changed");
     }
+}
+
+#[test]
+fn damage_reaching_the_end_of_the_newest_segment_is_kept_and_lsns_move_on() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), 1..=20, 64 * MIB);
+    let path = only_segment(dir.path());
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mut offsets = Vec::new();
+    scan(&bytes, &mut |offset, _| offsets.push(offset as usize));
+    bytes[offsets[17] + CHUNK_HEADER + RECORD_PREFIX] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let (records, report) = read_all(dir.path());
+    assert_eq!(ids(&records), (1..=17).collect::<Vec<_>>());
+    assert_eq!(report.segments[0].tail, None, "a checksum mismatch is not a torn write");
+    assert_eq!(report.damage().next().unwrap().1.range, offsets[17] as u64..bytes.len() as u64);
+    let mut journal = Journal::open(dir.path(), DEVICE, config(Durability::GroupCommit, 64 * MIB, 64 * MIB)).unwrap();
+    assert_eq!(journal.recovery().truncated, None);
+    assert_eq!(journal.recovery().active_seq, 2);
+    let lsn = journal.append(&feedback(500)).unwrap();
+    journal.close().unwrap();
+    // Records 18-20 were acknowledged; their LSNs are never reused.
+    assert!(lsn > 20, "LSN {lsn} may repeat a lost record's");
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "the damaged segment is kept as it is");
+    let (records, report) = read_all(dir.path());
+    assert_eq!(records.last().unwrap().lsn, lsn);
+    assert_eq!(report.corruption().len(), 1);
 }
 
 #[test]

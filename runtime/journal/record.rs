@@ -28,7 +28,7 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::session::StopReason;
+use crate::session::{ReplyStats, StopReason};
 
 /// Largest encoded record, bytes. A prompt of the largest profile's full
 /// context (2,048 tokens, about 8 KiB of text) and a reply fit.
@@ -158,6 +158,37 @@ pub struct Interaction<'a> {
     pub time_to_first_token_ms: f32,
     /// Peak resident memory of the session's process, bytes.
     pub peak_memory_bytes: u64,
+}
+
+impl<'a> Interaction<'a> {
+    /// The record of a reply: `stats` as the session measured it, the
+    /// texts borrowed (no allocation). Counts saturate at `u32::MAX`.
+    pub fn from_reply(
+        (conversation, turn): (u64, u32),
+        (base_model, adapter): (ModelId, Option<AdapterId>),
+        (system, prompt, reply): (&'a str, &'a str, &'a str),
+        stats: &ReplyStats,
+        peak_memory_bytes: u64,
+    ) -> Interaction<'a> {
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Interaction {
+            conversation,
+            turn,
+            base_model,
+            adapter,
+            system: Cow::Borrowed(system),
+            prompt: Cow::Borrowed(prompt),
+            reply: Cow::Borrowed(reply),
+            prompt_tokens: count(stats.prompt_tokens),
+            reused_tokens: count(stats.reused_tokens),
+            new_tokens: count(stats.new_tokens),
+            stop_reason: stats.stop_reason,
+            prefill_tokens_per_s: stats.prefill_tokens_per_second() as f32,
+            decode_tokens_per_s: stats.decode_tokens_per_second() as f32,
+            time_to_first_token_ms: (stats.time_to_first_token.as_secs_f64() * 1e3) as f32,
+            peak_memory_bytes,
+        }
+    }
 }
 
 /// Thumbs up or down.

@@ -178,7 +178,7 @@ impl Framer {
     }
 }
 
-/// A damaged region in the middle of a segment: skipped, counted, reported.
+/// A damaged region of a segment: skipped, counted, reported.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Damage {
     /// File offsets of the bytes skipped.
@@ -187,8 +187,9 @@ pub struct Damage {
     pub reason: String,
 }
 
-/// Bytes after the last complete record that hold no complete record: a
-/// record torn by a crash, or a zero-filled end.
+/// Bytes after the last complete record that an interrupted append
+/// explains: a record cut short by a crash (pending fragments included), or
+/// a zero-filled end. Other damage at the end of a file is [`Damage`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tail {
     /// File offsets.
@@ -202,11 +203,16 @@ pub struct Tail {
 pub struct FrameScan {
     /// End of the last complete record (the header's end when there is none).
     pub valid_end: u64,
-    /// Damaged regions followed by at least one complete record.
+    /// Damaged regions, in file order; the last may reach the end of the file.
     pub damage: Vec<Damage>,
     /// Incomplete bytes after the last complete record.
     pub tail: Option<Tail>,
 }
+
+/// Reasons of damage an interrupted append explains (see [`Tail`]).
+const HEADER_CUT: &str = "chunk header cut short";
+const CHUNK_CUT: &str = "chunk cut short";
+const ZERO_FILLED: &str = "zero-filled to the end";
 
 /// Walks the chunks of a whole segment file (`bytes` includes the header,
 /// which is not checked here) and calls `visit(offset, payload)` for every
@@ -231,17 +237,18 @@ pub fn scan(bytes: &[u8], visit: &mut dyn FnMut(u64, &[u8])) -> FrameScan {
             continue;
         }
         let Some(h) = bytes.get(pos..pos + CHUNK_HEADER) else {
-            mark(pos, "chunk header cut short", &mut pending, &mut open);
+            mark(pos, HEADER_CUT, &mut pending, &mut open);
             break;
         };
         let crc = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
         let n = usize::from(u16::from_le_bytes([h[4], h[5]]));
         let kind = h[6];
         if crc == 0 && n == 0 && kind == 0 {
-            mark(pos, "zero bytes where a chunk should start", &mut pending, &mut open);
             if bytes[pos..].iter().all(|&b| b == 0) {
+                mark(pos, ZERO_FILLED, &mut pending, &mut open);
                 break;
             }
+            mark(pos, "zero bytes where a chunk should start", &mut pending, &mut open);
             pos = next_block(pos);
             continue;
         }
@@ -252,7 +259,7 @@ pub fn scan(bytes: &[u8], visit: &mut dyn FnMut(u64, &[u8])) -> FrameScan {
         }
         let end = pos + CHUNK_HEADER + n;
         if end > bytes.len() {
-            mark(pos, "chunk cut short", &mut pending, &mut open);
+            mark(pos, CHUNK_CUT, &mut pending, &mut open);
             break;
         }
         if masked_crc(&bytes[pos + 6..end]) != crc {
@@ -305,6 +312,13 @@ pub fn scan(bytes: &[u8], visit: &mut dyn FnMut(u64, &[u8])) -> FrameScan {
         pos = end;
     }
     let len = bytes.len() as u64;
+    // Damage that reaches the end of the file is a tail only when it is what
+    // an interrupted append leaves: a cut chunk or zeros. Anything else
+    // (a checksum mismatch, say) is corruption, even at the end.
+    if let Some((from, reason)) = open.filter(|(_, r)| ![HEADER_CUT, CHUNK_CUT, ZERO_FILLED].contains(r)) {
+        out.damage.push(Damage { range: from as u64..len, reason: reason.into() });
+        return out;
+    }
     if out.valid_end < len {
         let rest = &bytes[out.valid_end as usize..];
         out.tail = Some(Tail { range: out.valid_end..len, zero_filled: rest.iter().all(|&b| b == 0) });

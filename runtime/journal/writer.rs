@@ -18,7 +18,10 @@
 //!   dirty pages, so a retry that succeeds proves nothing).
 //! - Segments are created complete: header written to a temporary file,
 //!   fsynced, renamed, directory fsynced.
-//! - Recovery truncates only the incomplete tail of the newest segment.
+//! - Recovery truncates only the incomplete tail of the newest segment (what
+//!   an interrupted append leaves). A newest segment damaged up to its end is
+//!   left untouched and a new segment started, with LSNs that skip every
+//!   number the damaged bytes could have held, so no LSN is ever reused.
 //! - Only sealed segments the host acknowledged are ever deleted, and only
 //!   when the quota needs the space; when it cannot be found the record is
 //!   refused with [`JournalError::QuotaFull`].
@@ -36,8 +39,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
 use super::reader::{list_segments, read_segment};
-use super::record::{encode, lsn_of, Body, DeviceId, RECORD_MAX};
-use super::segment::{max_framed_len, segment_file_name, Damage, Framer, SegmentHeader, Tail, HEADER_LEN};
+use super::record::{encode, lsn_of, Body, DeviceId, RECORD_MAX, RECORD_PREFIX};
+use super::segment::{max_framed_len, segment_file_name, Damage, Framer, SegmentHeader, Tail, CHUNK_HEADER, HEADER_LEN};
 use super::JournalError;
 use crate::durable_file::{sync_dir, write_atomic};
 use crate::profile::{Durability, Profile};
@@ -47,6 +50,9 @@ pub const QUEUE_DEPTH: usize = 8;
 
 /// File in the journal directory naming the newest segment the host holds.
 pub const HOST_ACK_FILE: &str = "host-ack";
+
+/// Fewest bytes a record takes on disk: a chunk header and the record prefix.
+const MIN_RECORD_BYTES: u64 = (CHUNK_HEADER + RECORD_PREFIX) as u64;
 
 /// File locked by the writer.
 pub const LOCK_FILE: &str = "LOCK";
@@ -88,8 +94,9 @@ pub struct Recovery {
     pub next_lsn: u64,
     /// The torn tail cut from the newest segment: (segment, tail).
     pub truncated: Option<(u64, Tail)>,
-    /// Damaged regions found in the newest segment (skipped by readers, kept on disk).
-    pub damage: Vec<Damage>,
+    /// Damaged regions found in the newest segment of this device, as
+    /// (segment, damage): skipped by readers, kept on disk.
+    pub damage: Vec<(u64, Damage)>,
     /// Segments not appended to because they are another device's or unreadable: (file, why).
     pub skipped: Vec<(PathBuf, String)>,
 }
@@ -229,14 +236,20 @@ impl Journal {
                 own.insert(*seq, bytes);
             }
         }
-        // The newest segment of this device is appended to; newer unreadable
-        // or foreign segments are left alone and skipped over.
-        let mut active = None;
+        // Appending continues in the newest segment, if it is this device's
+        // and intact up to its end. Otherwise (an unreadable or foreign
+        // segment, damage reaching the end) those files are left as they are,
+        // a new segment is started, and LSNs skip every number the unreadable
+        // bytes could hold, so that no LSN is ever given out twice.
+        let mut unreadable_bytes = 0;
+        let mut append_to = None;
+        let mut next_lsn = 1;
         for (seq, path) in segments.iter().rev() {
             let report = read_segment(path, *seq, Some(device), &mut |_| {})?;
             if let Some(problem) = report.problem {
                 recovery.skipped.push((path.clone(), problem));
                 own.remove(seq);
+                unreadable_bytes += report.bytes;
                 continue;
             }
             let header = report.header.expect("a segment without a problem has a header");
@@ -247,27 +260,33 @@ impl Journal {
                 own.insert(*seq, tail.range.start);
                 recovery.truncated = Some((*seq, tail));
             }
-            recovery.damage = report.damage;
-            let next_lsn = report.lsns.map_or(header.first_lsn, |(_, last)| last + 1);
-            active = Some((*seq, path.clone(), report.valid_end, next_lsn));
+            next_lsn = report.lsns.map_or(header.first_lsn, |(_, last)| last + 1);
+            if let Some(d) = report.damage.last().filter(|d| d.range.end == report.bytes) {
+                unreadable_bytes += d.range.end - d.range.start;
+            }
+            if unreadable_bytes == 0 {
+                append_to = Some((*seq, path.clone(), report.valid_end));
+            }
+            recovery.damage = report.damage.into_iter().map(|d| (*seq, d)).collect();
             break;
         }
-        let newest_seq = segments.last().map_or(0, |(s, _)| *s);
-        let (seq, file, offset, next_lsn) = match active {
-            Some((seq, path, end, next_lsn)) if seq == newest_seq => {
+        if unreadable_bytes > 0 {
+            next_lsn += 1 + unreadable_bytes / MIN_RECORD_BYTES;
+        }
+        let (seq, file, offset) = match append_to {
+            Some((seq, path, end)) => {
                 // What an earlier process wrote but never synced becomes durable now.
                 let file = OpenOptions::new().append(true).open(&path).map_err(JournalError::io(&path))?;
                 file.sync_data().map_err(JournalError::io(&path))?;
-                (seq, file, end, next_lsn)
+                (seq, file, end)
             }
-            other => {
-                let seq = newest_seq.max(acked) + 1;
-                let next_lsn = other.map_or(1, |(_, _, _, lsn)| lsn);
+            None => {
+                let seq = segments.last().map_or(0, |(s, _)| *s).max(acked) + 1;
                 let header = SegmentHeader { device, seq, first_lsn: next_lsn, created_ms: now_ms() };
                 let file = create_segment(dir, &header).map_err(JournalError::io(dir))?;
                 own.insert(seq, HEADER_LEN as u64);
                 used += HEADER_LEN as u64;
-                (seq, file, HEADER_LEN as u64, next_lsn)
+                (seq, file, HEADER_LEN as u64)
             }
         };
         recovery.active_seq = seq;

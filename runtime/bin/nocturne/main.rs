@@ -1,12 +1,15 @@
 //! The `nocturne` command: the device runtime's command-line interface.
 //!
-//! `generate` answers one prompt, `chat` holds a conversation, `info` prints
-//! the profile, the pack and the memory plan, `perplexity` scores a text,
-//! `bench` measures prefill, decode, start-up and bandwidth.
+//! `generate` answers one prompt, `chat` holds a conversation (both record
+//! their interactions in the journal), `feedback` records feedback from a
+//! script, `journal` reads the journal, `info` prints the profile, the pack
+//! and the memory plan, `perplexity` scores a text, `bench` measures prefill,
+//! decode, start-up and bandwidth.
 
 mod bench;
 mod chat;
 mod info;
+mod journal;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -19,6 +22,8 @@ use nocturne::sampler::SamplerConfig;
 use nocturne::session::{RequestOptions, Session, SessionOptions};
 use nocturne::tokenizer::{chatml, ChatMessage, Tokenizer, DEFAULT_SYSTEM_PROMPT};
 use nocturne::weights::{ModelPack, TOKENIZER_FILE};
+
+use crate::journal::{FeedbackArgs, JournalCommand, RecordArgs, Recorder};
 
 #[derive(Parser)]
 #[command(name = "nocturne", version, about = "On-device language-model runtime that learns while it sleeps")]
@@ -145,17 +150,27 @@ enum Command {
         /// Send the prompt as is, without the chat template.
         #[arg(long)]
         raw: bool,
-        /// Print one JSON object (reply, stop reason, token counts, speeds) instead of streaming.
+        /// Print one JSON object (reply, stop reason, token counts, speeds, interaction id) instead of streaming.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        record: RecordArgs,
     },
-    /// A multi-turn conversation on standard input (/reset, /exit).
+    /// A multi-turn conversation on standard input, with feedback commands
+    /// (/rate 1-5, /good, /bad, /fix ANSWER, /retry, /reset, /exit).
     Chat {
         #[command(flatten)]
         model: ModelArgs,
         #[command(flatten)]
         request: RequestArgs,
+        #[command(flatten)]
+        record: RecordArgs,
     },
+    /// Record feedback on an interaction (rating, thumbs, correction, implicit signals).
+    Feedback(FeedbackArgs),
+    /// Read the journal: stat, dump (JSON lines), verify.
+    #[command(subcommand)]
+    Journal(JournalCommand),
     /// Print the firmware profile, and with --model or --precision the pack and its memory plan.
     Info {
         #[command(flatten)]
@@ -178,9 +193,15 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-/// Peak resident set of this process (`VmHWM`), bytes; 0 where /proc is absent.
+/// Peak resident set of this process (`VmHWM` of /proc/self/status), bytes;
+/// 0 where /proc is absent. Reads into a stack buffer: allocates nothing.
+/// (`getrusage`'s `ru_maxrss` is not used: it keeps the high-water mark from
+/// before `exec`, i.e. the parent's, in a child process.)
 pub fn peak_rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    let n = std::fs::File::open("/proc/self/status").and_then(|mut f| f.read(&mut buf)).unwrap_or(0);
+    let status = std::str::from_utf8(&buf[..n]).unwrap_or_default();
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -205,12 +226,13 @@ fn read_prompt(prompt: Option<String>) -> anyhow::Result<String> {
     Ok(text)
 }
 
-fn generate(prompt: Option<String>, model: &ModelArgs, request: &RequestArgs, raw: bool, json: bool) -> anyhow::Result<()> {
+fn generate(prompt: Option<String>, model: &ModelArgs, request: &RequestArgs, raw: bool, json: bool, record: &RecordArgs) -> anyhow::Result<()> {
     let prompt = read_prompt(prompt)?;
     let (pack, tokenizer) = model.open()?;
+    let mut recorder = Recorder::open(record)?;
     let mut session = Session::start(&pack, &tokenizer, &ACTIVE, model.session_options())?;
     let text = if raw {
-        prompt
+        prompt.clone()
     } else {
         chatml(&[ChatMessage::new("system", &request.system), ChatMessage::new("user", prompt.trim_end())], true)
     };
@@ -228,6 +250,18 @@ fn generate(prompt: Option<String>, model: &ModelArgs, request: &RequestArgs, ra
         let _ = writeln!(out);
         stats
     };
+    let system = if raw { "" } else { request.system.as_str() };
+    let interaction = recorder.interaction(&pack, (system, prompt.trim_end(), &session.reply_text()), &stats);
+    // The id is only given out once the interaction is stored.
+    let interaction = match interaction.map(|lsn| recorder.wait(lsn).map(|()| lsn)) {
+        Some(Err(e)) => {
+            eprintln!("warning: the interaction was not recorded: {e:#}");
+            None
+        }
+        Some(Ok(lsn)) => Some(lsn),
+        None => None,
+    };
+    recorder.close()?;
     if json {
         let value = serde_json::json!({
             "reply": session.reply_text(),
@@ -241,11 +275,13 @@ fn generate(prompt: Option<String>, model: &ModelArgs, request: &RequestArgs, ra
             "precision": pack.precision().name(),
             "threads": session.decoder().threads(),
             "peak_rss_bytes": peak_rss_bytes(),
+            "interaction": interaction,
         });
         println!("{value}");
     } else {
+        let recorded = interaction.map_or(String::new(), |id| format!("; interaction {id}"));
         eprintln!(
-            "[{}; {} prompt + {} new tokens; prefill {:.1} tok/s, decode {:.1} tok/s, first token after {:.0} ms; peak RSS {} bytes]",
+            "[{}; {} prompt + {} new tokens; prefill {:.1} tok/s, decode {:.1} tok/s, first token after {:.0} ms; peak RSS {} bytes{recorded}]",
             stats.stop_reason.name(),
             stats.prompt_tokens,
             stats.new_tokens,
@@ -279,19 +315,22 @@ fn perplexity(file: &PathBuf, max_tokens: usize, model: &ModelArgs) -> anyhow::R
     Ok(())
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Generate { prompt, model, request, raw, json } => generate(prompt, &model, &request, raw, json),
-        Command::Chat { model, request } => chat::run(&model, &request),
+        Command::Generate { prompt, model, request, raw, json, record } => generate(prompt, &model, &request, raw, json, &record),
+        Command::Chat { model, request, record } => chat::run(&model, &request, &record),
+        Command::Feedback(args) => journal::feedback(&args),
+        Command::Journal(command) => return journal::run(&command),
         Command::Info { model, plan } => info::run(&model, plan),
         Command::Perplexity { file, tokens, model } => perplexity(&file, tokens, &model),
         Command::Bench(args) => bench::run(&args),
     }
+    .map(|()| ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
