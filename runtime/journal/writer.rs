@@ -1,7 +1,8 @@
 //! The journal writer: recovery at open, a writer thread that owns the files,
 //! acknowledgement by fdatasync, segment rolling and the disk quota.
 //!
-//! Principal types: [`Journal`], [`JournalConfig`], [`Recovery`].
+//! Principal types: [`Journal`], [`JournalConfig`], [`Recovery`],
+//! [`Acknowledgements`].
 //!
 //! Invariants:
 //! - One writer per directory at a time (an advisory `flock` on `LOCK`, as
@@ -47,6 +48,9 @@ use crate::profile::{Durability, Profile};
 
 /// Records that can wait for the writer thread before `append` blocks.
 pub const QUEUE_DEPTH: usize = 8;
+
+/// Most queued records the group-commit writer frames into one write.
+const DRAIN_MAX: usize = 2 * QUEUE_DEPTH;
 
 /// File in the journal directory naming the newest segment the host holds.
 pub const HOST_ACK_FILE: &str = "host-ack";
@@ -307,6 +311,7 @@ impl Journal {
             framer: Framer { offset },
             buf: Vec::with_capacity(max_framed_len(RECORD_MAX)),
             written: next_lsn - 1,
+            buffered: next_lsn - 1,
             own,
             acked,
             shared: Arc::clone(&shared),
@@ -340,7 +345,7 @@ impl Journal {
 
     /// Newest acknowledged LSN (every record up to it is on disk).
     pub fn durable_lsn(&self) -> u64 {
-        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).durable
+        self.acknowledgements().durable_lsn()
     }
 
     /// Bytes of segment files on disk.
@@ -386,14 +391,13 @@ impl Journal {
     /// # Errors
     /// [`JournalError::WriterFailed`] when the writer stopped before that.
     pub fn wait_durable(&self, lsn: u64) -> Result<(), JournalError> {
-        let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        while state.durable < lsn {
-            if let Some(f) = &state.failure {
-                return Err(JournalError::WriterFailed(f.clone()));
-            }
-            state = self.shared.changed.wait(state).unwrap_or_else(|e| e.into_inner());
-        }
-        Ok(())
+        self.acknowledgements().wait_durable(lsn)
+    }
+
+    /// A handle another thread can wait on for acknowledgements while this
+    /// one appends.
+    pub fn acknowledgements(&self) -> Acknowledgements {
+        Acknowledgements { shared: Arc::clone(&self.shared) }
     }
 
     /// Appends and waits for the acknowledgement.
@@ -445,6 +449,34 @@ impl Journal {
     }
 }
 
+/// Waits for acknowledgements of a [`Journal`] from any thread.
+#[derive(Clone)]
+pub struct Acknowledgements {
+    shared: Arc<Shared>,
+}
+
+impl Acknowledgements {
+    /// Newest acknowledged LSN.
+    pub fn durable_lsn(&self) -> u64 {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).durable
+    }
+
+    /// Blocks until `lsn` is acknowledged.
+    ///
+    /// # Errors
+    /// [`JournalError::WriterFailed`] when the writer stopped before that.
+    pub fn wait_durable(&self, lsn: u64) -> Result<(), JournalError> {
+        let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        while state.durable < lsn {
+            if let Some(f) = &state.failure {
+                return Err(JournalError::WriterFailed(f.clone()));
+            }
+            state = self.shared.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Journal {
     /// Same as [`Journal::close`], errors dropped (they were reported to
     /// whoever waited for an acknowledgement).
@@ -464,6 +496,8 @@ struct Writer {
     buf: Vec<u8>,
     /// Newest LSN written (synced or not).
     written: u64,
+    /// Newest LSN framed into `buf`.
+    buffered: u64,
     /// Sizes of this device's segments, by sequence.
     own: BTreeMap<u64, u64>,
     acked: u64,
@@ -490,21 +524,28 @@ impl Writer {
                     commit_at = None;
                     self.sync()
                 }
-                Some(Msg::Record(slot)) => {
-                    let result = self.write(&slot);
-                    self.shared.queued.fetch_sub(queued_bound(slot.len()), Ordering::AcqRel);
-                    match self.config.durability {
-                        Durability::FsyncEachRecord => result.and_then(|()| self.sync()),
-                        Durability::GroupCommit => {
-                            commit_at.get_or_insert_with(|| Instant::now() + self.config.group_commit);
-                            result
+                Some(msg) => match self.config.durability {
+                    Durability::FsyncEachRecord => self.handle(msg).and_then(|()| self.sync()),
+                    Durability::GroupCommit => {
+                        // Take what is already queued and write it with one call;
+                        // sync when the interval is up, even under steady load.
+                        let mut result = self.handle(msg);
+                        for _ in 1..DRAIN_MAX {
+                            match receiver.try_recv() {
+                                Ok(msg) if result.is_ok() => result = self.handle(msg),
+                                _ => break,
+                            }
                         }
+                        let at = *commit_at.get_or_insert_with(|| Instant::now() + self.config.group_commit);
+                        result.and_then(|()| self.flush()).and_then(|()| {
+                            if Instant::now() < at {
+                                return Ok(());
+                            }
+                            commit_at = None;
+                            self.sync()
+                        })
                     }
-                }
-                Some(Msg::Acknowledge(seq, reply)) => {
-                    let _ = reply.send(self.acknowledge(seq));
-                    Ok(())
-                }
+                },
             };
             if let Err(message) = result {
                 self.shared.fail(message);
@@ -516,33 +557,60 @@ impl Writer {
         }
     }
 
+    fn handle(&mut self, msg: Msg) -> Result<(), String> {
+        match msg {
+            Msg::Record(slot) => {
+                let result = self.frame(&slot);
+                self.shared.queued.fetch_sub(queued_bound(slot.len()), Ordering::AcqRel);
+                result
+            }
+            Msg::Acknowledge(seq, reply) => {
+                let _ = reply.send(self.acknowledge(seq));
+                Ok(())
+            }
+        }
+    }
+
     fn path(&self, seq: u64) -> PathBuf {
         self.dir.join(segment_file_name(seq))
     }
 
-    fn write(&mut self, payload: &[u8]) -> Result<(), String> {
+    /// Frames a record into the write buffer, rolling the segment first if
+    /// the record would take it past its size.
+    fn frame(&mut self, payload: &[u8]) -> Result<(), String> {
         let lsn = lsn_of(payload).map_err(|e| e.to_string())?;
-        self.buf.clear();
+        let start = self.buf.len();
         let mut framer = self.framer;
         framer.frame(payload, &mut self.buf);
         if framer.offset > self.config.segment_bytes && self.framer.offset > HEADER_LEN as u64 {
+            self.buf.truncate(start);
             self.roll(lsn)?;
-            self.buf.clear();
             framer = self.framer;
             framer.frame(payload, &mut self.buf);
+        }
+        self.framer = framer;
+        self.buffered = lsn;
+        Ok(())
+    }
+
+    /// Writes the buffer to the active segment (no sync).
+    fn flush(&mut self) -> Result<(), String> {
+        if self.buf.is_empty() {
+            return Ok(());
         }
         self.reclaim(self.buf.len() as u64)?;
         let path = self.path(self.seq);
         self.file.write_all(&self.buf).map_err(|e| format!("write to {} failed: {e}", path.display()))?;
-        self.framer = framer;
-        *self.own.entry(self.seq).or_default() = framer.offset;
+        *self.own.entry(self.seq).or_default() = self.framer.offset;
         self.shared.used.fetch_add(self.buf.len() as u64, Ordering::AcqRel);
-        self.written = lsn;
+        self.buf.clear();
+        self.written = self.buffered;
         Ok(())
     }
 
     /// fdatasync the active segment and acknowledge what it holds.
     fn sync(&mut self) -> Result<(), String> {
+        self.flush()?;
         if self.written <= self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).durable {
             return Ok(());
         }

@@ -2,7 +2,8 @@
 //! one thread and at the profile's threads, time from process start to the
 //! first token and peak RSS (measured on a child `nocturne generate`), and
 //! the weight-streaming bandwidth of decode next to the machine's measured
-//! memory read bandwidth.
+//! memory read bandwidth. With `--journal`: decode speed with the journal
+//! off and on, in both durability modes.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -11,10 +12,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use nocturne::journal::{Body, DeviceId, Feedback, Interaction, Journal, JournalConfig};
 use nocturne::pool::{share, WorkerPool};
-use nocturne::profile::{worker_threads, ACTIVE};
+use nocturne::profile::{worker_threads, Durability, ACTIVE};
 use nocturne::sampler::argmax;
-use nocturne::session::Session;
+use nocturne::session::{Session, SessionOptions, StopReason};
 use nocturne::tokenizer::Tokenizer;
 use nocturne::weights::{ModelPack, TOKENIZER_FILE};
 
@@ -33,6 +35,12 @@ pub struct BenchArgs {
     /// Bytes read to measure memory bandwidth.
     #[arg(long, default_value_t = 512 << 20)]
     bandwidth_bytes: usize,
+    /// Instead of the table: decode tokens/s with the journal off and on.
+    #[arg(long)]
+    journal: bool,
+    /// Rounds of the journal comparison (each round runs every mode once).
+    #[arg(long, default_value_t = 15)]
+    rounds: usize,
 }
 
 const TEXT: &str = "The lighthouse keeper climbed the spiral stairs each evening, counting the steps \
@@ -86,7 +94,7 @@ fn read_bandwidth(bytes: usize, threads: usize) -> f64 {
 fn child_first_token(precision: &str, threads: usize, prompt: &str, new_tokens: usize) -> anyhow::Result<(f64, f64)> {
     let started = Instant::now();
     let mut child = Command::new(std::env::current_exe()?)
-        .args(["generate", "--raw", "--precision", precision, "--threads", &threads.to_string()])
+        .args(["generate", "--raw", "--no-journal", "--precision", precision, "--threads", &threads.to_string()])
         .args(["--max-new-tokens", &new_tokens.to_string(), prompt])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -111,8 +119,110 @@ fn child_first_token(precision: &str, threads: usize, prompt: &str, new_tokens: 
     Ok((ttft, rss / (1024.0 * 1024.0)))
 }
 
+/// The profile's pack, its tokenizer, and the benchmark prompt's tokens.
+fn open_pack(args: &BenchArgs, precision: &str) -> anyhow::Result<(ModelPack, Tokenizer, Vec<u32>)> {
+    let dir = args.packs.join(precision);
+    let pack = ModelPack::open(&dir)?;
+    let tokenizer = Tokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
+    // The text is over 40 tokens, so this many copies always suffice.
+    let mut ids = tokenizer.encode(&TEXT.repeat(1 + args.prompt_tokens / 40))?;
+    ids.truncate(args.prompt_tokens);
+    Ok((pack, tokenizer, ids))
+}
+
+/// Prefills `ids` and decodes `new_tokens` greedily; returns (prefill, decode) tokens/s.
+fn prefill_decode(session: &mut Session<'_>, ids: &[u32], new_tokens: usize) -> anyhow::Result<(f64, f64)> {
+    let decoder = session.decoder();
+    decoder.truncate(0);
+    let started = Instant::now();
+    let mut next = argmax(decoder.forward(ids)?);
+    let prefill = ids.len() as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for _ in 0..new_tokens {
+        next = argmax(decoder.forward(&[next])?);
+    }
+    Ok((prefill, new_tokens as f64 / started.elapsed().as_secs_f64()))
+}
+
+/// Decode tokens/s with the journal off, and on in each durability mode:
+/// every request appends its interaction and a feedback record, as `chat`
+/// does, so the writer thread writes and syncs while the next request
+/// decodes. Modes alternate within each round; medians are reported.
+fn journal_overhead(args: &BenchArgs) -> anyhow::Result<()> {
+    let (pack, tokenizer, ids) = open_pack(args, ACTIVE.weight_precision.name())?;
+    let mut session = Session::start(&pack, &tokenizer, &ACTIVE, SessionOptions::for_profile(&ACTIVE))?;
+    let scratch = std::env::temp_dir().join(format!("nocturne-bench-journal-{}", std::process::id()));
+    let reply = tokenizer.decode(&ids)?;
+    let mut modes: Vec<(&str, Option<Journal>)> = vec![("off", None)];
+    for (name, durability) in [("group commit", Durability::GroupCommit), ("fsync each record", Durability::FsyncEachRecord)] {
+        let mut config = JournalConfig::for_profile(&ACTIVE);
+        config.durability = durability;
+        let journal = Journal::open(&scratch.join(name.replace(' ', "-")), DeviceId::default(), config)?;
+        modes.push((name, Some(journal)));
+    }
+    prefill_decode(&mut session, &ids[..8], 8)?; // warm-up
+    let mut speeds = vec![Vec::new(); modes.len()];
+    for _ in 0..args.rounds {
+        for ((_, journal), speeds) in modes.iter_mut().zip(&mut speeds) {
+            let (_, decode) = prefill_decode(&mut session, &ids, args.new_tokens)?;
+            speeds.push(decode);
+            if let Some(journal) = journal {
+                let interaction = Interaction {
+                    conversation: 1,
+                    turn: 0,
+                    base_model: pack.id(),
+                    adapter: None,
+                    system: "".into(),
+                    prompt: reply.as_str().into(),
+                    reply: reply.as_str().into(),
+                    prompt_tokens: ids.len() as u32,
+                    reused_tokens: 0,
+                    new_tokens: args.new_tokens as u32,
+                    stop_reason: StopReason::MaxTokens,
+                    prefill_tokens_per_s: 0.0,
+                    decode_tokens_per_s: decode as f32,
+                    time_to_first_token_ms: 0.0,
+                    peak_memory_bytes: 0,
+                };
+                let lsn = journal.append(&Body::Interaction(interaction))?;
+                let rating = Feedback { interaction: lsn, rating: Some(4), ..Feedback::default() };
+                journal.append(&Body::Feedback(rating))?;
+            }
+        }
+    }
+    for (_, journal) in modes.iter_mut() {
+        if let Some(journal) = journal.take() {
+            journal.close()?;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let off = median(&mut speeds[0]);
+    println!(
+        "\n{} pack, {} threads, {} rounds of {} prompt + {} decoded tokens; profile {}\n",
+        pack.precision().name(),
+        session.decoder().threads(),
+        args.rounds,
+        ids.len(),
+        args.new_tokens,
+        ACTIVE.name
+    );
+    println!("| journal | median decode tok/s | vs off |\n|---|---|---|");
+    for ((name, _), speeds) in modes.iter().zip(&mut speeds) {
+        let m = median(speeds);
+        println!("| {name} | {m:.1} | {:+.1}% |", 100.0 * (m - off) / off);
+    }
+    Ok(())
+}
+
 /// Runs the benchmark and prints its table.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.journal {
+        return journal_overhead(args);
+    }
     let profile_threads = worker_threads(&ACTIVE);
     let mut thread_counts = vec![1, profile_threads];
     thread_counts.dedup();
@@ -127,29 +237,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for precision in ["int8", "fp16"] {
-        let dir = args.packs.join(precision);
-        let pack = ModelPack::open(&dir)?;
-        let tokenizer = Tokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
-        // The text is over 40 tokens, so this many copies always suffice.
-        let mut ids = tokenizer.encode(&TEXT.repeat(1 + args.prompt_tokens / 40))?;
-        ids.truncate(args.prompt_tokens);
+        let (pack, tokenizer, ids) = open_pack(args, precision)?;
         let prompt_text = tokenizer.decode(&ids)?;
         let per_token = weight_bytes_per_token(&pack);
         for &(threads, read_bw) in &bandwidth {
-            let mut options = nocturne::session::SessionOptions::for_profile(&ACTIVE);
+            let mut options = SessionOptions::for_profile(&ACTIVE);
             options.threads = threads;
             let mut session = Session::start(&pack, &tokenizer, &ACTIVE, options)?;
-            let decoder = session.decoder();
-            decoder.forward(&ids[..8])?; // warm-up: fault in the pages, wake the pool
-            decoder.truncate(0);
-            let started = Instant::now();
-            let mut next = argmax(decoder.forward(&ids)?);
-            let prefill = args.prompt_tokens as f64 / started.elapsed().as_secs_f64();
-            let started = Instant::now();
-            for _ in 0..args.new_tokens {
-                next = argmax(decoder.forward(&[next])?);
-            }
-            let decode = args.new_tokens as f64 / started.elapsed().as_secs_f64();
+            prefill_decode(&mut session, &ids[..8], 0)?; // warm-up: fault in the pages, wake the pool
+            let (prefill, decode) = prefill_decode(&mut session, &ids, args.new_tokens)?;
             let (ttft, rss) = child_first_token(precision, threads, &prompt_text, args.new_tokens)?;
             let streaming = per_token as f64 * decode;
             println!(
