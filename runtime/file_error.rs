@@ -1,5 +1,5 @@
 //! [`FileError`]: the error of every reader of on-disk formats (model
-//! configs, weight packs, GGUF files). Its message always starts with the path.
+//! configs, weight packs, GGUF files, journal files). Its message always starts with the path.
 
 use std::path::{Path, PathBuf};
 

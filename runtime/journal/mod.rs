@@ -76,6 +76,8 @@ pub mod writer;
 
 use std::path::{Path, PathBuf};
 
+use crate::file_error::FileError;
+
 pub use reader::{read_journal, JournalReport, SegmentReport};
 pub use record::{
     AdapterAction, AdapterEvent, AdapterId, Body, DeviceId, Feedback, ImplicitSignals, Interaction, MetricsSnapshot,
@@ -86,22 +88,9 @@ pub use writer::{Journal, JournalConfig, Recovery};
 /// Why a journal operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
-    /// The operating system refused a file operation.
-    #[error("{path}: {source}")]
-    Io {
-        /// File or directory.
-        path: PathBuf,
-        /// The operating-system error.
-        source: std::io::Error,
-    },
-    /// A journal file holds something unexpected.
-    #[error("{path}: {problem}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        problem: String,
-    },
+    /// A file operation failed, or a journal file holds something unexpected.
+    #[error(transparent)]
+    File(#[from] FileError),
     /// Another process has the journal open for writing.
     #[error("{0}: the journal is open in another process (its LOCK file is held)")]
     Locked(PathBuf),
@@ -130,8 +119,8 @@ pub enum JournalError {
 }
 
 impl JournalError {
-    /// A [`JournalError::Io`] for `path`, for use with `map_err`.
+    /// A [`FileError::Io`] for `path`, for use with `map_err`.
     pub fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
-        move |source| JournalError::Io { path: path.into(), source }
+        move |source| JournalError::File(FileError::io(path)(source))
     }
 }

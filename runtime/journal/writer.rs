@@ -44,6 +44,7 @@ use super::record::{encode, lsn_of, Body, DeviceId, RECORD_MAX, RECORD_PREFIX};
 use super::segment::{max_framed_len, segment_file_name, Damage, Framer, SegmentHeader, Tail, CHUNK_HEADER, HEADER_LEN};
 use super::JournalError;
 use crate::durable_file::{sync_dir, write_atomic};
+use crate::file_error::FileError;
 use crate::profile::{Durability, Profile};
 
 /// Records that can wait for the writer thread before `append` blocks.
@@ -193,7 +194,7 @@ pub fn read_host_ack(dir: &Path) -> Result<u64, JournalError> {
     text.trim()
         .strip_prefix("acknowledged_through_segment ")
         .and_then(|n| n.parse().ok())
-        .ok_or_else(|| JournalError::Invalid { path, problem: "expected `acknowledged_through_segment N`".into() })
+        .ok_or_else(|| FileError::invalid(&path, "expected `acknowledged_through_segment N`").into())
 }
 
 fn read_header(path: &Path) -> Option<SegmentHeader> {
