@@ -3,20 +3,32 @@
 //! Principal type: [`StateDir`].
 //!
 //! Layout: `device-id` (32 hex digits and a newline, made once from the
-//! operating system's random source and never changed), `journal/` (see
-//! [`crate::journal`]).
+//! operating system's random source and never changed), `device.key` (its
+//! ed25519 private key, mode 0600) and `device.pub` (the public key file to
+//! enrol on the host), both made with the id; `trainer.pub` (the trainer's
+//! public key, set at provisioning); `last-ack` (the last host
+//! acknowledgement applied); `journal/` (see [`crate::journal`]).
 //!
-//! Invariant: a device id, once written, is never replaced; a malformed one
-//! is an error, not a reason to make a new identity.
+//! Invariant: a device id and key, once written, are never replaced; a
+//! malformed one is an error, not a reason to make a new identity.
 
 use std::path::{Path, PathBuf};
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
 
 use crate::durable_file::write_atomic;
 use crate::file_error::FileError;
 use crate::journal::DeviceId;
+use crate::sync::keys::{self, PublicKeyFile};
 
 /// Name of the device id file.
 pub const DEVICE_ID_FILE: &str = "device-id";
+/// Name of the device's private key file.
+pub const DEVICE_KEY_FILE: &str = "device.key";
+/// Name of the device's public key file.
+pub const DEVICE_PUBLIC_FILE: &str = "device.pub";
+/// Name of the trainer's public key file.
+pub const TRAINER_PUBLIC_FILE: &str = "trainer.pub";
 /// Name of the journal directory.
 pub const JOURNAL_DIR: &str = "journal";
 
@@ -57,10 +69,11 @@ impl StateDir {
         }
     }
 
-    /// The device id, made (and stored durably) on first use.
+    /// The device id, made (and stored durably, with the device's key pair)
+    /// on first use.
     ///
     /// # Errors
-    /// Those of [`StateDir::device_id`]; the directory or file cannot be
+    /// Those of [`StateDir::device_id`]; the directory or files cannot be
     /// created; the random source fails.
     pub fn device_id_or_create(&self) -> Result<DeviceId, FileError> {
         if let Some(id) = self.device_id()? {
@@ -68,11 +81,53 @@ impl StateDir {
         }
         let path = self.root.join(DEVICE_ID_FILE);
         std::fs::create_dir_all(&self.root).map_err(FileError::io(&self.root))?;
+        let no_random = |e: String| FileError::invalid(&path, e);
         let mut bytes = [0u8; 16];
-        getrandom::fill(&mut bytes).map_err(|e| FileError::invalid(&path, format!("no random source for a device id: {e}")))?;
+        getrandom::fill(&mut bytes).map_err(|e| no_random(format!("no random source for a device id: {e}")))?;
         let id = DeviceId(bytes);
+        // The key first: an id on disk always has its key beside it.
+        let key = keys::generate().map_err(no_random)?;
+        keys::write_signing_key(&self.root.join(DEVICE_KEY_FILE), &key)?;
+        let public = PublicKeyFile { device: Some(id), key: key.verifying_key() };
+        let public_path = self.root.join(DEVICE_PUBLIC_FILE);
+        write_atomic(&public_path, public.to_text().as_bytes()).map_err(FileError::io(&public_path))?;
         write_atomic(&path, format!("{id}\n").as_bytes()).map_err(FileError::io(&path))?;
         Ok(id)
+    }
+
+    /// The device's private key.
+    ///
+    /// # Errors
+    /// Missing (no identity yet), too open, or malformed.
+    pub fn device_key(&self) -> Result<SigningKey, FileError> {
+        keys::read_signing_key(&self.root.join(DEVICE_KEY_FILE))
+    }
+
+    /// The trainer's public key, set at provisioning.
+    ///
+    /// # Errors
+    /// Not provisioned yet (the message says how), or malformed.
+    pub fn trainer_key(&self) -> Result<VerifyingKey, FileError> {
+        let path = self.root.join(TRAINER_PUBLIC_FILE);
+        if !path.exists() {
+            return Err(FileError::invalid(&path, "missing: provision the trainer's key with `nocturne sync trust TRAINER_PUB`"));
+        }
+        Ok(PublicKeyFile::read(&path)?.key)
+    }
+
+    /// Provisions the trainer's public key (replacing any earlier one).
+    ///
+    /// # Errors
+    /// The key file is malformed or names a device; the copy cannot be written.
+    pub fn trust_trainer(&self, public_key_file: &Path) -> Result<VerifyingKey, FileError> {
+        let public = PublicKeyFile::read(public_key_file)?;
+        if public.device.is_some() {
+            return Err(FileError::invalid(public_key_file, "is a device's key, not the trainer's"));
+        }
+        std::fs::create_dir_all(&self.root).map_err(FileError::io(&self.root))?;
+        let path = self.root.join(TRAINER_PUBLIC_FILE);
+        write_atomic(&path, public.to_text().as_bytes()).map_err(FileError::io(&path))?;
+        Ok(public.key)
     }
 }
 
@@ -88,6 +143,8 @@ mod tests {
         let id = state.device_id_or_create().unwrap();
         assert_eq!(state.device_id_or_create().unwrap(), id);
         assert_eq!(state.device_id().unwrap(), Some(id));
+        let public = PublicKeyFile::read(&dir.path().join("state").join(DEVICE_PUBLIC_FILE)).unwrap();
+        assert_eq!(public, PublicKeyFile { device: Some(id), key: state.device_key().unwrap().verifying_key() });
         std::fs::write(dir.path().join("state").join(DEVICE_ID_FILE), "xyz").unwrap();
         assert!(state.device_id_or_create().unwrap_err().to_string().contains("not a device id"));
     }

@@ -23,5 +23,6 @@ pub mod pool;
 pub mod profile;
 pub mod sampler;
 pub mod session;
+pub mod sync;
 pub mod tokenizer;
 pub mod weights;

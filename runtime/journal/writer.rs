@@ -122,6 +122,7 @@ type Slot = heapless::Vec<u8, RECORD_MAX>;
 enum Msg {
     Record(Slot),
     Acknowledge(u64, Sender<Result<(), String>>),
+    Seal(Sender<Result<u64, String>>),
 }
 
 struct Shared {
@@ -428,6 +429,23 @@ impl Journal {
         }
     }
 
+    /// Seals the segment being written if it holds any record (a new one is
+    /// started), so everything appended so far can be exported. Returns the
+    /// newest sealed segment (0: none yet).
+    ///
+    /// # Errors
+    /// [`JournalError::WriterFailed`] when the writer failed or fails sealing.
+    pub fn seal(&mut self) -> Result<u64, JournalError> {
+        let (reply, answer) = bounded(1);
+        let sender = self.sender.as_ref().expect("the sender lives until drop");
+        let gone = || JournalError::WriterFailed("the writer thread is gone".into());
+        sender.send(Msg::Seal(reply)).map_err(|_| self.shared.failure().unwrap_or_else(gone))?;
+        match answer.recv() {
+            Ok(result) => result.map_err(JournalError::WriterFailed),
+            Err(_) => Err(self.shared.failure().unwrap_or_else(gone)),
+        }
+    }
+
     /// Writes and syncs everything queued, stops the writer and releases the lock.
     ///
     /// # Errors
@@ -568,6 +586,15 @@ impl Writer {
             Msg::Acknowledge(seq, reply) => {
                 let _ = reply.send(self.acknowledge(seq));
                 Ok(())
+            }
+            Msg::Seal(reply) => {
+                let result = if self.framer.offset > HEADER_LEN as u64 {
+                    self.roll(self.buffered + 1).map(|()| self.seq - 1)
+                } else {
+                    Ok(self.seq - 1)
+                };
+                let _ = reply.send(result.clone());
+                result.map(|_| ())
             }
         }
     }

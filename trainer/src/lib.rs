@@ -2,10 +2,13 @@
 //!
 //! Modules: [`gguf`] (GGUF reader), [`gguf_tokenizer`] (tokenizer.json from
 //! GGUF metadata), [`quant`] (int8 block quantization), [`convert`] (GGUF →
-//! model packs), [`fetch`] (model manifests, download, verification).
+//! model packs), [`fetch`] (model manifests, download, verification),
+//! [`store`] (the host store: enrolled devices, ingested journal segments,
+//! acknowledgements).
 
 pub mod convert;
 pub mod fetch;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod quant;
+pub mod store;

@@ -28,7 +28,8 @@ pub struct StateArgs {
 }
 
 impl StateArgs {
-    fn state(&self) -> StateDir {
+    /// The state directory.
+    pub fn state(&self) -> StateDir {
         StateDir::new(&self.state_dir)
     }
 

@@ -2,7 +2,8 @@
 //!
 //! `generate` answers one prompt, `chat` holds a conversation (both record
 //! their interactions in the journal), `feedback` records feedback from a
-//! script, `journal` reads the journal, `info` prints the profile, the pack
+//! script, `journal` reads the journal, `sync` carries it to the host and
+//! applies acknowledgements, `info` prints the profile, the pack
 //! and the memory plan, `perplexity` scores a text, `bench` measures prefill,
 //! decode, start-up and bandwidth.
 
@@ -10,6 +11,7 @@ mod bench;
 mod chat;
 mod info;
 mod journal;
+mod sync;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -171,6 +173,9 @@ enum Command {
     /// Read the journal: stat, dump (JSON lines), verify.
     #[command(subcommand)]
     Journal(JournalCommand),
+    /// Offline sync: export bundles, import acknowledgements, status, trust the trainer key.
+    #[command(subcommand)]
+    Sync(sync::SyncCommand),
     /// Print the firmware profile, and with --model or --precision the pack and its memory plan.
     Info {
         #[command(flatten)]
@@ -320,6 +325,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Generate { prompt, model, request, raw, json, record } => generate(prompt, &model, &request, raw, json, &record),
         Command::Chat { model, request, record } => chat::run(&model, &request, &record),
         Command::Feedback(args) => journal::feedback(&args),
+        Command::Sync(command) => sync::run(&command),
         Command::Journal(command) => return journal::run(&command),
         Command::Info { model, plan } => info::run(&model, plan),
         Command::Perplexity { file, tokens, model } => perplexity(&file, tokens, &model),

@@ -1,0 +1,112 @@
+//! `nocturne sync`: export the journal as a signed bundle, import the host's
+//! acknowledgements, show what is not yet synced, provision the trainer key.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use nocturne::device::{StateDir, DEVICE_PUBLIC_FILE};
+use nocturne::journal::read_journal;
+use nocturne::journal::writer::read_host_ack;
+use nocturne::sync::{export, import_acks, last_ack, AckOutcome};
+
+use crate::journal::StateArgs;
+
+/// Sync subcommands.
+#[derive(Subcommand)]
+pub enum SyncCommand {
+    /// Seal the journal and write every segment the host has not
+    /// acknowledged as one signed bundle into DIR (a USB stick, a phone…).
+    Export {
+        /// Where to write the bundle.
+        #[arg(long)]
+        to: PathBuf,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Apply the host's acknowledgement found in DIR: acknowledged segments
+    /// may be reclaimed when the journal's quota needs space.
+    Import {
+        /// Where the host's files were copied.
+        #[arg(long)]
+        from: PathBuf,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Unsynced bytes and records, the last acknowledgement, the keys.
+    Status {
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Provision the trainer's public key (the host store's trainer.pub).
+    Trust {
+        /// The trainer's public key file.
+        trainer_pub: PathBuf,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+}
+
+/// Runs a sync subcommand.
+pub fn run(command: &SyncCommand) -> anyhow::Result<()> {
+    match command {
+        SyncCommand::Export { to, state } => {
+            let mut journal = state.open_journal()?;
+            let (bundle, new) = export(&state.state(), &mut journal, to)?;
+            journal.close()?;
+            if new {
+                println!("wrote {}", bundle.display());
+            } else {
+                println!("{} is up to date: nothing new to export", bundle.display());
+            }
+        }
+        SyncCommand::Import { from, state } => {
+            let mut journal = state.open_journal()?;
+            let outcome = import_acks(&state.state(), &mut journal, from)?;
+            journal.close()?;
+            match outcome {
+                None => println!("no acknowledgement for this device in {}", from.display()),
+                Some(AckOutcome::Applied(ack)) => {
+                    println!("acknowledgement {} applied: the host holds segments 1-{}", ack.counter, ack.held_through)
+                }
+                Some(AckOutcome::Stale(ack)) => {
+                    println!("acknowledgement {} was applied before (or is older): nothing changed", ack.counter)
+                }
+            }
+        }
+        SyncCommand::Status { state } => status(&state.state())?,
+        SyncCommand::Trust { trainer_pub, state } => {
+            let key = state.state().trust_trainer(trainer_pub)?;
+            println!("trainer key {} provisioned", nocturne::digest::hex(key.as_bytes()));
+        }
+    }
+    Ok(())
+}
+
+fn status(state: &StateDir) -> anyhow::Result<()> {
+    let device = state.device_id_or_create()?;
+    println!("device             {device} (public key: {})", state.root().join(DEVICE_PUBLIC_FILE).display());
+    match state.trainer_key() {
+        Ok(key) => println!("trainer key        {}", nocturne::digest::hex(key.as_bytes())),
+        Err(_) => println!("trainer key        not provisioned (nocturne sync trust TRAINER_PUB)"),
+    }
+    let dir = state.journal_dir();
+    let acked = if dir.exists() { read_host_ack(&dir)? } else { 0 };
+    let (mut records, mut bytes) = (0u64, 0u64);
+    if dir.exists() {
+        let report = read_journal(&dir, Some(device), &mut |_| {})?;
+        for s in report.segments.iter().filter(|s| s.seq > acked) {
+            records += s.records;
+            bytes += s.bytes;
+        }
+    }
+    println!("not yet synced     {records} records, {bytes} bytes (segments after {acked})");
+    match last_ack(state)? {
+        Some(ack) => println!(
+            "last acknowledgement {} ({} ms since the epoch): host holds segments 1-{}",
+            ack.counter, ack.created_ms, ack.held_through
+        ),
+        None => println!("last acknowledgement none"),
+    }
+    println!("adapters           active: none, previous: none (base model only)");
+    Ok(())
+}

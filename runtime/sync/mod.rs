@@ -1,0 +1,142 @@
+//! Offline sync: the journal travels to a host as signed bundles of sealed
+//! segments, and the host's signed acknowledgements travel back.
+//!
+//! Principal items: [`keys`] (ed25519 keys and signed envelopes),
+//! [`bundle`] (segment bundles), [`ack`] (acknowledgements), [`export`] and
+//! [`import_acks`] (the device side), [`SyncError`]. The host side (ingest
+//! into a store) is `nocturne-trainer ingest`.
+//!
+//! Invariants: nothing unsigned or unverified is acted on; a device never
+//! deletes a segment the host has not acknowledged (it only records the
+//! acknowledgement; the journal's quota reclaims); every file that is
+//! written appears complete or not at all.
+
+pub mod ack;
+pub mod bundle;
+pub mod keys;
+
+use std::path::{Path, PathBuf};
+
+use crate::device::StateDir;
+use crate::durable_file::write_atomic;
+use crate::file_error::FileError;
+use crate::journal::reader::list_segments;
+use crate::journal::segment::SegmentHeader;
+use crate::journal::writer::read_host_ack;
+use crate::journal::{Journal, JournalError};
+
+/// Why a sync step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// A file could not be read or written, or holds something malformed.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// The journal refused.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// A bundle, acknowledgement or adapter was rejected; nothing was changed.
+    #[error("{path}: rejected: {problem}")]
+    Rejected {
+        /// What was rejected.
+        path: PathBuf,
+        /// Why.
+        problem: String,
+    },
+    /// There is nothing to do.
+    #[error("nothing to export: {0}")]
+    Nothing(String),
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Seals the journal's current segment (if it holds records) and writes a
+/// bundle of every sealed segment the host has not acknowledged into
+/// `out_dir`. Returns the bundle and whether it is new (`false`: the same
+/// bundle was already exported).
+///
+/// # Errors
+/// Nothing to export; journal, key or file errors.
+pub fn export(state: &StateDir, journal: &mut Journal, out_dir: &Path) -> Result<(PathBuf, bool), SyncError> {
+    let device = state.device_id_or_create()?;
+    let key = state.device_key()?;
+    let sealed_through = journal.seal()?;
+    let dir = state.journal_dir();
+    let cursor = read_host_ack(&dir)?;
+    let mut segments = Vec::new();
+    for (seq, path) in list_segments(&dir)? {
+        if seq <= cursor || seq > sealed_through {
+            continue;
+        }
+        let mut header = [0u8; crate::journal::segment::HEADER_LEN];
+        let own = std::fs::File::open(&path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut header))
+            .ok()
+            .and_then(|()| SegmentHeader::decode(&header).ok())
+            .is_some_and(|h| h.device == device && h.seq == seq);
+        if own {
+            segments.push((seq, path));
+        }
+    }
+    bundle::write_bundle(out_dir, &key, device, &segments, cursor, now_ms())
+}
+
+/// Name of the file recording the last acknowledgement applied.
+pub const LAST_ACK_FILE: &str = "last-ack";
+
+/// The last acknowledgement a device applied, if any.
+///
+/// # Errors
+/// The file exists but is unreadable or malformed.
+pub fn last_ack(state: &StateDir) -> Result<Option<ack::Ack>, FileError> {
+    let path = state.root().join(LAST_ACK_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(FileError::io(&path)(e)),
+    };
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<u64>().ok())
+            .ok_or_else(|| FileError::invalid(&path, format!("no `{name} N` line")))
+    };
+    let device = state.device_id()?.ok_or_else(|| FileError::invalid(&path, "exists but the device has no id"))?;
+    Ok(Some(ack::Ack { device, held_through: field("held_through")?, counter: field("counter")?, created_ms: field("created_ms")? }))
+}
+
+/// What [`import_acks`] did with one acknowledgement file.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// Applied: segments up to `held_through` may now be reclaimed.
+    Applied(ack::Ack),
+    /// Not newer than the last applied (a replay or a second delivery): ignored.
+    Stale(ack::Ack),
+}
+
+/// Applies the acknowledgement for this device found in `from` (if any):
+/// checks the trainer's signature, the device, and that it is newer than
+/// the last applied, then records it in the journal.
+///
+/// # Errors
+/// No trainer key provisioned; a rejected acknowledgement (nothing changed).
+pub fn import_acks(state: &StateDir, journal: &mut Journal, from: &Path) -> Result<Option<AckOutcome>, SyncError> {
+    let device = state.device_id_or_create()?;
+    let path = from.join(ack::ack_file_name(device));
+    if !path.exists() {
+        return Ok(None);
+    }
+    let trainer = state.trainer_key()?;
+    let ack = ack::read_ack(&path, &trainer)?;
+    if ack.device != device {
+        return Err(SyncError::Rejected { path, problem: format!("it is for device {}, this is device {device}", ack.device) });
+    }
+    if last_ack(state)?.is_some_and(|last| ack.counter <= last.counter) {
+        return Ok(Some(AckOutcome::Stale(ack)));
+    }
+    journal.acknowledge_through(ack.held_through).map_err(|e| SyncError::Rejected { path: path.clone(), problem: e.to_string() })?;
+    let text = format!("counter {}\nheld_through {}\ncreated_ms {}\n", ack.counter, ack.held_through, ack.created_ms);
+    let last = state.root().join(LAST_ACK_FILE);
+    write_atomic(&last, text.as_bytes()).map_err(FileError::io(&last))?;
+    Ok(Some(AckOutcome::Applied(ack)))
+}

@@ -1,0 +1,198 @@
+//! The host store: the trainer's key, enrolled devices, and every segment
+//! each device has delivered, exactly once.
+//!
+//! Principal type: [`Store`]; [`IngestReport`].
+//!
+//! Layout of a store directory:
+//!
+//! | path | content |
+//! |---|---|
+//! | `trainer.key`, `trainer.pub` | the trainer's ed25519 key pair (`keygen`) |
+//! | `enrolled/<device id>.pub` | public key files of enrolled devices (`enroll`) |
+//! | `devices/<device id>/<segment>.seg` | segments, keyed by (device, sequence) |
+//! | `devices/<device id>/ack-counter` | number of the last acknowledgement issued |
+//! | `outbox/<device id>.ack` | the newest acknowledgement, to carry to the device |
+//!
+//! Invariants: a bundle is verified completely (signature of an enrolled
+//! device, names, sizes, SHA-256, headers) and checked against what the store
+//! holds before anything is written, so a rejected bundle leaves the store
+//! unchanged; a segment is stored once under its (device, sequence) and never
+//! rewritten (a second delivery with the same bytes is a no-op, with other
+//! bytes a rejection); segment files appear complete or not at all.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use nocturne::digest::sha256_file;
+use nocturne::durable_file::{sync_dir, write_atomic};
+use nocturne::journal::reader::list_segments;
+use nocturne::journal::DeviceId;
+use nocturne::sync::ack::{write_ack, Ack};
+use nocturne::sync::bundle::{verify_bundle, Manifest};
+use nocturne::sync::keys::{self, PublicKeyFile};
+
+/// A host store directory.
+pub struct Store {
+    root: PathBuf,
+}
+
+/// What one ingest did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct IngestReport {
+    /// The device.
+    pub device: DeviceId,
+    /// Segments stored now.
+    pub stored: Vec<u64>,
+    /// Segments the store already held, byte for byte.
+    pub duplicates: Vec<u64>,
+    /// Bytes stored now.
+    pub bytes: u64,
+    /// The acknowledgement written to the outbox.
+    pub ack: Ack,
+    /// Its path.
+    pub ack_path: PathBuf,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Store {
+    /// The store at `root` (created by [`Store::keygen`]).
+    pub fn new(root: impl Into<PathBuf>) -> Store {
+        Store { root: root.into() }
+    }
+
+    fn key_path(&self) -> PathBuf {
+        self.root.join("trainer.key")
+    }
+
+    /// Creates the store and the trainer's key pair; refuses to replace an existing key.
+    ///
+    /// # Errors
+    /// A key exists already; files cannot be written.
+    pub fn keygen(&self) -> anyhow::Result<PathBuf> {
+        if self.key_path().exists() {
+            bail!("{} exists: a store keeps its trainer key (devices trust it)", self.key_path().display());
+        }
+        std::fs::create_dir_all(&self.root).with_context(|| format!("cannot create {}", self.root.display()))?;
+        let key = keys::generate().map_err(anyhow::Error::msg)?;
+        keys::write_signing_key(&self.key_path(), &key)?;
+        let public = self.root.join("trainer.pub");
+        write_atomic(&public, PublicKeyFile { device: None, key: key.verifying_key() }.to_text().as_bytes())
+            .with_context(|| format!("cannot write {}", public.display()))?;
+        Ok(public)
+    }
+
+    fn signing_key(&self) -> anyhow::Result<SigningKey> {
+        if !self.key_path().exists() {
+            bail!("{} has no trainer key: run `nocturne-trainer keygen --store {}` first", self.root.display(), self.root.display());
+        }
+        Ok(keys::read_signing_key(&self.key_path())?)
+    }
+
+    /// Enrols a device from its `device.pub`.
+    ///
+    /// # Errors
+    /// The file is malformed or names no device; the copy cannot be written.
+    pub fn enroll(&self, device_public: &Path) -> anyhow::Result<DeviceId> {
+        let public = PublicKeyFile::read(device_public)?;
+        let Some(device) = public.device else {
+            bail!("{} names no device (is it the trainer's key?)", device_public.display());
+        };
+        let dir = self.root.join("enrolled");
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(format!("{device}.pub"));
+        write_atomic(&path, public.to_text().as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(device)
+    }
+
+    fn enrolled(&self, device: DeviceId) -> Option<VerifyingKey> {
+        let public = PublicKeyFile::read(&self.root.join("enrolled").join(format!("{device}.pub"))).ok()?;
+        (public.device == Some(device)).then_some(public.key)
+    }
+
+    /// Directory of a device's stored segments.
+    pub fn device_dir(&self, device: DeviceId) -> PathBuf {
+        self.root.join("devices").join(device.to_string())
+    }
+
+    /// Verifies a bundle, stores its new segments, and writes the device's
+    /// acknowledgement to the outbox.
+    ///
+    /// # Errors
+    /// The bundle is rejected (the message says why; the store is unchanged),
+    /// or a file cannot be read or written.
+    pub fn ingest(&self, bundle: &Path) -> anyhow::Result<IngestReport> {
+        let key = self.signing_key()?;
+        let manifest: Manifest = verify_bundle(bundle, &|d| self.enrolled(d))?;
+        let dir = self.device_dir(manifest.device);
+        let mut new = Vec::new();
+        let mut duplicates = Vec::new();
+        for entry in &manifest.segments {
+            let target = dir.join(&entry.name);
+            if !target.exists() {
+                new.push(entry);
+            } else if sha256_file(&target).with_context(|| format!("cannot read {}", target.display()))? == entry.sha256 {
+                duplicates.push(entry.seq);
+            } else {
+                bail!(
+                    "{}: rejected: the store holds different bytes for segment {} of device {}",
+                    bundle.display(),
+                    entry.seq,
+                    manifest.device
+                );
+            }
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut bytes = 0;
+        for entry in &new {
+            let source = bundle.join(&entry.name);
+            let tmp = dir.join(format!("{}.tmp", entry.name));
+            std::fs::copy(&source, &tmp).with_context(|| format!("cannot copy {} to {}", source.display(), tmp.display()))?;
+            if sha256_file(&tmp)? != entry.sha256 {
+                std::fs::remove_file(&tmp).ok();
+                bail!("{}: rejected: {} changed while it was being stored", bundle.display(), entry.name);
+            }
+            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("cannot fsync {}", tmp.display()))?;
+            std::fs::rename(&tmp, dir.join(&entry.name)).with_context(|| format!("cannot store {}", entry.name))?;
+            bytes += entry.bytes;
+        }
+        sync_dir(&dir).with_context(|| format!("cannot fsync {}", dir.display()))?;
+        let (ack, ack_path) = self.acknowledge(manifest.device, &key)?;
+        Ok(IngestReport { device: manifest.device, stored: new.iter().map(|e| e.seq).collect(), duplicates, bytes, ack, ack_path })
+    }
+
+    /// The segments of a device the store holds, in order.
+    ///
+    /// # Errors
+    /// The directory cannot be listed.
+    pub fn segments(&self, device: DeviceId) -> anyhow::Result<Vec<(u64, PathBuf)>> {
+        let dir = self.device_dir(device);
+        if !dir.exists() {
+            return Ok(Vec::new());
+        }
+        Ok(list_segments(&dir)?)
+    }
+
+    /// Issues the next acknowledgement for `device`: every segment held from 1 on, without a gap.
+    fn acknowledge(&self, device: DeviceId, key: &SigningKey) -> anyhow::Result<(Ack, PathBuf)> {
+        let held_through = self
+            .segments(device)?
+            .iter()
+            .enumerate()
+            .take_while(|(i, (seq, _))| *seq == *i as u64 + 1)
+            .count() as u64;
+        let counter_path = self.device_dir(device).join("ack-counter");
+        let counter = match std::fs::read_to_string(&counter_path) {
+            Ok(text) => text.trim().parse::<u64>().with_context(|| format!("{} is not a number", counter_path.display()))? + 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 1,
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", counter_path.display())),
+        };
+        write_atomic(&counter_path, format!("{counter}\n").as_bytes()).with_context(|| format!("cannot write {}", counter_path.display()))?;
+        let ack = Ack { device, held_through, counter, created_ms: now_ms() };
+        let path = write_ack(&self.root.join("outbox"), key, &ack)?;
+        Ok((ack, path))
+    }
+}
