@@ -11,6 +11,7 @@
 
 use std::fmt;
 
+use crate::adapter::MAX_LORA_RANK;
 use crate::config::ModelConfig;
 
 /// Element type of the KV cache.
@@ -99,7 +100,7 @@ impl MemoryPlan {
         let (ctx, block) = (settings.context_tokens, settings.prefill_block);
         MemoryPlan {
             kv_cache: 2 * config.num_hidden_layers * ctx * kv * settings.kv.bytes(),
-            activations: block * (2 * h + 2 * q + 2 * kv + 2 * ff) * F32,
+            activations: block * (2 * h + 2 * q + 2 * kv + 2 * ff + MAX_LORA_RANK) * F32,
             thread_scratch: settings.threads * (ctx + crate::decoder::ROW_TILE * h.max(q).max(ff)) * F32,
             logits: settings.logit_rows * v * F32,
             rope_table: crate::kernels::RopeTable::bytes(ctx, config.head_dim),

@@ -10,6 +10,7 @@
 //! (the append-only feedback journal), [`durable_file`] (atomic replacement
 //! of small state files).
 
+pub mod adapter;
 pub mod budget;
 pub mod config;
 pub mod decoder;

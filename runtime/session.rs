@@ -235,6 +235,14 @@ impl<'m> Session<'m> {
         self.history.clear();
     }
 
+    /// Makes `adapter` active from the next request on (`None`: the base
+    /// model alone); the cached sequence is forgotten, since its KV entries
+    /// were computed with the previous weights.
+    pub fn set_adapter(&mut self, adapter: Option<std::sync::Arc<crate::adapter::LoraAdapter>>) {
+        self.decoder.set_adapter(adapter);
+        self.history.clear();
+    }
+
     /// The text of the last reply (invalid UTF-8 replaced).
     pub fn reply_text(&self) -> std::borrow::Cow<'_, str> {
         String::from_utf8_lossy(&self.reply)

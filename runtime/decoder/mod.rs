@@ -12,6 +12,11 @@
 //! Matrix rows and attention heads are split over a persistent
 //! [`WorkerPool`].
 //!
+//! An active LoRA adapter ([`Decoder::set_adapter`]) adds
+//! `scale · B (A x)` to each targeted projection, unmerged: `A x` is computed
+//! per token into a planned scratch buffer, and each output row adds its
+//! `B` row's dot with it inside the same parallel pass as the base product.
+//!
 //! Invariants:
 //! - Every buffer is allocated in [`Decoder::new`], sized by the
 //!   [`MemoryPlan`]; [`Decoder::forward`] performs no heap allocation.
@@ -21,8 +26,11 @@
 
 pub mod kv_cache;
 
+use std::sync::Arc;
+
 use half::f16;
 
+use crate::adapter::{LoraAdapter, Target, MAX_LORA_RANK};
 use crate::budget::{KvPrecision, PlanSettings};
 use crate::kernels::{rms_norm, rope, silu_mul, softmax, Kernels, RopeTable};
 use crate::pool::{share, WorkerPool};
@@ -90,6 +98,8 @@ struct Activations {
     att: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// `A x` of the active adapter, `prefill_block × MAX_LORA_RANK`.
+    lora: Vec<f32>,
 }
 
 /// A decoding session's model state: KV cache, buffers, worker pool.
@@ -107,6 +117,38 @@ pub struct Decoder<'m> {
     rows: Vec<f32>,
     logits: Vec<f32>,
     pos: usize,
+    adapter: Option<Arc<LoraAdapter>>,
+}
+
+/// The adapter's contribution to one projection: `scale · B t`, where
+/// `t = A x` for each token of the block (`rank` values per token).
+struct LoraTerm<'a> {
+    b: Matrix<'a>,
+    t: &'a [f32],
+    rank: usize,
+    scale: f32,
+}
+
+/// Computes `A x` for the block's `n` tokens into `buf` when `adapter`
+/// targets `target` in `layer`.
+fn lora_term<'a>(
+    k: &Kernels,
+    adapter: Option<&'a LoraAdapter>,
+    layer: usize,
+    target: Target,
+    input: &[f32],
+    n: usize,
+    buf: &'a mut [f32],
+) -> Option<LoraTerm<'a>> {
+    let adapter = adapter?;
+    let (a, b) = adapter.projection(layer, target)?;
+    let (rank, cols) = a.shape();
+    for i in 0..n {
+        for j in 0..rank {
+            buf[i * rank + j] = k.row_dot(&a, j, &input[i * cols..(i + 1) * cols]);
+        }
+    }
+    Some(LoraTerm { b, t: &buf[..n * rank], rank, scale: adapter.scale() })
 }
 
 impl<'m> Decoder<'m> {
@@ -134,12 +176,27 @@ impl<'m> Decoder<'m> {
                 att: zeros(b * q),
                 gate: zeros(b * ff),
                 up: zeros(b * ff),
+                lora: zeros(b * MAX_LORA_RANK),
             },
             scores: zeros(settings.threads * settings.context_tokens),
             rows: zeros(settings.threads * ROW_TILE * h.max(q).max(ff)),
             logits: zeros(settings.logit_rows * c.vocab_size),
             pos: 0,
+            adapter: None,
         }
+    }
+
+    /// Makes `adapter` (opened for this decoder's pack) active from the next
+    /// forward pass on; `None` decodes with the base model alone. The KV
+    /// cache is cleared, since it was computed with the previous weights.
+    pub fn set_adapter(&mut self, adapter: Option<Arc<LoraAdapter>>) {
+        self.adapter = adapter;
+        self.pos = 0;
+    }
+
+    /// The active adapter.
+    pub fn adapter(&self) -> Option<&Arc<LoraAdapter>> {
+        self.adapter.as_ref()
     }
 
     /// Bytes this decoder allocated, itemized like the plan's first entries
@@ -149,7 +206,7 @@ impl<'m> Decoder<'m> {
         let a = &self.act;
         [
             self.kv.bytes(),
-            f(&a.x) + f(&a.xb) + f(&a.q) + f(&a.k) + f(&a.v) + f(&a.att) + f(&a.gate) + f(&a.up),
+            f(&a.x) + f(&a.xb) + f(&a.q) + f(&a.k) + f(&a.v) + f(&a.att) + f(&a.gate) + f(&a.up) + f(&a.lora),
             f(&self.scores) + f(&self.rows),
             f(&self.logits),
             self.rope.allocated(),
@@ -245,6 +302,7 @@ impl<'m> Decoder<'m> {
         let (h, qw, kw, ff, d) = (c.hidden_size, c.q_width(), c.kv_width(), c.intermediate_size, c.head_dim);
         let (n, pos0, eps, k) = (tokens.len(), self.pos, c.rms_norm_eps, self.kernels);
         let a = &mut self.act;
+        let adapter = self.adapter.as_deref();
         let embed = self.pack.embed_tokens();
         for (i, &t) in tokens.iter().enumerate() {
             k.dequant_row(&embed, t as usize, &mut a.x[i * h..(i + 1) * h]);
@@ -255,9 +313,12 @@ impl<'m> Decoder<'m> {
                 rms_norm(&k, &a.x[i * h..(i + 1) * h], w.input_norm, eps, &mut a.xb[i * h..(i + 1) * h]);
             }
             let input = &a.xb[..n * h];
-            matmul(&self.pool, &k, &w.q_proj, input, n, &mut a.q, &mut self.rows);
-            matmul(&self.pool, &k, &w.k_proj, input, n, &mut a.k, &mut self.rows);
-            matmul(&self.pool, &k, &w.v_proj, input, n, &mut a.v, &mut self.rows);
+            let lora = lora_term(&k, adapter, layer, Target::Q, input, n, &mut a.lora);
+            matmul(&self.pool, &k, &w.q_proj, input, n, &mut a.q, &mut self.rows, lora);
+            let lora = lora_term(&k, adapter, layer, Target::K, input, n, &mut a.lora);
+            matmul(&self.pool, &k, &w.k_proj, input, n, &mut a.k, &mut self.rows, lora);
+            let lora = lora_term(&k, adapter, layer, Target::V, input, n, &mut a.lora);
+            matmul(&self.pool, &k, &w.v_proj, input, n, &mut a.v, &mut self.rows, lora);
             for i in 0..n {
                 rope(&mut a.q[i * qw..(i + 1) * qw], d, pos0 + i, &self.rope);
                 rope(&mut a.k[i * kw..(i + 1) * kw], d, pos0 + i, &self.rope);
@@ -267,16 +328,20 @@ impl<'m> Decoder<'m> {
                 KvCache::F16(cache) => attend::<f16>(&self.pool, &k, cache, layer, a, n, pos0, &shape, &mut self.scores),
                 KvCache::F32(cache) => attend::<f32>(&self.pool, &k, cache, layer, a, n, pos0, &shape, &mut self.scores),
             }
-            matmul(&self.pool, &k, &w.o_proj, &a.att[..n * qw], n, &mut a.xb, &mut self.rows);
+            let lora = lora_term(&k, adapter, layer, Target::O, &a.att[..n * qw], n, &mut a.lora);
+            matmul(&self.pool, &k, &w.o_proj, &a.att[..n * qw], n, &mut a.xb, &mut self.rows, lora);
             add(&mut a.x[..n * h], &a.xb[..n * h]);
             for i in 0..n {
                 rms_norm(&k, &a.x[i * h..(i + 1) * h], w.post_attention_norm, eps, &mut a.xb[i * h..(i + 1) * h]);
             }
             let input = &a.xb[..n * h];
-            matmul(&self.pool, &k, &w.gate_proj, input, n, &mut a.gate, &mut self.rows);
-            matmul(&self.pool, &k, &w.up_proj, input, n, &mut a.up, &mut self.rows);
+            let lora = lora_term(&k, adapter, layer, Target::Gate, input, n, &mut a.lora);
+            matmul(&self.pool, &k, &w.gate_proj, input, n, &mut a.gate, &mut self.rows, lora);
+            let lora = lora_term(&k, adapter, layer, Target::Up, input, n, &mut a.lora);
+            matmul(&self.pool, &k, &w.up_proj, input, n, &mut a.up, &mut self.rows, lora);
             silu_mul(&mut a.gate[..n * ff], &a.up[..n * ff]);
-            matmul(&self.pool, &k, &w.down_proj, &a.gate[..n * ff], n, &mut a.xb, &mut self.rows);
+            let lora = lora_term(&k, adapter, layer, Target::Down, &a.gate[..n * ff], n, &mut a.lora);
+            matmul(&self.pool, &k, &w.down_proj, &a.gate[..n * ff], n, &mut a.xb, &mut self.rows, lora);
             add(&mut a.x[..n * h], &a.xb[..n * h]);
         }
         let first = if all_logits { 0 } else { n - 1 };
@@ -284,7 +349,7 @@ impl<'m> Decoder<'m> {
             rms_norm(&k, &a.x[i * h..(i + 1) * h], self.pack.final_norm(), eps, &mut a.xb[j * h..(j + 1) * h]);
         }
         let rows = n - first;
-        matmul(&self.pool, &k, &self.pack.lm_head(), &a.xb[..rows * h], rows, &mut self.logits, &mut self.rows);
+        matmul(&self.pool, &k, &self.pack.lm_head(), &a.xb[..rows * h], rows, &mut self.logits, &mut self.rows, None);
         self.pos += n;
     }
 }
@@ -293,21 +358,32 @@ fn add(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
 }
 
-/// `out[i × rows + r] = m[r] · input[i × cols ..]` for `i < n`, rows split
-/// over the pool. With `n > 1` each worker dequantizes [`ROW_TILE`] weight
-/// rows at a time into its slice of `scratch` and dots them with all `n`
-/// inputs.
-fn matmul(pool: &WorkerPool, k: &Kernels, m: &Matrix<'_>, input: &[f32], n: usize, out: &mut [f32], scratch: &mut [f32]) {
+/// `out[i × rows + r] = m[r] · input[i × cols ..]` (plus the adapter's
+/// `scale · B[r] · t_i` when `lora` is given) for `i < n`, rows split over
+/// the pool. With `n > 1` each worker dequantizes [`ROW_TILE`] weight rows at
+/// a time into its slice of `scratch` and dots them with all `n` inputs.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    pool: &WorkerPool,
+    k: &Kernels,
+    m: &Matrix<'_>,
+    input: &[f32],
+    n: usize,
+    out: &mut [f32],
+    scratch: &mut [f32],
+    lora: Option<LoraTerm<'_>>,
+) {
     let (rows, cols) = m.shape();
     let stride = scratch.len() / pool.workers();
     let (out, scratch) = (SharedOut::new(&mut out[..n * rows]), SharedOut::new(scratch));
+    let extra = |i: usize, r: usize| lora.as_ref().map_or(0.0, |l| l.scale * k.row_dot(&l.b, r, &l.t[i * l.rank..(i + 1) * l.rank]));
     pool.run(&|w, workers| {
         let mine = share(rows, w, workers);
         if n == 1 {
             // SAFETY: worker w writes only rows in its share.
             let out = unsafe { out.slice(mine.start, mine.len()) };
             for (o, r) in out.iter_mut().zip(mine) {
-                *o = k.row_dot(m, r, input);
+                *o = k.row_dot(m, r, input) + extra(0, r);
             }
             return;
         }
@@ -322,14 +398,14 @@ fn matmul(pool: &WorkerPool, k: &Kernels, m: &Matrix<'_>, input: &[f32], n: usiz
             }
             for i in 0..n {
                 let dots = (k.dot4_f32)(tile, &input[i * cols..(i + 1) * cols]);
-                dots.iter().enumerate().for_each(|(t, &v)| put(i, r0 + t, v));
+                dots.iter().enumerate().for_each(|(t, &v)| put(i, r0 + t, v + extra(i, r0 + t)));
             }
             r0 += ROW_TILE;
         }
         for r in r0..mine.end {
             k.dequant_row(m, r, &mut tile[..cols]);
             for i in 0..n {
-                put(i, r, (k.dot_f32)(&tile[..cols], &input[i * cols..(i + 1) * cols]));
+                put(i, r, (k.dot_f32)(&tile[..cols], &input[i * cols..(i + 1) * cols]) + extra(i, r));
             }
         }
     });

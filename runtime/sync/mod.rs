@@ -3,7 +3,8 @@
 //!
 //! Principal items: [`keys`] (ed25519 keys and signed envelopes),
 //! [`bundle`] (segment bundles), [`ack`] (acknowledgements), [`export`] and
-//! [`import_acks`] (the device side), [`SyncError`]. The host side (ingest
+//! [`import_acks`] (the device side), [`adapters`] (installing adapter
+//! bundles, with rollback), [`SyncError`]. The host side (ingest
 //! into a store) is `nocturne-trainer ingest`.
 //!
 //! Invariants: nothing unsigned or unverified is acted on; a device never
@@ -12,6 +13,7 @@
 //! written appears complete or not at all.
 
 pub mod ack;
+pub mod adapters;
 pub mod bundle;
 pub mod keys;
 

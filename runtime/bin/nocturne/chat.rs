@@ -89,6 +89,7 @@ impl Chat<'_> {
 
     /// Answers the conversation's last user message.
     fn reply(&mut self, options: &RequestOptions) -> anyhow::Result<()> {
+        self.recorder.follow_active_adapter(&mut self.session, self.pack);
         // Leave room for a full reply; drop the oldest exchanges until it fits.
         let capacity = self.session.decoder().capacity();
         let room = options.max_new_tokens.min(ACTIVE.max_new_tokens as usize);
@@ -120,7 +121,7 @@ impl Chat<'_> {
         let reply = self.session.reply_text().into_owned();
         let system = &self.messages[0].content;
         let prompt = &self.messages[self.messages.len() - 1].content;
-        let interaction = self.recorder.interaction(self.pack, (system, prompt, &reply), &stats);
+        let interaction = self.recorder.interaction(&mut self.session, (system, prompt, &reply), &stats);
         self.messages.push(ChatMessage::new("assistant", &reply));
         let recorded = interaction.map_or(String::new(), |id| format!("; interaction {id}"));
         eprintln!("[{}; {} new tokens, {:.1} tok/s{recorded}]", stats.stop_reason.name(), stats.new_tokens, stats.decode_tokens_per_second());

@@ -16,7 +16,8 @@ use nocturne::journal::{
     read_journal, Body, Feedback, ImplicitSignals, Interaction, Journal, JournalConfig, JournalReport, Thumbs,
 };
 use nocturne::profile::ACTIVE;
-use nocturne::session::ReplyStats;
+use nocturne::session::{ReplyStats, Session};
+use nocturne::sync::adapters::{load_active, AdapterWatch};
 use nocturne::weights::ModelPack;
 
 /// Where the device keeps its state.
@@ -70,11 +71,14 @@ pub struct RecordArgs {
     pub no_journal: bool,
 }
 
-/// Records the interactions and feedback of one conversation. Problems are
-/// reported on stderr and never stop the conversation: an answer the journal
-/// could not store is still an answer.
+/// Records the interactions and feedback of one conversation, and keeps the
+/// session on the device's active adapter. Problems are reported on stderr
+/// and never stop the conversation: an answer the journal could not store is
+/// still an answer.
 pub struct Recorder {
     journal: Option<Journal>,
+    state: StateDir,
+    watch: Option<AdapterWatch>,
     conversation: u64,
     turn: u32,
 }
@@ -85,7 +89,29 @@ impl Recorder {
         let journal = if args.no_journal { None } else { Some(args.state.open_journal()?) };
         let mut id = [0u8; 8];
         getrandom::fill(&mut id).map_err(|e| anyhow::anyhow!("no random source for a conversation id: {e}"))?;
-        Ok(Recorder { journal, conversation: u64::from_le_bytes(id), turn: 0 })
+        Ok(Recorder { journal, state: args.state.state(), watch: None, conversation: u64::from_le_bytes(id), turn: 0 })
+    }
+
+    /// Puts `session` on the device's active adapter: at the first call, and
+    /// afterwards whenever `nocturne sync import` switched it (no restart).
+    pub fn follow_active_adapter(&mut self, session: &mut Session<'_>, pack: &ModelPack) {
+        let result = match self.watch.as_mut() {
+            Some(watch) => watch.poll(&self.state, pack, self.journal.as_mut()),
+            None => load_active(&self.state, pack, self.journal.as_mut()).map(|(adapter, active)| {
+                self.watch = Some(AdapterWatch::new(active));
+                Some(adapter)
+            }),
+        };
+        match result {
+            Ok(Some(adapter)) => {
+                if let Some(a) = &adapter {
+                    eprintln!("(adapter {} active)", a.id());
+                }
+                session.set_adapter(adapter);
+            }
+            Ok(None) => {}
+            Err(e) => eprintln!("warning: adapter not switched: {e}"),
+        }
     }
 
     /// Starts a new conversation.
@@ -100,9 +126,10 @@ impl Recorder {
     }
 
     /// Queues the interaction of a reply; returns its LSN (the interaction id).
-    pub fn interaction(&mut self, pack: &ModelPack, texts: (&str, &str, &str), stats: &ReplyStats) -> Option<u64> {
+    pub fn interaction(&mut self, session: &mut Session<'_>, texts: (&str, &str, &str), stats: &ReplyStats) -> Option<u64> {
         let journal = self.journal.as_mut()?;
-        let body = Interaction::from_reply((self.conversation, self.turn), (pack.id(), None), texts, stats, crate::peak_rss_bytes());
+        let models = (session.decoder().pack().id(), session.decoder().adapter().map(|a| a.id()));
+        let body = Interaction::from_reply((self.conversation, self.turn), models, texts, stats, crate::peak_rss_bytes());
         self.turn += 1;
         match journal.append(&Body::Interaction(body)) {
             Ok(lsn) => Some(lsn),

@@ -236,6 +236,7 @@ fn generate(prompt: Option<String>, model: &ModelArgs, request: &RequestArgs, ra
     let (pack, tokenizer) = model.open()?;
     let mut recorder = Recorder::open(record)?;
     let mut session = Session::start(&pack, &tokenizer, &ACTIVE, model.session_options())?;
+    recorder.follow_active_adapter(&mut session, &pack);
     let text = if raw {
         prompt.clone()
     } else {
@@ -256,7 +257,8 @@ fn generate(prompt: Option<String>, model: &ModelArgs, request: &RequestArgs, ra
         stats
     };
     let system = if raw { "" } else { request.system.as_str() };
-    let interaction = recorder.interaction(&pack, (system, prompt.trim_end(), &session.reply_text()), &stats);
+    let reply = session.reply_text().into_owned();
+    let interaction = recorder.interaction(&mut session, (system, prompt.trim_end(), &reply), &stats);
     // The id is only given out once the interaction is stored.
     let interaction = match interaction.map(|lsn| recorder.wait(lsn).map(|()| lsn)) {
         Some(Err(e)) => {
@@ -269,7 +271,8 @@ fn generate(prompt: Option<String>, model: &ModelArgs, request: &RequestArgs, ra
     recorder.close()?;
     if json {
         let value = serde_json::json!({
-            "reply": session.reply_text(),
+            "reply": reply,
+            "adapter": session.decoder().adapter().map(|a| a.id().to_string()),
             "stop_reason": stats.stop_reason.name(),
             "prompt_tokens": stats.prompt_tokens,
             "new_tokens": stats.new_tokens,

@@ -1,5 +1,6 @@
 //! `nocturne sync`: export the journal as a signed bundle, import the host's
-//! acknowledgements, show what is not yet synced, provision the trainer key.
+//! acknowledgements and adapters, show what is not yet synced and which
+//! adapter is active, provision the trainer key.
 
 use std::path::PathBuf;
 
@@ -7,9 +8,11 @@ use clap::Subcommand;
 use nocturne::device::{StateDir, DEVICE_PUBLIC_FILE};
 use nocturne::journal::read_journal;
 use nocturne::journal::writer::read_host_ack;
+use nocturne::sync::adapters::{adapter_bundles, install, installed_manifest, ActiveAdapters, InstallOutcome};
 use nocturne::sync::{export, import_acks, last_ack, AckOutcome};
 
 use crate::journal::StateArgs;
+use crate::ModelArgs;
 
 /// Sync subcommands.
 #[derive(Subcommand)]
@@ -23,14 +26,18 @@ pub enum SyncCommand {
         #[command(flatten)]
         state: StateArgs,
     },
-    /// Apply the host's acknowledgement found in DIR: acknowledged segments
-    /// may be reclaimed when the journal's quota needs space.
+    /// Apply the host's acknowledgement found in DIR (acknowledged segments
+    /// may then be reclaimed when the journal's quota needs space), and
+    /// install the adapter bundles found there (verified, self-tested,
+    /// rolled back on failure; running sessions switch at their next request).
     Import {
         /// Where the host's files were copied.
         #[arg(long)]
         from: PathBuf,
         #[command(flatten)]
         state: StateArgs,
+        #[command(flatten)]
+        model: ModelArgs,
     },
     /// Unsynced bytes and records, the last acknowledgement, the keys.
     Status {
@@ -59,9 +66,25 @@ pub fn run(command: &SyncCommand) -> anyhow::Result<()> {
                 println!("{} is up to date: nothing new to export", bundle.display());
             }
         }
-        SyncCommand::Import { from, state } => {
+        SyncCommand::Import { from, state, model } => {
             let mut journal = state.open_journal()?;
             let outcome = import_acks(&state.state(), &mut journal, from)?;
+            let bundles = adapter_bundles(from)?;
+            if !bundles.is_empty() {
+                let (pack, _) = model.open()?;
+                for bundle in bundles {
+                    match install(&state.state(), &pack, &bundle, &mut journal) {
+                        Ok(InstallOutcome::Installed { adapter, previous }) => {
+                            println!("adapter {adapter} installed and active (previous: {})", previous.map_or("none".into(), |p| p.to_string()))
+                        }
+                        Ok(InstallOutcome::AlreadyActive(adapter)) => println!("adapter {adapter} is already active"),
+                        Ok(InstallOutcome::RolledBack { adapter, reason }) => {
+                            println!("adapter {adapter} failed its self-test and was rolled back: {reason}")
+                        }
+                        Err(e) => eprintln!("error: {e}"),
+                    }
+                }
+            }
             journal.close()?;
             match outcome {
                 None => println!("no acknowledgement for this device in {}", from.display()),
@@ -107,6 +130,16 @@ fn status(state: &StateDir) -> anyhow::Result<()> {
         ),
         None => println!("last acknowledgement none"),
     }
-    println!("adapters           active: none, previous: none (base model only)");
+    let adapters = ActiveAdapters::read(state)?;
+    let describe = |id: Option<nocturne::journal::AdapterId>| match (id, state.trainer_key()) {
+        (None, _) => "none (base model only)".to_string(),
+        (Some(id), Ok(key)) => match installed_manifest(state, id, &key) {
+            Ok(m) => format!("{id} (rank {}, alpha {}, targets {})", m.rank, m.alpha, m.targets.join(",")),
+            Err(e) => format!("{id} (unreadable: {e})"),
+        },
+        (Some(id), Err(_)) => id.to_string(),
+    };
+    println!("active adapter     {}", describe(adapters.active));
+    println!("previous adapter   {}", describe(adapters.previous));
     Ok(())
 }

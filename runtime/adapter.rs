@@ -1,0 +1,356 @@
+//! LoRA adapters on the device: the signed adapter bundle, its validation
+//! against the pack, and the zero-copy views the decoder applies.
+//!
+//! Principal types: [`LoraAdapter`], [`AdapterManifest`], [`Target`];
+//! [`write_adapter_bundle`] makes a bundle (the trainer's export, tests).
+//!
+//! LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models",
+//! ICLR 2022): a targeted projection `y = W x` becomes
+//! `y = W x + (alpha / rank) · B (A x)`, with `A` `[rank, in]` and `B`
+//! `[out, rank]`. The decoder applies it unmerged, so the base pack is never
+//! modified and adapters switch without reloading it.
+//!
+//! An adapter bundle is a directory `<adapter id>.adapter` holding
+//! `adapter.safetensors` (F16 or F32 tensors named as PEFT names them,
+//! without PEFT's `base_model.model.` prefix:
+//! `model.layers.<i>.self_attn.q_proj.lora_A.weight` `[rank, in]` and
+//! `….lora_B.weight` `[out, rank]`, for every layer and every target) and
+//! `MANIFEST`, a signed envelope (domain [`ADAPTER_DOMAIN`]) of the postcard
+//! [`AdapterManifest`], signed by the trainer key.
+//!
+//! Invariants: [`LoraAdapter::open`] checks the signature, the base model id,
+//! the weights' SHA-256 and every tensor's presence, dtype and shape before
+//! returning; afterwards views cannot fail. Weights stay in the mapping.
+
+use std::ops::Range;
+use std::path::Path;
+
+use ed25519_dalek::VerifyingKey;
+use half::f16;
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use crate::digest::sha256_file;
+use crate::file_error::FileError;
+use crate::journal::{AdapterId, ModelId};
+use crate::sync::keys::open_sealed;
+use crate::weights::{Matrix, ModelPack};
+
+/// Signature domain of adapter manifests.
+pub const ADAPTER_DOMAIN: &str = "nocturne adapter manifest v1";
+/// Manifest file of an adapter bundle.
+pub const ADAPTER_MANIFEST_FILE: &str = "MANIFEST";
+/// Weights file of an adapter bundle.
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter.safetensors";
+/// Suffix of adapter bundle directories.
+pub const ADAPTER_SUFFIX: &str = ".adapter";
+/// Largest LoRA rank the decoder's scratch is planned for.
+pub const MAX_LORA_RANK: usize = 64;
+/// Version of the manifest layout.
+pub const ADAPTER_FORMAT: u16 = 1;
+
+/// A projection an adapter can target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Target {
+    /// Attention query.
+    Q,
+    /// Attention key.
+    K,
+    /// Attention value.
+    V,
+    /// Attention output.
+    O,
+    /// MLP gate.
+    Gate,
+    /// MLP up.
+    Up,
+    /// MLP down.
+    Down,
+}
+
+impl Target {
+    /// Every target, in layer order.
+    pub const ALL: [Target; 7] = [Target::Q, Target::K, Target::V, Target::O, Target::Gate, Target::Up, Target::Down];
+
+    /// The module name (`q_proj`, …) as PEFT's `target_modules` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Q => "q_proj",
+            Target::K => "k_proj",
+            Target::V => "v_proj",
+            Target::O => "o_proj",
+            Target::Gate => "gate_proj",
+            Target::Up => "up_proj",
+            Target::Down => "down_proj",
+        }
+    }
+
+    /// The target with module name `name`.
+    pub fn from_name(name: &str) -> Option<Target> {
+        Target::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// `self_attn` or `mlp`.
+    fn block(self) -> &'static str {
+        match self {
+            Target::Q | Target::K | Target::V | Target::O => "self_attn",
+            _ => "mlp",
+        }
+    }
+
+    /// Tensor name of the adapter's `A` (`lora_A`) or `B` (`lora_B`) for `layer`.
+    pub fn tensor_name(self, layer: usize, matrix: char) -> String {
+        format!("model.layers.{layer}.{}.{}.lora_{matrix}.weight", self.block(), self.name())
+    }
+}
+
+/// What an adapter is, signed by the trainer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdapterManifest {
+    /// [`ADAPTER_FORMAT`].
+    pub format: u16,
+    /// The adapter's id (first 16 bytes of the weights' SHA-256).
+    pub adapter: AdapterId,
+    /// The adapter it was trained from (None: from the bare base model).
+    pub parent: Option<AdapterId>,
+    /// The base model it was trained for.
+    pub base_model: ModelId,
+    /// LoRA rank.
+    pub rank: u32,
+    /// LoRA alpha (the update is scaled by `alpha / rank`).
+    pub alpha: f32,
+    /// Targeted projections (`q_proj`, …).
+    pub targets: Vec<String>,
+    /// SHA-256 of `adapter.safetensors`.
+    pub weights_sha256: [u8; 32],
+    /// Free-form description (training data range, evaluation results), JSON.
+    pub description: String,
+    /// When it was made, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+}
+
+/// The parts of an adapter a trainer chooses; [`write_adapter_bundle`]
+/// derives the rest (id, checksum, time).
+#[derive(Clone, Debug)]
+pub struct AdapterSpec {
+    /// The adapter trained from, if any.
+    pub parent: Option<AdapterId>,
+    /// The base model.
+    pub base_model: ModelId,
+    /// LoRA rank.
+    pub rank: u32,
+    /// LoRA alpha.
+    pub alpha: f32,
+    /// Targeted projections.
+    pub targets: Vec<Target>,
+    /// Free-form JSON description.
+    pub description: String,
+}
+
+/// Writes an adapter bundle into `out_dir`: `tensors` (name, shape, F16
+/// values) as `adapter.safetensors`, and the manifest signed with
+/// `trainer`. Written under a temporary name, fsynced, renamed. Returns the
+/// bundle directory.
+///
+/// # Errors
+/// Files cannot be written.
+pub fn write_adapter_bundle(
+    out_dir: &Path,
+    trainer: &ed25519_dalek::SigningKey,
+    spec: &AdapterSpec,
+    tensors: &[(String, Vec<usize>, Vec<f16>)],
+) -> Result<std::path::PathBuf, FileError> {
+    use crate::durable_file::sync_dir;
+    std::fs::create_dir_all(out_dir).map_err(FileError::io(out_dir))?;
+    let tmp = out_dir.join(format!(".adapter-{}.tmp", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(FileError::io(&tmp))?;
+    }
+    std::fs::create_dir(&tmp).map_err(FileError::io(&tmp))?;
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, values)| {
+            let view = safetensors::tensor::TensorView::new(Dtype::F16, shape.clone(), bytemuck::cast_slice(values))
+                .map_err(|e| FileError::invalid(&tmp, format!("tensor `{name}`: {e}")))?;
+            Ok((name.clone(), view))
+        })
+        .collect::<Result<_, FileError>>()?;
+    let weights = tmp.join(ADAPTER_WEIGHTS_FILE);
+    safetensors::serialize_to_file(views, None, &weights).map_err(|e| FileError::invalid(&weights, e.to_string()))?;
+    let sha = sha256_file(&weights).map_err(FileError::io(&weights))?;
+    let manifest = AdapterManifest {
+        format: ADAPTER_FORMAT,
+        adapter: AdapterId(sha[..16].try_into().expect("16 bytes")),
+        parent: spec.parent,
+        base_model: spec.base_model,
+        rank: spec.rank,
+        alpha: spec.alpha,
+        targets: spec.targets.iter().map(|t| t.name().to_string()).collect(),
+        weights_sha256: sha,
+        description: spec.description.clone(),
+        created_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+    };
+    let manifest_path = tmp.join(ADAPTER_MANIFEST_FILE);
+    std::fs::write(&manifest_path, crate::sync::keys::seal(ADAPTER_DOMAIN, trainer, &manifest)).map_err(FileError::io(&manifest_path))?;
+    for file in [&weights, &manifest_path] {
+        std::fs::File::open(file).and_then(|f| f.sync_all()).map_err(FileError::io(file))?;
+    }
+    let dir = out_dir.join(format!("{}{ADAPTER_SUFFIX}", manifest.adapter));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(FileError::io(&dir))?;
+    }
+    std::fs::rename(&tmp, &dir).map_err(FileError::io(&dir))?;
+    sync_dir(out_dir).map_err(FileError::io(out_dir))?;
+    Ok(dir)
+}
+
+/// Where one projection's `A` and `B` live in the mapping.
+#[derive(Clone, Debug)]
+struct Pair {
+    a: (Range<usize>, Dtype, usize, usize),
+    b: (Range<usize>, Dtype, usize, usize),
+}
+
+/// A validated adapter, mapped.
+pub struct LoraAdapter {
+    manifest: AdapterManifest,
+    map: Mmap,
+    /// `[layer][target]`.
+    pairs: Vec<[Option<Pair>; 7]>,
+    scale: f32,
+}
+
+impl std::fmt::Debug for LoraAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoraAdapter").field("manifest", &self.manifest).finish()
+    }
+}
+
+/// Reads and verifies an adapter bundle's manifest with the trainer key.
+///
+/// # Errors
+/// Unreadable, not signed by `trainer`, or malformed.
+pub fn read_manifest(dir: &Path, trainer: &VerifyingKey) -> Result<AdapterManifest, FileError> {
+    let path = dir.join(ADAPTER_MANIFEST_FILE);
+    let bytes = std::fs::read(&path).map_err(FileError::io(&path))?;
+    let manifest: AdapterManifest = open_sealed(ADAPTER_DOMAIN, &bytes, trainer).map_err(|e| FileError::invalid(&path, e))?;
+    if manifest.format != ADAPTER_FORMAT {
+        return Err(FileError::invalid(&path, format!("adapter format {}; this build reads {ADAPTER_FORMAT}", manifest.format)));
+    }
+    Ok(manifest)
+}
+
+impl LoraAdapter {
+    /// Opens the adapter bundle `dir` for `pack`: checks the trainer's
+    /// signature, that it was trained for this base model, the weights'
+    /// SHA-256, the rank and every tensor, then maps the weights.
+    ///
+    /// # Errors
+    /// A [`FileError`] naming the file and what is wrong.
+    pub fn open(dir: &Path, pack: &ModelPack, trainer: &VerifyingKey) -> Result<LoraAdapter, FileError> {
+        let manifest = read_manifest(dir, trainer)?;
+        let manifest_path = dir.join(ADAPTER_MANIFEST_FILE);
+        if manifest.base_model != pack.id() {
+            return Err(FileError::invalid(
+                &manifest_path,
+                format!("adapter {} was trained for base model {}, not for this pack ({})", manifest.adapter, manifest.base_model, pack.id()),
+            ));
+        }
+        let rank = manifest.rank as usize;
+        if rank == 0 || rank > MAX_LORA_RANK || !manifest.alpha.is_finite() {
+            return Err(FileError::invalid(&manifest_path, format!("rank {rank} / alpha {} out of range (rank 1-{MAX_LORA_RANK})", manifest.alpha)));
+        }
+        let mut targets = Vec::new();
+        for name in &manifest.targets {
+            targets.push(Target::from_name(name).ok_or_else(|| FileError::invalid(&manifest_path, format!("unknown target `{name}`")))?);
+        }
+        let path = dir.join(ADAPTER_WEIGHTS_FILE);
+        if sha256_file(&path).map_err(FileError::io(&path))? != manifest.weights_sha256 {
+            return Err(FileError::invalid(&path, "does not match the SHA-256 in the manifest"));
+        }
+        let file = std::fs::File::open(&path).map_err(FileError::io(&path))?;
+        // SAFETY: read-only mapping of a file nocturne never modifies in place
+        // (installs write a new directory); views are bounds-checked below.
+        let map = unsafe { Mmap::map(&file) }.map_err(FileError::io(&path))?;
+        let pairs = validate(&map, pack, rank, &targets).map_err(|p| FileError::invalid(&path, p))?;
+        let scale = manifest.alpha / rank as f32;
+        Ok(LoraAdapter { manifest, map, pairs, scale })
+    }
+
+    /// The signed manifest.
+    pub fn manifest(&self) -> &AdapterManifest {
+        &self.manifest
+    }
+
+    /// The adapter's id.
+    pub fn id(&self) -> AdapterId {
+        self.manifest.adapter
+    }
+
+    /// LoRA rank.
+    pub fn rank(&self) -> usize {
+        self.manifest.rank as usize
+    }
+
+    /// `alpha / rank`.
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+
+    /// `A` `[rank, in]` and `B` `[out, rank]` of `target` in `layer`, if targeted.
+    pub fn projection(&self, layer: usize, target: Target) -> Option<(Matrix<'_>, Matrix<'_>)> {
+        let pair = self.pairs.get(layer)?[target as usize].as_ref()?;
+        Some((self.view(&pair.a), self.view(&pair.b)))
+    }
+
+    fn view(&self, (range, dtype, rows, cols): &(Range<usize>, Dtype, usize, usize)) -> Matrix<'_> {
+        let bytes = &self.map[range.clone()];
+        match dtype {
+            Dtype::F16 => Matrix::F16 { rows: *rows, cols: *cols, values: bytemuck::cast_slice(bytes) },
+            _ => unreachable!("validate admits F16 only"),
+        }
+    }
+}
+
+fn validate(map: &[u8], pack: &ModelPack, rank: usize, targets: &[Target]) -> Result<Vec<[Option<Pair>; 7]>, String> {
+    let tensors = SafeTensors::deserialize(map).map_err(|e| format!("not a valid safetensors file: {e}"))?;
+    let base = map.as_ptr() as usize;
+    let c = pack.config();
+    let mut expected = 0;
+    let mut pairs = Vec::with_capacity(c.num_hidden_layers);
+    for layer in 0..c.num_hidden_layers {
+        let w = pack.layer(layer);
+        let shapes = [w.q_proj, w.k_proj, w.v_proj, w.o_proj, w.gate_proj, w.up_proj, w.down_proj].map(|m| m.shape());
+        let mut row: [Option<Pair>; 7] = Default::default();
+        for &target in targets {
+            let (out, inp) = shapes[target as usize];
+            let mut get = |m: char, shape: [usize; 2]| -> Result<(Range<usize>, Dtype, usize, usize), String> {
+                let name = target.tensor_name(layer, m);
+                let view = tensors.tensor(&name).map_err(|_| format!("missing tensor `{name}`"))?;
+                if view.dtype() != Dtype::F16 {
+                    return Err(format!("tensor `{name}` is {:?}; adapters on the device are F16", view.dtype()));
+                }
+                if view.shape() != shape {
+                    return Err(format!("tensor `{name}` has shape {:?}, expected {shape:?}", view.shape()));
+                }
+                let start = view.data().as_ptr() as usize - base;
+                if start % std::mem::align_of::<f16>() != 0 {
+                    return Err(format!("tensor `{name}` is not 2-byte aligned"));
+                }
+                expected += 1;
+                Ok((start..start + view.data().len(), Dtype::F16, shape[0], shape[1]))
+            };
+            row[target as usize] = Some(Pair { a: get('A', [rank, inp])?, b: get('B', [out, rank])? });
+        }
+        pairs.push(row);
+    }
+    if tensors.len() != expected {
+        let names = tensors.names();
+        let stray = names.iter().find(|n| {
+            !targets.iter().any(|t| (0..c.num_hidden_layers).any(|l| **n == t.tensor_name(l, 'A') || **n == t.tensor_name(l, 'B')))
+        });
+        return Err(format!("unexpected tensor `{}`", stray.copied().unwrap_or("?")));
+    }
+    Ok(pairs)
+}

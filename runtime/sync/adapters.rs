@@ -1,0 +1,323 @@
+//! The adapter return path on the device: install a verified adapter
+//! bundle atomically, keep the previous one, switch, self-test, roll back.
+//!
+//! Principal items: [`install`], [`load_active`], [`ActiveAdapters`],
+//! [`AdapterWatch`], [`self_test`], [`InstallOutcome`].
+//!
+//! Layout: `state/adapters/<adapter id>.adapter/` (installed bundles, as
+//! received) and `state/adapters/ACTIVE`, the switch: `active <id|none>`,
+//! `previous <id|none>` and, while an install is being self-tested,
+//! `candidate <id>`. ACTIVE is only ever replaced whole (temporary file,
+//! fsync, rename, directory fsync).
+//!
+//! Install steps: (1) verify the bundle (trainer signature, base model id,
+//! checksum, tensors); (2) copy it under a temporary name, fsync, rename,
+//! fsync the directory; (3) ACTIVE names it `candidate`; (4) self-test: a
+//! fixed prompt decodes with it to finite logits; (5) ACTIVE makes it
+//! `active` and the old one `previous` — or, if the self-test failed, drops
+//! the candidate, and an adapter event `rolled_back` goes to the journal.
+//!
+//! Invariant (crash safety): whenever the process stops, ACTIVE names an
+//! `active` adapter whose directory was complete and verified before ACTIVE
+//! named it, or none; a `candidate` left by an interrupted install is
+//! dropped by [`load_active`]. An active adapter that fails to load is
+//! rolled back to `previous` (and journaled).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ed25519_dalek::VerifyingKey;
+
+use super::SyncError;
+use crate::adapter::{read_manifest, LoraAdapter, ADAPTER_SUFFIX};
+use crate::budget::{KvPrecision, PlanSettings};
+use crate::decoder::Decoder;
+use crate::device::StateDir;
+use crate::durable_file::{sync_dir, write_atomic};
+use crate::file_error::FileError;
+use crate::journal::{AdapterAction, AdapterEvent, AdapterId, Body, Journal};
+use crate::weights::ModelPack;
+
+/// Directory of installed adapters in the state directory.
+pub const ADAPTERS_DIR: &str = "adapters";
+/// The switch file.
+pub const ACTIVE_FILE: &str = "ACTIVE";
+
+/// The fixed prompt of the self-test (token ids of the pack's vocabulary
+/// are not assumed: the first tokens of the vocabulary are used).
+const SELF_TEST_TOKENS: usize = 8;
+
+/// What ACTIVE says.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ActiveAdapters {
+    /// The adapter requests use (None: the base model alone).
+    pub active: Option<AdapterId>,
+    /// The one before it, kept for rollback.
+    pub previous: Option<AdapterId>,
+    /// An adapter being installed (self-test not yet passed).
+    pub candidate: Option<AdapterId>,
+}
+
+fn id_text(id: Option<AdapterId>) -> String {
+    id.map_or("none".into(), |i| i.to_string())
+}
+
+impl ActiveAdapters {
+    /// Reads ACTIVE (all `None` when there is none).
+    ///
+    /// # Errors
+    /// Unreadable or malformed.
+    pub fn read(state: &StateDir) -> Result<ActiveAdapters, FileError> {
+        let path = active_path(state);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ActiveAdapters::default()),
+            Err(e) => return Err(FileError::io(&path)(e)),
+        };
+        let mut out = ActiveAdapters::default();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let (key, value) = line.split_once(' ').ok_or_else(|| FileError::invalid(&path, format!("malformed line `{line}`")))?;
+            let id = match value.trim() {
+                "none" => None,
+                v => Some(AdapterId::from_hex(v).ok_or_else(|| FileError::invalid(&path, format!("`{v}` is not an adapter id")))?),
+            };
+            match key {
+                "active" => out.active = id,
+                "previous" => out.previous = id,
+                "candidate" => out.candidate = id,
+                _ => return Err(FileError::invalid(&path, format!("unknown key `{key}`"))),
+            }
+        }
+        Ok(out)
+    }
+
+    fn write(&self, state: &StateDir) -> Result<(), FileError> {
+        let mut text = format!("active {}\nprevious {}\n", id_text(self.active), id_text(self.previous));
+        if let Some(c) = self.candidate {
+            text.push_str(&format!("candidate {c}\n"));
+        }
+        let path = active_path(state);
+        std::fs::create_dir_all(path.parent().expect("ACTIVE is in a directory")).map_err(FileError::io(&path))?;
+        write_atomic(&path, text.as_bytes()).map_err(FileError::io(&path))
+    }
+}
+
+fn active_path(state: &StateDir) -> PathBuf {
+    state.root().join(ADAPTERS_DIR).join(ACTIVE_FILE)
+}
+
+/// Directory of an installed adapter.
+pub fn installed_dir(state: &StateDir, id: AdapterId) -> PathBuf {
+    state.root().join(ADAPTERS_DIR).join(format!("{id}{ADAPTER_SUFFIX}"))
+}
+
+/// Decodes [`SELF_TEST_TOKENS`] tokens with `adapter` and checks every logit is finite.
+///
+/// # Errors
+/// A message saying what went wrong.
+pub fn self_test(pack: &ModelPack, adapter: &Arc<LoraAdapter>) -> Result<(), String> {
+    let settings = PlanSettings { context_tokens: 2 * SELF_TEST_TOKENS, prefill_block: SELF_TEST_TOKENS, threads: 1, kv: KvPrecision::F16, logit_rows: 1 };
+    let mut decoder = Decoder::new(pack, settings);
+    decoder.set_adapter(Some(Arc::clone(adapter)));
+    let prompt: Vec<u32> = (0..SELF_TEST_TOKENS as u32).collect();
+    let mut next = {
+        let logits = decoder.forward(&prompt).map_err(|e| e.to_string())?;
+        finite_argmax(logits)?
+    };
+    for _ in 0..SELF_TEST_TOKENS - 1 {
+        next = finite_argmax(decoder.forward(&[next]).map_err(|e| e.to_string())?)?;
+    }
+    Ok(())
+}
+
+fn finite_argmax(logits: &[f32]) -> Result<u32, String> {
+    if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
+        return Err(format!("logit {i} is {} with the adapter applied", logits[i]));
+    }
+    Ok(crate::sampler::argmax(logits))
+}
+
+/// What [`install`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum InstallOutcome {
+    /// The adapter is active now; the one before is kept as previous.
+    Installed {
+        /// The new adapter.
+        adapter: AdapterId,
+        /// The one it replaced.
+        previous: Option<AdapterId>,
+    },
+    /// It was already active.
+    AlreadyActive(AdapterId),
+    /// It failed its self-test; the previous adapter stays active.
+    RolledBack {
+        /// The adapter that failed.
+        adapter: AdapterId,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn copy_dir_durably(from: &Path, to: &Path) -> Result<(), FileError> {
+    std::fs::create_dir_all(to).map_err(FileError::io(to))?;
+    for entry in std::fs::read_dir(from).map_err(FileError::io(from))? {
+        let entry = entry.map_err(FileError::io(from))?;
+        if !entry.file_type().map_err(FileError::io(from))?.is_file() {
+            continue;
+        }
+        let target = to.join(entry.file_name());
+        std::fs::copy(entry.path(), &target).map_err(FileError::io(&target))?;
+        std::fs::File::open(&target).and_then(|f| f.sync_all()).map_err(FileError::io(&target))?;
+    }
+    sync_dir(to).map_err(FileError::io(to))
+}
+
+fn event(journal: Option<&mut Journal>, action: AdapterAction, adapter: AdapterId, previous: Option<AdapterId>, reason: &str) -> Result<(), SyncError> {
+    if let Some(journal) = journal {
+        let body = Body::Adapter(AdapterEvent { action, adapter, previous, reason: reason.into() });
+        journal.append_durable(&body)?;
+    }
+    Ok(())
+}
+
+/// Installs the adapter bundle `bundle` for `pack` (steps in the module
+/// documentation).
+///
+/// # Errors
+/// [`SyncError::Rejected`] when the bundle does not verify (nothing is
+/// written); file and journal errors.
+pub fn install(state: &StateDir, pack: &ModelPack, bundle: &Path, journal: &mut Journal) -> Result<InstallOutcome, SyncError> {
+    let trainer = state.trainer_key()?;
+    let reject = |e: FileError| SyncError::Rejected { path: bundle.to_path_buf(), problem: e.to_string() };
+    let verified = LoraAdapter::open(bundle, pack, &trainer).map_err(reject)?;
+    let id = verified.id();
+    drop(verified);
+    let mut active = load_active(state, pack, Some(&mut *journal))?.1;
+    if active.active == Some(id) {
+        return Ok(InstallOutcome::AlreadyActive(id));
+    }
+    let target = installed_dir(state, id);
+    if LoraAdapter::open(&target, pack, &trainer).is_err() {
+        let tmp = state.root().join(ADAPTERS_DIR).join(format!(".{id}.tmp"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(FileError::io(&tmp))?;
+        }
+        copy_dir_durably(bundle, &tmp)?;
+        if target.exists() {
+            std::fs::remove_dir_all(&target).map_err(FileError::io(&target))?;
+        }
+        std::fs::rename(&tmp, &target).map_err(FileError::io(&target))?;
+        let parent = target.parent().expect("adapters directory");
+        sync_dir(parent).map_err(FileError::io(parent))?;
+    }
+    active.candidate = Some(id);
+    active.write(state)?;
+    let tested = LoraAdapter::open(&target, pack, &trainer)
+        .map_err(|e| e.to_string())
+        .and_then(|a| self_test(pack, &Arc::new(a)));
+    active.candidate = None;
+    match tested {
+        Ok(()) => {
+            let previous = active.active;
+            ActiveAdapters { active: Some(id), previous, candidate: None }.write(state)?;
+            event(Some(journal), AdapterAction::Installed, id, previous, "installed after its self-test")?;
+            Ok(InstallOutcome::Installed { adapter: id, previous })
+        }
+        Err(reason) => {
+            active.write(state)?;
+            event(Some(journal), AdapterAction::RolledBack, id, active.active, &reason)?;
+            Ok(InstallOutcome::RolledBack { adapter: id, reason })
+        }
+    }
+}
+
+/// The active adapter for `pack`, loaded: drops a candidate an interrupted
+/// install left, and rolls back to the previous adapter (journaled) when the
+/// active one fails to load (journaled when a journal is given). Returns
+/// it with what ACTIVE now says.
+///
+/// # Errors
+/// ACTIVE is malformed or cannot be rewritten; journal errors.
+pub fn load_active(
+    state: &StateDir,
+    pack: &ModelPack,
+    mut journal: Option<&mut Journal>,
+) -> Result<(Option<Arc<LoraAdapter>>, ActiveAdapters), SyncError> {
+    let mut active = ActiveAdapters::read(state)?;
+    if let Some(candidate) = active.candidate.take() {
+        active.write(state)?;
+        event(journal.as_deref_mut(), AdapterAction::RolledBack, candidate, active.active, "install interrupted before its self-test passed")?;
+    }
+    let Some(id) = active.active else {
+        return Ok((None, active));
+    };
+    let loaded = state
+        .trainer_key()
+        .and_then(|key| LoraAdapter::open(&installed_dir(state, id), pack, &key));
+    match loaded {
+        Ok(adapter) => Ok((Some(Arc::new(adapter)), active)),
+        Err(e) => {
+            let rolled = ActiveAdapters { active: active.previous, previous: None, candidate: None };
+            rolled.write(state)?;
+            event(journal, AdapterAction::RolledBack, id, rolled.active, &format!("failed to load: {e}"))?;
+            let adapter = match rolled.active {
+                Some(prev) => Some(Arc::new(
+                    LoraAdapter::open(&installed_dir(state, prev), pack, &state.trainer_key()?)
+                        .map_err(|e| SyncError::Rejected { path: installed_dir(state, prev), problem: e.to_string() })?,
+                )),
+                None => None,
+            };
+            Ok((adapter, rolled))
+        }
+    }
+}
+
+/// Notices a change of ACTIVE between requests, so a running session picks
+/// up a newly installed adapter without a restart.
+pub struct AdapterWatch {
+    seen: ActiveAdapters,
+}
+
+impl AdapterWatch {
+    /// Watches from what `current` says.
+    pub fn new(current: ActiveAdapters) -> AdapterWatch {
+        AdapterWatch { seen: current }
+    }
+
+    /// The newly active adapter when ACTIVE changed since the last call
+    /// (`Some(None)`: back to the base model), `None` when it did not.
+    ///
+    /// # Errors
+    /// Those of [`load_active`].
+    pub fn poll(&mut self, state: &StateDir, pack: &ModelPack, journal: Option<&mut Journal>) -> Result<Option<Option<Arc<LoraAdapter>>>, SyncError> {
+        let now = ActiveAdapters::read(state)?;
+        if now.active == self.seen.active {
+            return Ok(None);
+        }
+        let (adapter, active) = load_active(state, pack, journal)?;
+        self.seen = active;
+        Ok(Some(adapter))
+    }
+}
+
+/// The adapter bundles directly inside `dir`.
+///
+/// # Errors
+/// The directory cannot be listed.
+pub fn adapter_bundles(dir: &Path) -> Result<Vec<PathBuf>, FileError> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(FileError::io(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir() && p.to_string_lossy().ends_with(ADAPTER_SUFFIX))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The manifest of an installed adapter, for status output.
+///
+/// # Errors
+/// Not installed or not verifiable.
+pub fn installed_manifest(state: &StateDir, id: AdapterId, trainer: &VerifyingKey) -> Result<crate::adapter::AdapterManifest, FileError> {
+    read_manifest(&installed_dir(state, id), trainer)
+}
