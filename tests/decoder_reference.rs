@@ -1,14 +1,19 @@
 //! The decoder (f32 KV cache) against a straightforward reference forward
 //! pass written here, on small random models in both pack precisions:
 //! logits after every token agree within 1e-4 relative, through blocked
-//! prefill, single-token decode and both thread counts.
+//! prefill, single-token decode and both thread counts; with a LoRA adapter
+//! on every projection too.
 
 mod support;
 
+use std::sync::Arc;
+
+use nocturne::adapter::{LoraAdapter, Target};
 use nocturne::budget::{KvPrecision, PlanSettings};
 use nocturne::decoder::{Decoder, PREFILL_BLOCK};
 use nocturne::profile::Precision;
 use nocturne::weights::{Matrix, ModelPack};
+use support::adapter::random_adapter;
 use support::{tiny_config, write_pack};
 
 fn dense(m: Matrix<'_>) -> (Vec<f32>, usize) {
@@ -42,8 +47,18 @@ fn rope(x: &mut [f32], d: usize, pos: usize, base: f32) {
     }
 }
 
+/// `W x`, plus `scale · B (A x)` when the adapter targets this projection.
+fn project(m: Matrix<'_>, adapter: Option<&LoraAdapter>, layer: usize, target: Target, x: &[f32]) -> Vec<f32> {
+    let mut y = matvec(m, x);
+    if let Some((a, b)) = adapter.and_then(|ad| ad.projection(layer, target)) {
+        let scale = adapter.unwrap().scale();
+        y.iter_mut().zip(matvec(b, &matvec(a, x))).for_each(|(y, d)| *y += scale * d);
+    }
+    y
+}
+
 /// Logits after each token, computed one position at a time.
-fn reference(pack: &ModelPack, tokens: &[u32]) -> Vec<Vec<f32>> {
+fn reference(pack: &ModelPack, tokens: &[u32], adapter: Option<&LoraAdapter>) -> Vec<Vec<f32>> {
     let c = pack.config();
     let (d, heads, group) = (c.head_dim, c.num_attention_heads, c.num_attention_heads / c.num_key_value_heads);
     let (embed, h) = dense(pack.embed_tokens());
@@ -55,12 +70,12 @@ fn reference(pack: &ModelPack, tokens: &[u32]) -> Vec<Vec<f32>> {
         for l in 0..c.num_hidden_layers {
             let w = pack.layer(l);
             let xn = rms_norm(&x, w.input_norm, c.rms_norm_eps);
-            let mut q = matvec(w.q_proj, &xn);
-            let mut k = matvec(w.k_proj, &xn);
+            let mut q = project(w.q_proj, adapter, l, Target::Q, &xn);
+            let mut k = project(w.k_proj, adapter, l, Target::K, &xn);
             rope(&mut q, d, pos, c.rope_theta);
             rope(&mut k, d, pos, c.rope_theta);
             keys[l].push(k);
-            values[l].push(matvec(w.v_proj, &xn));
+            values[l].push(project(w.v_proj, adapter, l, Target::V, &xn));
             let mut att = vec![0.0; heads * d];
             for hh in 0..heads {
                 let g = hh / group;
@@ -78,12 +93,15 @@ fn reference(pack: &ModelPack, tokens: &[u32]) -> Vec<Vec<f32>> {
                     }
                 }
             }
-            x.iter_mut().zip(matvec(w.o_proj, &att)).for_each(|(x, o)| *x += o);
+            x.iter_mut().zip(project(w.o_proj, adapter, l, Target::O, &att)).for_each(|(x, o)| *x += o);
             let xn = rms_norm(&x, w.post_attention_norm, c.rms_norm_eps);
-            let up = matvec(w.up_proj, &xn);
-            let act: Vec<f32> =
-                matvec(w.gate_proj, &xn).iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-            x.iter_mut().zip(matvec(w.down_proj, &act)).for_each(|(x, o)| *x += o);
+            let up = project(w.up_proj, adapter, l, Target::Up, &xn);
+            let act: Vec<f32> = project(w.gate_proj, adapter, l, Target::Gate, &xn)
+                .iter()
+                .zip(&up)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            x.iter_mut().zip(project(w.down_proj, adapter, l, Target::Down, &act)).for_each(|(x, o)| *x += o);
         }
         out.push(matvec(pack.lm_head(), &rms_norm(&x, pack.final_norm(), c.rms_norm_eps)));
     }
@@ -98,14 +116,33 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
 
 #[test]
 fn decoder_matches_reference_forward() {
+    check_against_reference(false);
+}
+
+#[test]
+fn decoder_with_an_adapter_on_every_projection_matches_reference_forward() {
+    check_against_reference(true);
+}
+
+fn check_against_reference(with_adapter: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let tokens: Vec<u32> = (0..52).map(|i| (i * 37 + 5) % 96).collect();
     let prefill = 41; // one full block and a partial one
+    let trainer = nocturne::sync::keys::generate().unwrap();
     for precision in [Precision::Fp16, Precision::Int8] {
         let dir = tmp.path().join(precision.name());
         write_pack(&dir, &tiny_config(64, 3, precision));
         let pack = ModelPack::open(&dir).unwrap();
-        let want = reference(&pack, &tokens);
+        let adapter = with_adapter.then(|| {
+            let bundle = random_adapter(&tmp.path().join("adapters"), &pack, &trainer, 4, &Target::ALL, 0.1, 7);
+            Arc::new(LoraAdapter::open(&bundle, &pack, &trainer.verifying_key()).unwrap())
+        });
+        let want = reference(&pack, &tokens, adapter.as_deref());
+        if with_adapter {
+            let base = reference(&pack, &tokens[..1], None);
+            let moved = base[0].iter().zip(&want[0]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(moved > 1e-3, "the adapter changes the logits ({moved})");
+        }
         for threads in [1, 2] {
             let settings = PlanSettings {
                 context_tokens: 64,
@@ -115,6 +152,7 @@ fn decoder_matches_reference_forward() {
                 logit_rows: PREFILL_BLOCK,
             };
             let mut decoder = Decoder::new(&pack, settings);
+            decoder.set_adapter(adapter.clone());
             let mut seen = 0;
             decoder
                 .forward_all(&tokens[..prefill], |i, logits| {

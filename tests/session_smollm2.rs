@@ -3,12 +3,16 @@
 //! and every stop reason and bad request behaves as documented.
 //! Needs the converted model: run `models/fetch` first.
 
+mod support;
+
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Arc;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use nocturne::adapter::{LoraAdapter, Target};
 use nocturne::profile::ACTIVE;
 use nocturne::sampler::{Sampler, SamplerConfig};
 use nocturne::session::{RequestOptions, Session, SessionError, SessionOptions, StopReason};
@@ -81,8 +85,25 @@ fn a_budget_too_small_for_the_kv_cache_refuses_to_start() {
 fn decoding_allocates_nothing_per_token() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (pack, tokenizer) = model();
-    let mut session = Session::start(&pack, &tokenizer, &ACTIVE, SessionOptions::for_profile(&ACTIVE)).unwrap();
-    let ids = prompt(&tokenizer, "Tell me a long story about a lighthouse.");
+    check_no_allocation_per_token(&pack, &tokenizer, None);
+}
+
+#[test]
+fn decoding_with_an_adapter_allocates_nothing_per_token() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (pack, tokenizer) = model();
+    let tmp = tempfile::tempdir().unwrap();
+    let trainer = nocturne::sync::keys::generate().unwrap();
+    let targets = [Target::Q, Target::K, Target::V, Target::O];
+    let bundle = support::adapter::random_adapter(tmp.path(), &pack, &trainer, 8, &targets, 0.01, 11);
+    let adapter = Arc::new(LoraAdapter::open(&bundle, &pack, &trainer.verifying_key()).unwrap());
+    check_no_allocation_per_token(&pack, &tokenizer, Some(adapter));
+}
+
+fn check_no_allocation_per_token(pack: &ModelPack, tokenizer: &Tokenizer, adapter: Option<Arc<LoraAdapter>>) {
+    let mut session = Session::start(pack, tokenizer, &ACTIVE, SessionOptions::for_profile(&ACTIVE)).unwrap();
+    session.set_adapter(adapter);
+    let ids = prompt(tokenizer, "Tell me a long story about a lighthouse.");
     // Decoder and sampler, 64 steps after the first.
     let mut sampler = Sampler::new(SamplerConfig { temperature: 0.8, top_k: 40, top_p: 0.9, repetition_penalty: 1.1, seed: 3 }, 49152);
     let mut history = ids.clone();

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod adapter;
 pub mod journal;
 
 use std::path::Path;

@@ -3,7 +3,8 @@
 //! first token and peak RSS (measured on a child `nocturne generate`), and
 //! the weight-streaming bandwidth of decode next to the machine's measured
 //! memory read bandwidth. With `--journal`: decode speed with the journal
-//! off and on, in both durability modes.
+//! off and on, in both durability modes; with `--lora-rank R`: decode speed
+//! without and with an unmerged LoRA adapter.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -12,6 +13,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use std::sync::Arc;
+
+use nocturne::adapter::{write_adapter_bundle, AdapterSpec, LoraAdapter, Target};
 use nocturne::journal::{Body, DeviceId, Feedback, Interaction, Journal, JournalConfig};
 use nocturne::pool::{share, WorkerPool};
 use nocturne::profile::{worker_threads, Durability, ACTIVE};
@@ -38,7 +42,11 @@ pub struct BenchArgs {
     /// Instead of the table: decode tokens/s with the journal off and on.
     #[arg(long)]
     journal: bool,
-    /// Rounds of the journal comparison (each round runs every mode once).
+    /// Instead of the table: decode tokens/s without and with a LoRA adapter
+    /// of this rank on q, k, v and o (zero weights: speed does not depend on them).
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// Rounds of the journal or adapter comparison (each round runs every mode once).
     #[arg(long, default_value_t = 15)]
     rounds: usize,
 }
@@ -218,10 +226,61 @@ fn journal_overhead(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Decode tokens/s without and with a rank-`rank` adapter on q, k, v, o,
+/// alternating within each round; medians reported.
+fn adapter_overhead(args: &BenchArgs, rank: usize) -> anyhow::Result<()> {
+    let (pack, tokenizer, ids) = open_pack(args, ACTIVE.weight_precision.name())?;
+    let scratch = std::env::temp_dir().join(format!("nocturne-bench-adapter-{}", std::process::id()));
+    let trainer = nocturne::sync::keys::generate().map_err(anyhow::Error::msg)?;
+    let targets = vec![Target::Q, Target::K, Target::V, Target::O];
+    let mut tensors = Vec::new();
+    for layer in 0..pack.config().num_hidden_layers {
+        let w = pack.layer(layer);
+        for (t, m) in targets.iter().zip([w.q_proj, w.k_proj, w.v_proj, w.o_proj]) {
+            let (rows, cols) = m.shape();
+            tensors.push((t.tensor_name(layer, 'A'), vec![rank, cols], vec![half::f16::ZERO; rank * cols]));
+            tensors.push((t.tensor_name(layer, 'B'), vec![rows, rank], vec![half::f16::ZERO; rows * rank]));
+        }
+    }
+    let spec = AdapterSpec { parent: None, base_model: pack.id(), rank: rank as u32, alpha: rank as f32, targets, description: "bench".into() };
+    let bundle = write_adapter_bundle(&scratch, &trainer, &spec, &tensors)?;
+    let adapter = Arc::new(LoraAdapter::open(&bundle, &pack, &trainer.verifying_key())?);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let mut session = Session::start(&pack, &tokenizer, &ACTIVE, SessionOptions::for_profile(&ACTIVE))?;
+    prefill_decode(&mut session, &ids[..8], 8)?; // warm-up
+    let mut speeds = [Vec::new(), Vec::new()];
+    for _ in 0..args.rounds {
+        for (on, speeds) in speeds.iter_mut().enumerate() {
+            session.set_adapter((on == 1).then(|| Arc::clone(&adapter)));
+            speeds.push(prefill_decode(&mut session, &ids, args.new_tokens)?.1);
+        }
+    }
+    let [off, on] = speeds.map(|mut v| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    });
+    println!(
+        "\n{} pack, {} threads, {} rounds of {} prompt + {} decoded tokens; profile {}\n",
+        pack.precision().name(),
+        session.decoder().threads(),
+        args.rounds,
+        ids.len(),
+        args.new_tokens,
+        ACTIVE.name
+    );
+    println!("| adapter | median decode tok/s | vs none |\n|---|---|---|");
+    println!("| none | {off:.1} | +0.0% |");
+    println!("| rank {rank}, q/k/v/o, unmerged | {on:.1} | {:+.1}% |", 100.0 * (on - off) / off);
+    Ok(())
+}
+
 /// Runs the benchmark and prints its table.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.journal {
         return journal_overhead(args);
+    }
+    if let Some(rank) = args.lora_rank {
+        return adapter_overhead(args, rank);
     }
     let profile_threads = worker_threads(&ACTIVE);
     let mut thread_counts = vec![1, profile_threads];
