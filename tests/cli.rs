@@ -3,6 +3,8 @@
 //! bad input gives a clear error and a non-zero exit, never a panic. Needs
 //! the converted model: run `models/fetch` first.
 
+mod support;
+
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
@@ -214,4 +216,47 @@ fn no_journal_writes_no_state() {
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(reply["interaction"].is_null());
     assert!(!dir.exists());
+}
+
+#[test]
+fn sync_export_acknowledge_and_adapter_install_from_the_command_line() {
+    use nocturne::adapter::Target;
+    use nocturne::sync::ack::{write_ack, Ack};
+    use nocturne::sync::keys::{self, PublicKeyFile};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    let state = dir.to_str().unwrap();
+    let usb = tmp.path().join("usb");
+    let usb_arg = usb.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let out = nocturne(args, None);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{args:?}: {}{text}", String::from_utf8_lossy(&out.stderr));
+        text
+    };
+    run(&["generate", "--state-dir", state, "--max-new-tokens", "4", "Hello"]);
+    assert!(run(&["sync", "status", "--state-dir", state]).contains("not yet synced     1 records"));
+    assert!(run(&["sync", "export", "--state-dir", state, "--to", usb_arg]).contains("wrote"));
+    assert!(run(&["sync", "export", "--state-dir", state, "--to", usb_arg]).contains("nothing new to export"));
+    // The host's side, done here with the library: a trainer key and its acknowledgement.
+    let trainer = keys::generate().unwrap();
+    let trainer_pub = tmp.path().join("trainer.pub");
+    std::fs::write(&trainer_pub, PublicKeyFile { device: None, key: trainer.verifying_key() }.to_text()).unwrap();
+    assert!(run(&["sync", "trust", "--state-dir", state, trainer_pub.to_str().unwrap()]).contains("provisioned"));
+    let device = nocturne::device::StateDir::new(&dir).device_id().unwrap().unwrap();
+    write_ack(&usb, &trainer, &Ack { device, held_through: 1, counter: 1, created_ms: 0 }).unwrap();
+    assert!(run(&["sync", "import", "--state-dir", state, "--from", usb_arg]).contains("acknowledgement 1 applied"));
+    assert!(run(&["sync", "import", "--state-dir", state, "--from", usb_arg]).contains("applied before"));
+    assert!(run(&["sync", "status", "--state-dir", state]).contains("not yet synced     0 records"));
+    // An adapter bundle arrives with the next delivery: installed, self-tested, used by the next request.
+    let pack = nocturne::weights::ModelPack::open(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache/smollm2-135m-instruct/int8")).unwrap();
+    let bundle = support::adapter::random_adapter(&usb, &pack, &trainer, 4, &[Target::Q, Target::V], 0.01, 5);
+    let id = bundle.file_stem().unwrap().to_string_lossy().to_string();
+    assert!(run(&["sync", "import", "--state-dir", state, "--from", usb_arg]).contains(&format!("adapter {id} installed and active")));
+    let reply: serde_json::Value = serde_json::from_str(&run(&["generate", "--json", "--state-dir", state, "--max-new-tokens", "4", "Hi"])).unwrap();
+    assert_eq!(reply["adapter"], id.as_str());
+    assert!(run(&["sync", "status", "--state-dir", state]).contains(&format!("active adapter     {id} (rank 4")));
+    let records = json_lines(&nocturne(&["journal", "dump", "--state-dir", state], None));
+    assert!(records.iter().any(|r| r["kind"] == "adapter" && r["action"] == "installed" && r["adapter"] == id.as_str()));
+    assert_eq!(records.last().unwrap()["adapter"], id.as_str(), "the interaction names its adapter");
 }

@@ -359,3 +359,39 @@ fn replayed_or_forged_acknowledgements_change_nothing() {
     assert_eq!(std::fs::read(world.state.journal_dir().join("host-ack")).unwrap(), host_ack);
     assert!(forged.join(ack_file_name(device)).exists());
 }
+
+#[test]
+fn keygen_enroll_and_ingest_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let trainer = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_nocturne-trainer")).args(args).output().unwrap()
+    };
+    let store = tmp.path().join("store");
+    let store_arg = store.to_str().unwrap();
+    let out = trainer(&["keygen", "--store", store_arg]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("trainer.pub"));
+    assert!(!trainer(&["keygen", "--store", store_arg]).status.success(), "a second keygen must not replace the key");
+    // A device, with its journal exported by the library.
+    let state = StateDir::new(tmp.path().join("state"));
+    let device = state.device_id_or_create().unwrap();
+    let mut journal = Journal::open(&state.journal_dir(), device, config(1 << 30)).unwrap();
+    for i in 0..50 {
+        let body = Body::Feedback(Feedback { interaction: i + 1, rating: Some(3), ..Feedback::default() });
+        journal.append(&body).unwrap();
+    }
+    let usb = tmp.path().join("usb");
+    let (bundle, _) = export(&state, &mut journal, &usb).unwrap();
+    // Not enrolled yet: rejected, exit status 1.
+    let out = trainer(&["ingest", usb.to_str().unwrap(), "--store", store_arg]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not enrolled"));
+    let device_pub = tmp.path().join("state").join(DEVICE_PUBLIC_FILE);
+    let out = trainer(&["enroll", device_pub.to_str().unwrap(), "--store", store_arg]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("enrolled device {device}")));
+    let out = trainer(&["ingest", usb.to_str().unwrap(), "--store", store_arg]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("segment(s) stored") && text.contains("0 already held"), "{text}");
+    let out = trainer(&["ingest", bundle.to_str().unwrap(), "--store", store_arg]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(" 0 segment(s) stored"));
+    assert!(store.join("outbox").join(ack_file_name(device)).exists());
+}

@@ -9,11 +9,11 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use std::sync::Arc;
 
 use nocturne::adapter::{write_adapter_bundle, AdapterSpec, LoraAdapter, Target};
 use nocturne::journal::{Body, DeviceId, Feedback, Interaction, Journal, JournalConfig};
