@@ -229,6 +229,11 @@ impl<'m> Session<'m> {
         &mut self.decoder
     }
 
+    /// The decoder, read-only.
+    pub fn decoder_ref(&self) -> &Decoder<'m> {
+        &self.decoder
+    }
+
     /// Forgets the current sequence.
     pub fn reset(&mut self) {
         self.decoder.truncate(0);

@@ -204,26 +204,34 @@ fn journal_overhead(args: &BenchArgs) -> anyhow::Result<()> {
         }
     }
     let _ = std::fs::remove_dir_all(&scratch);
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let off = median(&mut speeds[0]);
+    let rows = modes.iter().map(|(name, _)| name.to_string()).zip(speeds).collect();
+    print_comparison("journal", &session, args, ids.len(), rows);
+    Ok(())
+}
+
+/// Prints medians of decode speeds per mode, each against the first mode.
+fn print_comparison(what: &str, session: &Session<'_>, args: &BenchArgs, prompt: usize, rows: Vec<(String, Vec<f64>)>) {
+    let medians: Vec<(String, f64)> = rows
+        .into_iter()
+        .map(|(name, mut v)| {
+            v.sort_by(f64::total_cmp);
+            (name, v[v.len() / 2])
+        })
+        .collect();
+    let base = medians[0].1;
+    let decoder = session.decoder_ref();
     println!(
-        "\n{} pack, {} threads, {} rounds of {} prompt + {} decoded tokens; profile {}\n",
-        pack.precision().name(),
-        session.decoder().threads(),
+        "\n{} pack, {} threads, {} rounds of {prompt} prompt + {} decoded tokens; profile {}\n",
+        decoder.pack().precision().name(),
+        decoder.threads(),
         args.rounds,
-        ids.len(),
         args.new_tokens,
         ACTIVE.name
     );
-    println!("| journal | median decode tok/s | vs off |\n|---|---|---|");
-    for ((name, _), speeds) in modes.iter().zip(&mut speeds) {
-        let m = median(speeds);
-        println!("| {name} | {m:.1} | {:+.1}% |", 100.0 * (m - off) / off);
+    println!("| {what} | median decode tok/s | vs {} |\n|---|---|---|", medians[0].0);
+    for (name, m) in &medians {
+        println!("| {name} | {m:.1} | {:+.1}% |", 100.0 * (m - base) / base);
     }
-    Ok(())
 }
 
 /// Decode tokens/s without and with a rank-`rank` adapter on q, k, v, o,
@@ -255,22 +263,9 @@ fn adapter_overhead(args: &BenchArgs, rank: usize) -> anyhow::Result<()> {
             speeds.push(prefill_decode(&mut session, &ids, args.new_tokens)?.1);
         }
     }
-    let [off, on] = speeds.map(|mut v| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    });
-    println!(
-        "\n{} pack, {} threads, {} rounds of {} prompt + {} decoded tokens; profile {}\n",
-        pack.precision().name(),
-        session.decoder().threads(),
-        args.rounds,
-        ids.len(),
-        args.new_tokens,
-        ACTIVE.name
-    );
-    println!("| adapter | median decode tok/s | vs none |\n|---|---|---|");
-    println!("| none | {off:.1} | +0.0% |");
-    println!("| rank {rank}, q/k/v/o, unmerged | {on:.1} | {:+.1}% |", 100.0 * (on - off) / off);
+    let [off, on] = speeds;
+    let rows = vec![("none".to_string(), off), (format!("rank {rank}, q/k/v/o, unmerged"), on)];
+    print_comparison("adapter", &session, args, ids.len(), rows);
     Ok(())
 }
 
