@@ -4,11 +4,14 @@
 //! GGUF metadata), [`quant`] (int8 block quantization), [`convert`] (GGUF →
 //! model packs), [`fetch`] (model manifests, download, verification),
 //! [`store`] (the host store: enrolled devices, ingested journal segments,
-//! acknowledgements).
+//! acknowledgements), [`replay`] (training examples from journaled feedback),
+//! [`model`] (the candle Llama forward with LoRA).
 
 pub mod convert;
 pub mod fetch;
 pub mod gguf;
 pub mod gguf_tokenizer;
+pub mod model;
 pub mod quant;
+pub mod replay;
 pub mod store;

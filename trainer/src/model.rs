@@ -1,0 +1,320 @@
+//! The trainer's Llama forward pass in candle, over the frozen base weights
+//! of a pack, with trainable LoRA parameters.
+//!
+//! Principal types: [`BaseModel`], [`Lora`].
+//!
+//! Written with plain candle ops only (matmul, broadcast arithmetic, exp,
+//! `candle_nn::ops::softmax`/`log_softmax`, which are compositions of plain
+//! ops): candle 0.11's fused `softmax_last_dim`, `rms_norm`, `rotary_emb::rope`
+//! and `QMatMul` return no gradient (see `../shared/DESIGN.md`, Trainer). The
+//! computation mirrors the device decoder (`nocturne::decoder`) step for
+//! step — RMSNorm, half-split RoPE, grouped-query causal attention, SiLU MLP,
+//! tied output projection — so logits agree (a parity test holds them within
+//! 1e-3 relative). Base weights are constants (dequantized from the pack,
+//! stored transposed `[in, out]`); only the LoRA `Var`s get gradients.
+//!
+//! LoRA (Hu et al., ICLR 2022): `y = x Wᵀ + (alpha/rank) · (x Aᵀ) Bᵀ`, `A`
+//! `[rank, in]` initialised uniform in ±1/√in (PEFT's Kaiming-uniform with
+//! a = √5), `B` `[out, rank]` zero, so training starts from the base model.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use half::f16;
+use nocturne::adapter::{LoraAdapter, Target};
+use nocturne::config::ModelConfig;
+use nocturne::weights::{Matrix, ModelPack};
+
+/// Dequantizes a pack matrix to row-major f32 `[rows, cols]`.
+pub fn dense(m: Matrix<'_>) -> Vec<f32> {
+    match m {
+        Matrix::Int8 { cols, values, scales, .. } => {
+            let blocks = cols / nocturne::config::INT8_BLOCK;
+            values
+                .iter()
+                .enumerate()
+                .map(|(i, &q)| f32::from(q) * scales[(i / cols) * blocks + (i % cols) / nocturne::config::INT8_BLOCK].to_f32())
+                .collect()
+        }
+        Matrix::F16 { values, .. } => values.iter().map(|v| v.to_f32()).collect(),
+    }
+}
+
+struct BaseLayer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    /// Transposed projections `[in, out]`, in [`Target`] order.
+    proj_t: [Tensor; 7],
+}
+
+/// The frozen base model.
+pub struct BaseModel {
+    config: ModelConfig,
+    embed: Tensor,
+    lm_head_t: Tensor,
+    norm: Tensor,
+    layers: Vec<BaseLayer>,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+    dtype: DType,
+}
+
+fn matrix_t(m: Matrix<'_>, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    let (rows, cols) = m.shape();
+    Tensor::from_vec(dense(m), (rows, cols), device)?.t()?.contiguous()?.to_dtype(dtype)
+}
+
+impl BaseModel {
+    /// Loads every weight of `pack` (dequantized) as `dtype` on `device`,
+    /// with RoPE tables for `max_positions`.
+    ///
+    /// # Errors
+    /// candle errors (out of memory).
+    pub fn from_pack(pack: &ModelPack, dtype: DType, device: &Device, max_positions: usize) -> candle_core::Result<BaseModel> {
+        let c = pack.config().clone();
+        let vec = |v: &[f32]| Tensor::from_slice(v, v.len(), device)?.to_dtype(dtype);
+        let (vocab, h) = pack.embed_tokens().shape();
+        let embed = Tensor::from_vec(dense(pack.embed_tokens()), (vocab, h), device)?.to_dtype(dtype)?;
+        let lm_head_t = matrix_t(pack.lm_head(), dtype, device)?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let w = pack.layer(l);
+            let proj = [w.q_proj, w.k_proj, w.v_proj, w.o_proj, w.gate_proj, w.up_proj, w.down_proj];
+            let proj_t = [0, 1, 2, 3, 4, 5, 6].map(|i| matrix_t(proj[i], dtype, device));
+            let [q, k, v, o, g, u, d] = proj_t;
+            layers.push(BaseLayer { input_norm: vec(w.input_norm)?, post_norm: vec(w.post_attention_norm)?, proj_t: [q?, k?, v?, o?, g?, u?, d?] });
+        }
+        // RoPE angles exactly as the device computes them (f64, then rounded).
+        let half = c.head_dim / 2;
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for pos in 0..max_positions {
+            for i in 0..half {
+                let angle = pos as f64 * (c.rope_theta as f64).powf(-2.0 * i as f64 / c.head_dim as f64);
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let cos = Tensor::from_vec(cos, (max_positions, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (max_positions, half), device)?.to_dtype(dtype)?;
+        let norm = vec(pack.final_norm())?;
+        Ok(BaseModel { config: c, embed, lm_head_t, norm, layers, cos, sin, device: device.clone(), dtype })
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The device tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype of the computation.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// `[in, out]` of a projection.
+    pub fn projection_shape(&self, layer: usize, target: Target) -> (usize, usize) {
+        let d = self.layers[layer].proj_t[target as usize].dims();
+        (d[0], d[1])
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv = (ms + f64::from(self.config.rms_norm_eps))?.sqrt()?.recip()?;
+        x.broadcast_mul(&inv)?.broadcast_mul(w)
+    }
+
+    /// Half-split RoPE on `[T, heads, d]` for positions `0..T`.
+    fn rope(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (t, _, d) = x.dims3()?;
+        let half = d / 2;
+        let cos = self.cos.narrow(0, 0, t)?.unsqueeze(1)?;
+        let sin = self.sin.narrow(0, 0, t)?.unsqueeze(1)?;
+        let x1 = x.narrow(2, 0, half)?;
+        let x2 = x.narrow(2, half, half)?;
+        let a = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let b = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+        Tensor::cat(&[a, b], 2)
+    }
+
+    fn project(&self, x: &Tensor, layer: usize, target: Target, lora: Option<&Lora>) -> candle_core::Result<Tensor> {
+        let y = x.matmul(&self.layers[layer].proj_t[target as usize])?;
+        match lora.and_then(|l| l.pair(layer, target).map(|p| (l, p))) {
+            Some((l, (a, b))) => y + (x.matmul(&a.as_tensor().t()?)?.matmul(&b.as_tensor().t()?)? * l.scale())?,
+            None => Ok(y),
+        }
+    }
+
+    /// Logits `[T, vocab]` after each of `ids` (one sequence from position 0).
+    ///
+    /// # Errors
+    /// candle errors; more tokens than the RoPE table holds.
+    pub fn forward(&self, ids: &[u32], lora: Option<&Lora>) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let (t, d, heads, kv_heads) = (ids.len(), c.head_dim, c.num_attention_heads, c.num_key_value_heads);
+        let group = heads / kv_heads;
+        let ids_t = Tensor::from_slice(ids, t, &self.device)?;
+        let mut x = self.embed.index_select(&ids_t, 0)?;
+        let mask: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
+        let mask = Tensor::from_vec(mask, (1, t, t), &self.device)?.to_dtype(self.dtype)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let xn = self.rms_norm(&x, &layer.input_norm)?;
+            let q = self.rope(&self.project(&xn, l, Target::Q, lora)?.reshape((t, heads, d))?)?;
+            let k = self.rope(&self.project(&xn, l, Target::K, lora)?.reshape((t, kv_heads, d))?)?;
+            let v = self.project(&xn, l, Target::V, lora)?.reshape((t, kv_heads, d))?;
+            let q = q.transpose(0, 1)?.contiguous()?; // [heads, T, d]
+            let expand = |m: Tensor| -> candle_core::Result<Tensor> {
+                let m = m.transpose(0, 1)?.contiguous()?; // [kv_heads, T, d]
+                Tensor::cat(&(0..kv_heads).flat_map(|g| std::iter::repeat_n(g, group)).map(|g| m.narrow(0, g, 1)).collect::<candle_core::Result<Vec<_>>>()?, 0)
+            };
+            let (k, v) = (expand(k)?, expand(v)?);
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let att = probs.matmul(&v)?.transpose(0, 1)?.contiguous()?.reshape((t, heads * d))?;
+            x = (x + self.project(&att, l, Target::O, lora)?)?;
+            let xn = self.rms_norm(&x, &layer.post_norm)?;
+            let gate = self.project(&xn, l, Target::Gate, lora)?;
+            let up = self.project(&xn, l, Target::Up, lora)?;
+            let act = (gate.silu()? * up)?;
+            x = (x + self.project(&act, l, Target::Down, lora)?)?;
+        }
+        self.rms_norm(&x, &self.norm)?.matmul(&self.lm_head_t)
+    }
+}
+
+/// Mean cross-entropy of `logits` `[T, vocab]` against `labels` (one per
+/// position: the next token, or `None` where no loss is taken).
+///
+/// # Errors
+/// candle errors; no labelled position.
+pub fn cross_entropy(logits: &Tensor, labels: &[Option<u32>]) -> candle_core::Result<Tensor> {
+    let (rows, targets): (Vec<u32>, Vec<u32>) =
+        labels.iter().enumerate().filter_map(|(i, l)| l.map(|l| (i as u32, l))).unzip();
+    if rows.is_empty() {
+        candle_core::bail!("no labelled position");
+    }
+    let device = logits.device();
+    let picked = logits.index_select(&Tensor::from_vec(rows.clone(), rows.len(), device)?, 0)?;
+    let logp = candle_nn::ops::log_softmax(&picked, D::Minus1)?;
+    let target = Tensor::from_vec(targets, (rows.len(), 1), device)?;
+    logp.gather(&target, 1)?.mean_all()?.neg()
+}
+
+/// Trainable LoRA parameters for some projections of every layer.
+pub struct Lora {
+    rank: usize,
+    alpha: f32,
+    targets: Vec<Target>,
+    /// `[layer][target]`: `A` `[rank, in]`, `B` `[out, rank]`.
+    pairs: Vec<[Option<(Var, Var)>; 7]>,
+}
+
+impl Lora {
+    /// Fresh parameters: `A` uniform in ±1/√in (seeded), `B` zero.
+    ///
+    /// # Errors
+    /// candle errors.
+    pub fn new(base: &BaseModel, rank: usize, alpha: f32, targets: &[Target], seed: u64) -> candle_core::Result<Lora> {
+        let mut state = seed;
+        let mut uniform = move || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let mut pairs = Vec::with_capacity(base.layers.len());
+        for l in 0..base.layers.len() {
+            let mut row: [Option<(Var, Var)>; 7] = Default::default();
+            for &t in targets {
+                let (inp, out) = base.projection_shape(l, t);
+                let bound = 1.0 / (inp as f32).sqrt();
+                let a: Vec<f32> = (0..rank * inp).map(|_| uniform() * bound).collect();
+                let a = Var::from_tensor(&Tensor::from_vec(a, (rank, inp), base.device())?.to_dtype(base.dtype())?)?;
+                let b = Var::zeros((out, rank), base.dtype(), base.device())?;
+                row[t as usize] = Some((a, b));
+            }
+            pairs.push(row);
+        }
+        Ok(Lora { rank, alpha, targets: targets.to_vec(), pairs })
+    }
+
+    /// Parameters starting from a device adapter (the previous night's).
+    ///
+    /// # Errors
+    /// candle errors.
+    pub fn from_adapter(base: &BaseModel, adapter: &LoraAdapter) -> candle_core::Result<Lora> {
+        let targets: Vec<Target> = adapter.manifest().targets.iter().filter_map(|n| Target::from_name(n)).collect();
+        let mut pairs = Vec::with_capacity(base.layers.len());
+        for l in 0..base.layers.len() {
+            let mut row: [Option<(Var, Var)>; 7] = Default::default();
+            for &t in &targets {
+                let (a, b) = adapter.projection(l, t).expect("a validated adapter has every targeted projection");
+                let var = |m: Matrix<'_>| -> candle_core::Result<Var> {
+                    let (r, c) = m.shape();
+                    Var::from_tensor(&Tensor::from_vec(dense(m), (r, c), base.device())?.to_dtype(base.dtype())?)
+                };
+                row[t as usize] = Some((var(a)?, var(b)?));
+            }
+            pairs.push(row);
+        }
+        Ok(Lora { rank: adapter.rank(), alpha: adapter.manifest().alpha, targets, pairs })
+    }
+
+    /// LoRA rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// LoRA alpha.
+    pub fn alpha(&self) -> f32 {
+        self.alpha
+    }
+
+    /// `alpha / rank`.
+    pub fn scale(&self) -> f64 {
+        f64::from(self.alpha) / self.rank as f64
+    }
+
+    /// The targeted projections.
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    fn pair(&self, layer: usize, target: Target) -> Option<(&Var, &Var)> {
+        self.pairs.get(layer)?[target as usize].as_ref().map(|(a, b)| (a, b))
+    }
+
+    /// Every parameter, with its tensor name (`….lora_A.weight`, `….lora_B.weight`).
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (l, row) in self.pairs.iter().enumerate() {
+            for &t in &self.targets {
+                if let Some((a, b)) = &row[t as usize] {
+                    out.push((t.tensor_name(l, 'A'), a.clone()));
+                    out.push((t.tensor_name(l, 'B'), b.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Every parameter as (name, shape, f16 values), for an adapter bundle.
+    ///
+    /// # Errors
+    /// candle errors.
+    pub fn to_f16_tensors(&self) -> candle_core::Result<Vec<(String, Vec<usize>, Vec<f16>)>> {
+        self.named_vars()
+            .into_iter()
+            .map(|(name, v)| {
+                let t = v.as_tensor();
+                let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                Ok((name, t.dims().to_vec(), values.into_iter().map(f16::from_f32).collect()))
+            })
+            .collect()
+    }
+}
