@@ -54,6 +54,9 @@ enum Command {
         #[arg(long)]
         store: PathBuf,
     },
+    /// Consolidate journaled feedback into a LoRA adapter: replay buffer,
+    /// training with the MAS penalty, evaluation, gate, signed bundle.
+    Consolidate(Box<ConsolidateArgs>),
     /// Verify bundles and store their segments exactly once; write each
     /// device's signed acknowledgement to STORE/outbox.
     Ingest {
@@ -64,6 +67,126 @@ enum Command {
         #[arg(long)]
         store: PathBuf,
     },
+}
+
+/// Consolidation settings.
+#[derive(clap::Args)]
+struct ConsolidateArgs {
+    /// A host store: every device's segments in it are read.
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Journal directories to read (a device's `journal/`), besides or instead of a store.
+    #[arg(long = "journal")]
+    journals: Vec<PathBuf>,
+    /// The base model pack directory.
+    #[arg(long)]
+    base: PathBuf,
+    /// Where the adapter bundle, its PEFT copy and report.json go.
+    #[arg(long)]
+    out: PathBuf,
+    /// The previous adapter bundle, to continue from (and hold to with MAS).
+    #[arg(long)]
+    previous: Option<PathBuf>,
+    /// The trainer's private key (default: STORE/trainer.key).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Retention texts (paragraphs separated by blank lines); default: the built-in set.
+    #[arg(long)]
+    retention: Vec<PathBuf>,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+    /// Targeted projections, comma-separated.
+    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj", value_delimiter = ',')]
+    targets: Vec<String>,
+    /// Optimisation steps (one example each).
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 2e-3)]
+    learning_rate: f64,
+    /// Weight of the MAS anti-forgetting penalty (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    mas_lambda: f64,
+    /// Weight of the implicit score in the priority (the explicit one gets 1 minus it).
+    #[arg(long, default_value_t = 0.7)]
+    implicit_weight: f32,
+    /// Largest allowed rise of retention perplexity, relative.
+    #[arg(long, default_value_t = 0.03)]
+    retention_bound: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
+    use nocturne_trainer::consolidate::TrainConfig;
+    use nocturne_trainer::eval::Gate;
+    use nocturne_trainer::night::{consolidate, journal_dirs, retention_texts, NightConfig};
+    use nocturne_trainer::replay::PriorityWeights;
+    let dirs = journal_dirs(args.store.as_deref(), &args.journals)?;
+    if dirs.is_empty() {
+        anyhow::bail!("nothing to read: give --store or --journal");
+    }
+    let key_path = match (&args.key, &args.store) {
+        (Some(k), _) => k.clone(),
+        (None, Some(s)) => s.join("trainer.key"),
+        (None, None) => anyhow::bail!("the adapter must be signed: give --key (or --store with its trainer.key)"),
+    };
+    let key = nocturne::sync::keys::read_signing_key(&key_path)?;
+    let targets = args
+        .targets
+        .iter()
+        .map(|t| nocturne::adapter::Target::from_name(t).with_context(|| format!("unknown target `{t}` (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let config = NightConfig {
+        train: TrainConfig {
+            rank: args.rank,
+            alpha: args.alpha,
+            targets,
+            learning_rate: args.learning_rate,
+            steps: args.steps,
+            mas_lambda: args.mas_lambda,
+            seed: args.seed,
+            ..TrainConfig::default()
+        },
+        weights: PriorityWeights { implicit: args.implicit_weight, explicit: 1.0 - args.implicit_weight },
+        gate: Gate { retention_bound: args.retention_bound },
+    };
+    let bar = indicatif::ProgressBar::new(args.steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {msg}  [{elapsed_precise}, eta {eta}]")
+            .expect("valid template"),
+    );
+    let retention = retention_texts(&args.retention)?;
+    let report = consolidate(&dirs, &args.base, args.previous.as_deref(), &key, &retention, &args.out, &config, &mut |step, loss, tps| {
+        bar.set_position(step as u64);
+        bar.set_message(format!("loss {loss:.3}  {tps:.0} tokens/s"));
+    })?;
+    bar.finish();
+    println!(
+        "{} examples ({} corrections, {} approved replies; {} negative-only kept out); trained {:.1} s at {:.0} tokens/s",
+        report.priorities.len(),
+        report.replay.corrected,
+        report.replay.approved,
+        report.replay.negative_only,
+        report.train_seconds,
+        report.tokens_per_second
+    );
+    println!(
+        "task {:.3} -> {:.3}; retention perplexity {:.3} -> {:.3} ({})",
+        report.before.task,
+        report.after.task,
+        report.before.retention_perplexity,
+        report.after.retention_perplexity,
+        if report.held_out { "held-out examples" } else { "training examples: nothing was held out" }
+    );
+    println!("{}: {}", if report.published { "published" } else { "not published" }, report.decision);
+    println!("adapter {} in {} (PEFT copy {}); report {}", report.adapter, report.bundle.display(), report.peft.display(), args.out.join("report.json").display());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The bundle directories among `paths`: each path itself when it is a
@@ -140,6 +263,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keygen { store } => println!("trainer public key: {}", Store::new(store).keygen()?.display()),
         Command::Enroll { device_pub, store } => println!("enrolled device {}", Store::new(store).enroll(&device_pub)?),
         Command::Ingest { bundles, store } => return ingest(&bundles, &Store::new(store)),
+        Command::Consolidate(args) => return consolidate_command(&args),
     }
     Ok(ExitCode::SUCCESS)
 }

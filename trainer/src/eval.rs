@@ -1,0 +1,137 @@
+//! Evaluation on the device's own decoder: answer match rate and retention
+//! perplexity before and after, and the gate that decides publication.
+//!
+//! Principal items: [`Evaluator`], [`normalise`], [`Scores`], [`Gate`].
+//!
+//! The task score is the share of examples whose greedy answer matches the
+//! target exactly or after [`normalise`]. Retention is the perplexity of a
+//! fixed set of texts the base already handles. Both run on
+//! `nocturne::session` with the candidate adapter applied exactly as the
+//! device will apply it, so what is measured is what ships.
+
+use std::sync::Arc;
+
+use nocturne::adapter::LoraAdapter;
+use nocturne::profile::ACTIVE;
+use nocturne::session::{perplexity, RequestOptions, Session, SessionOptions};
+use nocturne::tokenizer::{chatml, Tokenizer};
+use nocturne::weights::ModelPack;
+
+use crate::replay::Example;
+
+/// Lowercase, letters and digits only, single spaces: "Paris." and "paris" match.
+pub fn normalise(text: &str) -> String {
+    let kept: String = text.chars().map(|c| if c.is_alphanumeric() { c.to_ascii_lowercase() } else { ' ' }).collect();
+    kept.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Scores of one model (base, or base with an adapter).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Scores {
+    /// Share of examples answered with their target (exact or normalised), [0, 1].
+    pub task: f64,
+    /// Perplexity on the retention texts.
+    pub retention_perplexity: f64,
+}
+
+/// The publication decision.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gate {
+    /// Largest allowed relative rise of retention perplexity (default 0.03).
+    pub retention_bound: f64,
+}
+
+impl Default for Gate {
+    fn default() -> Gate {
+        Gate { retention_bound: 0.03 }
+    }
+}
+
+impl Gate {
+    /// Publish only if the task score improves and retention perplexity
+    /// rises by no more than the bound. Returns the decision and why.
+    pub fn decide(&self, before: &Scores, after: &Scores) -> (bool, String) {
+        let rise = after.retention_perplexity / before.retention_perplexity - 1.0;
+        if after.task <= before.task {
+            return (false, format!("task score did not improve ({:.3} → {:.3})", before.task, after.task));
+        }
+        if rise > self.retention_bound {
+            return (false, format!("retention perplexity rose {:.2}% (bound {:.2}%)", 100.0 * rise, 100.0 * self.retention_bound));
+        }
+        (true, format!("task {:.3} → {:.3}, retention perplexity {:+.2}% (bound {:.2}%)", before.task, after.task, 100.0 * rise, 100.0 * self.retention_bound))
+    }
+}
+
+/// Answers and scores with the device decoder.
+pub struct Evaluator<'a> {
+    session: Session<'a>,
+    tokenizer: &'a Tokenizer,
+    /// Longest answer, tokens.
+    pub max_new_tokens: usize,
+}
+
+impl<'a> Evaluator<'a> {
+    /// A session on `pack` with the build's profile.
+    ///
+    /// # Errors
+    /// The session cannot start (budget).
+    pub fn new(pack: &'a ModelPack, tokenizer: &'a Tokenizer) -> anyhow::Result<Evaluator<'a>> {
+        let mut options = SessionOptions::for_profile(&ACTIVE);
+        options.all_logits = true;
+        Ok(Evaluator { session: Session::start(pack, tokenizer, &ACTIVE, options)?, tokenizer, max_new_tokens: 48 })
+    }
+
+    /// Uses `adapter` from now on (`None`: the base model).
+    pub fn set_adapter(&mut self, adapter: Option<Arc<LoraAdapter>>) {
+        self.session.set_adapter(adapter);
+    }
+
+    /// The greedy answer to an example's context.
+    ///
+    /// # Errors
+    /// Tokenizer or decoder errors.
+    pub fn answer(&mut self, example: &Example) -> anyhow::Result<String> {
+        let ids = self.tokenizer.encode(&chatml(&example.messages, true))?;
+        let mut options = RequestOptions::for_profile(&ACTIVE);
+        options.max_new_tokens = self.max_new_tokens;
+        options.deadline = std::time::Duration::from_secs(600);
+        self.session.generate(&ids, &options, &mut |_| {})?;
+        Ok(self.session.reply_text().trim().to_string())
+    }
+
+    /// Share of `examples` answered with their target.
+    ///
+    /// # Errors
+    /// As [`Evaluator::answer`].
+    pub fn match_rate(&mut self, examples: &[&Example]) -> anyhow::Result<f64> {
+        if examples.is_empty() {
+            return Ok(0.0);
+        }
+        let mut hits = 0;
+        for e in examples {
+            let answer = self.answer(e)?;
+            hits += usize::from(answer == e.target || normalise(&answer) == normalise(&e.target));
+        }
+        Ok(hits as f64 / examples.len() as f64)
+    }
+
+    /// Perplexity over `texts` (token-weighted), each cut to the context.
+    ///
+    /// # Errors
+    /// Tokenizer or decoder errors.
+    pub fn perplexity(&mut self, texts: &[String]) -> anyhow::Result<f64> {
+        let (mut log_sum, mut count) = (0.0, 0usize);
+        for text in texts {
+            let mut ids = self.tokenizer.encode(text)?;
+            ids.truncate(self.session.decoder().capacity().min(512));
+            if ids.len() < 2 {
+                continue;
+            }
+            let ppl = perplexity(self.session.decoder(), &ids)?;
+            log_sum += ppl.ln() * (ids.len() - 1) as f64;
+            count += ids.len() - 1;
+        }
+        self.session.reset();
+        Ok((log_sum / count.max(1) as f64).exp())
+    }
+}

@@ -1,0 +1,299 @@
+//! One consolidation run, end to end: journals → replay buffer → LoRA
+//! training → evaluation on the device decoder → gate → signed adapter
+//! bundle (and PEFT copy) → `report.json`.
+//!
+//! Principal items: [`NightConfig`], [`consolidate`], [`Report`],
+//! [`journal_dirs`], [`retention_texts`].
+//!
+//! Split: an example whose interaction LSN is a multiple of 5 is held out
+//! for the gate (when at least one corrected example is held out; else the
+//! gate scores the training examples and says so). The gate decides with
+//! the held-out task score and the retention perplexity (see
+//! [`crate::eval::Gate`]). A rejected adapter is still written, under
+//! `rejected/`, so it can be inspected.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use ed25519_dalek::SigningKey;
+use nocturne::adapter::LoraAdapter;
+use nocturne::tokenizer::Tokenizer;
+use nocturne::weights::{ModelPack, TOKENIZER_FILE};
+use serde::Serialize;
+
+use crate::consolidate::{train, TrainConfig};
+use crate::eval::{Evaluator, Gate, Scores};
+use crate::export::export_adapter;
+use crate::model::{BaseModel, Lora};
+use crate::replay::{PriorityWeights, ReplayBuffer, ReplayReport};
+
+/// The built-in retention set: general text and dialogue the base handles.
+pub const RETENTION_TEXT: &str = include_str!("../data/retention.txt");
+
+/// Settings of a run.
+#[derive(Clone, Debug)]
+pub struct NightConfig {
+    /// Training settings.
+    pub train: TrainConfig,
+    /// Priority weights.
+    pub weights: PriorityWeights,
+    /// The publication gate.
+    pub gate: Gate,
+}
+
+/// Everything a run measured, as written to `report.json`.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Replay-buffer counts.
+    pub replay: ReplayCounts,
+    /// Priority of every example.
+    pub priorities: Vec<f32>,
+    /// Examples (interactions with usable feedback) per day of the interaction (UTC date, count).
+    pub examples_per_day: Vec<(String, usize)>,
+    /// Task loss per step.
+    pub losses: Vec<f32>,
+    /// Training throughput, tokens per second.
+    pub tokens_per_second: f64,
+    /// Training wall time, seconds.
+    pub train_seconds: f64,
+    /// Whole run wall time, seconds.
+    pub total_seconds: f64,
+    /// Scores without the new adapter (base, or the previous adapter).
+    pub before: ScoresJson,
+    /// Scores with it.
+    pub after: ScoresJson,
+    /// Whether the gate used held-out examples.
+    pub held_out: bool,
+    /// The decision.
+    pub published: bool,
+    /// Why.
+    pub decision: String,
+    /// The adapter's id and where it went.
+    pub adapter: String,
+    /// Device bundle directory.
+    pub bundle: PathBuf,
+    /// PEFT directory.
+    pub peft: PathBuf,
+    /// Size of the adapter weights file, bytes.
+    pub adapter_bytes: u64,
+    /// LoRA settings.
+    pub rank: usize,
+    /// LoRA alpha.
+    pub alpha: f32,
+    /// MAS weight.
+    pub mas_lambda: f64,
+}
+
+/// [`ReplayReport`] for JSON.
+#[derive(Debug, Serialize)]
+pub struct ReplayCounts {
+    /// Interactions read.
+    pub interactions: usize,
+    /// Feedback records read.
+    pub feedback: usize,
+    /// Corrected examples.
+    pub corrected: usize,
+    /// Approved-reply examples.
+    pub approved: usize,
+    /// Negative-only interactions kept out.
+    pub negative_only: usize,
+    /// Unrated interactions.
+    pub unrated: usize,
+    /// Feedback on unknown interactions.
+    pub orphan_feedback: usize,
+}
+
+impl From<&ReplayReport> for ReplayCounts {
+    fn from(r: &ReplayReport) -> ReplayCounts {
+        ReplayCounts {
+            interactions: r.interactions,
+            feedback: r.feedback,
+            corrected: r.corrected,
+            approved: r.approved,
+            negative_only: r.negative_only,
+            unrated: r.unrated,
+            orphan_feedback: r.orphan_feedback,
+        }
+    }
+}
+
+/// [`Scores`] for JSON.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct ScoresJson {
+    /// Task match rate.
+    pub task: f64,
+    /// Retention perplexity.
+    pub retention_perplexity: f64,
+}
+
+impl From<Scores> for ScoresJson {
+    fn from(s: Scores) -> ScoresJson {
+        ScoresJson { task: s.task, retention_perplexity: s.retention_perplexity }
+    }
+}
+
+/// The journal directories of a host store (`devices/*`), or the given ones.
+///
+/// # Errors
+/// The store cannot be listed.
+pub fn journal_dirs(store: Option<&Path>, journals: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut dirs = journals.to_vec();
+    if let Some(store) = store {
+        let devices = store.join("devices");
+        for entry in std::fs::read_dir(&devices).with_context(|| format!("cannot list {}", devices.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                dirs.push(path);
+            }
+        }
+    }
+    dirs.sort();
+    Ok(dirs)
+}
+
+/// Retention texts: paragraphs (blank-line separated) of `files`, or of the
+/// built-in set when there are none.
+///
+/// # Errors
+/// A file cannot be read.
+pub fn retention_texts(files: &[PathBuf]) -> anyhow::Result<Vec<String>> {
+    let mut text = String::new();
+    for f in files {
+        text.push_str(&std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?);
+        text.push_str("\n\n");
+    }
+    if files.is_empty() {
+        text.push_str(RETENTION_TEXT);
+    }
+    Ok(text.split("\n\n").map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect())
+}
+
+fn day(ms: u64) -> String {
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = (ms / 86_400_000) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    format!("{:04}-{m:02}-{d:02}", yoe + era * 400 + i64::from(m <= 2))
+}
+
+/// Runs one consolidation from `dirs` on the pack in `base_dir`, writing
+/// into `out` (published bundle and PEFT copy, or under `rejected/`, and
+/// `report.json`). `previous` is the adapter bundle to continue from.
+///
+/// # Errors
+/// Unreadable journals or pack; no training example; training, evaluation
+/// or export failures.
+#[allow(clippy::too_many_arguments)]
+pub fn consolidate(
+    dirs: &[PathBuf],
+    base_dir: &Path,
+    previous: Option<&Path>,
+    key: &SigningKey,
+    retention: &[String],
+    out: &Path,
+    config: &NightConfig,
+    progress: &mut dyn FnMut(usize, f32, f64),
+) -> anyhow::Result<Report> {
+    let started = std::time::Instant::now();
+    let pack = ModelPack::open(base_dir)?;
+    let tokenizer = Tokenizer::from_file(&base_dir.join(TOKENIZER_FILE))?;
+    let buffer = ReplayBuffer::build(dirs, config.weights)?;
+    let (held, trained): (Vec<usize>, Vec<usize>) = (0..buffer.examples.len()).partition(|&i| buffer.examples[i].interaction % 5 == 0);
+    let held_corrected: Vec<usize> = held.iter().copied().filter(|&i| buffer.examples[i].corrected).collect();
+    let (train_set, gate_set, held_out) = if held_corrected.is_empty() || trained.is_empty() {
+        ((0..buffer.examples.len()).collect::<Vec<_>>(), (0..buffer.examples.len()).filter(|&i| buffer.examples[i].corrected).collect::<Vec<_>>(), false)
+    } else {
+        (trained, held_corrected, true)
+    };
+    let trainer_key = key.verifying_key();
+    let previous_adapter = previous.map(|p| LoraAdapter::open(p, &pack, &trainer_key)).transpose()?.map(Arc::new);
+    let base = BaseModel::from_pack(&pack, DType::F32, &Device::Cpu, config.train.max_tokens.max(64))?;
+    let warm = previous_adapter.as_ref().map(|a| Lora::from_adapter(&base, a)).transpose()?;
+    let reference: Vec<Vec<u32>> = retention
+        .iter()
+        .map(|t| tokenizer.encode(t).map(|mut ids| {
+            ids.truncate(48);
+            ids
+        }))
+        .collect::<Result<_, _>>()?;
+    let outcome = train(&base, &tokenizer, &buffer, &train_set, warm, &reference, &config.train, progress)?;
+    drop(base);
+    // Evaluate before (the device as it is) and after (with the candidate).
+    let staging = out.join(".staging");
+    let _ = std::fs::remove_dir_all(&staging);
+    let description = serde_json::json!({
+        "examples": buffer.examples.len(),
+        "trained_on": train_set.len(),
+        "first_interaction_ms": buffer.examples.iter().map(|e| e.time_ms).min(),
+        "last_interaction_ms": buffer.examples.iter().map(|e| e.time_ms).max(),
+    });
+    let parent = previous_adapter.as_ref().map(|a| a.id());
+    let exported = export_adapter(&staging, key, &outcome.lora, pack.id(), parent, &description.to_string())?;
+    let candidate = Arc::new(LoraAdapter::open(&exported.bundle, &pack, &trainer_key)?);
+    let gate_examples: Vec<_> = gate_set.iter().map(|&i| &buffer.examples[i]).collect();
+    let mut evaluator = Evaluator::new(&pack, &tokenizer)?;
+    evaluator.set_adapter(previous_adapter.clone());
+    let before = Scores { task: evaluator.match_rate(&gate_examples)?, retention_perplexity: evaluator.perplexity(retention)? };
+    evaluator.set_adapter(Some(Arc::clone(&candidate)));
+    let after = Scores { task: evaluator.match_rate(&gate_examples)?, retention_perplexity: evaluator.perplexity(retention)? };
+    drop(evaluator);
+    let (published, decision) = config.gate.decide(&before, &after);
+    let target = if published { out.to_path_buf() } else { out.join("rejected") };
+    std::fs::create_dir_all(&target)?;
+    let move_into = |from: &Path| -> anyhow::Result<PathBuf> {
+        let to = target.join(from.file_name().context("named")?);
+        if to.exists() {
+            std::fs::remove_dir_all(&to)?;
+        }
+        std::fs::rename(from, &to)?;
+        Ok(to)
+    };
+    let bundle = move_into(&exported.bundle)?;
+    let peft = move_into(&exported.peft)?;
+    let _ = std::fs::remove_dir_all(&staging);
+    let adapter_bytes = std::fs::metadata(bundle.join(nocturne::adapter::ADAPTER_WEIGHTS_FILE))?.len();
+    let mut per_day = std::collections::BTreeMap::<String, usize>::new();
+    for e in &buffer.examples {
+        *per_day.entry(day(e.time_ms)).or_default() += 1;
+    }
+    let report = Report {
+        replay: (&buffer.report).into(),
+        priorities: buffer.examples.iter().map(|e| e.priority).collect(),
+        examples_per_day: per_day.into_iter().collect(),
+        losses: outcome.losses,
+        tokens_per_second: outcome.tokens_per_second,
+        train_seconds: outcome.seconds,
+        total_seconds: started.elapsed().as_secs_f64(),
+        before: before.into(),
+        after: after.into(),
+        held_out,
+        published,
+        decision,
+        adapter: exported.id.to_string(),
+        bundle,
+        peft,
+        adapter_bytes,
+        rank: outcome.lora.rank(),
+        alpha: outcome.lora.alpha(),
+        mas_lambda: config.train.mas_lambda,
+    };
+    std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&report)? + "\n")?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn civil_dates() {
+        assert_eq!(super::day(0), "1970-01-01");
+        assert_eq!(super::day(951_782_400_000), "2000-02-29");
+        assert_eq!(super::day(1_795_252_306_838), "2026-11-21");
+    }
+}
