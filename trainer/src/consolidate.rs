@@ -12,7 +12,8 @@
 //! Synapses: Learning what (not) to forget", ECCV 2018): the importance Ω of
 //! each LoRA parameter is the mean over reference prompts of
 //! `|∂ ‖F(x)‖²₂ / ∂θ|`, F the model's output logits, measured at the starting
-//! parameters; θ* are the previous adapter's parameters (a warm start), or
+//! parameters, then scaled so that its mean over all parameters is 1 (so λ
+//! does not depend on the output scale); θ* are the previous adapter's parameters (a warm start), or
 //! zero on the first night (where `B = 0`, so only `B`, which carries the
 //! whole update, is held back).
 
@@ -21,7 +22,7 @@ use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use nocturne::adapter::Target;
 use nocturne::tokenizer::{chatml, Tokenizer};
 
-use crate::model::{cross_entropy, BaseModel, Lora};
+use crate::model::{sequence_loss, BaseModel, Lora};
 use crate::replay::{Example, ReplayBuffer};
 
 /// Training settings.
@@ -97,8 +98,18 @@ pub fn mas_importance(base: &BaseModel, lora: &Lora, prompts: &[Vec<u32>]) -> ca
             }
         }
     }
-    let n = prompts.len().max(1) as f64;
-    total.into_iter().map(|t| t / n).collect()
+    // Scale so the mean importance over all parameters is 1: λ then means the
+    // same whatever the model's output scale.
+    let count: usize = total.iter().map(|t| t.elem_count()).sum();
+    let mut sum = 0.0;
+    for t in &total {
+        sum += t.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    }
+    let mean = sum / count.max(1) as f64;
+    if mean == 0.0 {
+        return Ok(total);
+    }
+    total.into_iter().map(|t| t / mean).collect()
 }
 
 /// What a training run produced.
@@ -153,7 +164,7 @@ pub fn train(
     let (mut losses, mut tokens) = (Vec::with_capacity(config.steps), 0usize);
     for (step, i) in subset.sample(config.steps, config.seed ^ 0x5EED).into_iter().enumerate() {
         let (ids, labels) = &tokenized[i];
-        let task = cross_entropy(&base.forward(ids, Some(&lora))?, labels)?;
+        let task = sequence_loss(base, ids, labels, Some(&lora))?;
         let mut loss = task.clone();
         if config.mas_lambda > 0.0 {
             let mut penalty = Tensor::zeros((), base.dtype(), base.device())?;

@@ -28,8 +28,10 @@ pub fn normalise(text: &str) -> String {
 /// Scores of one model (base, or base with an adapter).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Scores {
-    /// Share of examples answered with their target (exact or normalised), [0, 1].
+    /// Share of the trained corrections answered with their target (exact or normalised), [0, 1].
     pub task: f64,
+    /// The same on held-out corrections (None: nothing held out).
+    pub held_out: Option<f64>,
     /// Perplexity on the retention texts.
     pub retention_perplexity: f64,
 }
@@ -48,12 +50,18 @@ impl Default for Gate {
 }
 
 impl Gate {
-    /// Publish only if the task score improves and retention perplexity
-    /// rises by no more than the bound. Returns the decision and why.
+    /// Publish only if the task score improves, the held-out score does not
+    /// fall, and retention perplexity rises by no more than the bound.
+    /// Returns the decision and why.
     pub fn decide(&self, before: &Scores, after: &Scores) -> (bool, String) {
         let rise = after.retention_perplexity / before.retention_perplexity - 1.0;
         if after.task <= before.task {
             return (false, format!("task score did not improve ({:.3} → {:.3})", before.task, after.task));
+        }
+        if let (Some(b), Some(a)) = (before.held_out, after.held_out) {
+            if a < b {
+                return (false, format!("held-out score fell ({b:.3} → {a:.3})"));
+            }
         }
         if rise > self.retention_bound {
             return (false, format!("retention perplexity rose {:.2}% (bound {:.2}%)", 100.0 * rise, 100.0 * self.retention_bound));

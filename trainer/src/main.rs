@@ -176,13 +176,15 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
         report.train_seconds,
         report.tokens_per_second
     );
+    let held = |s: &nocturne_trainer::night::ScoresJson| s.held_out.map_or("none held out".to_string(), |h| format!("{h:.3}"));
     println!(
-        "task {:.3} -> {:.3}; retention perplexity {:.3} -> {:.3} ({})",
+        "match rate on trained corrections {:.3} -> {:.3}; held out {} -> {}; retention perplexity {:.3} -> {:.3}",
         report.before.task,
         report.after.task,
+        held(&report.before),
+        held(&report.after),
         report.before.retention_perplexity,
         report.after.retention_perplexity,
-        if report.held_out { "held-out examples" } else { "training examples: nothing was held out" }
     );
     println!("{}: {}", if report.published { "published" } else { "not published" }, report.decision);
     println!("adapter {} in {} (PEFT copy {}); report {}", report.adapter, report.bundle.display(), report.peft.display(), args.out.join("report.json").display());

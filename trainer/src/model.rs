@@ -153,6 +153,21 @@ impl BaseModel {
     /// # Errors
     /// candle errors; more tokens than the RoPE table holds.
     pub fn forward(&self, ids: &[u32], lora: Option<&Lora>) -> candle_core::Result<Tensor> {
+        self.hidden(ids, lora)?.matmul(&self.lm_head_t)
+    }
+
+    /// Logits `[rows.len(), vocab]` after the tokens at `rows` only: the
+    /// output projection (the largest matrix) is applied where a loss is taken.
+    ///
+    /// # Errors
+    /// As [`BaseModel::forward`].
+    pub fn forward_rows(&self, ids: &[u32], lora: Option<&Lora>, rows: &[u32]) -> candle_core::Result<Tensor> {
+        let rows = Tensor::from_slice(rows, rows.len(), &self.device)?;
+        self.hidden(ids, lora)?.index_select(&rows, 0)?.matmul(&self.lm_head_t)
+    }
+
+    /// The final normalised hidden states `[T, hidden]`.
+    fn hidden(&self, ids: &[u32], lora: Option<&Lora>) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let (t, d, heads, kv_heads) = (ids.len(), c.head_dim, c.num_attention_heads, c.num_key_value_heads);
         let group = heads / kv_heads;
@@ -182,23 +197,23 @@ impl BaseModel {
             let act = (gate.silu()? * up)?;
             x = (x + self.project(&act, l, Target::Down, lora)?)?;
         }
-        self.rms_norm(&x, &self.norm)?.matmul(&self.lm_head_t)
+        self.rms_norm(&x, &self.norm)
     }
 }
 
-/// Mean cross-entropy of `logits` `[T, vocab]` against `labels` (one per
+/// Mean cross-entropy of the model on `ids` against `labels` (one per
 /// position: the next token, or `None` where no loss is taken).
 ///
 /// # Errors
 /// candle errors; no labelled position.
-pub fn cross_entropy(logits: &Tensor, labels: &[Option<u32>]) -> candle_core::Result<Tensor> {
+pub fn sequence_loss(base: &BaseModel, ids: &[u32], labels: &[Option<u32>], lora: Option<&Lora>) -> candle_core::Result<Tensor> {
     let (rows, targets): (Vec<u32>, Vec<u32>) =
         labels.iter().enumerate().filter_map(|(i, l)| l.map(|l| (i as u32, l))).unzip();
     if rows.is_empty() {
         candle_core::bail!("no labelled position");
     }
-    let device = logits.device();
-    let picked = logits.index_select(&Tensor::from_vec(rows.clone(), rows.len(), device)?, 0)?;
+    let picked = base.forward_rows(ids, lora, &rows)?;
+    let device = picked.device();
     let logp = candle_nn::ops::log_softmax(&picked, D::Minus1)?;
     let target = Tensor::from_vec(targets, (rows.len(), 1), device)?;
     logp.gather(&target, 1)?.mean_all()?.neg()

@@ -5,11 +5,11 @@
 //! Principal items: [`NightConfig`], [`consolidate`], [`Report`],
 //! [`journal_dirs`], [`retention_texts`].
 //!
-//! Split: an example whose interaction LSN is a multiple of 5 is held out
-//! for the gate (when at least one corrected example is held out; else the
-//! gate scores the training examples and says so). The gate decides with
-//! the held-out task score and the retention perplexity (see
-//! [`crate::eval::Gate`]). A rejected adapter is still written, under
+//! Split: with at least [`MIN_CORRECTIONS_TO_HOLD_OUT`] corrections, those
+//! whose interaction LSN is a multiple of 5 are held out of training. The
+//! gate ([`crate::eval::Gate`]) requires the match rate on the trained
+//! corrections to improve, the held-out match rate not to fall, and the
+//! retention perplexity to stay within its bound. A rejected adapter is still written, under
 //! `rejected/`, so it can be inspected.
 
 use std::path::{Path, PathBuf};
@@ -28,6 +28,9 @@ use crate::eval::{Evaluator, Gate, Scores};
 use crate::export::export_adapter;
 use crate::model::{BaseModel, Lora};
 use crate::replay::{PriorityWeights, ReplayBuffer, ReplayReport};
+
+/// Fewest corrections before some are held out of training for the gate.
+pub const MIN_CORRECTIONS_TO_HOLD_OUT: usize = 10;
 
 /// The built-in retention set: general text and dialogue the base handles.
 pub const RETENTION_TEXT: &str = include_str!("../data/retention.txt");
@@ -122,15 +125,17 @@ impl From<&ReplayReport> for ReplayCounts {
 /// [`Scores`] for JSON.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct ScoresJson {
-    /// Task match rate.
+    /// Match rate on the trained corrections.
     pub task: f64,
+    /// Match rate on held-out corrections.
+    pub held_out: Option<f64>,
     /// Retention perplexity.
     pub retention_perplexity: f64,
 }
 
 impl From<Scores> for ScoresJson {
     fn from(s: Scores) -> ScoresJson {
-        ScoresJson { task: s.task, retention_perplexity: s.retention_perplexity }
+        ScoresJson { task: s.task, held_out: s.held_out, retention_perplexity: s.retention_perplexity }
     }
 }
 
@@ -205,13 +210,13 @@ pub fn consolidate(
     let pack = ModelPack::open(base_dir)?;
     let tokenizer = Tokenizer::from_file(&base_dir.join(TOKENIZER_FILE))?;
     let buffer = ReplayBuffer::build(dirs, config.weights)?;
-    let (held, trained): (Vec<usize>, Vec<usize>) = (0..buffer.examples.len()).partition(|&i| buffer.examples[i].interaction % 5 == 0);
-    let held_corrected: Vec<usize> = held.iter().copied().filter(|&i| buffer.examples[i].corrected).collect();
-    let (train_set, gate_set, held_out) = if held_corrected.is_empty() || trained.is_empty() {
-        ((0..buffer.examples.len()).collect::<Vec<_>>(), (0..buffer.examples.len()).filter(|&i| buffer.examples[i].corrected).collect::<Vec<_>>(), false)
-    } else {
-        (trained, held_corrected, true)
-    };
+    // Hold out every fifth corrected interaction (by LSN) when there are
+    // enough corrections for that to mean something.
+    let corrected: Vec<usize> = (0..buffer.examples.len()).filter(|&i| buffer.examples[i].corrected).collect();
+    let held_out_set: Vec<usize> =
+        if corrected.len() >= MIN_CORRECTIONS_TO_HOLD_OUT { corrected.iter().copied().filter(|&i| buffer.examples[i].interaction % 5 == 0).collect() } else { Vec::new() };
+    let train_set: Vec<usize> = (0..buffer.examples.len()).filter(|i| !held_out_set.contains(i)).collect();
+    let taught: Vec<usize> = train_set.iter().copied().filter(|&i| buffer.examples[i].corrected).collect();
     let trainer_key = key.verifying_key();
     let previous_adapter = previous.map(|p| LoraAdapter::open(p, &pack, &trainer_key)).transpose()?.map(Arc::new);
     let base = BaseModel::from_pack(&pack, DType::F32, &Device::Cpu, config.train.max_tokens.max(64))?;
@@ -237,12 +242,19 @@ pub fn consolidate(
     let parent = previous_adapter.as_ref().map(|a| a.id());
     let exported = export_adapter(&staging, key, &outcome.lora, pack.id(), parent, &description.to_string())?;
     let candidate = Arc::new(LoraAdapter::open(&exported.bundle, &pack, &trainer_key)?);
-    let gate_examples: Vec<_> = gate_set.iter().map(|&i| &buffer.examples[i]).collect();
+    let taught: Vec<_> = taught.iter().map(|&i| &buffer.examples[i]).collect();
+    let held: Vec<_> = held_out_set.iter().map(|&i| &buffer.examples[i]).collect();
     let mut evaluator = Evaluator::new(&pack, &tokenizer)?;
-    evaluator.set_adapter(previous_adapter.clone());
-    let before = Scores { task: evaluator.match_rate(&gate_examples)?, retention_perplexity: evaluator.perplexity(retention)? };
-    evaluator.set_adapter(Some(Arc::clone(&candidate)));
-    let after = Scores { task: evaluator.match_rate(&gate_examples)?, retention_perplexity: evaluator.perplexity(retention)? };
+    let mut score = |adapter: Option<Arc<LoraAdapter>>| -> anyhow::Result<Scores> {
+        evaluator.set_adapter(adapter);
+        Ok(Scores {
+            task: evaluator.match_rate(&taught)?,
+            held_out: if held.is_empty() { None } else { Some(evaluator.match_rate(&held)?) },
+            retention_perplexity: evaluator.perplexity(retention)?,
+        })
+    };
+    let before = score(previous_adapter.clone())?;
+    let after = score(Some(Arc::clone(&candidate)))?;
     drop(evaluator);
     let (published, decision) = config.gate.decide(&before, &after);
     let target = if published { out.to_path_buf() } else { out.join("rejected") };
@@ -273,7 +285,7 @@ pub fn consolidate(
         total_seconds: started.elapsed().as_secs_f64(),
         before: before.into(),
         after: after.into(),
-        held_out,
+        held_out: !held_out_set.is_empty(),
         published,
         decision,
         adapter: exported.id.to_string(),

@@ -17,7 +17,7 @@ use nocturne::profile::Precision;
 use nocturne::weights::ModelPack;
 use nocturne_trainer::convert::convert;
 use nocturne_trainer::gguf::GgufFile;
-use nocturne_trainer::model::{cross_entropy, BaseModel, Lora};
+use nocturne_trainer::model::{sequence_loss, BaseModel, Lora};
 
 /// Tiny packs (hidden 64, 2 layers, vocabulary 8) in `dir`/{int8,fp16}.
 fn tiny_packs(dir: &Path) {
@@ -99,7 +99,7 @@ fn trainer_and_device_agree_on_the_smollm2_pack() {
 fn task_loss(base: &BaseModel, lora: &Lora) -> Tensor {
     let ids = [1u32, 5, 3, 7, 2, 6, 4, 1, 3];
     let labels: Vec<Option<u32>> = (0..ids.len()).map(|i| if i >= 3 && i + 1 < ids.len() { Some(ids[i + 1]) } else { None }).collect();
-    cross_entropy(&base.forward(&ids, Some(lora)).unwrap(), &labels).unwrap()
+    sequence_loss(base, &ids, &labels, Some(lora)).unwrap()
 }
 
 #[test]
