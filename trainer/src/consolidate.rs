@@ -38,7 +38,7 @@ pub struct TrainConfig {
     pub learning_rate: f64,
     /// Optimisation steps, one example each (default 300).
     pub steps: usize,
-    /// Weight λ of the MAS penalty (default 1.0; 0 turns it off).
+    /// Weight λ of the MAS penalty (default 0.5; 0 turns it off).
     pub mas_lambda: f64,
     /// Longest example, tokens (longer contexts are cut from the left).
     pub max_tokens: usize,
@@ -54,7 +54,7 @@ impl Default for TrainConfig {
             targets: vec![Target::Q, Target::K, Target::V, Target::O],
             learning_rate: 2e-3,
             steps: 300,
-            mas_lambda: 1.0,
+            mas_lambda: 0.5,
             max_tokens: 256,
             seed: 0,
         }

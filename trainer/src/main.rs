@@ -109,7 +109,7 @@ struct ConsolidateArgs {
     #[arg(long, default_value_t = 2e-3)]
     learning_rate: f64,
     /// Weight of the MAS anti-forgetting penalty (0: off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 0.5)]
     mas_lambda: f64,
     /// Weight of the implicit score in the priority (the explicit one gets 1 minus it).
     #[arg(long, default_value_t = 0.7)]

@@ -1,0 +1,96 @@
+//! Consolidation on the real SmolLM2 pack: training lowers the loss on a
+//! taught correction, the export loads on the device and in the PEFT
+//! layout, and the gate decides as documented.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use nocturne::adapter::LoraAdapter;
+use nocturne::journal::{Body, DeviceId, Feedback, Interaction, Journal, JournalConfig, ModelId};
+use nocturne::profile::Durability;
+use nocturne::session::StopReason;
+use nocturne::tokenizer::Tokenizer;
+use nocturne::weights::ModelPack;
+use nocturne_trainer::consolidate::{train, TrainConfig};
+use nocturne_trainer::eval::{normalise, Gate, Scores};
+use nocturne_trainer::export::export_adapter;
+use nocturne_trainer::model::BaseModel;
+use nocturne_trainer::replay::{PriorityWeights, ReplayBuffer};
+
+fn pack_dir() -> std::path::PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/cache/smollm2-135m-instruct/int8");
+    assert!(dir.is_dir(), "{} is missing: run `models/fetch` first", dir.display());
+    dir
+}
+
+/// A journal with one interaction whose reply the user corrected.
+fn corrected_journal(dir: &Path, base: ModelId) {
+    let config = JournalConfig { durability: Durability::GroupCommit, group_commit: Duration::from_millis(1), segment_bytes: 1 << 20, disk_quota_bytes: 1 << 30 };
+    let mut journal = Journal::open(dir, DeviceId([2; 16]), config).unwrap();
+    let interaction = Interaction {
+        conversation: 1,
+        turn: 0,
+        base_model: base,
+        adapter: None,
+        system: Cow::Borrowed("You are a kiosk assistant."),
+        prompt: Cow::Borrowed("What is the name of this kiosk?"),
+        reply: Cow::Borrowed("I am an AI assistant."),
+        prompt_tokens: 30,
+        reused_tokens: 0,
+        new_tokens: 6,
+        stop_reason: StopReason::Eos,
+        prefill_tokens_per_s: 1.0,
+        decode_tokens_per_s: 1.0,
+        time_to_first_token_ms: 1.0,
+        peak_memory_bytes: 1,
+    };
+    let lsn = journal.append(&Body::Interaction(interaction)).unwrap();
+    let fix = Feedback { interaction: lsn, correction: Some(Cow::Borrowed("This is the Harbour Station kiosk.")), ..Feedback::default() };
+    journal.append(&Body::Feedback(fix)).unwrap();
+    journal.close().unwrap();
+}
+
+#[test]
+fn training_learns_a_correction_and_the_export_loads_everywhere() {
+    let dir = pack_dir();
+    let pack = ModelPack::open(&dir).unwrap();
+    let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    corrected_journal(&tmp.path().join("journal"), pack.id());
+    let buffer = ReplayBuffer::build(&[tmp.path().join("journal")], PriorityWeights::default()).unwrap();
+    assert_eq!(buffer.examples.len(), 1);
+    let base = BaseModel::from_pack(&pack, DType::F32, &Device::Cpu, 128).unwrap();
+    let config = TrainConfig { steps: 12, learning_rate: 5e-3, mas_lambda: 0.5, ..TrainConfig::default() };
+    let reference = vec![tokenizer.encode("The weather today is mild and sunny.").unwrap()];
+    let outcome = train(&base, &tokenizer, &buffer, &[0], None, &reference, &config, &mut |_, _, _| {}).unwrap();
+    let (first, last) = (outcome.losses[0], *outcome.losses.last().unwrap());
+    assert!(last < 0.5 * first, "loss {first} -> {last}");
+    assert!(outcome.tokens_per_second > 0.0);
+    // Export: the device bundle opens for this pack, the PEFT copy has its files.
+    let key = nocturne::sync::keys::generate().unwrap();
+    let exported = export_adapter(&tmp.path().join("out"), &key, &outcome.lora, pack.id(), None, "{}").unwrap();
+    let adapter = LoraAdapter::open(&exported.bundle, &pack, &key.verifying_key()).unwrap();
+    assert_eq!((adapter.id(), adapter.rank()), (exported.id, 8));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(exported.peft.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((config["peft_type"].as_str(), config["r"].as_u64()), (Some("LORA"), Some(8)));
+    assert_eq!(config["target_modules"], serde_json::json!(["q_proj", "k_proj", "v_proj", "o_proj"]));
+    let bytes = std::fs::read(exported.peft.join("adapter_model.safetensors")).unwrap();
+    let peft = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let a = peft.tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").unwrap();
+    assert_eq!(a.shape(), [8, 576]);
+    assert_eq!(peft.len(), 30 * 4 * 2);
+}
+
+#[test]
+fn the_gate_publishes_only_improvements_within_the_retention_bound() {
+    let gate = Gate::default();
+    let s = |task, held_out, retention_perplexity| Scores { task, held_out, retention_perplexity };
+    assert!(gate.decide(&s(0.1, None, 10.0), &s(0.8, None, 10.2)).0);
+    assert!(!gate.decide(&s(0.1, None, 10.0), &s(0.8, None, 10.4)).0, "retention rose 4%");
+    assert!(!gate.decide(&s(0.5, None, 10.0), &s(0.5, None, 9.0)).0, "no improvement");
+    assert!(!gate.decide(&s(0.1, Some(0.5), 10.0), &s(0.8, Some(0.4), 10.0)).0, "held-out fell");
+    assert_eq!(normalise("  Paris. "), normalise("paris"));
+    assert_ne!(normalise("Paris"), normalise("Lyon"));
+}
