@@ -8,7 +8,7 @@
 //! [`model`] (the candle Llama forward with LoRA), [`consolidate`] (LoRA
 //! training with the MAS penalty), [`eval`] (match rate, retention, the gate),
 //! [`export`] (device bundle and PEFT layout), [`night`] (one consolidation
-//! run end to end).
+//! run end to end), [`report`] (report.html).
 
 pub mod consolidate;
 pub mod convert;
@@ -21,4 +21,5 @@ pub mod model;
 pub mod night;
 pub mod quant;
 pub mod replay;
+pub mod report;
 pub mod store;

@@ -57,6 +57,16 @@ enum Command {
     /// Consolidate journaled feedback into a LoRA adapter: replay buffer,
     /// training with the MAS penalty, evaluation, gate, signed bundle.
     Consolidate(Box<ConsolidateArgs>),
+    /// Render a consolidation's report.json as HTML: loss curve, priority
+    /// distribution, evaluation before/after, examples per day.
+    Report {
+        /// The report.json a consolidation wrote.
+        #[arg(long, default_value = "report.json")]
+        from: PathBuf,
+        /// The HTML file to write.
+        #[arg(long, default_value = "report.html")]
+        out: PathBuf,
+    },
     /// Verify bundles and store their segments exactly once; write each
     /// device's signed acknowledgement to STORE/outbox.
     Ingest {
@@ -266,6 +276,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Enroll { device_pub, store } => println!("enrolled device {}", Store::new(store).enroll(&device_pub)?),
         Command::Ingest { bundles, store } => return ingest(&bundles, &Store::new(store)),
         Command::Consolidate(args) => return consolidate_command(&args),
+        Command::Report { from, out } => {
+            let text = std::fs::read_to_string(&from).with_context(|| format!("cannot read {}", from.display()))?;
+            let report: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", from.display()))?;
+            std::fs::write(&out, nocturne_trainer::report::render(&report)).with_context(|| format!("cannot write {}", out.display()))?;
+            println!("wrote {}", out.display());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,137 @@
+//! `report.html`: the plots of a consolidation run, from its `report.json`
+//! — loss curve, priority distribution, evaluation before and after, and
+//! examples per day — as one self-contained HTML file with inline SVG.
+//!
+//! Principal function: [`render`].
+
+use std::fmt::Write;
+
+use serde_json::Value;
+
+const W: f64 = 560.0;
+const H: f64 = 220.0;
+const PAD: f64 = 36.0;
+
+fn numbers(v: &Value) -> Vec<f64> {
+    v.as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default()
+}
+
+/// A line plot of `ys` against their index.
+fn line_plot(title: &str, ys: &[f64]) -> String {
+    let max = ys.iter().cloned().fold(f64::MIN, f64::max).max(1e-9);
+    let n = ys.len().max(2) as f64 - 1.0;
+    let points: Vec<String> = ys
+        .iter()
+        .enumerate()
+        .map(|(i, y)| format!("{:.1},{:.1}", PAD + i as f64 / n * (W - 2.0 * PAD), H - PAD - y / max * (H - 2.0 * PAD)))
+        .collect();
+    format!(
+        "<h2>{title}</h2><svg width='{W}' height='{H}'><rect x='{PAD}' y='{PAD}' width='{}' height='{}' fill='none' stroke='#ccc'/>\
+         <polyline fill='none' stroke='#2a6' stroke-width='1.5' points='{}'/>\
+         <text x='4' y='{PAD}' font-size='11'>{max:.2}</text><text x='4' y='{}' font-size='11'>0</text>\
+         <text x='{PAD}' y='{}' font-size='11'>step 1</text><text x='{}' y='{}' font-size='11'>step {}</text></svg>",
+        W - 2.0 * PAD,
+        H - 2.0 * PAD,
+        points.join(" "),
+        H - PAD,
+        H - 8.0,
+        W - PAD - 50.0,
+        H - 8.0,
+        ys.len()
+    )
+}
+
+/// A bar chart of labelled values.
+fn bar_plot(title: &str, bars: &[(String, f64)]) -> String {
+    let max = bars.iter().map(|b| b.1).fold(0.0, f64::max).max(1e-9);
+    let width = (W - 2.0 * PAD) / bars.len().max(1) as f64;
+    let mut svg = format!("<h2>{title}</h2><svg width='{W}' height='{H}'>");
+    for (i, (label, v)) in bars.iter().enumerate() {
+        let h = v / max * (H - 2.0 * PAD);
+        let x = PAD + i as f64 * width;
+        let _ = write!(
+            svg,
+            "<rect x='{:.1}' y='{:.1}' width='{:.1}' height='{h:.1}' fill='#36c'/>\
+             <text x='{:.1}' y='{:.1}' font-size='10'>{v:.3}</text><text x='{:.1}' y='{}' font-size='10'>{label}</text>",
+            x + 2.0,
+            H - PAD - h,
+            width - 4.0,
+            x + 2.0,
+            H - PAD - h - 3.0,
+            x + 2.0,
+            H - PAD + 12.0
+        );
+    }
+    svg + "</svg>"
+}
+
+/// Renders `report` (the content of `report.json`) as HTML.
+pub fn render(report: &Value) -> String {
+    let mut html = String::from("<!doctype html><meta charset='utf-8'><title>nocturne consolidation report</title><body style='font-family:sans-serif'>");
+    let _ = write!(
+        html,
+        "<h1>Consolidation report</h1><p>adapter <code>{}</code> — <b>{}</b>: {}</p>\
+         <p>rank {}, alpha {}, MAS λ {}; {} steps in {:.1} s ({:.0} tokens/s); adapter weights {} bytes</p>",
+        report["adapter"].as_str().unwrap_or("?"),
+        if report["published"].as_bool() == Some(true) { "published" } else { "not published" },
+        report["decision"].as_str().unwrap_or(""),
+        report["rank"],
+        report["alpha"],
+        report["mas_lambda"],
+        numbers(&report["losses"]).len(),
+        report["train_seconds"].as_f64().unwrap_or(0.0),
+        report["tokens_per_second"].as_f64().unwrap_or(0.0),
+        report["adapter_bytes"]
+    );
+    let r = &report["replay"];
+    let _ = write!(
+        html,
+        "<p>{} interactions, {} feedback records: {} corrections and {} approved replies trained on; {} negative-only and {} unrated kept out; {} feedback records about unknown interactions.</p>",
+        r["interactions"], r["feedback"], r["corrected"], r["approved"], r["negative_only"], r["unrated"], r["orphan_feedback"]
+    );
+    html += &line_plot("Task loss per step", &numbers(&report["losses"]));
+    let priorities = numbers(&report["priorities"]);
+    let mut bins = vec![0usize; 10];
+    for p in &priorities {
+        bins[((p * 10.0) as usize).min(9)] += 1;
+    }
+    let bins: Vec<(String, f64)> = bins.iter().enumerate().map(|(i, c)| (format!("{:.1}", i as f64 / 10.0), *c as f64)).collect();
+    html += &bar_plot("Priority distribution (examples per 0.1 bin)", &bins);
+    let (b, a) = (&report["before"], &report["after"]);
+    let mut eval = vec![("task before".to_string(), b["task"].as_f64().unwrap_or(0.0)), ("task after".to_string(), a["task"].as_f64().unwrap_or(0.0))];
+    if let (Some(hb), Some(ha)) = (b["held_out"].as_f64(), a["held_out"].as_f64()) {
+        eval.push(("held-out before".into(), hb));
+        eval.push(("held-out after".into(), ha));
+    }
+    html += &bar_plot("Match rate before and after", &eval);
+    let ppl = [
+        ("retention before".to_string(), b["retention_perplexity"].as_f64().unwrap_or(0.0)),
+        ("retention after".to_string(), a["retention_perplexity"].as_f64().unwrap_or(0.0)),
+    ];
+    html += &bar_plot("Retention perplexity before and after", &ppl);
+    let days: Vec<(String, f64)> = report["examples_per_day"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|d| Some((d[0].as_str()?.to_string(), d[1].as_f64()?))).collect())
+        .unwrap_or_default();
+    html += &bar_plot("Examples with feedback per day", &days);
+    html + "</body>"
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn renders_every_plot() {
+        let report = serde_json::json!({
+            "adapter": "ab", "published": true, "decision": "ok", "rank": 8, "alpha": 16.0, "mas_lambda": 0.5,
+            "losses": [3.0, 2.0, 1.0], "train_seconds": 1.0, "tokens_per_second": 10.0, "adapter_bytes": 100,
+            "replay": {"interactions": 3, "feedback": 3, "corrected": 2, "approved": 1, "negative_only": 0, "unrated": 0, "orphan_feedback": 0},
+            "priorities": [0.3, 0.9, 0.95],
+            "before": {"task": 0.0, "held_out": null, "retention_perplexity": 10.0},
+            "after": {"task": 1.0, "held_out": null, "retention_perplexity": 10.1},
+            "examples_per_day": [["2026-11-21", 3]]
+        });
+        let html = super::render(&report);
+        assert_eq!(html.matches("<svg").count(), 5);
+        assert!(html.contains("polyline") && html.contains("2026-11-21") && html.contains("published"));
+    }
+}
