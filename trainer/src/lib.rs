@@ -8,10 +8,12 @@
 //! [`model`] (the candle Llama forward with LoRA), [`consolidate`] (LoRA
 //! training with the MAS penalty), [`eval`] (match rate, retention, the gate),
 //! [`export`] (device bundle and PEFT layout), [`night`] (one consolidation
-//! run end to end), [`report`] (report.html).
+//! run end to end), [`report`] (report.html), [`datasets`] (the scenario's
+//! pinned chatterbot and chitchat data).
 
 pub mod consolidate;
 pub mod convert;
+pub mod datasets;
 pub mod eval;
 pub mod export;
 pub mod fetch;

@@ -1,0 +1,199 @@
+//! The learning loop on real data, scripted (`scripts/scenario`):
+//!
+//! 1. Question/answer pairs of `chatterbot-corpus==1.3.3` (English, all
+//!    categories) are asked on the device (greedy, the default system
+//!    prompt); the first QUESTIONS the base model answers differently from
+//!    the corpus are corrected by a simulated user through the device's
+//!    feedback path (interaction + correction records in its journal).
+//! 2. The journal goes through sync (export, ingest into a host store).
+//! 3. Consolidation runs twice, with the MAS penalty and without it.
+//! 4. The MAS adapter is installed on the device (verify, self-test, switch).
+//! 5. The corrected questions are asked again, as they were and rephrased,
+//!    with no adapter, the MAS adapter and the adapter trained without MAS;
+//!    retention perplexity is measured on held-out `chitchat-dataset==0.9.0`
+//!    dialogues for each.
+//!
+//! `cargo run -p nocturne-trainer --example scenario -- [OUT] [QUESTIONS] [STEPS]`
+//! (defaults `target/scenario`, 40, 400). Writes OUT/scenario.json and prints a table.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use nocturne::adapter::LoraAdapter;
+use nocturne::device::{StateDir, DEVICE_PUBLIC_FILE};
+use nocturne::journal::{Body, Feedback, Interaction, Journal, JournalConfig};
+use nocturne::profile::ACTIVE;
+use nocturne::session::StopReason;
+use nocturne::sync::adapters::{install, InstallOutcome};
+use nocturne::sync::export;
+use nocturne::tokenizer::{ChatMessage, Tokenizer, DEFAULT_SYSTEM_PROMPT};
+use nocturne::weights::{ModelPack, TOKENIZER_FILE};
+use nocturne_trainer::consolidate::TrainConfig;
+use nocturne_trainer::datasets::{chatterbot_pairs, chitchat_dialogues, CHATTERBOT, CHITCHAT};
+use nocturne_trainer::eval::{normalise, Evaluator, Gate};
+use nocturne_trainer::night::{consolidate, retention_texts, NightConfig};
+use nocturne_trainer::replay::{Example, PriorityWeights};
+use nocturne_trainer::store::Store;
+
+fn example(question: &str, answer: &str) -> Example {
+    Example {
+        device: Default::default(),
+        interaction: 0,
+        time_ms: 0,
+        messages: vec![ChatMessage::new("system", DEFAULT_SYSTEM_PROMPT), ChatMessage::new("user", question)],
+        target: answer.to_string(),
+        reply: String::new(),
+        corrected: true,
+        implicit: 0.0,
+        explicit: 1.0,
+        priority: 1.0,
+    }
+}
+
+/// A rephrasing that keeps the question's meaning (two fixed templates, alternating).
+fn rephrase(i: usize, question: &str) -> String {
+    let mut chars = question.chars();
+    let lowered = chars.next().map_or(String::new(), |c| c.to_lowercase().collect::<String>() + chars.as_str());
+    if i % 2 == 0 {
+        format!("Quick question: {lowered}")
+    } else {
+        format!("{question} Please answer briefly.")
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let out = PathBuf::from(args.get(1).map_or("target/scenario", String::as_str));
+    let wanted: usize = args.get(2).map_or(40, |s| s.parse().expect("QUESTIONS is a number"));
+    let steps: usize = args.get(3).map_or(400, |s| s.parse().expect("STEPS is a number"));
+    let started = Instant::now();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let downloads = repo.join("models/cache/downloads");
+    let python = std::env::var("NOCTURNE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let pairs = chatterbot_pairs(&CHATTERBOT.fetch(&downloads, &python)?)?;
+    let dialogues = chitchat_dialogues(&CHITCHAT.fetch(&downloads, &python)?, 20)?;
+    let pack_dir = repo.join("models/cache/smollm2-135m-instruct/int8");
+    let pack = ModelPack::open(&pack_dir)?;
+    let tokenizer = Tokenizer::from_file(&pack_dir.join(TOKENIZER_FILE))?;
+    let _ = std::fs::remove_dir_all(&out);
+    println!("{} chatterbot questions (English, all categories); asking until {wanted} are answered differently", pairs.len());
+
+    // 1. The device answers; the simulated user corrects through the journal.
+    let state = StateDir::new(out.join("device"));
+    let device = state.device_id_or_create()?;
+    let mut journal = Journal::open(&state.journal_dir(), device, JournalConfig::for_profile(&ACTIVE))?;
+    let mut evaluator = Evaluator::new(&pack, &tokenizer)?;
+    let mut corrected = Vec::new();
+    let mut asked = 0;
+    for (q, a) in &pairs {
+        if corrected.len() == wanted {
+            break;
+        }
+        asked += 1;
+        let reply = evaluator.answer(&example(q, a))?;
+        if reply == *a || normalise(&reply) == normalise(a) {
+            continue;
+        }
+        let interaction = Interaction {
+            conversation: asked as u64,
+            turn: 0,
+            base_model: pack.id(),
+            adapter: None,
+            system: Cow::Borrowed(DEFAULT_SYSTEM_PROMPT),
+            prompt: Cow::Borrowed(q),
+            reply: Cow::Borrowed(&reply),
+            prompt_tokens: 0,
+            reused_tokens: 0,
+            new_tokens: 0,
+            stop_reason: StopReason::Eos,
+            prefill_tokens_per_s: 0.0,
+            decode_tokens_per_s: 0.0,
+            time_to_first_token_ms: 0.0,
+            peak_memory_bytes: 0,
+        };
+        let lsn = journal.append(&Body::Interaction(interaction))?;
+        journal.append_durable(&Body::Feedback(Feedback { interaction: lsn, correction: Some(Cow::Borrowed(a)), ..Feedback::default() }))?;
+        corrected.push((q.clone(), a.clone()));
+    }
+    println!("asked {asked}, {} answered differently and corrected ({:.0} s)", corrected.len(), started.elapsed().as_secs_f64());
+
+    // 2. Sync to the host.
+    let store = Store::new(out.join("store"));
+    store.keygen()?;
+    store.enroll(&out.join("device").join(DEVICE_PUBLIC_FILE))?;
+    state.trust_trainer(&out.join("store/trainer.pub"))?;
+    let (bundle, _) = export(&state, &mut journal, &out.join("usb"))?;
+    store.ingest(&bundle)?;
+    let key = nocturne::sync::keys::read_signing_key(&out.join("store/trainer.key"))?;
+    let dirs = vec![store.device_dir(device)];
+
+    // 3. Consolidation, with and without the anti-forgetting penalty.
+    let retention = retention_texts(&[])?;
+    let mut nights = Vec::new();
+    for lambda in [TrainConfig::default().mas_lambda, 0.0] {
+        let config = NightConfig {
+            train: TrainConfig { steps, mas_lambda: lambda, ..TrainConfig::default() },
+            weights: PriorityWeights::default(),
+            gate: Gate::default(),
+        };
+        let night_out = out.join(format!("night-mas-{lambda}"));
+        let t = Instant::now();
+        let report = consolidate(&dirs, &pack_dir, None, &key, &retention, &night_out, &config, &mut |step, loss, tps| {
+            if step % 50 == 0 {
+                println!("  λ {lambda}: step {step}, loss {loss:.3}, {tps:.0} tokens/s");
+            }
+        })?;
+        println!(
+            "consolidation λ={lambda}: {:.0} s, training {:.0} tokens/s; {}: {}",
+            t.elapsed().as_secs_f64(),
+            report.tokens_per_second,
+            if report.published { "published" } else { "not published" },
+            report.decision
+        );
+        nights.push((lambda, report, t.elapsed().as_secs_f64()));
+    }
+
+    // 4. The MAS adapter goes to the device.
+    let installed = install(&state, &pack, &nights[0].1.bundle, &mut journal)?;
+    println!("device install: {installed:?}");
+    journal.close()?;
+
+    // 5. Ask again.
+    let plain: Vec<Example> = corrected.iter().map(|(q, a)| example(q, a)).collect();
+    let rephrased: Vec<Example> = corrected.iter().enumerate().map(|(i, (q, a))| example(&rephrase(i, q), a)).collect();
+    let trainer_key = key.verifying_key();
+    let mut rows = Vec::new();
+    let variants: Vec<(String, Option<Arc<LoraAdapter>>)> = std::iter::once(("base model, no adapter".to_string(), None))
+        .chain(nights.iter().map(|(lambda, report, _)| {
+            let adapter = LoraAdapter::open(&report.bundle, &pack, &trainer_key).map(Arc::new).ok();
+            (format!("adapter trained with MAS λ={lambda}"), adapter)
+        }))
+        .collect();
+    for (name, adapter) in variants {
+        evaluator.set_adapter(adapter);
+        let on_plain = evaluator.match_rate(&plain.iter().collect::<Vec<_>>())?;
+        let on_rephrased = evaluator.match_rate(&rephrased.iter().collect::<Vec<_>>())?;
+        let ppl = evaluator.perplexity(&dialogues)?;
+        println!("| {name} | {:.1}% | {:.1}% | {ppl:.3} |", 100.0 * on_plain, 100.0 * on_rephrased);
+        rows.push(serde_json::json!({"model": name, "corrected": on_plain, "rephrased": on_rephrased, "chitchat_perplexity": ppl}));
+    }
+    let summary = serde_json::json!({
+        "questions_in_corpus": pairs.len(),
+        "asked": asked,
+        "corrected": corrected.len(),
+        "steps": steps,
+        "installed": format!("{installed:?}"),
+        "nights": nights.iter().map(|(l, r, s)| serde_json::json!({
+            "mas_lambda": l, "seconds": s, "tokens_per_second": r.tokens_per_second, "train_seconds": r.train_seconds,
+            "published": r.published, "decision": r.decision, "adapter_bytes": r.adapter_bytes, "bundle": r.bundle,
+        })).collect::<Vec<_>>(),
+        "evaluation": rows,
+        "total_seconds": started.elapsed().as_secs_f64(),
+    });
+    std::fs::write(out.join("scenario.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
+    let installed_ok = matches!(installed, InstallOutcome::Installed { .. } | InstallOutcome::AlreadyActive(_));
+    println!("scenario done in {:.0} s (adapter installed on the device: {installed_ok}); {}", started.elapsed().as_secs_f64(), out.join("scenario.json").display());
+    Ok(())
+}
