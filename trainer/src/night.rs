@@ -50,7 +50,7 @@ pub struct NightConfig {
 #[derive(Debug, Serialize)]
 pub struct Report {
     /// Replay-buffer counts.
-    pub replay: ReplayCounts,
+    pub replay: ReplayReport,
     /// Priority of every example.
     pub priorities: Vec<f32>,
     /// Examples (interactions with usable feedback) per day of the interaction (UTC date, count).
@@ -87,39 +87,6 @@ pub struct Report {
     pub alpha: f32,
     /// MAS weight.
     pub mas_lambda: f64,
-}
-
-/// [`ReplayReport`] for JSON.
-#[derive(Debug, Serialize)]
-pub struct ReplayCounts {
-    /// Interactions read.
-    pub interactions: usize,
-    /// Feedback records read.
-    pub feedback: usize,
-    /// Corrected examples.
-    pub corrected: usize,
-    /// Approved-reply examples.
-    pub approved: usize,
-    /// Negative-only interactions kept out.
-    pub negative_only: usize,
-    /// Unrated interactions.
-    pub unrated: usize,
-    /// Feedback on unknown interactions.
-    pub orphan_feedback: usize,
-}
-
-impl From<&ReplayReport> for ReplayCounts {
-    fn from(r: &ReplayReport) -> ReplayCounts {
-        ReplayCounts {
-            interactions: r.interactions,
-            feedback: r.feedback,
-            corrected: r.corrected,
-            approved: r.approved,
-            negative_only: r.negative_only,
-            unrated: r.unrated,
-            orphan_feedback: r.orphan_feedback,
-        }
-    }
 }
 
 /// [`Scores`] for JSON.
@@ -276,7 +243,7 @@ pub fn consolidate(
         *per_day.entry(day(e.time_ms)).or_default() += 1;
     }
     let report = Report {
-        replay: (&buffer.report).into(),
+        replay: buffer.report.clone(),
         priorities: buffer.examples.iter().map(|e| e.priority).collect(),
         examples_per_day: per_day.into_iter().collect(),
         losses: outcome.losses,

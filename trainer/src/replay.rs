@@ -74,7 +74,7 @@ pub struct Example {
 }
 
 /// What building the buffer found.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReplayReport {
     /// Interactions read.
     pub interactions: usize,
