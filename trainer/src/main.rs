@@ -57,6 +57,28 @@ enum Command {
     /// Consolidate journaled feedback into a LoRA adapter: replay buffer,
     /// training with the MAS penalty, evaluation, gate, signed bundle.
     Consolidate(Box<ConsolidateArgs>),
+    /// Score the base model, or an adapter, on journaled corrections (match
+    /// rate, exact or normalised) and on retention texts (perplexity).
+    Eval {
+        /// A host store: every device's segments in it are read.
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Journal directories to read.
+        #[arg(long = "journal")]
+        journals: Vec<PathBuf>,
+        /// The base model pack directory.
+        #[arg(long)]
+        base: PathBuf,
+        /// An adapter bundle to apply (default: none).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The trainer's public key that signed the adapter (default: STORE/trainer.pub).
+        #[arg(long)]
+        trainer_pub: Option<PathBuf>,
+        /// Retention texts; default: the built-in set.
+        #[arg(long)]
+        retention: Vec<PathBuf>,
+    },
     /// Render a consolidation's report.json as HTML: loss curve, priority
     /// distribution, evaluation before/after, examples per day.
     Report {
@@ -201,6 +223,42 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn eval_command(
+    store: Option<&std::path::Path>,
+    journals: &[PathBuf],
+    base: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+    trainer_pub: Option<&std::path::Path>,
+    retention: &[PathBuf],
+) -> anyhow::Result<()> {
+    use nocturne_trainer::eval::Evaluator;
+    use nocturne_trainer::night::{journal_dirs, retention_texts};
+    use nocturne_trainer::replay::{PriorityWeights, ReplayBuffer};
+    let pack = nocturne::weights::ModelPack::open(base)?;
+    let tokenizer = nocturne::tokenizer::Tokenizer::from_file(&base.join(nocturne::weights::TOKENIZER_FILE))?;
+    let buffer = ReplayBuffer::build(&journal_dirs(store, journals)?, PriorityWeights::default())?;
+    let corrected: Vec<_> = buffer.examples.iter().filter(|e| e.corrected).collect();
+    let mut evaluator = Evaluator::new(&pack, &tokenizer)?;
+    if let Some(dir) = adapter {
+        let key_path = match (trainer_pub, store) {
+            (Some(k), _) => k.to_path_buf(),
+            (None, Some(s)) => s.join("trainer.pub"),
+            (None, None) => anyhow::bail!("an adapter is checked against the trainer key: give --trainer-pub or --store"),
+        };
+        let key = nocturne::sync::keys::PublicKeyFile::read(&key_path)?.key;
+        evaluator.set_adapter(Some(std::sync::Arc::new(nocturne::adapter::LoraAdapter::open(dir, &pack, &key)?)));
+    }
+    let rate = evaluator.match_rate(&corrected)?;
+    let ppl = evaluator.perplexity(&retention_texts(retention)?)?;
+    println!(
+        "{}: match rate {:.3} on {} corrections; retention perplexity {ppl:.3}",
+        adapter.map_or("base model".to_string(), |a| a.display().to_string()),
+        rate,
+        corrected.len()
+    );
+    Ok(())
+}
+
 /// The bundle directories among `paths`: each path itself when it is a
 /// bundle, else the bundles directly inside it, in name order.
 fn bundle_dirs(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
@@ -276,6 +334,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Enroll { device_pub, store } => println!("enrolled device {}", Store::new(store).enroll(&device_pub)?),
         Command::Ingest { bundles, store } => return ingest(&bundles, &Store::new(store)),
         Command::Consolidate(args) => return consolidate_command(&args),
+        Command::Eval { store, journals, base, adapter, trainer_pub, retention } => {
+            eval_command(store.as_deref(), &journals, &base, adapter.as_deref(), trainer_pub.as_deref(), &retention)?
+        }
         Command::Report { from, out } => {
             let text = std::fs::read_to_string(&from).with_context(|| format!("cannot read {}", from.display()))?;
             let report: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", from.display()))?;
