@@ -94,3 +94,36 @@ fn the_gate_publishes_only_improvements_within_the_retention_bound() {
     assert_eq!(normalise("  Paris. "), normalise("paris"));
     assert_ne!(normalise("Paris"), normalise("Lyon"));
 }
+
+#[test]
+fn consolidate_eval_and_report_from_the_command_line() {
+    let dir = pack_dir();
+    let pack = ModelPack::open(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    corrected_journal(&tmp.path().join("journal"), pack.id());
+    let trainer = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_nocturne-trainer")).args(args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{args:?}: {}{text}", String::from_utf8_lossy(&out.stderr));
+        text
+    };
+    let store = tmp.path().join("store");
+    trainer(&["keygen", "--store", store.to_str().unwrap()]);
+    let out_dir = tmp.path().join("night");
+    let (journal, base, out) = (tmp.path().join("journal"), dir.to_str().unwrap().to_string(), out_dir.to_str().unwrap().to_string());
+    let key = store.join("trainer.key");
+    let text = trainer(&[
+        "consolidate", "--journal", journal.to_str().unwrap(), "--key", key.to_str().unwrap(), "--base", &base, "--out", &out, "--steps", "3",
+    ]);
+    assert!(text.contains("1 examples (1 corrections") && text.contains("retention perplexity"), "{text}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["losses"].as_array().unwrap().len(), 3);
+    let bundle = report["bundle"].as_str().unwrap();
+    assert!(Path::new(bundle).join("adapter.safetensors").exists());
+    let html = tmp.path().join("report.html");
+    trainer(&["report", "--from", out_dir.join("report.json").to_str().unwrap(), "--out", html.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(&html).unwrap().matches("<svg").count(), 5);
+    let trainer_pub = store.join("trainer.pub");
+    let text = trainer(&["eval", "--journal", journal.to_str().unwrap(), "--base", &base, "--adapter", bundle, "--trainer-pub", trainer_pub.to_str().unwrap()]);
+    assert!(text.contains("on 1 corrections; retention perplexity"), "{text}");
+}
