@@ -60,15 +60,8 @@ enum Command {
     /// Score the base model, or an adapter, on journaled corrections (match
     /// rate, exact or normalised) and on retention texts (perplexity).
     Eval {
-        /// A host store: every device's segments in it are read.
-        #[arg(long)]
-        store: Option<PathBuf>,
-        /// Journal directories to read.
-        #[arg(long = "journal")]
-        journals: Vec<PathBuf>,
-        /// The base model pack directory.
-        #[arg(long)]
-        base: PathBuf,
+        #[command(flatten)]
+        source: SourceArgs,
         /// An adapter bundle to apply (default: none).
         #[arg(long)]
         adapter: Option<PathBuf>,
@@ -101,9 +94,9 @@ enum Command {
     },
 }
 
-/// Consolidation settings.
+/// Which journals to learn from or score on, and the base model.
 #[derive(clap::Args)]
-struct ConsolidateArgs {
+struct SourceArgs {
     /// A host store: every device's segments in it are read.
     #[arg(long)]
     store: Option<PathBuf>,
@@ -113,6 +106,13 @@ struct ConsolidateArgs {
     /// The base model pack directory.
     #[arg(long)]
     base: PathBuf,
+}
+
+/// Consolidation settings.
+#[derive(clap::Args)]
+struct ConsolidateArgs {
+    #[command(flatten)]
+    source: SourceArgs,
     /// Where the adapter bundle, its PEFT copy and report.json go.
     #[arg(long)]
     out: PathBuf,
@@ -159,11 +159,11 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
     use nocturne_trainer::eval::Gate;
     use nocturne_trainer::night::{consolidate, journal_dirs, retention_texts, NightConfig};
     use nocturne_trainer::replay::PriorityWeights;
-    let dirs = journal_dirs(args.store.as_deref(), &args.journals)?;
+    let dirs = journal_dirs(args.source.store.as_deref(), &args.source.journals)?;
     if dirs.is_empty() {
         anyhow::bail!("nothing to read: give --store or --journal");
     }
-    let key_path = match (&args.key, &args.store) {
+    let key_path = match (&args.key, &args.source.store) {
         (Some(k), _) => k.clone(),
         (None, Some(s)) => s.join("trainer.key"),
         (None, None) => anyhow::bail!("the adapter must be signed: give --key (or --store with its trainer.key)"),
@@ -194,7 +194,7 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
             .expect("valid template"),
     );
     let retention = retention_texts(&args.retention)?;
-    let report = consolidate(&dirs, &args.base, args.previous.as_deref(), &key, &retention, &args.out, &config, &mut |step, loss, tps| {
+    let report = consolidate(&dirs, &args.source.base, args.previous.as_deref(), &key, &retention, &args.out, &config, &mut |step, loss, tps| {
         bar.set_position(step as u64);
         bar.set_message(format!("loss {loss:.3}  {tps:.0} tokens/s"));
     })?;
@@ -224,9 +224,7 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn eval_command(
-    store: Option<&std::path::Path>,
-    journals: &[PathBuf],
-    base: &std::path::Path,
+    source: &SourceArgs,
     adapter: Option<&std::path::Path>,
     trainer_pub: Option<&std::path::Path>,
     retention: &[PathBuf],
@@ -234,9 +232,10 @@ fn eval_command(
     use nocturne_trainer::eval::Evaluator;
     use nocturne_trainer::night::{journal_dirs, retention_texts};
     use nocturne_trainer::replay::{PriorityWeights, ReplayBuffer};
+    let (store, base) = (source.store.as_deref(), &source.base);
     let pack = nocturne::weights::ModelPack::open(base)?;
     let tokenizer = nocturne::tokenizer::Tokenizer::from_file(&base.join(nocturne::weights::TOKENIZER_FILE))?;
-    let buffer = ReplayBuffer::build(&journal_dirs(store, journals)?, PriorityWeights::default())?;
+    let buffer = ReplayBuffer::build(&journal_dirs(store, &source.journals)?, PriorityWeights::default())?;
     let corrected: Vec<_> = buffer.examples.iter().filter(|e| e.corrected).collect();
     let mut evaluator = Evaluator::new(&pack, &tokenizer)?;
     if let Some(dir) = adapter {
@@ -334,8 +333,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Enroll { device_pub, store } => println!("enrolled device {}", Store::new(store).enroll(&device_pub)?),
         Command::Ingest { bundles, store } => return ingest(&bundles, &Store::new(store)),
         Command::Consolidate(args) => return consolidate_command(&args),
-        Command::Eval { store, journals, base, adapter, trainer_pub, retention } => {
-            eval_command(store.as_deref(), &journals, &base, adapter.as_deref(), trainer_pub.as_deref(), &retention)?
+        Command::Eval { source, adapter, trainer_pub, retention } => {
+            eval_command(&source, adapter.as_deref(), trainer_pub.as_deref(), &retention)?
         }
         Command::Report { from, out } => {
             let text = std::fs::read_to_string(&from).with_context(|| format!("cannot read {}", from.display()))?;
