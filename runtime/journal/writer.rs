@@ -314,6 +314,7 @@ impl Journal {
             buf: Vec::with_capacity(max_framed_len(RECORD_MAX)),
             written: next_lsn - 1,
             buffered: next_lsn - 1,
+            buffered_bound: 0,
             own,
             acked,
             shared: Arc::clone(&shared),
@@ -517,6 +518,8 @@ struct Writer {
     written: u64,
     /// Newest LSN framed into `buf`.
     buffered: u64,
+    /// [`queued_bound`] of the records in `buf`.
+    buffered_bound: u64,
     /// Sizes of this device's segments, by sequence.
     own: BTreeMap<u64, u64>,
     acked: u64,
@@ -578,11 +581,7 @@ impl Writer {
 
     fn handle(&mut self, msg: Msg) -> Result<(), String> {
         match msg {
-            Msg::Record(slot) => {
-                let result = self.frame(&slot);
-                self.shared.queued.fetch_sub(queued_bound(slot.len()), Ordering::AcqRel);
-                result
-            }
+            Msg::Record(slot) => self.frame(&slot),
             Msg::Acknowledge(seq, reply) => {
                 let _ = reply.send(self.acknowledge(seq));
                 Ok(())
@@ -618,6 +617,8 @@ impl Writer {
         }
         self.framer = framer;
         self.buffered = lsn;
+        // Still counted as queued until flush counts its bytes as used.
+        self.buffered_bound += queued_bound(payload.len());
         Ok(())
     }
 
@@ -630,7 +631,10 @@ impl Writer {
         let path = self.path(self.seq);
         self.file.write_all(&self.buf).map_err(|e| format!("write to {} failed: {e}", path.display()))?;
         *self.own.entry(self.seq).or_default() = self.framer.offset;
+        // Used first, then no longer queued: the caller's quota check may
+        // count these bytes twice for a moment, never zero times.
         self.shared.used.fetch_add(self.buf.len() as u64, Ordering::AcqRel);
+        self.shared.queued.fetch_sub(std::mem::take(&mut self.buffered_bound), Ordering::AcqRel);
         self.buf.clear();
         self.written = self.buffered;
         Ok(())
