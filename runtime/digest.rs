@@ -1,7 +1,7 @@
 //! SHA-256 of files (FIPS 180-4, through the `sha2` crate) and the
 //! `sha256sum` text format that stores one next to the file it names.
 //!
-//! Principal functions: [`sha256_file`], [`hex`], [`digest_line`], [`parse_digest_line`].
+//! Principal functions: [`sha256_file`], [`hex`], [`from_hex`], [`digest_line`], [`parse_digest_line`].
 
 use std::io::Read;
 use std::path::Path;
@@ -35,6 +35,19 @@ pub fn digest_line(digest: &[u8; 32], file_name: &str) -> String {
     format!("{}  {file_name}\n", hex(digest))
 }
 
+/// Bytes from exactly `2 × N` hex digits (either case); `None` otherwise.
+pub fn from_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let text = text.trim();
+    if text.len() != 2 * N || !text.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
 /// The digest in a `sha256sum` line for `file_name`.
 ///
 /// # Errors
@@ -45,14 +58,7 @@ pub fn parse_digest_line(text: &str, file_name: &str) -> Result<[u8; 32], String
     if name.trim_start_matches('*') != file_name {
         return Err(format!("holds the digest of `{name}`, not of `{file_name}`"));
     }
-    let mut out = [0u8; 32];
-    if digest.len() != 64 || !digest.is_ascii() {
-        return Err(format!("`{digest}` is not 64 hex digits"));
-    }
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&digest[2 * i..2 * i + 2], 16).map_err(|_| format!("`{digest}` is not 64 hex digits"))?;
-    }
-    Ok(out)
+    from_hex(digest).ok_or_else(|| format!("`{digest}` is not 64 hex digits"))
 }
 
 #[cfg(test)]

@@ -13,6 +13,28 @@
 //! Invariants: candidate buffers are allocated once (`vocab` indices and
 //! probabilities); [`Sampler::sample`] never allocates.
 
+/// The SplitMix64 generator (Steele, Lea & Flood, "Fast splittable
+/// pseudorandom number generators", OOPSLA 2014): the state is the seed and
+/// advances by the golden-ratio constant; every output is a mix of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// The next uniform value in `[0, 1)` (24 bits).
+    pub fn next_unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
 /// How many recent tokens the repetition penalty looks at.
 pub const PENALTY_WINDOW: usize = 64;
 
@@ -41,7 +63,7 @@ impl Default for SamplerConfig {
 /// A sampler with preallocated candidate buffers.
 pub struct Sampler {
     config: SamplerConfig,
-    state: u64,
+    rng: SplitMix64,
     candidates: Vec<u32>,
     probs: Vec<f32>,
 }
@@ -49,7 +71,7 @@ pub struct Sampler {
 impl Sampler {
     /// A sampler for a vocabulary of `vocab` tokens.
     pub fn new(config: SamplerConfig, vocab: usize) -> Sampler {
-        Sampler { config, state: config.seed, candidates: Vec::with_capacity(vocab), probs: Vec::with_capacity(vocab) }
+        Sampler { config, rng: SplitMix64(config.seed), candidates: Vec::with_capacity(vocab), probs: Vec::with_capacity(vocab) }
     }
 
     /// Bytes of the candidate buffers for `vocab` tokens.
@@ -65,17 +87,11 @@ impl Sampler {
     /// Replaces the configuration and restarts the generator from its seed.
     pub fn reconfigure(&mut self, config: SamplerConfig) {
         self.config = config;
-        self.state = config.seed;
+        self.rng = SplitMix64(config.seed);
     }
 
-    /// SplitMix64: the next uniform value in `[0, 1)`.
     fn next_unit(&mut self) -> f32 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 40) as f32 / (1u64 << 24) as f32
+        self.rng.next_unit()
     }
 
     /// Picks the next token from `logits` (modified in place by the penalty

@@ -34,15 +34,6 @@ fn durability(mode: &str) -> Durability {
     }
 }
 
-/// SplitMix64 (Steele, Lea & Flood 2014), for reproducible kill times.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// The child: appends records for ever, printing `LSN ID` per acknowledged
 /// record. Only runs when started by a parent test.
 #[test]
@@ -84,11 +75,12 @@ struct Counts {
 fn crash_loop(mode: &str, seed: u64) -> Counts {
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
-    let mut rng = seed;
+    // Seeded, for reproducible kill times.
+    let mut rng = nocturne::sampler::SplitMix64(seed);
     let mut acked: BTreeMap<u64, u64> = BTreeMap::new();
     let mut counts = Counts::default();
     for run in 1..=KILLS {
-        let delay = Duration::from_micros(1000 + splitmix(&mut rng) % 40_000);
+        let delay = Duration::from_micros(1000 + rng.next_u64() % 40_000);
         let mut child = Command::new(&exe)
             .args(["--exact", "child_appends_until_killed", "--ignored", "--nocapture", "--test-threads=1"])
             .env(CHILD_DIR, dir.path())

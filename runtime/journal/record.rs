@@ -61,21 +61,13 @@ macro_rules! byte_id {
         impl $name {
             /// Parses lowercase or uppercase hex of exactly the right length.
             pub fn from_hex(text: &str) -> Option<$name> {
-                let text = text.trim();
-                if text.len() != 2 * $len || !text.is_ascii() {
-                    return None;
-                }
-                let mut out = [0u8; $len];
-                for (i, byte) in out.iter_mut().enumerate() {
-                    *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
-                }
-                Some($name(out))
+                crate::digest::from_hex(text).map($name)
             }
         }
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+                f.write_str(&crate::digest::hex(&self.0))
             }
         }
 

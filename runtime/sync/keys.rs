@@ -35,18 +35,6 @@ pub fn generate() -> Result<SigningKey, String> {
     Ok(SigningKey::from_bytes(&seed))
 }
 
-fn parse_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
-    let text = text.trim();
-    if text.len() != 2 * N || !text.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; N];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
-}
-
 /// Writes a signing key durably with mode 0600 (temporary file, fsync,
 /// rename, directory fsync).
 ///
@@ -78,7 +66,7 @@ pub fn read_signing_key(path: &Path) -> Result<SigningKey, FileError> {
         return Err(FileError::invalid(path, format!("permissions {:04o} are too open for a private key (must be 0600)", mode & 0o777)));
     }
     let text = std::fs::read_to_string(path).map_err(FileError::io(path))?;
-    parse_hex::<32>(&text)
+    crate::digest::from_hex::<32>(&text)
         .map(|seed| SigningKey::from_bytes(&seed))
         .ok_or_else(|| FileError::invalid(path, "is not an ed25519 private key (64 hex digits)"))
 }
@@ -111,7 +99,7 @@ impl PublicKeyFile {
             match line.split_once(' ') {
                 Some(("device", v)) => device = Some(DeviceId::from_hex(v).ok_or_else(|| bad("not a device id (32 hex digits)"))?),
                 Some(("ed25519", v)) => {
-                    let bytes = parse_hex::<32>(v).ok_or_else(|| bad("not an ed25519 public key (64 hex digits)"))?;
+                    let bytes = crate::digest::from_hex::<32>(v).ok_or_else(|| bad("not an ed25519 public key (64 hex digits)"))?;
                     key = Some(VerifyingKey::from_bytes(&bytes).map_err(|_| bad("not a valid ed25519 point"))?);
                 }
                 _ => return Err(bad("expected `device <hex>` or `ed25519 <hex>`")),

@@ -234,14 +234,8 @@ impl Lora {
     /// # Errors
     /// candle errors.
     pub fn new(base: &BaseModel, rank: usize, alpha: f32, targets: &[Target], seed: u64) -> candle_core::Result<Lora> {
-        let mut state = seed;
-        let mut uniform = move || {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        };
+        let mut rng = nocturne::sampler::SplitMix64(seed);
+        let mut uniform = move || rng.next_unit() * 2.0 - 1.0;
         let mut pairs = Vec::with_capacity(base.layers.len());
         for l in 0..base.layers.len() {
             let mut row: [Option<(Var, Var)>; 7] = Default::default();

@@ -234,14 +234,10 @@ impl ReplayBuffer {
     /// proportional to its priority (seeded SplitMix64, reproducible).
     pub fn sample(&self, n: usize, seed: u64) -> Vec<usize> {
         let total: f32 = self.examples.iter().map(|e| e.priority.max(1e-6)).sum();
-        let mut state = seed;
+        let mut rng = nocturne::sampler::SplitMix64(seed);
         (0..n)
             .map(|_| {
-                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                let mut u = ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 * total;
+                let mut u = rng.next_unit() * total;
                 for (i, e) in self.examples.iter().enumerate() {
                     u -= e.priority.max(1e-6);
                     if u <= 0.0 {

@@ -16,22 +16,12 @@ use nocturne::sync::ack::{ack_file_name, write_ack, Ack};
 use nocturne::sync::bundle::{Manifest, MANIFEST_DOMAIN, MANIFEST_FILE};
 use nocturne::sync::keys::{self, peek_sealed, seal};
 use nocturne::sync::{export, import_acks, AckOutcome, SyncError};
+use nocturne::sampler::SplitMix64;
 use nocturne_trainer::store::Store;
 
-/// SplitMix64 (Steele, Lea & Flood 2014), for reproducible cases.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
+/// A number below `n` from the seeded generator, for reproducible cases.
+fn below(rng: &mut SplitMix64, n: u64) -> u64 {
+    rng.next_u64() % n.max(1)
 }
 
 /// A device and a host, with the device enrolled and the trainer key provisioned.
@@ -150,24 +140,24 @@ fn bundle_bytes(dir: &Path) -> u64 {
 fn exactly_once_under_cut_repeated_and_reordered_deliveries() {
     let mut totals = (0u64, 0u64, 0u64); // deliveries, rejected, acknowledgements applied
     for case in 0..1000u64 {
-        let mut rng = Rng(0xB0_0000 + case);
+        let mut rng = SplitMix64(0xB0_0000 + case);
         let mut world = World::new(1 << 30);
         let outbox = world.root.join("device-outbox");
         let mut bundles = Vec::new();
         // Three days: records, then an export; bundles pile up on the stick.
         for _ in 0..3 {
-            world.append(5 + rng.below(20) as usize);
+            world.append(5 + below(&mut rng, 20) as usize);
             bundles.push(world.export(&outbox));
         }
         let sealed = world.device_segments();
         // Deliveries: any bundle, cut at any byte or whole, repeated, in any order.
-        for d in 0..4 + rng.below(6) {
-            let bundle = &bundles[rng.below(bundles.len() as u64) as usize];
+        for d in 0..4 + below(&mut rng, 6) {
+            let bundle = &bundles[below(&mut rng, bundles.len() as u64) as usize];
             let stick = world.root.join(format!("stick-{d}"));
             let target = stick.join(bundle.file_name().unwrap());
             let size = bundle_bytes(bundle);
-            if rng.below(2) == 0 {
-                copy_cut(bundle, &target, rng.below(size));
+            if below(&mut rng, 2) == 0 {
+                copy_cut(bundle, &target, below(&mut rng, size));
             } else {
                 copy_dir(bundle, &target);
             }
@@ -175,7 +165,7 @@ fn exactly_once_under_cut_repeated_and_reordered_deliveries() {
             match world.store.ingest(&target) {
                 Ok(report) => {
                     // Sometimes the acknowledgement travels back at once.
-                    if rng.below(2) == 0 {
+                    if below(&mut rng, 2) == 0 {
                         let outcome = import_acks(&world.state, &mut world.journal, report.ack_path.parent().unwrap()).unwrap();
                         totals.2 += u64::from(matches!(outcome, Some(AckOutcome::Applied(_))));
                     }
