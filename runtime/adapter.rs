@@ -11,12 +11,19 @@
 //! modified and adapters switch without reloading it.
 //!
 //! An adapter bundle is a directory `<adapter id>.adapter` holding
-//! `adapter.safetensors` (F16 or F32 tensors named as PEFT names them,
-//! without PEFT's `base_model.model.` prefix:
-//! `model.layers.<i>.self_attn.q_proj.lora_A.weight` `[rank, in]` and
-//! `….lora_B.weight` `[out, rank]`, for every layer and every target) and
-//! `MANIFEST`, a signed envelope (domain [`ADAPTER_DOMAIN`]) of the postcard
-//! [`AdapterManifest`], signed by the trainer key.
+//! `adapter.safetensors` and `MANIFEST`, a signed envelope (domain
+//! [`ADAPTER_DOMAIN`]) of the postcard [`AdapterManifest`], signed by the
+//! trainer key. The tensors are named as PEFT names them, without PEFT's
+//! `base_model.model.` prefix, for every layer and every target, in one of
+//! two precisions per projection:
+//!
+//! - F16: `model.layers.<i>.self_attn.q_proj.lora_A.weight` `[rank, in]` and
+//!   `….lora_B.weight` `[out, rank]`.
+//! - Int8, in the pack's block format (`crate::weights`: I8 values and one
+//!   F16 scale per 32 consecutive values of a row, `<name>_scale`): `A`
+//!   `[rank, in]`, and `B` stored transposed, `[rank, out]`, so that its
+//!   blocks run along `out` (a rank below 32 could not be blocked along
+//!   itself). The decoder reads a transposed `B` by columns.
 //!
 //! Invariants: [`LoraAdapter::open`] checks the signature, the base model id,
 //! the weights' SHA-256 and every tensor's presence, dtype and shape before
@@ -31,11 +38,12 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
+use crate::config::INT8_BLOCK;
 use crate::digest::sha256_file;
 use crate::file_error::FileError;
 use crate::journal::{AdapterId, ModelId};
 use crate::sync::keys::open_sealed;
-use crate::weights::{Matrix, ModelPack};
+use crate::weights::{Matrix, ModelPack, SCALE_SUFFIX};
 
 /// Signature domain of adapter manifests.
 pub const ADAPTER_DOMAIN: &str = "nocturne adapter manifest v1";
@@ -148,8 +156,30 @@ pub struct AdapterSpec {
     pub description: String,
 }
 
-/// Writes an adapter bundle into `out_dir`: `tensors` (name, shape, F16
-/// values) as `adapter.safetensors`, and the manifest signed with
+/// Values of one adapter tensor, as [`write_adapter_bundle`] writes them.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AdapterTensor {
+    /// F16 values, row-major.
+    F16(Vec<f16>),
+    /// Int8 values, row-major, and one scale per [`INT8_BLOCK`] values of a
+    /// row (written as `<name>` I8 and `<name>_scale` F16 `[rows, cols / 32]`).
+    Int8 {
+        /// `rows × cols` values.
+        values: Vec<i8>,
+        /// `rows × cols / 32` scales.
+        scales: Vec<f16>,
+    },
+}
+
+impl From<Vec<f16>> for AdapterTensor {
+    fn from(values: Vec<f16>) -> AdapterTensor {
+        AdapterTensor::F16(values)
+    }
+}
+
+/// Writes an adapter bundle into `out_dir`: `tensors` (name, shape,
+/// values; see the module docs for names, shapes and precisions) as
+/// `adapter.safetensors`, and the manifest signed with
 /// `trainer`. Written under a temporary name, fsynced, renamed. Returns the
 /// bundle directory.
 ///
@@ -159,7 +189,7 @@ pub fn write_adapter_bundle(
     out_dir: &Path,
     trainer: &ed25519_dalek::SigningKey,
     spec: &AdapterSpec,
-    tensors: &[(String, Vec<usize>, Vec<f16>)],
+    tensors: &[(String, Vec<usize>, AdapterTensor)],
 ) -> Result<std::path::PathBuf, FileError> {
     use crate::durable_file::sync_dir;
     std::fs::create_dir_all(out_dir).map_err(FileError::io(out_dir))?;
@@ -168,14 +198,25 @@ pub fn write_adapter_bundle(
         std::fs::remove_dir_all(&tmp).map_err(FileError::io(&tmp))?;
     }
     std::fs::create_dir(&tmp).map_err(FileError::io(&tmp))?;
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(name, shape, values)| {
-            let view = safetensors::tensor::TensorView::new(Dtype::F16, shape.clone(), bytemuck::cast_slice(values))
-                .map_err(|e| FileError::invalid(&tmp, format!("tensor `{name}`: {e}")))?;
-            Ok((name.clone(), view))
-        })
-        .collect::<Result<_, FileError>>()?;
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, shape, values) in tensors {
+        let view = |name: &str, dtype: Dtype, shape: Vec<usize>, bytes| {
+            let view = safetensors::tensor::TensorView::new(dtype, shape, bytes).map_err(|e| FileError::invalid(&tmp, format!("tensor `{name}`: {e}")))?;
+            Ok::<_, FileError>((name.to_string(), view))
+        };
+        match values {
+            AdapterTensor::F16(v) => views.push(view(name, Dtype::F16, shape.clone(), bytemuck::cast_slice(v))?),
+            AdapterTensor::Int8 { values, scales } => {
+                views.push(view(name, Dtype::I8, shape.clone(), bytemuck::cast_slice(values))?);
+                let cols = shape.get(1).copied().unwrap_or(0);
+                if cols % INT8_BLOCK != 0 {
+                    return Err(FileError::invalid(&tmp, format!("tensor `{name}` is int8 with rows of {cols} values, not a multiple of {INT8_BLOCK}")));
+                }
+                let blocks = cols / INT8_BLOCK;
+                views.push(view(&format!("{name}{SCALE_SUFFIX}"), Dtype::F16, vec![shape.first().copied().unwrap_or(0), blocks], bytemuck::cast_slice(scales))?);
+            }
+        }
+    }
     let weights = tmp.join(ADAPTER_WEIGHTS_FILE);
     safetensors::serialize_to_file(views, None, &weights).map_err(|e| FileError::invalid(&weights, e.to_string()))?;
     let sha = sha256_file(&weights).map_err(FileError::io(&weights))?;
@@ -205,11 +246,15 @@ pub fn write_adapter_bundle(
     Ok(dir)
 }
 
+/// Where one matrix lives in the mapping: values, int8 scales (None: F16),
+/// rows, columns.
+type Slot = (Range<usize>, Option<Range<usize>>, usize, usize);
+
 /// Where one projection's `A` and `B` live in the mapping.
 #[derive(Clone, Debug)]
 struct Pair {
-    a: (Range<usize>, Dtype, usize, usize),
-    b: (Range<usize>, Dtype, usize, usize),
+    a: Slot,
+    b: Slot,
 }
 
 /// A validated adapter, mapped.
@@ -298,17 +343,24 @@ impl LoraAdapter {
         self.scale
     }
 
-    /// `A` `[rank, in]` and `B` `[out, rank]` of `target` in `layer`, if targeted.
+    /// `A` `[rank, in]` and `B` of `target` in `layer`, if targeted. `B` is
+    /// `[out, rank]` when F16 and stored transposed, `[rank, out]`, when
+    /// int8 (module docs).
     pub fn projection(&self, layer: usize, target: Target) -> Option<(Matrix<'_>, Matrix<'_>)> {
         let pair = self.pairs.get(layer)?[target as usize].as_ref()?;
         Some((self.view(&pair.a), self.view(&pair.b)))
     }
 
-    fn view(&self, (range, dtype, rows, cols): &(Range<usize>, Dtype, usize, usize)) -> Matrix<'_> {
-        let bytes = &self.map[range.clone()];
-        match dtype {
-            Dtype::F16 => Matrix::F16 { rows: *rows, cols: *cols, values: bytemuck::cast_slice(bytes) },
-            _ => unreachable!("validate admits F16 only"),
+    fn view(&self, (values, scales, rows, cols): &Slot) -> Matrix<'_> {
+        let bytes = &self.map[values.clone()];
+        match scales {
+            None => Matrix::F16 { rows: *rows, cols: *cols, values: bytemuck::cast_slice(bytes) },
+            Some(scales) => Matrix::Int8 {
+                rows: *rows,
+                cols: *cols,
+                values: bytemuck::cast_slice(bytes),
+                scales: bytemuck::cast_slice(&self.map[scales.clone()]),
+            },
         }
     }
 }
@@ -317,7 +369,7 @@ fn validate(map: &[u8], pack: &ModelPack, rank: usize, targets: &[Target]) -> Re
     let tensors = SafeTensors::deserialize(map).map_err(|e| format!("not a valid safetensors file: {e}"))?;
     let base = map.as_ptr() as usize;
     let c = pack.config();
-    let mut expected = 0;
+    let mut expected = std::collections::HashSet::new();
     let mut pairs = Vec::with_capacity(c.num_hidden_layers);
     for layer in 0..c.num_hidden_layers {
         let w = pack.layer(layer);
@@ -325,32 +377,60 @@ fn validate(map: &[u8], pack: &ModelPack, rank: usize, targets: &[Target]) -> Re
         let mut row: [Option<Pair>; 7] = Default::default();
         for &target in targets {
             let (out, inp) = shapes[target as usize];
-            let mut get = |m: char, shape: [usize; 2]| -> Result<(Range<usize>, Dtype, usize, usize), String> {
+            let mut get = |m: char, f16_shape: [usize; 2]| -> Result<(Slot, bool), String> {
                 let name = target.tensor_name(layer, m);
                 let view = tensors.tensor(&name).map_err(|_| format!("missing tensor `{name}`"))?;
-                if view.dtype() != Dtype::F16 {
-                    return Err(format!("tensor `{name}` is {:?}; adapters on the device are F16", view.dtype()));
-                }
+                let int8 = match view.dtype() {
+                    Dtype::F16 => false,
+                    Dtype::I8 => true,
+                    other => return Err(format!("tensor `{name}` is {other:?}; adapters on the device are F16 or I8")),
+                };
+                // An int8 B is stored transposed (module docs).
+                let shape = if int8 && m == 'B' { [f16_shape[1], f16_shape[0]] } else { f16_shape };
                 if view.shape() != shape {
                     return Err(format!("tensor `{name}` has shape {:?}, expected {shape:?}", view.shape()));
                 }
-                let start = view.data().as_ptr() as usize - base;
-                if start % std::mem::align_of::<f16>() != 0 {
-                    return Err(format!("tensor `{name}` is not 2-byte aligned"));
-                }
-                expected += 1;
-                Ok((start..start + view.data().len(), Dtype::F16, shape[0], shape[1]))
+                let values = slot_range(base, &view, &name)?;
+                let scales = if int8 {
+                    if shape[1] % INT8_BLOCK != 0 {
+                        return Err(format!("tensor `{name}` is int8 with rows of {} values, not a multiple of {INT8_BLOCK}", shape[1]));
+                    }
+                    let scale_name = format!("{name}{SCALE_SUFFIX}");
+                    let scale_shape = [shape[0], shape[1] / INT8_BLOCK];
+                    let s = tensors.tensor(&scale_name).map_err(|_| format!("missing tensor `{scale_name}` (scales of the int8 `{name}`)"))?;
+                    if s.dtype() != Dtype::F16 || s.shape() != scale_shape {
+                        return Err(format!("tensor `{scale_name}` is {:?} {:?}, expected F16 {scale_shape:?}", s.dtype(), s.shape()));
+                    }
+                    let range = slot_range(base, &s, &scale_name)?;
+                    expected.insert(scale_name);
+                    Some(range)
+                } else {
+                    None
+                };
+                expected.insert(name);
+                Ok(((values, scales, shape[0], shape[1]), int8))
             };
-            row[target as usize] = Some(Pair { a: get('A', [rank, inp])?, b: get('B', [out, rank])? });
+            let ((a, a_int8), (b, b_int8)) = (get('A', [rank, inp])?, get('B', [out, rank])?);
+            if a_int8 != b_int8 {
+                return Err(format!("`{}` and `{}` differ in precision (both F16 or both I8)", target.tensor_name(layer, 'A'), target.tensor_name(layer, 'B')));
+            }
+            row[target as usize] = Some(Pair { a, b });
         }
         pairs.push(row);
     }
-    if tensors.len() != expected {
-        let names = tensors.names();
-        let stray = names.iter().find(|n| {
-            !targets.iter().any(|t| (0..c.num_hidden_layers).any(|l| **n == t.tensor_name(l, 'A') || **n == t.tensor_name(l, 'B')))
-        });
-        return Err(format!("unexpected tensor `{}`", stray.copied().unwrap_or("?")));
+    if let Some(stray) = tensors.names().into_iter().find(|n| !expected.contains(*n)) {
+        return Err(format!("unexpected tensor `{stray}`"));
     }
     Ok(pairs)
+}
+
+/// The byte range of a tensor's data in the mapping starting at `base`,
+/// checked to be aligned for its element type.
+fn slot_range(base: usize, view: &safetensors::tensor::TensorView<'_>, name: &str) -> Result<Range<usize>, String> {
+    let start = view.data().as_ptr() as usize - base;
+    let size = view.dtype().bitsize() / 8;
+    if start % size.max(1) != 0 {
+        return Err(format!("tensor `{name}` is not {size}-byte aligned"));
+    }
+    Ok(start..start + view.data().len())
 }

@@ -10,14 +10,14 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use half::f16;
-use nocturne::adapter::{write_adapter_bundle, AdapterSpec, LoraAdapter, Target, ADAPTER_WEIGHTS_FILE};
+use nocturne::adapter::{write_adapter_bundle, AdapterSpec, AdapterTensor, LoraAdapter, Target, ADAPTER_WEIGHTS_FILE};
 use nocturne::device::{StateDir, TRAINER_PUBLIC_FILE};
 use nocturne::journal::{read_journal, Body, Journal, JournalConfig};
 use nocturne::profile::{Precision, ACTIVE};
 use nocturne::sync::adapters::{install, installed_dir, load_active, ActiveAdapters, AdapterWatch, InstallOutcome};
 use nocturne::sync::keys::{self, PublicKeyFile};
 use nocturne::sync::SyncError;
-use nocturne::weights::ModelPack;
+use nocturne::weights::{Matrix, ModelPack};
 use support::adapter::random_adapter;
 use support::{tiny_config, write_pack};
 
@@ -105,8 +105,8 @@ fn bad_adapters_are_refused_with_the_reason() {
     assert!(LoraAdapter::open(&tampered, &pack, &key).unwrap_err().to_string().contains("SHA-256"));
     // A tensor of the wrong shape, and a missing one.
     let spec = AdapterSpec { parent: None, base_model: pack.id(), rank: 4, alpha: 8.0, targets: vec![Target::Q], description: String::new() };
-    let zeros = |n: usize| vec![f16::ZERO; n];
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f16>)> = (0..2)
+    let zeros = |n: usize| AdapterTensor::F16(vec![f16::ZERO; n]);
+    let mut tensors: Vec<(String, Vec<usize>, AdapterTensor)> = (0..2)
         .flat_map(|l| {
             let (rows, cols) = pack.layer(l).q_proj.shape();
             [(Target::Q.tensor_name(l, 'A'), vec![4, cols], zeros(4 * cols)), (Target::Q.tensor_name(l, 'B'), vec![rows, 4], zeros(rows * 4))]
@@ -117,6 +117,25 @@ fn bad_adapters_are_refused_with_the_reason() {
     wrong[1].2 = zeros(16);
     let bad = write_adapter_bundle(&tmp.path().join("bad"), &setup.trainer, &spec, &wrong).unwrap();
     assert!(LoraAdapter::open(&bad, &pack, &key).unwrap_err().to_string().contains("has shape [4, 4]"));
+    // Int8 tensors: B must be stored transposed with its scales; A and B of
+    // a projection share a precision.
+    let int8 = |rows: usize, cols: usize| AdapterTensor::Int8 { values: vec![0; rows * cols], scales: vec![f16::ZERO; rows * cols / 32] };
+    let (rows, cols) = pack.layer(0).q_proj.shape();
+    let mut as_int8 = tensors.clone();
+    as_int8[0] = (Target::Q.tensor_name(0, 'A'), vec![4, cols], int8(4, cols));
+    as_int8[1] = (Target::Q.tensor_name(0, 'B'), vec![4, rows], int8(4, rows));
+    let good = write_adapter_bundle(&tmp.path().join("int8"), &setup.trainer, &spec, &as_int8).unwrap();
+    let adapter = LoraAdapter::open(&good, &pack, &key).unwrap();
+    assert!(matches!(adapter.projection(0, Target::Q), Some((Matrix::Int8 { rows: 4, .. }, Matrix::Int8 { rows: 4, .. }))));
+    assert!(matches!(adapter.projection(1, Target::Q), Some((Matrix::F16 { .. }, Matrix::F16 { .. }))));
+    let mut mixed = as_int8.clone();
+    mixed[1] = tensors[1].clone();
+    let bad = write_adapter_bundle(&tmp.path().join("mixed"), &setup.trainer, &spec, &mixed).unwrap();
+    assert!(LoraAdapter::open(&bad, &pack, &key).unwrap_err().to_string().contains("differ in precision"));
+    let mut untransposed = as_int8.clone();
+    untransposed[1] = (Target::Q.tensor_name(0, 'B'), vec![rows, 4], AdapterTensor::Int8 { values: vec![0; rows * 4], scales: vec![f16::ZERO; rows] });
+    let err = write_adapter_bundle(&tmp.path().join("untransposed"), &setup.trainer, &spec, &untransposed).unwrap_err().to_string();
+    assert!(err.contains("rows of 4 values, not a multiple of 32"), "{err}");
     tensors.truncate(3);
     let bad = write_adapter_bundle(&tmp.path().join("bad2"), &setup.trainer, &spec, &tensors).unwrap();
     assert!(LoraAdapter::open(&bad, &pack, &key).unwrap_err().to_string().contains("missing tensor"));

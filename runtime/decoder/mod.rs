@@ -129,6 +129,24 @@ struct LoraTerm<'a> {
     scale: f32,
 }
 
+impl LoraTerm<'_> {
+    /// `scale · B[r] · t_i`: a row dot for an F16 `B` `[out, rank]`; for an
+    /// int8 `B`, stored transposed `[rank, out]` (see [`crate::adapter`]),
+    /// a walk down column `r`.
+    fn output(&self, k: &Kernels, i: usize, r: usize) -> f32 {
+        let t = &self.t[i * self.rank..(i + 1) * self.rank];
+        let dot = match self.b {
+            Matrix::Int8 { cols, values, scales, .. } => {
+                let blocks = cols / crate::config::INT8_BLOCK;
+                let block = r / crate::config::INT8_BLOCK;
+                t.iter().enumerate().map(|(j, &tj)| tj * f32::from(values[j * cols + r]) * scales[j * blocks + block].to_f32()).sum()
+            }
+            Matrix::F16 { .. } => k.row_dot(&self.b, r, t),
+        };
+        self.scale * dot
+    }
+}
+
 /// Computes `A x` for the block's `n` tokens into `buf` when `adapter`
 /// targets `target` in `layer`.
 fn lora_term<'a>(
@@ -376,7 +394,7 @@ fn matmul(
     let (rows, cols) = m.shape();
     let stride = scratch.len() / pool.workers();
     let (out, scratch) = (SharedOut::new(&mut out[..n * rows]), SharedOut::new(scratch));
-    let extra = |i: usize, r: usize| lora.as_ref().map_or(0.0, |l| l.scale * k.row_dot(&l.b, r, &l.t[i * l.rank..(i + 1) * l.rank]));
+    let extra = |i: usize, r: usize| lora.as_ref().map_or(0.0, |l| l.output(k, i, r));
     pool.run(&|w, workers| {
         let mine = share(rows, w, workers);
         if n == 1 {

@@ -24,8 +24,8 @@ pub fn random_adapter(out: &Path, pack: &ModelPack, trainer: &SigningKey, rank: 
         let shapes = [w.q_proj, w.k_proj, w.v_proj, w.o_proj, w.gate_proj, w.up_proj, w.down_proj].map(|m| m.shape());
         for &t in targets {
             let (rows, cols) = shapes[t as usize];
-            tensors.push((t.tensor_name(layer, 'A'), vec![rank, cols], (0..rank * cols).map(|_| value()).collect()));
-            tensors.push((t.tensor_name(layer, 'B'), vec![rows, rank], (0..rows * rank).map(|_| value()).collect()));
+            tensors.push((t.tensor_name(layer, 'A'), vec![rank, cols], (0..rank * cols).map(|_| value()).collect::<Vec<_>>().into()));
+            tensors.push((t.tensor_name(layer, 'B'), vec![rows, rank], (0..rows * rank).map(|_| value()).collect::<Vec<_>>().into()));
         }
     }
     let spec = AdapterSpec {

@@ -6,12 +6,15 @@
 //!    the corpus are corrected by a simulated user through the device's
 //!    feedback path (interaction + correction records in its journal).
 //! 2. The journal goes through sync (export, ingest into a host store).
-//! 3. Consolidation runs twice, with the MAS penalty and without it.
-//! 4. The MAS adapter is installed on the device (verify, self-test, switch).
+//! 3. Consolidation runs three times: with the anti-forgetting terms (MAS
+//!    penalty and rehearsal, the defaults), with MAS only, and with neither.
+//! 4. The first adapter is installed on the device (verify, self-test,
+//!    switch) when the gate published it.
 //! 5. The corrected questions are asked again, as they were and rephrased,
-//!    with no adapter, the MAS adapter and the adapter trained without MAS;
-//!    retention perplexity is measured on held-out `chitchat-dataset==0.9.0`
-//!    dialogues for each.
+//!    with no adapter and with each adapter, reported apart for the
+//!    corrections trained on and those the night held out for its gate
+//!    ([`is_held_out`]); retention perplexity is measured on held-out
+//!    `chitchat-dataset==0.9.0` dialogues for each.
 //!
 //! `cargo run -p nocturne-trainer --example scenario -- [OUT] [QUESTIONS] [STEPS]`
 //! (defaults `target/scenario`, 40, 400). Writes OUT/scenario.json and prints a table.
@@ -33,7 +36,7 @@ use nocturne::weights::{ModelPack, TOKENIZER_FILE};
 use nocturne_trainer::consolidate::TrainConfig;
 use nocturne_trainer::datasets::{chatterbot_pairs, chitchat_dialogues, CHATTERBOT, CHITCHAT};
 use nocturne_trainer::eval::{normalise, Evaluator, Gate};
-use nocturne_trainer::night::{consolidate, retention_texts, NightConfig};
+use nocturne_trainer::night::{consolidate, is_held_out, retention_texts, NightConfig};
 use nocturne_trainer::replay::{Example, PriorityWeights};
 use nocturne_trainer::store::Store;
 
@@ -115,7 +118,7 @@ fn main() -> anyhow::Result<()> {
         };
         let lsn = journal.append(&Body::Interaction(interaction))?;
         journal.append_durable(&Body::Feedback(Feedback { interaction: lsn, correction: Some(Cow::Borrowed(a)), ..Feedback::default() }))?;
-        corrected.push((q.clone(), a.clone()));
+        corrected.push((q.clone(), a.clone(), lsn));
     }
     println!("asked {asked}, {} answered differently and corrected ({:.0} s)", corrected.len(), started.elapsed().as_secs_f64());
 
@@ -129,55 +132,60 @@ fn main() -> anyhow::Result<()> {
     let key = nocturne::sync::keys::read_signing_key(&out.join("store/trainer.key"))?;
     let dirs = vec![store.device_dir(device)];
 
-    // 3. Consolidation, with and without the anti-forgetting penalty.
+    // 3. Consolidation, with the anti-forgetting terms, MAS only, neither.
     let retention = retention_texts(&[])?;
+    let default = TrainConfig { steps, ..TrainConfig::default() };
+    let runs = [
+        (format!("MAS λ={} + rehearsal μ={}", default.mas_lambda, default.rehearsal_weight), default.clone()),
+        (format!("MAS λ={} only", default.mas_lambda), TrainConfig { rehearsal_weight: 0.0, ..default.clone() }),
+        ("no anti-forgetting term".to_string(), TrainConfig { mas_lambda: 0.0, rehearsal_weight: 0.0, ..default.clone() }),
+    ];
     let mut nights = Vec::new();
-    for lambda in [TrainConfig::default().mas_lambda, 0.0] {
-        let config = NightConfig {
-            train: TrainConfig { steps, mas_lambda: lambda, ..TrainConfig::default() },
-            weights: PriorityWeights::default(),
-            gate: Gate::default(),
-        };
-        let night_out = out.join(format!("night-mas-{lambda}"));
+    for (i, (name, train)) in runs.into_iter().enumerate() {
+        let config = NightConfig { train, weights: PriorityWeights::default(), gate: Gate::default(), precision: Default::default() };
         let t = Instant::now();
-        let report = consolidate(&dirs, &pack_dir, None, &key, &retention, &night_out, &config, &mut |step, loss, tps| {
+        let report = consolidate(&dirs, &pack_dir, None, &key, &retention, &out.join(format!("night-{i}")), &config, &mut |step, loss, tps| {
             if step % 50 == 0 {
-                println!("  λ {lambda}: step {step}, loss {loss:.3}, {tps:.0} tokens/s");
+                println!("  {name}: step {step}, loss {loss:.3}, {tps:.0} tokens/s");
             }
         })?;
+        let seconds = t.elapsed().as_secs_f64();
         println!(
-            "consolidation λ={lambda}: {:.0} s, training {:.0} tokens/s; {}: {}",
-            t.elapsed().as_secs_f64(),
+            "consolidation, {name}: {seconds:.0} s, training {:.0} tokens/s; {}: {}",
             report.tokens_per_second,
             if report.published { "published" } else { "not published" },
             report.decision
         );
-        nights.push((lambda, report, t.elapsed().as_secs_f64()));
+        nights.push((name, report, seconds));
     }
 
-    // 4. The MAS adapter goes to the device.
-    let installed = install(&state, &pack, &nights[0].1.bundle, &mut journal)?;
+    // 4. The first adapter goes to the device if the gate let it out.
+    let installed = if nights[0].1.published { Some(install(&state, &pack, &nights[0].1.bundle, &mut journal)?) } else { None };
     println!("device install: {installed:?}");
     journal.close()?;
 
     // 5. Ask again.
-    let plain: Vec<Example> = corrected.iter().map(|(q, a)| example(q, a)).collect();
-    let rephrased: Vec<Example> = corrected.iter().enumerate().map(|(i, (q, a))| example(&rephrase(i, q), a)).collect();
+    let (trained, held): (Vec<_>, Vec<_>) = corrected.iter().partition(|(_, _, lsn)| !is_held_out(*lsn));
+    let ask = |set: &[&(String, String, u64)], rephrased: bool| -> Vec<Example> {
+        set.iter().enumerate().map(|(i, (q, a, _))| example(&if rephrased { rephrase(i, q) } else { q.clone() }, a)).collect()
+    };
+    let sets = [ask(&trained, false), ask(&trained, true), ask(&held, false)];
     let trainer_key = key.verifying_key();
     let mut rows = Vec::new();
     let variants: Vec<(String, Option<Arc<LoraAdapter>>)> = std::iter::once(("base model, no adapter".to_string(), None))
-        .chain(nights.iter().map(|(lambda, report, _)| {
-            let adapter = LoraAdapter::open(&report.bundle, &pack, &trainer_key).map(Arc::new).ok();
-            (format!("adapter trained with MAS λ={lambda}"), adapter)
-        }))
+        .chain(nights.iter().map(|(name, report, _)| (format!("adapter, {name}"), LoraAdapter::open(&report.bundle, &pack, &trainer_key).map(Arc::new).ok())))
         .collect();
+    println!("| model | corrected, trained ({}) | same, rephrased | corrected, held out ({}) | chitchat perplexity |", trained.len(), held.len());
+    println!("|---|---|---|---|---|");
     for (name, adapter) in variants {
         evaluator.set_adapter(adapter);
-        let on_plain = evaluator.match_rate(&plain.iter().collect::<Vec<_>>())?;
-        let on_rephrased = evaluator.match_rate(&rephrased.iter().collect::<Vec<_>>())?;
+        let mut rates = Vec::new();
+        for set in &sets {
+            rates.push(evaluator.match_rate(&set.iter().collect::<Vec<_>>())?);
+        }
         let ppl = evaluator.perplexity(&dialogues)?;
-        println!("| {name} | {:.1}% | {:.1}% | {ppl:.3} |", 100.0 * on_plain, 100.0 * on_rephrased);
-        rows.push(serde_json::json!({"model": name, "corrected": on_plain, "rephrased": on_rephrased, "chitchat_perplexity": ppl}));
+        println!("| {name} | {:.1}% | {:.1}% | {:.1}% | {ppl:.3} |", 100.0 * rates[0], 100.0 * rates[1], 100.0 * rates[2]);
+        rows.push(serde_json::json!({"model": name, "trained": rates[0], "rephrased": rates[1], "held_out": rates[2], "chitchat_perplexity": ppl}));
     }
     let summary = serde_json::json!({
         "questions_in_corpus": pairs.len(),
@@ -185,15 +193,16 @@ fn main() -> anyhow::Result<()> {
         "corrected": corrected.len(),
         "steps": steps,
         "installed": format!("{installed:?}"),
-        "nights": nights.iter().map(|(l, r, s)| serde_json::json!({
-            "mas_lambda": l, "seconds": s, "tokens_per_second": r.tokens_per_second, "train_seconds": r.train_seconds,
+        "nights": nights.iter().map(|(name, r, s)| serde_json::json!({
+            "name": name, "mas_lambda": r.mas_lambda, "rehearsal_weight": r.rehearsal_weight, "seconds": s,
+            "tokens_per_second": r.tokens_per_second, "train_seconds": r.train_seconds, "before": r.before, "after": r.after,
             "published": r.published, "decision": r.decision, "adapter_bytes": r.adapter_bytes, "bundle": r.bundle,
         })).collect::<Vec<_>>(),
         "evaluation": rows,
         "total_seconds": started.elapsed().as_secs_f64(),
     });
     std::fs::write(out.join("scenario.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
-    let installed_ok = matches!(installed, InstallOutcome::Installed { .. } | InstallOutcome::AlreadyActive(_));
+    let installed_ok = matches!(installed, Some(InstallOutcome::Installed { .. } | InstallOutcome::AlreadyActive(_)));
     println!("scenario done in {:.0} s (adapter installed on the device: {installed_ok}); {}", started.elapsed().as_secs_f64(), out.join("scenario.json").display());
     Ok(())
 }

@@ -1,12 +1,15 @@
 //! Sleep consolidation: LoRA training on the replay buffer over the frozen
-//! base, with a Memory Aware Synapses penalty against forgetting.
+//! base, with two terms against forgetting: a Memory Aware Synapses penalty
+//! and rehearsal on the base model's own text.
 //!
 //! Principal items: [`TrainConfig`], [`train`], [`TrainOutcome`],
-//! [`tokenize`], [`mas_importance`].
+//! [`tokenize`], [`mas_importance`], [`rehearsal_samples`].
 //!
 //! Each step draws one example by priority ([`ReplayBuffer::sample`]), and
-//! takes an AdamW step (Loshchilov & Hutter, ICLR 2019) on
-//! `cross-entropy(target tokens) + λ · Σ Ω ⊙ (θ − θ*)²`.
+//! takes an AdamW step (Loshchilov & Hutter, ICLR 2019; learning rate warmed
+//! up, then cosine-decayed) on
+//! `cross-entropy(target tokens) + λ · Σ Ω ⊙ (θ − θ*)² + μ · KL(p_base ‖ p_θ)`,
+//! the last on one rehearsal sequence per step ([`rehearsal_samples`]).
 //!
 //! The penalty follows Memory Aware Synapses (Aljundi et al., "Memory Aware
 //! Synapses: Learning what (not) to forget", ECCV 2018): the importance Ω of
@@ -20,7 +23,10 @@
 use candle_core::{Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use nocturne::adapter::Target;
+use nocturne::decoder::{default_settings, Decoder};
+use nocturne::sampler::{Sampler, SamplerConfig};
 use nocturne::tokenizer::{chatml, Tokenizer};
+use nocturne::weights::ModelPack;
 
 use crate::model::{sequence_loss, BaseModel, Lora};
 use crate::replay::{Example, ReplayBuffer};
@@ -42,6 +48,12 @@ pub struct TrainConfig {
     pub mas_lambda: f64,
     /// Longest example, tokens (longer contexts are cut from the left).
     pub max_tokens: usize,
+    /// Weight μ of the rehearsal term (0 turns it off; see [`rehearsal_samples`]).
+    pub rehearsal_weight: f64,
+    /// Rehearsal sequences sampled from the base model.
+    pub rehearsal_sequences: usize,
+    /// Tokens per rehearsal sequence.
+    pub rehearsal_tokens: usize,
     /// Seed of initialisation and sampling.
     pub seed: u64,
 }
@@ -56,6 +68,9 @@ impl Default for TrainConfig {
             steps: 300,
             mas_lambda: 0.5,
             max_tokens: 256,
+            rehearsal_weight: 1.0,
+            rehearsal_sequences: 32,
+            rehearsal_tokens: 48,
             seed: 0,
         }
     }
@@ -112,12 +127,62 @@ pub fn mas_importance(base: &BaseModel, lora: &Lora, prompts: &[Vec<u32>]) -> ca
     total.into_iter().map(|t| t / mean).collect()
 }
 
+/// Rehearsal sequences: text the base model itself writes, sampled at
+/// temperature 1 with nucleus sampling (top-p 0.9, no penalty) from a document boundary
+/// (`<|endoftext|>`, id 0), on the device decoder, `count` sequences of `tokens` tokens (the first is the boundary).
+///
+/// Training adds `μ · KL(p_base ‖ p_θ)` averaged over the positions of one
+/// such sequence per step: since the text is drawn from the base's own
+/// distribution, this is the expected divergence of the adapted model from
+/// the base on what the base writes, which keeps the adapter from changing
+/// behaviour away from the corrected answers. Rehearsal on self-generated
+/// text follows Huang et al., "Mitigating Catastrophic Forgetting in Large
+/// Language Models with Self-Synthesized Rehearsal" (ACL 2024); distilling
+/// the old model's outputs follows Li & Hoiem, "Learning without
+/// Forgetting" (ECCV 2016). It needs no data besides the pack.
+///
+/// # Errors
+/// Decoder errors.
+pub fn rehearsal_samples(pack: &ModelPack, count: usize, tokens: usize, seed: u64) -> anyhow::Result<Vec<Vec<u32>>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut decoder = Decoder::new(pack, default_settings(pack, tokens.max(2), threads));
+    let vocab = pack.config().vocab_size;
+    let config = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 0.9, repetition_penalty: 1.0, seed };
+    let mut sampler = Sampler::new(config, vocab);
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        decoder.truncate(0);
+        let mut ids = vec![0u32];
+        while ids.len() < tokens {
+            let logits = decoder.forward(&ids[ids.len() - 1..])?;
+            let next = sampler.sample(logits, &ids);
+            ids.push(next);
+        }
+        out.push(ids);
+    }
+    Ok(out)
+}
+
+/// Log-probabilities of the base model after every token of `ids`, `[T, vocab]`.
+fn base_log_probs(base: &BaseModel, ids: &[u32]) -> candle_core::Result<Tensor> {
+    candle_nn::ops::log_softmax(&base.forward(ids, None)?, candle_core::D::Minus1)
+}
+
+/// Mean over positions of `KL(p_base ‖ p_θ)`, given the base's log-probabilities.
+fn rehearsal_divergence(base: &BaseModel, lora: &Lora, ids: &[u32], base_log_p: &Tensor) -> candle_core::Result<Tensor> {
+    let log_q = candle_nn::ops::log_softmax(&base.forward(ids, Some(lora))?, candle_core::D::Minus1)?;
+    let p = base_log_p.exp()?;
+    (p * (base_log_p - log_q)?)?.sum(candle_core::D::Minus1)?.mean_all()
+}
+
 /// What a training run produced.
 pub struct TrainOutcome {
     /// The trained parameters.
     pub lora: Lora,
     /// Task loss (cross-entropy only) of every step.
     pub losses: Vec<f32>,
+    /// Rehearsal divergence of every step (empty without rehearsal).
+    pub divergences: Vec<f32>,
     /// Tokens processed (forward and backward) per second.
     pub tokens_per_second: f64,
     /// Wall time of training, seconds.
@@ -127,7 +192,9 @@ pub struct TrainOutcome {
 /// Trains LoRA parameters on the examples `train` of `buffer` (indices),
 /// sampled by priority. `previous` is the warm start (the previous night's
 /// adapter, already loaded as [`Lora`]); `reference` holds the reference
-/// prompts of the MAS importance. `progress(step, loss, tokens_per_second)`
+/// prompts of the MAS importance; `rehearsal` the sequences of the
+/// rehearsal term (from [`rehearsal_samples`]; unused when its weight is 0).
+/// `progress(step, loss, tokens_per_second)`
 /// is called after every step.
 ///
 /// # Errors
@@ -139,6 +206,7 @@ pub fn train(
     train: &[usize],
     previous: Option<Lora>,
     reference: &[Vec<u32>],
+    rehearsal: &[Vec<u32>],
     config: &TrainConfig,
     progress: &mut dyn FnMut(usize, f32, f64),
 ) -> anyhow::Result<TrainOutcome> {
@@ -159,9 +227,14 @@ pub fn train(
     let importance = if config.mas_lambda > 0.0 { mas_importance(base, &lora, reference)? } else { Vec::new() };
     let subset = ReplayBuffer { examples: train.iter().map(|&i| buffer.examples[i].clone()).collect(), report: buffer.report.clone() };
     let tokenized: Vec<_> = subset.examples.iter().map(|e| tokenize(tokenizer, e, config.max_tokens)).collect::<anyhow::Result<_>>()?;
+    let rehearsal: Vec<(&Vec<u32>, Tensor)> = if config.rehearsal_weight > 0.0 {
+        rehearsal.iter().map(|ids| Ok((ids, base_log_probs(base, ids)?))).collect::<candle_core::Result<_>>()?
+    } else {
+        Vec::new()
+    };
     let mut opt = AdamW::new(vars.clone(), ParamsAdamW { lr: config.learning_rate, weight_decay: 0.0, ..Default::default() })?;
     let started = std::time::Instant::now();
-    let (mut losses, mut tokens) = (Vec::with_capacity(config.steps), 0usize);
+    let (mut losses, mut divergences, mut tokens) = (Vec::with_capacity(config.steps), Vec::new(), 0usize);
     for (step, i) in subset.sample(config.steps, config.seed ^ 0x5EED).into_iter().enumerate() {
         let (ids, labels) = &tokenized[i];
         let task = sequence_loss(base, ids, labels, Some(&lora))?;
@@ -173,6 +246,13 @@ pub fn train(
             }
             loss = (loss + (penalty * config.mas_lambda)?)?;
         }
+        if let Some((ids, base_log_p)) = rehearsal.get(step % rehearsal.len().max(1)) {
+            let divergence = rehearsal_divergence(base, &lora, ids, base_log_p)?;
+            loss = (loss + (&divergence * config.rehearsal_weight)?)?;
+            divergences.push(divergence.to_dtype(candle_core::DType::F32)?.to_scalar()?);
+            tokens += ids.len();
+        }
+        opt.set_learning_rate(learning_rate(config, step));
         opt.backward_step(&loss)?;
         tokens += ids.len();
         let task: f32 = task.to_dtype(candle_core::DType::F32)?.to_scalar()?;
@@ -180,7 +260,20 @@ pub fn train(
         progress(step + 1, task, tokens as f64 / started.elapsed().as_secs_f64());
     }
     let seconds = started.elapsed().as_secs_f64();
-    Ok(TrainOutcome { lora, losses, tokens_per_second: tokens as f64 / seconds, seconds })
+    Ok(TrainOutcome { lora, losses, divergences, tokens_per_second: tokens as f64 / seconds, seconds })
+}
+
+/// The learning rate at `step` (from 0): a linear warm-up over the first 5%
+/// of the steps, then a cosine decay to zero (Loshchilov & Hutter, "SGDR",
+/// ICLR 2017), so that the last steps settle instead of moving the adapter
+/// around at full rate.
+fn learning_rate(config: &TrainConfig, step: usize) -> f64 {
+    let warmup = (config.steps / 20).max(1);
+    if step < warmup {
+        return config.learning_rate * (step + 1) as f64 / warmup as f64;
+    }
+    let progress = (step - warmup) as f64 / (config.steps - warmup).max(1) as f64;
+    config.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
 /// True when every `B` is zero (a fresh initialisation).

@@ -2,18 +2,61 @@
 //! (`adapter_config.json` + `adapter_model.safetensors`, tensor names with
 //! PEFT's `base_model.model.` prefix) so other tools can load the adapter.
 //!
-//! Principal function: [`export_adapter`].
+//! Principal items: [`export_adapter`], [`device_tensors`], [`AdapterPrecision`].
+//!
+//! The device bundle holds F16 tensors, or int8 ones in the pack's block
+//! format (`B` transposed so its blocks run along `out`; see
+//! `nocturne::adapter`); the PEFT copy always holds the f32 parameters.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use ed25519_dalek::SigningKey;
-use nocturne::adapter::{write_adapter_bundle, AdapterSpec};
+use half::f16;
+use nocturne::adapter::{write_adapter_bundle, AdapterSpec, AdapterTensor};
 use nocturne::journal::{AdapterId, ModelId};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
 use crate::model::Lora;
+use crate::quant::quantize_int8;
+
+/// Precision of the device bundle's tensors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterPrecision {
+    /// Half precision (2 bytes per parameter).
+    #[default]
+    F16,
+    /// Int8 in the pack's block format (1 byte per parameter plus a 2-byte
+    /// scale per 32).
+    Int8,
+}
+
+/// The parameters of `lora` as device tensors in `precision`.
+///
+/// # Errors
+/// candle errors reading the parameters.
+pub fn device_tensors(lora: &Lora, precision: AdapterPrecision) -> candle_core::Result<Vec<(String, Vec<usize>, AdapterTensor)>> {
+    Ok(lora
+        .to_f32_tensors()?
+        .into_iter()
+        .map(|(name, shape, values)| match precision {
+            AdapterPrecision::F16 => (name, shape, AdapterTensor::F16(values.into_iter().map(f16::from_f32).collect())),
+            AdapterPrecision::Int8 => {
+                let (shape, values) = if name.contains("lora_B") { transpose(&shape, &values) } else { (shape, values) };
+                let q = quantize_int8(&values);
+                (name, shape, AdapterTensor::Int8 { values: q.values, scales: q.scales })
+            }
+        })
+        .collect())
+}
+
+/// `[rows, cols]` → `[cols, rows]`.
+fn transpose(shape: &[usize], values: &[f32]) -> (Vec<usize>, Vec<f32>) {
+    let (rows, cols) = (shape[0], shape[1]);
+    (vec![cols, rows], (0..cols * rows).map(|i| values[(i % rows) * cols + i / rows]).collect())
+}
 
 /// Where an export went.
 pub struct Exported {
@@ -25,8 +68,8 @@ pub struct Exported {
     pub id: AdapterId,
 }
 
-/// Writes `lora` as a device bundle signed with `trainer` and as a PEFT
-/// directory, both into `out`.
+/// Writes `lora` as a device bundle in `precision` signed with `trainer`
+/// and as a PEFT directory, both into `out`.
 ///
 /// # Errors
 /// Files cannot be written; candle errors reading the parameters.
@@ -37,8 +80,9 @@ pub fn export_adapter(
     base_model: ModelId,
     parent: Option<AdapterId>,
     description: &str,
+    precision: AdapterPrecision,
 ) -> anyhow::Result<Exported> {
-    let tensors = lora.to_f16_tensors()?;
+    let tensors = device_tensors(lora, precision)?;
     let spec = AdapterSpec {
         parent,
         base_model,
@@ -65,8 +109,7 @@ pub fn export_adapter(
         "base_model_name_or_path": format!("nocturne pack {base_model}"),
     });
     std::fs::write(peft.join("adapter_config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
-    let f32_values: Vec<(String, Vec<usize>, Vec<f32>)> =
-        tensors.into_iter().map(|(n, s, v)| (format!("base_model.model.{n}"), s, v.into_iter().map(|x| x.to_f32()).collect())).collect();
+    let f32_values: Vec<(String, Vec<usize>, Vec<f32>)> = lora.to_f32_tensors()?.into_iter().map(|(n, s, v)| (format!("base_model.model.{n}"), s, v)).collect();
     let views = f32_values
         .iter()
         .map(|(n, s, v)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), bytemuck::cast_slice(v))?)))

@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use nocturne_trainer::consolidate::TrainConfig;
 use nocturne_trainer::convert::{convert, ConvertReport};
+use nocturne_trainer::export::AdapterPrecision;
 use nocturne_trainer::fetch::{fetch, FetchOutcome, Manifest};
 use nocturne_trainer::gguf::GgufFile;
 use nocturne_trainer::store::Store;
@@ -126,28 +128,37 @@ struct ConsolidateArgs {
     #[arg(long)]
     retention: Vec<PathBuf>,
     /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = TrainConfig::default().rank)]
     rank: usize,
     /// LoRA alpha.
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = TrainConfig::default().alpha)]
     alpha: f32,
     /// Targeted projections, comma-separated.
     #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj", value_delimiter = ',')]
     targets: Vec<String>,
     /// Optimisation steps (one example each).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = TrainConfig::default().steps)]
     steps: usize,
     /// AdamW learning rate.
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, default_value_t = TrainConfig::default().learning_rate)]
     learning_rate: f64,
     /// Weight of the MAS anti-forgetting penalty (0: off).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = TrainConfig::default().mas_lambda)]
     mas_lambda: f64,
+    /// Weight of the rehearsal term, KL(base ‖ adapted) on text the base model samples (0: off).
+    #[arg(long, default_value_t = TrainConfig::default().rehearsal_weight)]
+    rehearsal_weight: f64,
+    /// Rehearsal sequences sampled from the base model.
+    #[arg(long, default_value_t = TrainConfig::default().rehearsal_sequences)]
+    rehearsal_sequences: usize,
+    /// Precision of the device adapter bundle.
+    #[arg(long, value_enum, default_value_t = AdapterPrecision::F16)]
+    precision: AdapterPrecision,
     /// Weight of the implicit score in the priority (the explicit one gets 1 minus it).
     #[arg(long, default_value_t = 0.7)]
     implicit_weight: f32,
     /// Largest allowed rise of retention perplexity, relative.
-    #[arg(long, default_value_t = 0.03)]
+    #[arg(long, default_value_t = nocturne_trainer::eval::Gate::default().retention_bound)]
     retention_bound: f64,
     /// Seed.
     #[arg(long, default_value_t = 0)]
@@ -155,7 +166,6 @@ struct ConsolidateArgs {
 }
 
 fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
-    use nocturne_trainer::consolidate::TrainConfig;
     use nocturne_trainer::eval::Gate;
     use nocturne_trainer::night::{consolidate, journal_dirs, retention_texts, NightConfig};
     use nocturne_trainer::replay::PriorityWeights;
@@ -182,11 +192,14 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
             learning_rate: args.learning_rate,
             steps: args.steps,
             mas_lambda: args.mas_lambda,
+            rehearsal_weight: args.rehearsal_weight,
+            rehearsal_sequences: args.rehearsal_sequences,
             seed: args.seed,
             ..TrainConfig::default()
         },
         weights: PriorityWeights { implicit: args.implicit_weight, explicit: 1.0 - args.implicit_weight },
         gate: Gate { retention_bound: args.retention_bound },
+        precision: args.precision,
     };
     let bar = indicatif::ProgressBar::new(args.steps as u64);
     bar.set_style(

@@ -5,7 +5,8 @@
 //!
 //! Written with plain candle ops only (matmul, broadcast arithmetic, exp,
 //! `candle_nn::ops::softmax`/`log_softmax`, which are compositions of plain
-//! ops): candle 0.11's fused `softmax_last_dim`, `rms_norm`, `rotary_emb::rope`
+//! ops), plus one custom op with an explicit backward for products with the
+//! frozen weights ([`FrozenMatmul`]): candle 0.11's fused `softmax_last_dim`, `rms_norm`, `rotary_emb::rope`
 //! and `QMatMul` return no gradient (see `../shared/DESIGN.md`, Trainer). The
 //! computation mirrors the device decoder (`nocturne::decoder`) step for
 //! step — RMSNorm, half-split RoPE, grouped-query causal attention, SiLU MLP,
@@ -17,8 +18,7 @@
 //! `[rank, in]` initialised uniform in ±1/√in (PEFT's Kaiming-uniform with
 //! a = √5), `B` `[out, rank]` zero, so training starts from the base model.
 
-use candle_core::{DType, Device, Tensor, Var, D};
-use half::f16;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var, D};
 use nocturne::adapter::{LoraAdapter, Target};
 use nocturne::config::ModelConfig;
 use nocturne::weights::{Matrix, ModelPack};
@@ -56,6 +56,48 @@ pub struct BaseModel {
     sin: Tensor,
     device: Device,
     dtype: DType,
+}
+
+/// `x · W` for a frozen weight `W` `[in, out]`, on the CPU. candle's matmul
+/// backward always computes the gradient of both operands, so a plain matmul
+/// with a constant weight costs a weight-sized product and a weight-sized
+/// tensor per projection per step; this op's backward gives only the input's
+/// gradient, `∂x = ∂y · Wᵀ`, which is all a frozen base needs.
+struct FrozenMatmul(Tensor);
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => Tensor::from_slice(&v[a..b], layout.shape(), &Device::Cpu)?,
+            (CpuStorage::F64(v), Some((a, b))) => Tensor::from_slice(&v[a..b], layout.shape(), &Device::Cpu)?,
+            _ => candle_core::bail!("frozen-matmul: the input must be contiguous f32 or f64"),
+        };
+        let y = x.matmul(&self.0)?;
+        let shape = y.shape().clone();
+        let y = y.flatten_all()?;
+        let out = match y.dtype() {
+            DType::F64 => CpuStorage::F64(y.to_vec1()?),
+            _ => CpuStorage::F32(y.to_vec1()?),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.0.t()?)?))
+    }
+}
+
+/// `x · w` for a frozen `w`: [`FrozenMatmul`] on the CPU, a plain matmul elsewhere.
+fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        x.contiguous()?.apply_op1(FrozenMatmul(w.clone()))
+    } else {
+        x.matmul(w)
+    }
 }
 
 fn matrix_t(m: Matrix<'_>, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
@@ -141,7 +183,7 @@ impl BaseModel {
     }
 
     fn project(&self, x: &Tensor, layer: usize, target: Target, lora: Option<&Lora>) -> candle_core::Result<Tensor> {
-        let y = x.matmul(&self.layers[layer].proj_t[target as usize])?;
+        let y = frozen_matmul(x, &self.layers[layer].proj_t[target as usize])?;
         match lora.and_then(|l| l.pair(layer, target).map(|p| (l, p))) {
             Some((l, (a, b))) => y + (x.matmul(&a.as_tensor().t()?)?.matmul(&b.as_tensor().t()?)? * l.scale())?,
             None => Ok(y),
@@ -153,7 +195,7 @@ impl BaseModel {
     /// # Errors
     /// candle errors; more tokens than the RoPE table holds.
     pub fn forward(&self, ids: &[u32], lora: Option<&Lora>) -> candle_core::Result<Tensor> {
-        self.hidden(ids, lora)?.matmul(&self.lm_head_t)
+        frozen_matmul(&self.hidden(ids, lora)?, &self.lm_head_t)
     }
 
     /// Logits `[rows.len(), vocab]` after the tokens at `rows` only: the
@@ -163,7 +205,7 @@ impl BaseModel {
     /// As [`BaseModel::forward`].
     pub fn forward_rows(&self, ids: &[u32], lora: Option<&Lora>, rows: &[u32]) -> candle_core::Result<Tensor> {
         let rows = Tensor::from_slice(rows, rows.len(), &self.device)?;
-        self.hidden(ids, lora)?.index_select(&rows, 0)?.matmul(&self.lm_head_t)
+        frozen_matmul(&self.hidden(ids, lora)?.index_select(&rows, 0)?, &self.lm_head_t)
     }
 
     /// The final normalised hidden states `[T, hidden]`.
@@ -263,11 +305,13 @@ impl Lora {
             let mut row: [Option<(Var, Var)>; 7] = Default::default();
             for &t in &targets {
                 let (a, b) = adapter.projection(l, t).expect("a validated adapter has every targeted projection");
-                let var = |m: Matrix<'_>| -> candle_core::Result<Var> {
-                    let (r, c) = m.shape();
-                    Var::from_tensor(&Tensor::from_vec(dense(m), (r, c), base.device())?.to_dtype(base.dtype())?)
+                let tensor = |m: Matrix<'_>| -> candle_core::Result<Tensor> { Tensor::from_vec(dense(m), m.shape(), base.device())?.to_dtype(base.dtype()) };
+                // An int8 B is stored transposed, [rank, out] (nocturne::adapter).
+                let b = match b {
+                    Matrix::Int8 { .. } => tensor(b)?.t()?.contiguous()?,
+                    Matrix::F16 { .. } => tensor(b)?,
                 };
-                row[t as usize] = Some((var(a)?, var(b)?));
+                row[t as usize] = Some((Var::from_tensor(&tensor(a)?)?, Var::from_tensor(&b)?));
             }
             pairs.push(row);
         }
@@ -312,17 +356,17 @@ impl Lora {
         out
     }
 
-    /// Every parameter as (name, shape, f16 values), for an adapter bundle.
+    /// Every parameter as (name, shape, f32 values, row-major), `A`
+    /// `[rank, in]` and `B` `[out, rank]`.
     ///
     /// # Errors
     /// candle errors.
-    pub fn to_f16_tensors(&self) -> candle_core::Result<Vec<(String, Vec<usize>, Vec<f16>)>> {
+    pub fn to_f32_tensors(&self) -> candle_core::Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
         self.named_vars()
             .into_iter()
             .map(|(name, v)| {
                 let t = v.as_tensor();
-                let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                Ok((name, t.dims().to_vec(), values.into_iter().map(f16::from_f32).collect()))
+                Ok((name, t.dims().to_vec(), t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?))
             })
             .collect()
     }

@@ -6,7 +6,7 @@
 //! [`journal_dirs`], [`retention_texts`].
 //!
 //! Split: with at least [`MIN_CORRECTIONS_TO_HOLD_OUT`] corrections, those
-//! whose interaction LSN is a multiple of 5 are held out of training. The
+//! whose interaction LSN is a multiple of 5 ([`is_held_out`]) are held out of training. The
 //! gate ([`crate::eval::Gate`]) requires the match rate on the trained
 //! corrections to improve, the held-out match rate not to fall, and the
 //! retention perplexity to stay within its bound. A rejected adapter is still written, under
@@ -23,14 +23,20 @@ use nocturne::tokenizer::Tokenizer;
 use nocturne::weights::{ModelPack, TOKENIZER_FILE};
 use serde::Serialize;
 
-use crate::consolidate::{train, TrainConfig};
+use crate::consolidate::{rehearsal_samples, train, TrainConfig};
 use crate::eval::{Evaluator, Gate, Scores};
-use crate::export::export_adapter;
+use crate::export::{export_adapter, AdapterPrecision};
 use crate::model::{BaseModel, Lora};
 use crate::replay::{PriorityWeights, ReplayBuffer, ReplayReport};
 
 /// Fewest corrections before some are held out of training for the gate.
 pub const MIN_CORRECTIONS_TO_HOLD_OUT: usize = 10;
+
+/// Whether a correction of the interaction at LSN `interaction` is held out
+/// of training (when there are enough corrections): every fifth LSN.
+pub fn is_held_out(interaction: u64) -> bool {
+    interaction % 5 == 0
+}
 
 /// The built-in retention set: general text and dialogue the base handles.
 pub const RETENTION_TEXT: &str = include_str!("../data/retention.txt");
@@ -44,6 +50,8 @@ pub struct NightConfig {
     pub weights: PriorityWeights,
     /// The publication gate.
     pub gate: Gate,
+    /// Precision of the device bundle.
+    pub precision: AdapterPrecision,
 }
 
 /// Everything a run measured, as written to `report.json`.
@@ -87,6 +95,12 @@ pub struct Report {
     pub alpha: f32,
     /// MAS weight.
     pub mas_lambda: f64,
+    /// Rehearsal weight.
+    pub rehearsal_weight: f64,
+    /// Rehearsal divergence per step.
+    pub divergences: Vec<f32>,
+    /// Precision of the device bundle.
+    pub precision: AdapterPrecision,
 }
 
 /// [`Scores`] for JSON.
@@ -181,7 +195,7 @@ pub fn consolidate(
     // enough corrections for that to mean something.
     let corrected: Vec<usize> = (0..buffer.examples.len()).filter(|&i| buffer.examples[i].corrected).collect();
     let held_out_set: Vec<usize> =
-        if corrected.len() >= MIN_CORRECTIONS_TO_HOLD_OUT { corrected.iter().copied().filter(|&i| buffer.examples[i].interaction % 5 == 0).collect() } else { Vec::new() };
+        if corrected.len() >= MIN_CORRECTIONS_TO_HOLD_OUT { corrected.iter().copied().filter(|&i| is_held_out(buffer.examples[i].interaction)).collect() } else { Vec::new() };
     let train_set: Vec<usize> = (0..buffer.examples.len()).filter(|i| !held_out_set.contains(i)).collect();
     let taught: Vec<usize> = train_set.iter().copied().filter(|&i| buffer.examples[i].corrected).collect();
     let trainer_key = key.verifying_key();
@@ -195,19 +209,21 @@ pub fn consolidate(
             ids
         }))
         .collect::<Result<_, _>>()?;
-    let outcome = train(&base, &tokenizer, &buffer, &train_set, warm, &reference, &config.train, progress)?;
+    let t = &config.train;
+    let rehearsal = if t.rehearsal_weight > 0.0 { rehearsal_samples(&pack, t.rehearsal_sequences, t.rehearsal_tokens, t.seed)? } else { Vec::new() };
+    let outcome = train(&base, &tokenizer, &buffer, &train_set, warm, &reference, &rehearsal, t, progress)?;
     drop(base);
     // Evaluate before (the device as it is) and after (with the candidate).
     let staging = out.join(".staging");
     let _ = std::fs::remove_dir_all(&staging);
-    let description = serde_json::json!({
+    let mut description = serde_json::json!({
         "examples": buffer.examples.len(),
         "trained_on": train_set.len(),
         "first_interaction_ms": buffer.examples.iter().map(|e| e.time_ms).min(),
         "last_interaction_ms": buffer.examples.iter().map(|e| e.time_ms).max(),
     });
     let parent = previous_adapter.as_ref().map(|a| a.id());
-    let exported = export_adapter(&staging, key, &outcome.lora, pack.id(), parent, &description.to_string())?;
+    let exported = export_adapter(&staging, key, &outcome.lora, pack.id(), parent, &description.to_string(), config.precision)?;
     let candidate = Arc::new(LoraAdapter::open(&exported.bundle, &pack, &trainer_key)?);
     let taught: Vec<_> = taught.iter().map(|&i| &buffer.examples[i]).collect();
     let held: Vec<_> = held_out_set.iter().map(|&i| &buffer.examples[i]).collect();
@@ -224,19 +240,16 @@ pub fn consolidate(
     let after = score(Some(Arc::clone(&candidate)))?;
     drop(evaluator);
     let (published, decision) = config.gate.decide(&before, &after);
-    let target = if published { out.to_path_buf() } else { out.join("rejected") };
-    std::fs::create_dir_all(&target)?;
-    let move_into = |from: &Path| -> anyhow::Result<PathBuf> {
-        let to = target.join(from.file_name().context("named")?);
-        if to.exists() {
-            std::fs::remove_dir_all(&to)?;
-        }
-        std::fs::rename(from, &to)?;
-        Ok(to)
-    };
-    let bundle = move_into(&exported.bundle)?;
-    let peft = move_into(&exported.peft)?;
+    // The bundle that leaves is signed again with the evaluation in its
+    // manifest (same weights, so the same adapter id).
     let _ = std::fs::remove_dir_all(&staging);
+    description["before"] = serde_json::to_value(ScoresJson::from(before))?;
+    description["after"] = serde_json::to_value(ScoresJson::from(after))?;
+    description["published"] = published.into();
+    description["decision"] = decision.clone().into();
+    let target = if published { out.to_path_buf() } else { out.join("rejected") };
+    let exported = export_adapter(&target, key, &outcome.lora, pack.id(), parent, &description.to_string(), config.precision)?;
+    let (bundle, peft) = (exported.bundle, exported.peft);
     let adapter_bytes = std::fs::metadata(bundle.join(nocturne::adapter::ADAPTER_WEIGHTS_FILE))?.len();
     let mut per_day = std::collections::BTreeMap::<String, usize>::new();
     for e in &buffer.examples {
@@ -262,6 +275,9 @@ pub fn consolidate(
         rank: outcome.lora.rank(),
         alpha: outcome.lora.alpha(),
         mas_lambda: config.train.mas_lambda,
+        rehearsal_weight: config.train.rehearsal_weight,
+        divergences: outcome.divergences,
+        precision: config.precision,
     };
     std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&report)? + "\n")?;
     Ok(report)

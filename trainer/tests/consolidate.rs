@@ -15,7 +15,7 @@ use nocturne::tokenizer::Tokenizer;
 use nocturne::weights::ModelPack;
 use nocturne_trainer::consolidate::{train, TrainConfig};
 use nocturne_trainer::eval::{normalise, Gate, Scores};
-use nocturne_trainer::export::export_adapter;
+use nocturne_trainer::export::{export_adapter, AdapterPrecision};
 use nocturne_trainer::model::BaseModel;
 use nocturne_trainer::replay::{PriorityWeights, ReplayBuffer};
 
@@ -64,13 +64,13 @@ fn training_learns_a_correction_and_the_export_loads_everywhere() {
     let base = BaseModel::from_pack(&pack, DType::F32, &Device::Cpu, 128).unwrap();
     let config = TrainConfig { steps: 12, learning_rate: 5e-3, mas_lambda: 0.5, ..TrainConfig::default() };
     let reference = vec![tokenizer.encode("The weather today is mild and sunny.").unwrap()];
-    let outcome = train(&base, &tokenizer, &buffer, &[0], None, &reference, &config, &mut |_, _, _| {}).unwrap();
+    let outcome = train(&base, &tokenizer, &buffer, &[0], None, &reference, &[], &config, &mut |_, _, _| {}).unwrap();
     let (first, last) = (outcome.losses[0], *outcome.losses.last().unwrap());
     assert!(last < 0.5 * first, "loss {first} -> {last}");
     assert!(outcome.tokens_per_second > 0.0);
     // Export: the device bundle opens for this pack, the PEFT copy has its files.
     let key = nocturne::sync::keys::generate().unwrap();
-    let exported = export_adapter(&tmp.path().join("out"), &key, &outcome.lora, pack.id(), None, "{}").unwrap();
+    let exported = export_adapter(&tmp.path().join("out"), &key, &outcome.lora, pack.id(), None, "{}", AdapterPrecision::F16).unwrap();
     let adapter = LoraAdapter::open(&exported.bundle, &pack, &key.verifying_key()).unwrap();
     assert_eq!((adapter.id(), adapter.rank()), (exported.id, 8));
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(exported.peft.join("adapter_config.json")).unwrap()).unwrap();

@@ -16,6 +16,7 @@ use nocturne::decoder::Decoder;
 use nocturne::profile::Precision;
 use nocturne::weights::ModelPack;
 use nocturne_trainer::convert::convert;
+use nocturne_trainer::export::{device_tensors, AdapterPrecision};
 use nocturne_trainer::gguf::GgufFile;
 use nocturne_trainer::model::{sequence_loss, BaseModel, Lora};
 
@@ -45,8 +46,10 @@ fn assert_parity(trainer: &Tensor, device: &[Vec<f32>], what: &str) {
 }
 
 /// A trained-looking adapter: LoRA with `B` set to seeded values, bundled
-/// for the device and read back, so both sides use the same f16 values.
-fn adapter_for(pack: &ModelPack, base: &BaseModel, dir: &Path, targets: &[Target]) -> (Arc<LoraAdapter>, Lora) {
+/// for the device in `precision` and read back, so both sides use the same
+/// rounded values. Read back, every parameter is within half a rounding step
+/// of what was exported.
+fn adapter_for(pack: &ModelPack, base: &BaseModel, dir: &Path, targets: &[Target], precision: AdapterPrecision) -> (Arc<LoraAdapter>, Lora) {
     let lora = Lora::new(base, 4, 8.0, targets, 3).unwrap();
     for (i, (name, var)) in lora.named_vars().into_iter().enumerate() {
         if name.contains("lora_B") {
@@ -58,10 +61,17 @@ fn adapter_for(pack: &ModelPack, base: &BaseModel, dir: &Path, targets: &[Target
     }
     let trainer_key = nocturne::sync::keys::generate().unwrap();
     let spec = AdapterSpec { parent: None, base_model: pack.id(), rank: 4, alpha: 8.0, targets: targets.to_vec(), description: String::new() };
-    let bundle = write_adapter_bundle(dir, &trainer_key, &spec, &lora.to_f16_tensors().unwrap()).unwrap();
+    let bundle = write_adapter_bundle(dir, &trainer_key, &spec, &device_tensors(&lora, precision).unwrap()).unwrap();
     let adapter = LoraAdapter::open(&bundle, pack, &trainer_key.verifying_key()).unwrap();
-    let lora = Lora::from_adapter(base, &adapter).unwrap();
-    (Arc::new(adapter), lora)
+    let back = Lora::from_adapter(base, &adapter).unwrap();
+    for ((name, _, exported), (_, _, read)) in lora.to_f32_tensors().unwrap().into_iter().zip(back.to_f32_tensors().unwrap()) {
+        let amax = exported.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // Int8: half a step of the largest block scale (amax / 127); f16: 2^-11 relative.
+        let bound = match precision { AdapterPrecision::Int8 => amax / 127.0 * 0.5 * 1.01, AdapterPrecision::F16 => amax * 4.9e-4 };
+        let worst = exported.iter().zip(&read).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= bound, "{precision:?} {name}: read back {worst} away (bound {bound})");
+    }
+    (Arc::new(adapter), back)
 }
 
 #[test]
@@ -73,9 +83,13 @@ fn trainer_and_device_agree_on_tiny_packs_with_and_without_an_adapter() {
         let pack = ModelPack::open(&tmp.path().join(precision.name())).unwrap();
         let base = BaseModel::from_pack(&pack, DType::F32, &Device::Cpu, 64).unwrap();
         assert_parity(&base.forward(&ids, None).unwrap(), &decoder_logits(&pack, &ids, None), precision.name());
-        let (adapter, lora) = adapter_for(&pack, &base, &tmp.path().join("adapters"), &Target::ALL);
+        for adapter_precision in [AdapterPrecision::F16, AdapterPrecision::Int8] {
+            let (adapter, lora) = adapter_for(&pack, &base, &tmp.path().join("adapters"), &Target::ALL, adapter_precision);
+            let with = base.forward(&ids, Some(&lora)).unwrap();
+            assert_parity(&with, &decoder_logits(&pack, &ids, Some(adapter)), &format!("{} with an {adapter_precision:?} adapter", precision.name()));
+        }
+        let (_, lora) = adapter_for(&pack, &base, &tmp.path().join("adapters"), &Target::ALL, AdapterPrecision::F16);
         let with = base.forward(&ids, Some(&lora)).unwrap();
-        assert_parity(&with, &decoder_logits(&pack, &ids, Some(adapter)), &format!("{} with adapter", precision.name()));
         let without: Vec<Vec<f32>> = base.forward(&ids, None).unwrap().to_vec2().unwrap();
         let moved = with.to_vec2::<f32>().unwrap()[5].iter().zip(&without[5]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(moved > 1e-2, "the adapter changes the logits ({moved})");
@@ -92,8 +106,10 @@ fn trainer_and_device_agree_on_the_smollm2_pack() {
     let base = BaseModel::from_pack(&pack, DType::F32, &Device::Cpu, 64).unwrap();
     assert_parity(&base.forward(&ids, None).unwrap(), &decoder_logits(&pack, &ids, None), "SmolLM2 int8");
     let tmp = tempfile::tempdir().unwrap();
-    let (adapter, lora) = adapter_for(&pack, &base, tmp.path(), &[Target::Q, Target::K, Target::V, Target::O]);
-    assert_parity(&base.forward(&ids, Some(&lora)).unwrap(), &decoder_logits(&pack, &ids, Some(adapter)), "SmolLM2 int8 with adapter");
+    for precision in [AdapterPrecision::F16, AdapterPrecision::Int8] {
+        let (adapter, lora) = adapter_for(&pack, &base, tmp.path(), &[Target::Q, Target::K, Target::V, Target::O], precision);
+        assert_parity(&base.forward(&ids, Some(&lora)).unwrap(), &decoder_logits(&pack, &ids, Some(adapter)), &format!("SmolLM2 int8 with an {precision:?} adapter"));
+    }
 }
 
 fn task_loss(base: &BaseModel, lora: &Lora) -> Tensor {

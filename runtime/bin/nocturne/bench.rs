@@ -246,8 +246,8 @@ fn adapter_overhead(args: &BenchArgs, rank: usize) -> anyhow::Result<()> {
         let w = pack.layer(layer);
         for (t, m) in targets.iter().zip([w.q_proj, w.k_proj, w.v_proj, w.o_proj]) {
             let (rows, cols) = m.shape();
-            tensors.push((t.tensor_name(layer, 'A'), vec![rank, cols], vec![half::f16::ZERO; rank * cols]));
-            tensors.push((t.tensor_name(layer, 'B'), vec![rows, rank], vec![half::f16::ZERO; rows * rank]));
+            tensors.push((t.tensor_name(layer, 'A'), vec![rank, cols], vec![half::f16::ZERO; rank * cols].into()));
+            tensors.push((t.tensor_name(layer, 'B'), vec![rows, rank], vec![half::f16::ZERO; rows * rank].into()));
         }
     }
     let spec = AdapterSpec { parent: None, base_model: pack.id(), rank: rank as u32, alpha: rank as f32, targets, description: "bench".into() };
