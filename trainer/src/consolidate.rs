@@ -42,17 +42,19 @@ pub struct TrainConfig {
     pub targets: Vec<Target>,
     /// AdamW learning rate (default 2e-3).
     pub learning_rate: f64,
-    /// Optimisation steps, one example each (default 300).
+    /// Optimisation steps, one example each (default 400).
     pub steps: usize,
-    /// Weight λ of the MAS penalty (default 0.5; 0 turns it off).
+    /// Weight λ of the MAS penalty (default 0.005; 0 turns it off). With the
+    /// importance normalised to mean 1, the penalty sums over every LoRA
+    /// parameter, so small values already hold the adapter back strongly.
     pub mas_lambda: f64,
     /// Longest example, tokens (longer contexts are cut from the left).
     pub max_tokens: usize,
-    /// Weight μ of the rehearsal term (0 turns it off; see [`rehearsal_samples`]).
+    /// Weight μ of the rehearsal term (default 20; 0 turns it off; see [`rehearsal_samples`]).
     pub rehearsal_weight: f64,
-    /// Rehearsal sequences sampled from the base model.
+    /// Rehearsal sequences sampled from the base model (default 32).
     pub rehearsal_sequences: usize,
-    /// Tokens per rehearsal sequence.
+    /// Tokens per rehearsal sequence (default 48).
     pub rehearsal_tokens: usize,
     /// Seed of initialisation and sampling.
     pub seed: u64,
@@ -65,10 +67,10 @@ impl Default for TrainConfig {
             alpha: 16.0,
             targets: vec![Target::Q, Target::K, Target::V, Target::O],
             learning_rate: 2e-3,
-            steps: 300,
-            mas_lambda: 0.5,
+            steps: 400,
+            mas_lambda: 0.005,
             max_tokens: 256,
-            rehearsal_weight: 1.0,
+            rehearsal_weight: 20.0,
             rehearsal_sequences: 32,
             rehearsal_tokens: 48,
             seed: 0,
@@ -128,8 +130,12 @@ pub fn mas_importance(base: &BaseModel, lora: &Lora, prompts: &[Vec<u32>]) -> ca
 }
 
 /// Rehearsal sequences: text the base model itself writes, sampled at
-/// temperature 1 with nucleus sampling (top-p 0.9, no penalty) from a document boundary
-/// (`<|endoftext|>`, id 0), on the device decoder, `count` sequences of `tokens` tokens (the first is the boundary).
+/// temperature 1 with nucleus sampling (top-p 0.9, no penalty) on the
+/// device decoder, `count` sequences of `tokens` tokens, alternately from a
+/// document boundary (`<|endoftext|>`: whatever text it writes) and from the
+/// opening of a chat user turn (`<|im_start|>user\n`: a user message, and
+/// usually the assistant's reply after it), so that both plain text and
+/// conversation are covered.
 ///
 /// Training adds `μ · KL(p_base ‖ p_θ)` averaged over the positions of one
 /// such sequence per step: since the text is drawn from the base's own
@@ -143,16 +149,20 @@ pub fn mas_importance(base: &BaseModel, lora: &Lora, prompts: &[Vec<u32>]) -> ca
 ///
 /// # Errors
 /// Decoder errors.
-pub fn rehearsal_samples(pack: &ModelPack, count: usize, tokens: usize, seed: u64) -> anyhow::Result<Vec<Vec<u32>>> {
+pub fn rehearsal_samples(pack: &ModelPack, tokenizer: &Tokenizer, count: usize, tokens: usize, seed: u64) -> anyhow::Result<Vec<Vec<u32>>> {
+    let openings = [vec![0u32], tokenizer.encode("<|im_start|>user\n")?];
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut decoder = Decoder::new(pack, default_settings(pack, tokens.max(2), threads));
     let vocab = pack.config().vocab_size;
     let config = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 0.9, repetition_penalty: 1.0, seed };
     let mut sampler = Sampler::new(config, vocab);
     let mut out = Vec::with_capacity(count);
-    for _ in 0..count {
+    for i in 0..count {
         decoder.truncate(0);
-        let mut ids = vec![0u32];
+        let mut ids = openings[i % openings.len()].clone();
+        if ids.len() > 1 {
+            decoder.forward(&ids[..ids.len() - 1])?;
+        }
         while ids.len() < tokens {
             let logits = decoder.forward(&ids[ids.len() - 1..])?;
             let next = sampler.sample(logits, &ids);

@@ -1,6 +1,6 @@
 //! `report.html`: the plots of a consolidation run, from its `report.json`
-//! — loss curve, priority distribution, evaluation before and after, and
-//! examples per day — as one self-contained HTML file with inline SVG.
+//! — loss curve, rehearsal divergence, priority distribution, evaluation
+//! before and after, and examples per day — as one self-contained HTML file with inline SVG.
 //!
 //! Principal function: [`render`].
 
@@ -71,17 +71,19 @@ pub fn render(report: &Value) -> String {
     let _ = write!(
         html,
         "<h1>Consolidation report</h1><p>adapter <code>{}</code> — <b>{}</b>: {}</p>\
-         <p>rank {}, alpha {}, MAS λ {}; {} steps in {:.1} s ({:.0} tokens/s); adapter weights {} bytes</p>",
+         <p>rank {}, alpha {}, MAS λ {}, rehearsal μ {}; {} steps in {:.1} s ({:.0} tokens/s); adapter weights {} bytes ({})</p>",
         report["adapter"].as_str().unwrap_or("?"),
         if report["published"].as_bool() == Some(true) { "published" } else { "not published" },
         report["decision"].as_str().unwrap_or(""),
         report["rank"],
         report["alpha"],
         report["mas_lambda"],
+        report["rehearsal_weight"],
         numbers(&report["losses"]).len(),
         report["train_seconds"].as_f64().unwrap_or(0.0),
         report["tokens_per_second"].as_f64().unwrap_or(0.0),
-        report["adapter_bytes"]
+        report["adapter_bytes"],
+        report["precision"].as_str().unwrap_or("f16")
     );
     let r = &report["replay"];
     let _ = write!(
@@ -90,6 +92,10 @@ pub fn render(report: &Value) -> String {
         r["interactions"], r["feedback"], r["corrected"], r["approved"], r["negative_only"], r["unrated"], r["orphan_feedback"]
     );
     html += &line_plot("Task loss per step", &numbers(&report["losses"]));
+    let divergences = numbers(&report["divergences"]);
+    if !divergences.is_empty() {
+        html += &line_plot("Rehearsal divergence KL(base ‖ adapted) per step, nats/token", &divergences);
+    }
     let priorities = numbers(&report["priorities"]);
     let mut bins = vec![0usize; 10];
     for p in &priorities {
@@ -123,7 +129,7 @@ mod tests {
     fn renders_every_plot() {
         let report = serde_json::json!({
             "adapter": "ab", "published": true, "decision": "ok", "rank": 8, "alpha": 16.0, "mas_lambda": 0.5,
-            "losses": [3.0, 2.0, 1.0], "train_seconds": 1.0, "tokens_per_second": 10.0, "adapter_bytes": 100,
+            "losses": [3.0, 2.0, 1.0], "divergences": [0.0, 0.01, 0.02], "train_seconds": 1.0, "tokens_per_second": 10.0, "adapter_bytes": 100,
             "replay": {"interactions": 3, "feedback": 3, "corrected": 2, "approved": 1, "negative_only": 0, "unrated": 0, "orphan_feedback": 0},
             "priorities": [0.3, 0.9, 0.95],
             "before": {"task": 0.0, "held_out": null, "retention_perplexity": 10.0},
@@ -131,7 +137,7 @@ mod tests {
             "examples_per_day": [["2026-11-21", 3]]
         });
         let html = super::render(&report);
-        assert_eq!(html.matches("<svg").count(), 5);
+        assert_eq!(html.matches("<svg").count(), 6);
         assert!(html.contains("polyline") && html.contains("2026-11-21") && html.contains("published"));
     }
 }

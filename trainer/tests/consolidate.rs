@@ -13,7 +13,7 @@ use nocturne::profile::Durability;
 use nocturne::session::StopReason;
 use nocturne::tokenizer::Tokenizer;
 use nocturne::weights::ModelPack;
-use nocturne_trainer::consolidate::{train, TrainConfig};
+use nocturne_trainer::consolidate::{rehearsal_samples, train, TrainConfig};
 use nocturne_trainer::eval::{normalise, Gate, Scores};
 use nocturne_trainer::export::{export_adapter, AdapterPrecision};
 use nocturne_trainer::model::BaseModel;
@@ -64,9 +64,16 @@ fn training_learns_a_correction_and_the_export_loads_everywhere() {
     let base = BaseModel::from_pack(&pack, DType::F32, &Device::Cpu, 128).unwrap();
     let config = TrainConfig { steps: 12, learning_rate: 5e-3, mas_lambda: 0.5, ..TrainConfig::default() };
     let reference = vec![tokenizer.encode("The weather today is mild and sunny.").unwrap()];
-    let outcome = train(&base, &tokenizer, &buffer, &[0], None, &reference, &[], &config, &mut |_, _, _| {}).unwrap();
+    let rehearsal = rehearsal_samples(&pack, &tokenizer, 2, 16, 7).unwrap();
+    assert_eq!(rehearsal.iter().map(Vec::len).collect::<Vec<_>>(), [16, 16]);
+    let outcome = train(&base, &tokenizer, &buffer, &[0], None, &reference, &rehearsal, &config, &mut |_, _, _| {}).unwrap();
     let (first, last) = (outcome.losses[0], *outcome.losses.last().unwrap());
     assert!(last < 0.5 * first, "loss {first} -> {last}");
+    // Rehearsal: the first step sees the base itself (B = 0), so no
+    // divergence; training then moves the adapted model away from it.
+    assert_eq!(outcome.divergences.len(), 12);
+    assert!(outcome.divergences[0].abs() < 1e-5, "{:?}", outcome.divergences);
+    assert!(outcome.divergences[11] > 0.0 && outcome.divergences.iter().all(|d| d.is_finite()), "{:?}", outcome.divergences);
     assert!(outcome.tokens_per_second > 0.0);
     // Export: the device bundle opens for this pack, the PEFT copy has its files.
     let key = nocturne::sync::keys::generate().unwrap();
@@ -114,15 +121,23 @@ fn consolidate_eval_and_report_from_the_command_line() {
     let key = store.join("trainer.key");
     let text = trainer(&[
         "consolidate", "--journal", journal.to_str().unwrap(), "--key", key.to_str().unwrap(), "--base", &base, "--out", &out, "--steps", "3",
+        "--rehearsal-sequences", "2", "--precision", "int8",
     ]);
     assert!(text.contains("1 examples (1 corrections") && text.contains("retention perplexity"), "{text}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["losses"].as_array().unwrap().len(), 3);
+    assert_eq!(report["divergences"].as_array().unwrap().len(), 3);
+    assert_eq!(report["precision"], "int8");
     let bundle = report["bundle"].as_str().unwrap();
     assert!(Path::new(bundle).join("adapter.safetensors").exists());
+    // The manifest carries the evaluation and the gate's decision.
+    let manifest: nocturne::adapter::AdapterManifest = nocturne::sync::keys::peek_sealed(&std::fs::read(Path::new(bundle).join("MANIFEST")).unwrap()).unwrap();
+    let description: serde_json::Value = serde_json::from_str(&manifest.description).unwrap();
+    assert_eq!(description["after"], report["after"]);
+    assert_eq!(description["published"], report["published"]);
     let html = tmp.path().join("report.html");
     trainer(&["report", "--from", out_dir.join("report.json").to_str().unwrap(), "--out", html.to_str().unwrap()]);
-    assert_eq!(std::fs::read_to_string(&html).unwrap().matches("<svg").count(), 5);
+    assert_eq!(std::fs::read_to_string(&html).unwrap().matches("<svg").count(), 6);
     let trainer_pub = store.join("trainer.pub");
     let text = trainer(&["eval", "--journal", journal.to_str().unwrap(), "--base", &base, "--adapter", bundle, "--trainer-pub", trainer_pub.to_str().unwrap()]);
     assert!(text.contains("on 1 corrections; retention perplexity"), "{text}");

@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use nocturne::adapter::{write_adapter_bundle, AdapterSpec, LoraAdapter, Target};
+use nocturne::adapter::{write_adapter_bundle, AdapterSpec, AdapterTensor, LoraAdapter, Target};
 use nocturne::journal::{Body, DeviceId, Feedback, Interaction, Journal, JournalConfig};
 use nocturne::pool::{share, WorkerPool};
 use nocturne::profile::{worker_threads, Durability, ACTIVE};
@@ -234,37 +234,47 @@ fn print_comparison(what: &str, session: &Session<'_>, args: &BenchArgs, prompt:
     }
 }
 
-/// Decode tokens/s without and with a rank-`rank` adapter on q, k, v, o,
-/// alternating within each round; medians reported.
+/// Decode tokens/s without and with a rank-`rank` adapter on q, k, v, o (F16,
+/// then int8 with `B` transposed), alternating within each round; medians
+/// reported.
 fn adapter_overhead(args: &BenchArgs, rank: usize) -> anyhow::Result<()> {
     let (pack, tokenizer, ids) = open_pack(args, ACTIVE.weight_precision.name())?;
     let scratch = std::env::temp_dir().join(format!("nocturne-bench-adapter-{}", std::process::id()));
     let trainer = nocturne::sync::keys::generate().map_err(anyhow::Error::msg)?;
     let targets = vec![Target::Q, Target::K, Target::V, Target::O];
-    let mut tensors = Vec::new();
-    for layer in 0..pack.config().num_hidden_layers {
-        let w = pack.layer(layer);
-        for (t, m) in targets.iter().zip([w.q_proj, w.k_proj, w.v_proj, w.o_proj]) {
-            let (rows, cols) = m.shape();
-            tensors.push((t.tensor_name(layer, 'A'), vec![rank, cols], vec![half::f16::ZERO; rank * cols].into()));
-            tensors.push((t.tensor_name(layer, 'B'), vec![rows, rank], vec![half::f16::ZERO; rows * rank].into()));
+    let mut adapters = Vec::new();
+    for int8 in [false, true] {
+        // Small non-zero weights, so every term is computed on real values.
+        let tensor = |rows: usize, cols: usize| match int8 {
+            false => AdapterTensor::F16(vec![half::f16::from_f32(1e-3); rows * cols]),
+            true => AdapterTensor::Int8 { values: vec![1; rows * cols], scales: vec![half::f16::from_f32(1e-3); rows * cols / 32] },
+        };
+        let mut tensors = Vec::new();
+        for layer in 0..pack.config().num_hidden_layers {
+            let w = pack.layer(layer);
+            for (t, m) in targets.iter().zip([w.q_proj, w.k_proj, w.v_proj, w.o_proj]) {
+                let (out, inp) = m.shape();
+                tensors.push((t.tensor_name(layer, 'A'), vec![rank, inp], tensor(rank, inp)));
+                let b = if int8 { (vec![rank, out], tensor(rank, out)) } else { (vec![out, rank], tensor(out, rank)) };
+                tensors.push((t.tensor_name(layer, 'B'), b.0, b.1));
+            }
         }
+        let spec = AdapterSpec { parent: None, base_model: pack.id(), rank: rank as u32, alpha: rank as f32, targets: targets.clone(), description: "bench".into() };
+        let bundle = write_adapter_bundle(&scratch, &trainer, &spec, &tensors)?;
+        adapters.push(Arc::new(LoraAdapter::open(&bundle, &pack, &trainer.verifying_key())?));
     }
-    let spec = AdapterSpec { parent: None, base_model: pack.id(), rank: rank as u32, alpha: rank as f32, targets, description: "bench".into() };
-    let bundle = write_adapter_bundle(&scratch, &trainer, &spec, &tensors)?;
-    let adapter = Arc::new(LoraAdapter::open(&bundle, &pack, &trainer.verifying_key())?);
     let _ = std::fs::remove_dir_all(&scratch);
     let mut session = Session::start(&pack, &tokenizer, &ACTIVE, SessionOptions::for_profile(&ACTIVE))?;
     prefill_decode(&mut session, &ids[..8], 8)?; // warm-up
-    let mut speeds = [Vec::new(), Vec::new()];
+    let mut speeds = [Vec::new(), Vec::new(), Vec::new()];
     for _ in 0..args.rounds {
-        for (on, speeds) in speeds.iter_mut().enumerate() {
-            session.set_adapter((on == 1).then(|| Arc::clone(&adapter)));
+        for (mode, speeds) in speeds.iter_mut().enumerate() {
+            session.set_adapter(mode.checked_sub(1).map(|i| Arc::clone(&adapters[i])));
             speeds.push(prefill_decode(&mut session, &ids, args.new_tokens)?.1);
         }
     }
-    let [off, on] = speeds;
-    let rows = vec![("none".to_string(), off), (format!("rank {rank}, q/k/v/o, unmerged"), on)];
+    let [off, f16, int8] = speeds;
+    let rows = vec![("none".to_string(), off), (format!("rank {rank}, q/k/v/o, F16, unmerged"), f16), (format!("rank {rank}, q/k/v/o, int8, unmerged"), int8)];
     print_comparison("adapter", &session, args, ids.len(), rows);
     Ok(())
 }
