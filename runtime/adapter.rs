@@ -263,6 +263,11 @@ pub struct LoraAdapter {
     map: Mmap,
     /// `[layer][target]`.
     pairs: Vec<[Option<Pair>; 7]>,
+    /// The scales of every int8 `B`, as f32, `[layer][target]` → range in
+    /// `b_scales`: converted once here so that the decoder's column walk
+    /// does not convert a half float per element.
+    b_scale_ranges: Vec<[Option<Range<usize>>; 7]>,
+    b_scales: Vec<f32>,
     scale: f32,
 }
 
@@ -320,7 +325,19 @@ impl LoraAdapter {
         let map = unsafe { Mmap::map(&file) }.map_err(FileError::io(&path))?;
         let pairs = validate(&map, pack, rank, &targets).map_err(|p| FileError::invalid(&path, p))?;
         let scale = manifest.alpha / rank as f32;
-        Ok(LoraAdapter { manifest, map, pairs, scale })
+        let mut b_scales = Vec::new();
+        let b_scale_ranges = pairs
+            .iter()
+            .map(|row| {
+                row.clone().map(|pair| {
+                    let scales = pair?.b.1?;
+                    let start = b_scales.len();
+                    b_scales.extend(bytemuck::cast_slice::<u8, f16>(&map[scales]).iter().map(|s| s.to_f32()));
+                    Some(start..b_scales.len())
+                })
+            })
+            .collect();
+        Ok(LoraAdapter { manifest, map, pairs, b_scale_ranges, b_scales, scale })
     }
 
     /// The signed manifest.
@@ -349,6 +366,13 @@ impl LoraAdapter {
     pub fn projection(&self, layer: usize, target: Target) -> Option<(Matrix<'_>, Matrix<'_>)> {
         let pair = self.pairs.get(layer)?[target as usize].as_ref()?;
         Some((self.view(&pair.a), self.view(&pair.b)))
+    }
+
+    /// The scales of an int8 `B` of `target` in `layer` as f32, `[rank, out / 32]`
+    /// (None when it is F16 or not targeted).
+    pub fn int8_b_scales(&self, layer: usize, target: Target) -> Option<&[f32]> {
+        let range = self.b_scale_ranges.get(layer)?[target as usize].clone()?;
+        Some(&self.b_scales[range])
     }
 
     fn view(&self, (values, scales, rows, cols): &Slot) -> Matrix<'_> {

@@ -124,6 +124,8 @@ pub struct Decoder<'m> {
 /// `t = A x` for each token of the block (`rank` values per token).
 struct LoraTerm<'a> {
     b: Matrix<'a>,
+    /// An int8 `B`'s scales as f32 ([`LoraAdapter::int8_b_scales`]).
+    b_scales: Option<&'a [f32]>,
     t: &'a [f32],
     rank: usize,
     scale: f32,
@@ -135,13 +137,13 @@ impl LoraTerm<'_> {
     /// a walk down column `r`.
     fn output(&self, k: &Kernels, i: usize, r: usize) -> f32 {
         let t = &self.t[i * self.rank..(i + 1) * self.rank];
-        let dot = match self.b {
-            Matrix::Int8 { cols, values, scales, .. } => {
+        let dot = match (self.b, self.b_scales) {
+            (Matrix::Int8 { cols, values, .. }, Some(scales)) => {
                 let blocks = cols / crate::config::INT8_BLOCK;
                 let block = r / crate::config::INT8_BLOCK;
-                t.iter().enumerate().map(|(j, &tj)| tj * f32::from(values[j * cols + r]) * scales[j * blocks + block].to_f32()).sum()
+                t.iter().enumerate().map(|(j, &tj)| tj * f32::from(values[j * cols + r]) * scales[j * blocks + block]).sum()
             }
-            Matrix::F16 { .. } => k.row_dot(&self.b, r, t),
+            _ => k.row_dot(&self.b, r, t),
         };
         self.scale * dot
     }
@@ -166,7 +168,7 @@ fn lora_term<'a>(
             buf[i * rank + j] = k.row_dot(&a, j, &input[i * cols..(i + 1) * cols]);
         }
     }
-    Some(LoraTerm { b, t: &buf[..n * rank], rank, scale: adapter.scale() })
+    Some(LoraTerm { b, b_scales: adapter.int8_b_scales(layer, target), t: &buf[..n * rank], rank, scale: adapter.scale() })
 }
 
 impl<'m> Decoder<'m> {
