@@ -8,8 +8,9 @@
 //! Each step draws one example by priority ([`ReplayBuffer::sample`]), and
 //! takes an AdamW step (Loshchilov & Hutter, ICLR 2019; learning rate warmed
 //! up, then cosine-decayed) on
-//! `cross-entropy(target tokens) + λ · Σ Ω ⊙ (θ − θ*)² + μ · KL(p_base ‖ p_θ)`,
-//! the last on one rehearsal sequence per step ([`rehearsal_samples`]).
+//! `cross-entropy(target tokens) + λ · Σ Ω ⊙ (θ − θ*)² + μ · KL(p_start ‖ p_θ)`,
+//! the last on one rehearsal sequence per step ([`rehearsal_samples`]), where
+//! `p_start` is the model training starts from (base + previous adapter).
 //!
 //! The penalty follows Memory Aware Synapses (Aljundi et al., "Memory Aware
 //! Synapses: Learning what (not) to forget", ECCV 2018): the importance Ω of
@@ -22,7 +23,9 @@
 
 use candle_core::{Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
-use nocturne::adapter::Target;
+use std::sync::Arc;
+
+use nocturne::adapter::{LoraAdapter, Target};
 use nocturne::decoder::{default_settings, Decoder};
 use nocturne::sampler::{Sampler, SamplerConfig};
 use nocturne::tokenizer::{chatml, Tokenizer};
@@ -129,19 +132,22 @@ pub fn mas_importance(base: &BaseModel, lora: &Lora, prompts: &[Vec<u32>]) -> ca
     total.into_iter().map(|t| t / mean).collect()
 }
 
-/// Rehearsal sequences: text the base model itself writes, sampled at
-/// temperature 1 with nucleus sampling (top-p 0.9, no penalty) on the
-/// device decoder, `count` sequences of `tokens` tokens, alternately from a
+/// Rehearsal sequences: text the device's current model (the base, with
+/// `adapter` when a previous night's adapter is active) itself writes,
+/// sampled at temperature 1 with nucleus sampling (top-p 0.9, no penalty) on
+/// the device decoder, `count` sequences of `tokens` tokens, alternately from a
 /// document boundary (`<|endoftext|>`: whatever text it writes) and from the
 /// opening of a chat user turn (`<|im_start|>user\n`: a user message, and
 /// usually the assistant's reply after it), so that both plain text and
 /// conversation are covered.
 ///
-/// Training adds `μ · KL(p_base ‖ p_θ)` averaged over the positions of one
-/// such sequence per step: since the text is drawn from the base's own
+/// Training adds `μ · KL(p_start ‖ p_θ)` averaged over the positions of one
+/// such sequence per step, `p_start` being the model training starts from
+/// (the same current model): since the text is drawn from its own
 /// distribution, this is the expected divergence of the adapted model from
-/// the base on what the base writes, which keeps the adapter from changing
-/// behaviour away from the corrected answers. Rehearsal on self-generated
+/// it on what it writes, which keeps the adapter from changing behaviour
+/// away from the corrected answers (and, on later nights, from forgetting
+/// what earlier adapters learned). Rehearsal on self-generated
 /// text follows Huang et al., "Mitigating Catastrophic Forgetting in Large
 /// Language Models with Self-Synthesized Rehearsal" (ACL 2024); distilling
 /// the old model's outputs follows Li & Hoiem, "Learning without
@@ -149,10 +155,18 @@ pub fn mas_importance(base: &BaseModel, lora: &Lora, prompts: &[Vec<u32>]) -> ca
 ///
 /// # Errors
 /// Decoder errors.
-pub fn rehearsal_samples(pack: &ModelPack, tokenizer: &Tokenizer, count: usize, tokens: usize, seed: u64) -> anyhow::Result<Vec<Vec<u32>>> {
+pub fn rehearsal_samples(
+    pack: &ModelPack,
+    adapter: Option<Arc<LoraAdapter>>,
+    tokenizer: &Tokenizer,
+    count: usize,
+    tokens: usize,
+    seed: u64,
+) -> anyhow::Result<Vec<Vec<u32>>> {
     let openings = [vec![0u32], tokenizer.encode("<|im_start|>user\n")?];
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut decoder = Decoder::new(pack, default_settings(pack, tokens.max(2), threads));
+    decoder.set_adapter(adapter);
     let vocab = pack.config().vocab_size;
     let config = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 0.9, repetition_penalty: 1.0, seed };
     let mut sampler = Sampler::new(config, vocab);
@@ -173,16 +187,17 @@ pub fn rehearsal_samples(pack: &ModelPack, tokenizer: &Tokenizer, count: usize, 
     Ok(out)
 }
 
-/// Log-probabilities of the base model after every token of `ids`, `[T, vocab]`.
-fn base_log_probs(base: &BaseModel, ids: &[u32]) -> candle_core::Result<Tensor> {
-    candle_nn::ops::log_softmax(&base.forward(ids, None)?, candle_core::D::Minus1)
+/// Log-probabilities after every token of `ids`, `[T, vocab]`, of the model
+/// with `lora` as it is now, detached (a constant for later steps).
+fn start_log_probs(base: &BaseModel, lora: &Lora, ids: &[u32]) -> candle_core::Result<Tensor> {
+    Ok(candle_nn::ops::log_softmax(&base.forward(ids, Some(lora))?, candle_core::D::Minus1)?.detach())
 }
 
-/// Mean over positions of `KL(p_base ‖ p_θ)`, given the base's log-probabilities.
-fn rehearsal_divergence(base: &BaseModel, lora: &Lora, ids: &[u32], base_log_p: &Tensor) -> candle_core::Result<Tensor> {
+/// Mean over positions of `KL(p_start ‖ p_θ)`, given the starting model's log-probabilities.
+fn rehearsal_divergence(base: &BaseModel, lora: &Lora, ids: &[u32], start_log_p: &Tensor) -> candle_core::Result<Tensor> {
     let log_q = candle_nn::ops::log_softmax(&base.forward(ids, Some(lora))?, candle_core::D::Minus1)?;
-    let p = base_log_p.exp()?;
-    (p * (base_log_p - log_q)?)?.sum(candle_core::D::Minus1)?.mean_all()
+    let p = start_log_p.exp()?;
+    (p * (start_log_p - log_q)?)?.sum(candle_core::D::Minus1)?.mean_all()
 }
 
 /// What a training run produced.
@@ -238,7 +253,7 @@ pub fn train(
     let subset = ReplayBuffer { examples: train.iter().map(|&i| buffer.examples[i].clone()).collect(), report: buffer.report.clone() };
     let tokenized: Vec<_> = subset.examples.iter().map(|e| tokenize(tokenizer, e, config.max_tokens)).collect::<anyhow::Result<_>>()?;
     let rehearsal: Vec<(&Vec<u32>, Tensor)> = if config.rehearsal_weight > 0.0 {
-        rehearsal.iter().map(|ids| Ok((ids, base_log_probs(base, ids)?))).collect::<candle_core::Result<_>>()?
+        rehearsal.iter().map(|ids| Ok((ids, start_log_probs(base, &lora, ids)?))).collect::<candle_core::Result<_>>()?
     } else {
         Vec::new()
     };
@@ -256,8 +271,8 @@ pub fn train(
             }
             loss = (loss + (penalty * config.mas_lambda)?)?;
         }
-        if let Some((ids, base_log_p)) = rehearsal.get(step % rehearsal.len().max(1)) {
-            let divergence = rehearsal_divergence(base, &lora, ids, base_log_p)?;
+        if let Some((ids, start_log_p)) = rehearsal.get(step % rehearsal.len().max(1)) {
+            let divergence = rehearsal_divergence(base, &lora, ids, start_log_p)?;
             loss = (loss + (&divergence * config.rehearsal_weight)?)?;
             divergences.push(divergence.to_dtype(candle_core::DType::F32)?.to_scalar()?);
             tokens += ids.len();

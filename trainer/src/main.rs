@@ -145,7 +145,7 @@ struct ConsolidateArgs {
     /// Weight of the MAS anti-forgetting penalty (0: off).
     #[arg(long, default_value_t = TrainConfig::default().mas_lambda)]
     mas_lambda: f64,
-    /// Weight of the rehearsal term, KL(base ‖ adapted) on text the base model samples (0: off).
+    /// Weight of the rehearsal term, KL(current model ‖ adapted) on text the current model (base + previous adapter) samples (0: off).
     #[arg(long, default_value_t = TrainConfig::default().rehearsal_weight)]
     rehearsal_weight: f64,
     /// Rehearsal sequences sampled from the base model.

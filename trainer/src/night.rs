@@ -210,7 +210,7 @@ pub fn consolidate(
         }))
         .collect::<Result<_, _>>()?;
     let t = &config.train;
-    let rehearsal = if t.rehearsal_weight > 0.0 { rehearsal_samples(&pack, &tokenizer, t.rehearsal_sequences, t.rehearsal_tokens, t.seed)? } else { Vec::new() };
+    let rehearsal = if t.rehearsal_weight > 0.0 { rehearsal_samples(&pack, previous_adapter.clone(), &tokenizer, t.rehearsal_sequences, t.rehearsal_tokens, t.seed)? } else { Vec::new() };
     let outcome = train(&base, &tokenizer, &buffer, &train_set, warm, &reference, &rehearsal, t, progress)?;
     drop(base);
     // Evaluate before (the device as it is) and after (with the candidate).

@@ -94,7 +94,7 @@ pub fn render(report: &Value) -> String {
     html += &line_plot("Task loss per step", &numbers(&report["losses"]));
     let divergences = numbers(&report["divergences"]);
     if !divergences.is_empty() {
-        html += &line_plot("Rehearsal divergence KL(base ‖ adapted) per step, nats/token", &divergences);
+        html += &line_plot("Rehearsal divergence KL(start ‖ adapted) per step, nats/token", &divergences);
     }
     let priorities = numbers(&report["priorities"]);
     let mut bins = vec![0usize; 10];

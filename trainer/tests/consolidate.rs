@@ -16,7 +16,7 @@ use nocturne::weights::ModelPack;
 use nocturne_trainer::consolidate::{rehearsal_samples, train, TrainConfig};
 use nocturne_trainer::eval::{normalise, Gate, Scores};
 use nocturne_trainer::export::{export_adapter, AdapterPrecision};
-use nocturne_trainer::model::BaseModel;
+use nocturne_trainer::model::{BaseModel, Lora};
 use nocturne_trainer::replay::{PriorityWeights, ReplayBuffer};
 
 fn pack_dir() -> std::path::PathBuf {
@@ -64,7 +64,7 @@ fn training_learns_a_correction_and_the_export_loads_everywhere() {
     let base = BaseModel::from_pack(&pack, DType::F32, &Device::Cpu, 128).unwrap();
     let config = TrainConfig { steps: 12, learning_rate: 5e-3, mas_lambda: 0.5, ..TrainConfig::default() };
     let reference = vec![tokenizer.encode("The weather today is mild and sunny.").unwrap()];
-    let rehearsal = rehearsal_samples(&pack, &tokenizer, 2, 16, 7).unwrap();
+    let rehearsal = rehearsal_samples(&pack, None, &tokenizer, 2, 16, 7).unwrap();
     assert_eq!(rehearsal.iter().map(Vec::len).collect::<Vec<_>>(), [16, 16]);
     let outcome = train(&base, &tokenizer, &buffer, &[0], None, &reference, &rehearsal, &config, &mut |_, _, _| {}).unwrap();
     let (first, last) = (outcome.losses[0], *outcome.losses.last().unwrap());
@@ -80,6 +80,12 @@ fn training_learns_a_correction_and_the_export_loads_everywhere() {
     let exported = export_adapter(&tmp.path().join("out"), &key, &outcome.lora, pack.id(), None, "{}", AdapterPrecision::F16).unwrap();
     let adapter = LoraAdapter::open(&exported.bundle, &pack, &key.verifying_key()).unwrap();
     assert_eq!((adapter.id(), adapter.rank()), (exported.id, 8));
+    // A second night from this adapter rehearses against it, not the bare
+    // base: its first step sees no divergence either.
+    let warm = Lora::from_adapter(&base, &adapter).unwrap();
+    let config = TrainConfig { steps: 2, ..config };
+    let again = train(&base, &tokenizer, &buffer, &[0], Some(warm), &reference, &rehearsal, &config, &mut |_, _, _| {}).unwrap();
+    assert!(again.divergences[0].abs() < 1e-5, "{:?}", again.divergences);
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(exported.peft.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!((config["peft_type"].as_str(), config["r"].as_u64()), (Some("LORA"), Some(8)));
     assert_eq!(config["target_modules"], serde_json::json!(["q_proj", "k_proj", "v_proj", "o_proj"]));
