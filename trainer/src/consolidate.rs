@@ -187,17 +187,30 @@ pub fn rehearsal_samples(
     Ok(out)
 }
 
-/// Log-probabilities after every token of `ids`, `[T, vocab]`, of the model
-/// with `lora` as it is now, detached (a constant for later steps).
-fn start_log_probs(base: &BaseModel, lora: &Lora, ids: &[u32]) -> candle_core::Result<Tensor> {
-    Ok(candle_nn::ops::log_softmax(&base.forward(ids, Some(lora))?, candle_core::D::Minus1)?.detach())
+/// What the rehearsal term holds the adapter to on one sequence: the
+/// starting model's next-token probabilities after every token, `[T, vocab]`,
+/// and their mean `Σ p log p` per position, both computed once, before
+/// training, and detached (constants for every later step).
+struct RehearsalTarget<'a> {
+    ids: &'a [u32],
+    p: Tensor,
+    neg_entropy: Tensor,
 }
 
-/// Mean over positions of `KL(p_start ‖ p_θ)`, given the starting model's log-probabilities.
-fn rehearsal_divergence(base: &BaseModel, lora: &Lora, ids: &[u32], start_log_p: &Tensor) -> candle_core::Result<Tensor> {
-    let log_q = candle_nn::ops::log_softmax(&base.forward(ids, Some(lora))?, candle_core::D::Minus1)?;
-    let p = start_log_p.exp()?;
-    (p * (start_log_p - log_q)?)?.sum(candle_core::D::Minus1)?.mean_all()
+impl<'a> RehearsalTarget<'a> {
+    fn new(base: &BaseModel, lora: &Lora, ids: &'a [u32]) -> candle_core::Result<RehearsalTarget<'a>> {
+        let log_p = candle_nn::ops::log_softmax(&base.forward(ids, Some(lora))?, candle_core::D::Minus1)?.detach();
+        let p = log_p.exp()?;
+        let neg_entropy = (&p * &log_p)?.sum(candle_core::D::Minus1)?.mean_all()?;
+        Ok(RehearsalTarget { ids, p, neg_entropy })
+    }
+
+    /// Mean over positions of `KL(p_start ‖ p_θ) = Σ p log p − Σ p log p_θ`.
+    fn divergence(&self, base: &BaseModel, lora: &Lora) -> candle_core::Result<Tensor> {
+        let log_q = candle_nn::ops::log_softmax(&base.forward(self.ids, Some(lora))?, candle_core::D::Minus1)?;
+        let cross = (&self.p * log_q)?.sum(candle_core::D::Minus1)?.mean_all()?;
+        &self.neg_entropy - cross
+    }
 }
 
 /// What a training run produced.
@@ -252,8 +265,8 @@ pub fn train(
     let importance = if config.mas_lambda > 0.0 { mas_importance(base, &lora, reference)? } else { Vec::new() };
     let subset = ReplayBuffer { examples: train.iter().map(|&i| buffer.examples[i].clone()).collect(), report: buffer.report.clone() };
     let tokenized: Vec<_> = subset.examples.iter().map(|e| tokenize(tokenizer, e, config.max_tokens)).collect::<anyhow::Result<_>>()?;
-    let rehearsal: Vec<(&Vec<u32>, Tensor)> = if config.rehearsal_weight > 0.0 {
-        rehearsal.iter().map(|ids| Ok((ids, start_log_probs(base, &lora, ids)?))).collect::<candle_core::Result<_>>()?
+    let rehearsal: Vec<RehearsalTarget<'_>> = if config.rehearsal_weight > 0.0 {
+        rehearsal.iter().map(|ids| RehearsalTarget::new(base, &lora, ids)).collect::<candle_core::Result<_>>()?
     } else {
         Vec::new()
     };
@@ -271,11 +284,11 @@ pub fn train(
             }
             loss = (loss + (penalty * config.mas_lambda)?)?;
         }
-        if let Some((ids, start_log_p)) = rehearsal.get(step % rehearsal.len().max(1)) {
-            let divergence = rehearsal_divergence(base, &lora, ids, start_log_p)?;
+        if let Some(target) = rehearsal.get(step % rehearsal.len().max(1)) {
+            let divergence = target.divergence(base, &lora)?;
             loss = (loss + (&divergence * config.rehearsal_weight)?)?;
             divergences.push(divergence.to_dtype(candle_core::DType::F32)?.to_scalar()?);
-            tokens += ids.len();
+            tokens += target.ids.len();
         }
         opt.set_learning_rate(learning_rate(config, step));
         opt.backward_step(&loss)?;
