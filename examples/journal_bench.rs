@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nocturne::journal::record::{encode, RECORD_MAX};
-use nocturne::journal::{Body, DeviceId, Feedback, Journal, JournalConfig};
+use nocturne::journal::{Body, Feedback, Journal, JournalConfig};
+use nocturne::ids::DeviceId;
 use nocturne::profile::{Durability, ACTIVE};
 
 const RECORD_BYTES: usize = 200;

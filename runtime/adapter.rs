@@ -38,11 +38,12 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
+use crate::budget::MAX_LORA_RANK;
 use crate::config::INT8_BLOCK;
 use crate::digest::sha256_file;
 use crate::file_error::FileError;
-use crate::journal::{AdapterId, ModelId};
-use crate::sync::keys::open_sealed;
+use crate::ids::{AdapterId, ModelId};
+use crate::signing::open_sealed;
 use crate::weights::{Matrix, ModelPack, SCALE_SUFFIX};
 
 /// Signature domain of adapter manifests.
@@ -53,8 +54,6 @@ pub const ADAPTER_MANIFEST_FILE: &str = "MANIFEST";
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter.safetensors";
 /// Suffix of adapter bundle directories.
 pub const ADAPTER_SUFFIX: &str = ".adapter";
-/// Largest LoRA rank the decoder's scratch is planned for.
-pub const MAX_LORA_RANK: usize = 64;
 /// Version of the manifest layout.
 pub const ADAPTER_FORMAT: u16 = 1;
 
@@ -233,7 +232,7 @@ pub fn write_adapter_bundle(
         created_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
     };
     let manifest_path = tmp.join(ADAPTER_MANIFEST_FILE);
-    std::fs::write(&manifest_path, crate::sync::keys::seal(ADAPTER_DOMAIN, trainer, &manifest)).map_err(FileError::io(&manifest_path))?;
+    std::fs::write(&manifest_path, crate::signing::seal(ADAPTER_DOMAIN, trainer, &manifest)).map_err(FileError::io(&manifest_path))?;
     for file in [&weights, &manifest_path] {
         std::fs::File::open(file).and_then(|f| f.sync_all()).map_err(FileError::io(file))?;
     }
@@ -263,11 +262,6 @@ pub struct LoraAdapter {
     map: Mmap,
     /// `[layer][target]`.
     pairs: Vec<[Option<Pair>; 7]>,
-    /// The scales of every int8 `B`, as f32, `[layer][target]` → range in
-    /// `b_scales`: converted once here so that the decoder's column walk
-    /// does not convert a half float per element.
-    b_scale_ranges: Vec<[Option<Range<usize>>; 7]>,
-    b_scales: Vec<f32>,
     scale: f32,
 }
 
@@ -325,19 +319,7 @@ impl LoraAdapter {
         let map = unsafe { Mmap::map(&file) }.map_err(FileError::io(&path))?;
         let pairs = validate(&map, pack, rank, &targets).map_err(|p| FileError::invalid(&path, p))?;
         let scale = manifest.alpha / rank as f32;
-        let mut b_scales = Vec::new();
-        let b_scale_ranges = pairs
-            .iter()
-            .map(|row| {
-                row.clone().map(|pair| {
-                    let scales = pair?.b.1?;
-                    let start = b_scales.len();
-                    b_scales.extend(bytemuck::cast_slice::<u8, f16>(&map[scales]).iter().map(|s| s.to_f32()));
-                    Some(start..b_scales.len())
-                })
-            })
-            .collect();
-        Ok(LoraAdapter { manifest, map, pairs, b_scale_ranges, b_scales, scale })
+        Ok(LoraAdapter { manifest, map, pairs, scale })
     }
 
     /// The signed manifest.
@@ -366,13 +348,6 @@ impl LoraAdapter {
     pub fn projection(&self, layer: usize, target: Target) -> Option<(Matrix<'_>, Matrix<'_>)> {
         let pair = self.pairs.get(layer)?[target as usize].as_ref()?;
         Some((self.view(&pair.a), self.view(&pair.b)))
-    }
-
-    /// The scales of an int8 `B` of `target` in `layer` as f32, `[rank, out / 32]`
-    /// (None when it is F16 or not targeted).
-    pub fn int8_b_scales(&self, layer: usize, target: Target) -> Option<&[f32]> {
-        let range = self.b_scale_ranges.get(layer)?[target as usize].clone()?;
-        Some(&self.b_scales[range])
     }
 
     fn view(&self, (values, scales, rows, cols): &Slot) -> Matrix<'_> {
@@ -453,7 +428,7 @@ fn validate(map: &[u8], pack: &ModelPack, rank: usize, targets: &[Target]) -> Re
 fn slot_range(base: usize, view: &safetensors::tensor::TensorView<'_>, name: &str) -> Result<Range<usize>, String> {
     let start = view.data().as_ptr() as usize - base;
     let size = view.dtype().bitsize() / 8;
-    if start % size.max(1) != 0 {
+    if !start.is_multiple_of(size.max(1)) {
         return Err(format!("tensor `{name}` is not {size}-byte aligned"));
     }
     Ok(start..start + view.data().len())

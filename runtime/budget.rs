@@ -1,18 +1,32 @@
 //! The memory plan: every buffer a session allocates, computed up front from
 //! the model config and the profile, and checked against the profile budget.
 //!
-//! Principal types: [`MemoryPlan`], [`PlanSettings`], [`KvPrecision`],
-//! [`BudgetError`].
+//! Principal types: [`MemoryPlan`], [`PlanSettings`], [`DecoderBuffers`],
+//! [`KvPrecision`], [`BudgetError`]; the sizing constants [`ROW_TILE`],
+//! [`PREFILL_BLOCK`], [`MAX_LORA_RANK`].
 //!
-//! Invariants: the decoder allocates exactly the buffers listed here, once,
-//! when a session starts (a test compares the plan with the allocations byte
-//! for byte); a session whose plan exceeds `memory_budget_bytes` does not
-//! start. Mapped weights are file-backed and reported beside the plan, not in it.
+//! Invariants: the plan is a leaf: it knows the model config and nothing of
+//! the code that allocates (decoder, session, adapters), which sizes its
+//! buffers from here; the decoder allocates exactly [`DecoderBuffers`], once,
+//! when a session starts, and `Session::start` asserts that everything it
+//! allocated equals the plan item by item; a session whose plan exceeds
+//! `memory_budget_bytes` does not start. Mapped weights (the pack and adapter
+//! files) are file-backed and reported beside the plan, not in it.
 
 use std::fmt;
 
-use crate::adapter::MAX_LORA_RANK;
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, INT8_BLOCK};
+
+/// Weight rows a prefill worker dequantizes and applies together.
+pub const ROW_TILE: usize = 4;
+
+/// Tokens per prefill block: large enough to amortize each weight row over
+/// many tokens, small enough that activations stay a few hundred KiB.
+pub const PREFILL_BLOCK: usize = 32;
+
+/// Largest LoRA rank an adapter may have: the decoder's `A x` scratch and the
+/// adapter-scale buffer are planned for it.
+pub const MAX_LORA_RANK: usize = 64;
 
 /// Element type of the KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,17 +63,90 @@ pub struct PlanSettings {
     pub logit_rows: usize,
 }
 
-/// Bytes of each buffer of a session. See the module documentation.
+impl PlanSettings {
+    /// The device's settings for a model with `config`: a context of
+    /// `context_tokens` capped by the model's `max_position_embeddings`,
+    /// [`PREFILL_BLOCK`], `threads` workers (at least 1), an f16 KV cache and
+    /// one row of logits. Other uses change fields of the result.
+    pub fn new(config: &ModelConfig, context_tokens: usize, threads: usize) -> PlanSettings {
+        PlanSettings {
+            context_tokens: context_tokens.min(config.max_position_embeddings),
+            prefill_block: PREFILL_BLOCK,
+            threads: threads.max(1),
+            kv: KvPrecision::F16,
+            logit_rows: 1,
+        }
+    }
+}
+
+/// Element counts of every buffer the decoder allocates: the one sizing
+/// that [`MemoryPlan::new`] counts and `Decoder::new` allocates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecoderBuffers {
+    /// KV cache elements: `2 × layers × context × kv_heads × head_dim`.
+    pub kv_cache: usize,
+    /// Residual stream and normed input, each `prefill_block × hidden` f32.
+    pub residual: usize,
+    /// Queries and attention output, each `prefill_block × heads × head_dim` f32.
+    pub q: usize,
+    /// Keys and values of the block, each `prefill_block × kv_heads × head_dim` f32.
+    pub kv: usize,
+    /// MLP gate and up, each `prefill_block × intermediate` f32.
+    pub mlp: usize,
+    /// The adapter's `A x`, `prefill_block × MAX_LORA_RANK` f32.
+    pub lora: usize,
+    /// Attention scores, `threads × context` f32.
+    pub scores: usize,
+    /// Dequantized weight-row tiles, `threads × ROW_TILE × max(hidden, q width, intermediate)` f32.
+    pub rows: usize,
+    /// `logit_rows × vocab` f32.
+    pub logits: usize,
+    /// RoPE cosines, and as many sines: `context × head_dim / 2` f32 each.
+    pub rope: usize,
+    /// An int8 adapter's `B` scales as f32, for an adapter of
+    /// [`MAX_LORA_RANK`] on every projection of every layer:
+    /// `layers × MAX_LORA_RANK × (q + 2 kv + 2 hidden + 2 intermediate) / 32`.
+    pub adapter_scales: usize,
+}
+
+impl DecoderBuffers {
+    /// The buffers for `config` under `settings`.
+    pub fn new(config: &ModelConfig, settings: &PlanSettings) -> DecoderBuffers {
+        let (h, q, kv, ff) = (config.hidden_size, config.q_width(), config.kv_width(), config.intermediate_size);
+        let (ctx, block, threads) = (settings.context_tokens, settings.prefill_block, settings.threads);
+        let projection_outputs = q + 2 * kv + 2 * h + 2 * ff;
+        DecoderBuffers {
+            kv_cache: 2 * config.num_hidden_layers * ctx * kv,
+            residual: block * h,
+            q: block * q,
+            kv: block * kv,
+            mlp: block * ff,
+            lora: block * MAX_LORA_RANK,
+            scores: threads * ctx,
+            rows: threads * ROW_TILE * h.max(q).max(ff),
+            logits: settings.logit_rows * config.vocab_size,
+            rope: ctx * config.head_dim / 2,
+            adapter_scales: config.num_hidden_layers * MAX_LORA_RANK * (projection_outputs / INT8_BLOCK),
+        }
+    }
+}
+
+/// Bytes of each buffer of a session. See the module documentation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemoryPlan {
     /// Keys and values: `2 × layers × context × kv_heads × head_dim` elements.
     pub kv_cache: usize,
     /// Activations of one prefill block: residual, normed input, q, k, v,
-    /// attention output, MLP gate and up (`prefill_block ×` their widths, f32).
+    /// attention output, MLP gate and up, the adapter's `A x`
+    /// (`prefill_block ×` their widths, f32).
     pub activations: usize,
     /// Per thread: attention scores (`context` f32) and a tile of dequantized
     /// weight rows (`ROW_TILE × max(hidden, q width, intermediate)` f32).
     pub thread_scratch: usize,
+    /// The active int8 adapter's `B` scales as f32 (see
+    /// [`DecoderBuffers::adapter_scales`]), allocated at start whether or not
+    /// an adapter is ever installed.
+    pub adapter_scales: usize,
     /// `logit_rows × vocab` f32.
     pub logits: usize,
     /// RoPE cosines and sines, `context × head_dim` f32.
@@ -95,31 +182,23 @@ impl MemoryPlan {
     /// of the tokenizer's token table and `reply_bytes` the capacity of the
     /// reply text.
     pub fn new(config: &ModelConfig, settings: &PlanSettings, token_table: usize, reply_bytes: usize) -> MemoryPlan {
-        let (h, q, kv, ff, v) =
-            (config.hidden_size, config.q_width(), config.kv_width(), config.intermediate_size, config.vocab_size);
-        let (ctx, block) = (settings.context_tokens, settings.prefill_block);
+        let b = DecoderBuffers::new(config, settings);
         MemoryPlan {
-            kv_cache: 2 * config.num_hidden_layers * ctx * kv * settings.kv.bytes(),
-            activations: block * (2 * h + 2 * q + 2 * kv + 2 * ff + MAX_LORA_RANK) * F32,
-            thread_scratch: settings.threads * (ctx + crate::decoder::ROW_TILE * h.max(q).max(ff)) * F32,
-            logits: settings.logit_rows * v * F32,
-            rope_table: crate::kernels::RopeTable::bytes(ctx, config.head_dim),
-            sampler: v * (4 + F32),
+            kv_cache: b.kv_cache * settings.kv.bytes(),
+            activations: (2 * b.residual + 2 * b.q + 2 * b.kv + 2 * b.mlp + b.lora) * F32,
+            thread_scratch: (b.scores + b.rows) * F32,
+            adapter_scales: b.adapter_scales * F32,
+            logits: b.logits * F32,
+            rope_table: 2 * b.rope * F32,
+            sampler: config.vocab_size * (4 + F32),
             token_table,
-            request: ctx * 4 + reply_bytes,
+            request: settings.context_tokens * 4 + reply_bytes,
         }
     }
 
     /// All bytes of the plan.
     pub fn total(&self) -> usize {
-        self.kv_cache
-            + self.activations
-            + self.thread_scratch
-            + self.logits
-            + self.rope_table
-            + self.sampler
-            + self.token_table
-            + self.request
+        self.items().iter().map(|(_, bytes)| bytes).sum()
     }
 
     /// Checks the plan against a profile's budget.
@@ -134,11 +213,12 @@ impl MemoryPlan {
     }
 
     /// `(name, bytes)` of each item, in display order.
-    pub fn items(&self) -> [(&'static str, usize); 8] {
+    pub fn items(&self) -> [(&'static str, usize); 9] {
         [
             ("KV cache", self.kv_cache),
             ("activations", self.activations),
             ("thread scratch", self.thread_scratch),
+            ("adapter scales", self.adapter_scales),
             ("logits", self.logits),
             ("RoPE table", self.rope_table),
             ("sampler", self.sampler),

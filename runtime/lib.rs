@@ -1,29 +1,30 @@
 //! nocturne: an on-device language-model runtime that learns while it sleeps.
 //!
 //! By day the device answers prompts from memory-mapped weights inside the
-//! budget of the firmware profile it was built with; see `ARCHITECTURE.md`
-//! for the day/night flow and the code map.
+//! budget of the firmware profile it was built with, and journals every
+//! interaction and piece of feedback; see `ARCHITECTURE.md` for the
+//! day/night flow and the code map.
 //!
-//! Modules: [`profile`] (the build-time firmware profile), [`config`]
-//! (`config.json`), [`weights`] (the memory-mapped pack), [`tokenizer`],
-//! [`file_error`] (the error of every on-disk format reader), [`journal`]
-//! (the append-only feedback journal), [`durable_file`] (atomic replacement
-//! of small state files).
+//! The modules, from the bottom up: each imports only modules listed above
+//! it (formats and files first, then the engines of the day's data flow,
+//! then the device's state and sync).
 
-pub mod adapter;
-pub mod budget;
-pub mod config;
-pub mod decoder;
-pub mod device;
-pub mod digest;
-pub mod durable_file;
-pub mod file_error;
-pub mod journal;
-pub mod kernels;
-pub mod pool;
-pub mod profile;
-pub mod sampler;
-pub mod session;
-pub mod sync;
-pub mod tokenizer;
-pub mod weights;
+pub mod file_error; // FileError, the error of every on-disk format reader
+pub mod digest; // SHA-256 of files, hex, the sha256sum line format
+pub mod ids; // DeviceId, ModelId, AdapterId: the ids every format stores
+pub mod durable_file; // atomic replacement of files and directories (fsync, rename, fsync)
+pub mod profile; // the firmware profile baked in at build time
+pub mod signing; // ed25519 key files and signed envelopes
+pub mod journal; // the append-only journal: record schema, segments, reader, writer
+pub mod config; // config.json of a model directory
+pub mod weights; // the memory-mapped model pack
+pub mod budget; // the memory plan and its sizing constants
+pub mod adapter; // LoRA adapter bundles, validated and mapped
+pub mod tokenizer; // tokenizer.json, the token table, the chat template
+pub mod kernels; // vector primitives (scalar reference, SIMD), RMSNorm, RoPE, softmax, SiLU
+pub mod pool; // the decoder's persistent worker threads
+pub mod decoder; // the Llama forward pass over the pack, with the KV cache and LoRA
+pub mod sampler; // greedy, temperature, top-k, top-p, repetition penalty
+pub mod session; // a planned, allocated session answering requests to their stop reason
+pub mod device; // the state directory: identity, journal, recorder, installed adapters
+pub mod sync; // offline sync: segment bundles out, acknowledgements back

@@ -9,10 +9,19 @@
 //! generation counter (a decode step issues a few hundred jobs back to back)
 //! and then sleeps on a condition variable, so an idle session burns no CPU.
 //!
-//! Invariants: `run` performs no heap allocation and spawns nothing; a job
-//! never outlives the `run` call that issued it; a job must not panic (the
-//! decoder's jobs are bounds-checked arithmetic over preallocated buffers).
+//! A job that panics on a worker thread is caught there (the worker still
+//! counts the job done and lives on); `run` waits for every worker and then
+//! re-raises the panic on the caller, once, as `std::thread::scope` does. A
+//! panic of the caller's own share also waits for every worker (a drop
+//! guard) before it unwinds, so no worker ever touches buffers the caller
+//! has dropped.
+//!
+//! Invariants: `run` performs no heap allocation and spawns nothing when no
+//! job panics; a job never outlives the `run` call that issued it, whether it
+//! returns or panics; after a panic the pool is as usable as before.
 
+use std::any::Any;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -27,6 +36,8 @@ struct Shared {
     /// The current job, lifetime erased; valid while `pending > 0`.
     job: Mutex<Option<&'static Job>>,
     pending: AtomicUsize,
+    /// The first panic of a worker during the current job.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
     sleepers: AtomicUsize,
     shutdown: AtomicBool,
     wake_lock: Mutex<()>,
@@ -49,6 +60,7 @@ impl WorkerPool {
             generation: AtomicU64::new(0),
             job: Mutex::new(None),
             pending: AtomicUsize::new(0),
+            panic: Mutex::new(None),
             sleepers: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             wake_lock: Mutex::new(()),
@@ -72,6 +84,10 @@ impl WorkerPool {
     }
 
     /// Runs `job(worker, workers)` on every worker and waits for all.
+    ///
+    /// # Panics
+    /// When the job panics on any worker: after every worker has finished,
+    /// the caller's own panic or else the first worker's is raised here.
     pub fn run<'a>(&self, job: &'a (dyn Fn(usize, usize) + Sync + 'a)) {
         if self.workers == 1 {
             job(0, 1);
@@ -79,19 +95,35 @@ impl WorkerPool {
         }
         // SAFETY: the reference is erased to 'static only for the duration of
         // this call: workers use it while `pending > 0`, and this function
-        // does not return (nor clear the slot) before `pending` reaches 0.
+        // neither returns nor unwinds (see `WaitForWorkers`) before `pending`
+        // reaches 0 and the slot is cleared.
         let erased: &'static Job =
             unsafe { std::mem::transmute::<&'a (dyn Fn(usize, usize) + Sync + 'a), &'static Job>(job) };
-        *self.shared.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(erased);
+        *lock(&self.shared.job) = Some(erased);
+        assert_eq!(self.shared.pending.load(Ordering::SeqCst), 0, "a job is already running");
         self.shared.pending.store(self.workers - 1, Ordering::SeqCst);
+        let waiter = WaitForWorkers(&self.shared);
         self.shared.generation.fetch_add(1, Ordering::SeqCst);
         if self.shared.sleepers.load(Ordering::SeqCst) > 0 {
-            let _guard = self.shared.wake_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _guard = lock(&self.shared.wake_lock);
             self.shared.wake.notify_all();
         }
         job(0, self.workers);
+        drop(waiter);
+        if let Some(payload) = lock(&self.shared.panic).take() {
+            resume_unwind(payload);
+        }
+    }
+}
+
+/// Waits until every worker has finished the current job and clears it, on
+/// return and on unwind alike.
+struct WaitForWorkers<'a>(&'a Shared);
+
+impl Drop for WaitForWorkers<'_> {
+    fn drop(&mut self) {
         let mut polls = 0u32;
-        while self.shared.pending.load(Ordering::Acquire) > 0 {
+        while self.0.pending.load(Ordering::Acquire) > 0 {
             polls += 1;
             if polls < SPIN_POLLS {
                 std::hint::spin_loop();
@@ -99,8 +131,17 @@ impl WorkerPool {
                 std::thread::yield_now();
             }
         }
-        *self.shared.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *lock(&self.0.job) = None;
+        if std::thread::panicking() {
+            // The caller's panic wins; a worker's would be a second one.
+            lock(&self.0.panic).take();
+        }
     }
+}
+
+/// Locks `m`, ignoring poisoning (no lock here is held across a job).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn worker_loop(shared: &Shared, index: usize, workers: usize) {
@@ -113,7 +154,7 @@ fn worker_loop(shared: &Shared, index: usize, workers: usize) {
                 std::hint::spin_loop();
                 continue;
             }
-            let mut guard = shared.wake_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let mut guard = lock(&shared.wake_lock);
             shared.sleepers.fetch_add(1, Ordering::SeqCst);
             while shared.generation.load(Ordering::SeqCst) == seen && !shared.shutdown.load(Ordering::SeqCst) {
                 guard = shared.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
@@ -124,9 +165,11 @@ fn worker_loop(shared: &Shared, index: usize, workers: usize) {
             return;
         }
         seen = shared.generation.load(Ordering::SeqCst);
-        let job = *shared.job.lock().unwrap_or_else(|e| e.into_inner());
+        let job = *lock(&shared.job);
         if let Some(job) = job {
-            job(index, workers);
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| job(index, workers))) {
+                lock(&shared.panic).get_or_insert(payload);
+            }
         }
         shared.pending.fetch_sub(1, Ordering::Release);
     }
@@ -136,7 +179,7 @@ impl Drop for WorkerPool {
     fn drop(&mut self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
         {
-            let _guard = self.shared.wake_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _guard = lock(&self.shared.wake_lock);
             self.shared.wake.notify_all();
         }
         for handle in self.handles.drain(..) {
@@ -166,6 +209,47 @@ mod tests {
             });
             assert!(hits.iter().all(|h| h.load(Ordering::SeqCst) == round));
         }
+    }
+
+    /// Runs `job` on `pool`, expecting it to panic; returns the message.
+    fn panic_message(pool: &WorkerPool, job: &(dyn Fn(usize, usize) + Sync)) -> String {
+        let payload = catch_unwind(AssertUnwindSafe(|| pool.run(job))).expect_err("the job panicked");
+        payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_panicking_job_panics_the_caller_once_after_every_worker_finished() {
+        let pool = WorkerPool::new(3);
+        for panicking in [1, 2, 0] {
+            let finished = AtomicUsize::new(0);
+            let message = panic_message(&pool, &|w, _| {
+                if w == panicking {
+                    panic!("worker {w} failed");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                finished.fetch_add(1, Ordering::SeqCst);
+            });
+            assert_eq!(message, format!("worker {panicking} failed"));
+            // Both other workers had finished when the panic reached the caller.
+            assert_eq!(finished.load(Ordering::SeqCst), 2);
+            // The pool is usable afterwards: every worker runs the next job once.
+            let hits = [AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0)];
+            pool.run(&|w, _| {
+                hits[w].fetch_add(1, Ordering::SeqCst);
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::SeqCst) == 1));
+        }
+    }
+
+    #[test]
+    fn the_callers_panic_wins_over_a_workers() {
+        let pool = WorkerPool::new(2);
+        assert_eq!(panic_message(&pool, &|w, _| panic!("from {w}")), "from 0");
+        let total = AtomicUsize::new(0);
+        pool.run(&|_, _| {
+            total.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(total.load(Ordering::SeqCst), 2);
     }
 
     #[test]

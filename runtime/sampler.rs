@@ -74,11 +74,6 @@ impl Sampler {
         Sampler { config, rng: SplitMix64(config.seed), candidates: Vec::with_capacity(vocab), probs: Vec::with_capacity(vocab) }
     }
 
-    /// Bytes of the candidate buffers for `vocab` tokens.
-    pub fn bytes(vocab: usize) -> usize {
-        vocab * (std::mem::size_of::<u32>() + std::mem::size_of::<f32>())
-    }
-
     /// Bytes this sampler allocated.
     pub fn allocated(&self) -> usize {
         self.candidates.capacity() * 4 + self.probs.capacity() * 4

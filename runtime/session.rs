@@ -2,7 +2,8 @@
 //! under the profile's memory budget, answering requests within their budget.
 //!
 //! Principal types: [`Session`], [`RequestOptions`], [`ReplyStats`],
-//! [`StopReason`], [`SessionError`].
+//! [`SessionError`]; requests end with a [`StopReason`] (the journal
+//! schema's, which owns its variant order).
 //!
 //! Invariants:
 //! - [`Session::start`] computes the [`MemoryPlan`], refuses to start when it
@@ -19,41 +20,12 @@
 use std::time::{Duration, Instant};
 
 use crate::budget::{BudgetError, KvPrecision, MemoryPlan, PlanSettings};
-use crate::decoder::{DecodeError, Decoder, PREFILL_BLOCK};
+use crate::decoder::{DecodeError, Decoder};
+use crate::journal::StopReason;
 use crate::profile::{worker_threads, Profile};
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::tokenizer::{TokenTable, Tokenizer};
 use crate::weights::ModelPack;
-
-/// Why a request ended. Journal records store it: variants are only ever
-/// appended, never reordered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StopReason {
-    /// The model produced its end-of-sequence token.
-    Eos,
-    /// The reply ended with one of the request's stop strings (removed from the reply).
-    StopString,
-    /// The reply reached the request's maximum new tokens.
-    MaxTokens,
-    /// The context filled up.
-    ContextFull,
-    /// The request's deadline passed.
-    Deadline,
-}
-
-impl StopReason {
-    /// snake_case name, as printed in JSON output.
-    pub fn name(self) -> &'static str {
-        match self {
-            StopReason::Eos => "eos",
-            StopReason::StopString => "stop_string",
-            StopReason::MaxTokens => "max_tokens",
-            StopReason::ContextFull => "context_full",
-            StopReason::Deadline => "deadline",
-        }
-    }
-}
 
 /// A session or request that cannot proceed.
 #[derive(Debug, thiserror::Error)]
@@ -180,7 +152,7 @@ impl<'m> Session<'m> {
         plan.check(&profile.name, profile.memory_budget_bytes)?;
         let max_new_tokens = profile.max_new_tokens as usize;
         let reply_bytes = max_new_tokens * table.longest();
-        Ok(Session {
+        let session = Session {
             decoder: Decoder::new(pack, settings),
             sampler: Sampler::new(SamplerConfig::default(), pack.config().vocab_size),
             table,
@@ -189,7 +161,9 @@ impl<'m> Session<'m> {
             reply: Vec::with_capacity(reply_bytes),
             max_new_tokens,
             eos: pack.config().eos_token_id,
-        })
+        };
+        assert_eq!(session.allocated(), plan, "a session allocates exactly its memory plan");
+        Ok(session)
     }
 
     /// The plan a session for `pack` under `profile` would allocate, with the
@@ -200,13 +174,9 @@ impl<'m> Session<'m> {
         profile: &Profile,
         options: SessionOptions,
     ) -> (PlanSettings, TokenTable, MemoryPlan) {
-        let settings = PlanSettings {
-            context_tokens: (profile.max_context_tokens as usize).min(pack.config().max_position_embeddings),
-            prefill_block: PREFILL_BLOCK,
-            threads: options.threads.max(1),
-            kv: options.kv,
-            logit_rows: if options.all_logits { PREFILL_BLOCK } else { 1 },
-        };
+        let base = PlanSettings::new(pack.config(), profile.max_context_tokens as usize, options.threads);
+        let logit_rows = if options.all_logits { base.prefill_block } else { 1 };
+        let settings = PlanSettings { kv: options.kv, logit_rows, ..base };
         let table = tokenizer.token_table();
         let reply_bytes = profile.max_new_tokens as usize * table.longest();
         let plan = MemoryPlan::new(pack.config(), &settings, table.allocated(), reply_bytes);
@@ -219,9 +189,13 @@ impl<'m> Session<'m> {
     }
 
     /// Bytes actually allocated, itemized as the plan is.
-    pub fn allocated(&self) -> [usize; 8] {
-        let [kv, act, scratch, logits, rope] = self.decoder.allocated();
-        [kv, act, scratch, logits, rope, self.sampler.allocated(), self.table.allocated(), self.history.capacity() * 4 + self.reply.capacity()]
+    pub fn allocated(&self) -> MemoryPlan {
+        MemoryPlan {
+            sampler: self.sampler.allocated(),
+            token_table: self.table.allocated(),
+            request: self.history.capacity() * 4 + self.reply.capacity(),
+            ..self.decoder.allocated()
+        }
     }
 
     /// The decoder (for perplexity and inspection).

@@ -14,9 +14,9 @@ use nocturne::adapter::{write_adapter_bundle, AdapterSpec, AdapterTensor, LoraAd
 use nocturne::device::{StateDir, TRAINER_PUBLIC_FILE};
 use nocturne::journal::{read_journal, Body, Journal, JournalConfig};
 use nocturne::profile::{Precision, ACTIVE};
-use nocturne::sync::adapters::{install, installed_dir, load_active, ActiveAdapters, AdapterWatch, InstallOutcome};
-use nocturne::sync::keys::{self, PublicKeyFile};
-use nocturne::sync::SyncError;
+use nocturne::device::adapters::{install, installed_dir, load_active, ActiveAdapters, AdapterWatch, InstallOutcome};
+use nocturne::signing::{self, PublicKeyFile};
+use nocturne::device::adapters::AdapterError;
 use nocturne::weights::{Matrix, ModelPack};
 use support::adapter::random_adapter;
 use support::{tiny_config, write_pack};
@@ -36,7 +36,7 @@ impl Setup {
     fn new(dir: &Path) -> Setup {
         let pack_dir = dir.join("pack");
         write_pack(&pack_dir, &tiny_config(64, 2, Precision::Fp16));
-        let trainer = keys::generate().unwrap();
+        let trainer = signing::generate().unwrap();
         let state = StateDir::new(dir.join("state"));
         state.device_id_or_create().unwrap();
         let public = dir.join("trainer.pub");
@@ -83,7 +83,7 @@ fn bad_adapters_are_refused_with_the_reason() {
     let good = setup.adapter(1);
     LoraAdapter::open(&good, &pack, &key).unwrap();
     // Signed by another key.
-    let other = keys::generate().unwrap();
+    let other = signing::generate().unwrap();
     let foreign = random_adapter(&tmp.path().join("other"), &pack, &other, 4, &QKVO, 0.05, 2);
     assert!(LoraAdapter::open(&foreign, &pack, &key).unwrap_err().to_string().contains("signature"));
     // Trained for another base model.
@@ -165,7 +165,7 @@ fn install_switches_keeps_the_previous_and_rolls_back_a_failing_adapter() {
     write_pack(&other_dir, &tiny_config(64, 2, Precision::Int8));
     let before = std::fs::read(state.root().join("adapters/ACTIVE")).unwrap();
     let err = install(&state, &ModelPack::open(&other_dir).unwrap(), &v1, &mut journal).unwrap_err();
-    assert!(matches!(&err, SyncError::Rejected { problem, .. } if problem.contains("trained for base model")), "{err}");
+    assert!(matches!(&err, AdapterError::Rejected { problem, .. } if problem.contains("trained for base model")), "{err}");
     assert_eq!(std::fs::read(state.root().join("adapters/ACTIVE")).unwrap(), before);
     // The active adapter breaks on disk: the next load rolls back to the previous one.
     std::fs::write(installed_dir(&state, id2).join(ADAPTER_WEIGHTS_FILE), b"garbage").unwrap();

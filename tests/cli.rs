@@ -222,7 +222,7 @@ fn no_journal_writes_no_state() {
 fn sync_export_acknowledge_and_adapter_install_from_the_command_line() {
     use nocturne::adapter::Target;
     use nocturne::sync::ack::{write_ack, Ack};
-    use nocturne::sync::keys::{self, PublicKeyFile};
+    use nocturne::signing::{self, PublicKeyFile};
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("state");
     let state = dir.to_str().unwrap();
@@ -239,7 +239,7 @@ fn sync_export_acknowledge_and_adapter_install_from_the_command_line() {
     assert!(run(&["sync", "export", "--state-dir", state, "--to", usb_arg]).contains("wrote"));
     assert!(run(&["sync", "export", "--state-dir", state, "--to", usb_arg]).contains("nothing new to export"));
     // The host's side, done here with the library: a trainer key and its acknowledgement.
-    let trainer = keys::generate().unwrap();
+    let trainer = signing::generate().unwrap();
     let trainer_pub = tmp.path().join("trainer.pub");
     std::fs::write(&trainer_pub, PublicKeyFile { device: None, key: trainer.verifying_key() }.to_text()).unwrap();
     assert!(run(&["sync", "trust", "--state-dir", state, trainer_pub.to_str().unwrap()]).contains("provisioned"));

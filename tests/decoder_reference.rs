@@ -9,8 +9,8 @@ mod support;
 use std::sync::Arc;
 
 use nocturne::adapter::{LoraAdapter, Target};
-use nocturne::budget::{KvPrecision, PlanSettings};
-use nocturne::decoder::{Decoder, PREFILL_BLOCK};
+use nocturne::budget::{KvPrecision, PlanSettings, PREFILL_BLOCK};
+use nocturne::decoder::Decoder;
 use nocturne::profile::Precision;
 use nocturne::weights::{Matrix, ModelPack};
 use support::adapter::random_adapter;
@@ -128,7 +128,7 @@ fn check_against_reference(with_adapter: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let tokens: Vec<u32> = (0..52).map(|i| (i * 37 + 5) % 96).collect();
     let prefill = 41; // one full block and a partial one
-    let trainer = nocturne::sync::keys::generate().unwrap();
+    let trainer = nocturne::signing::generate().unwrap();
     for precision in [Precision::Fp16, Precision::Int8] {
         let dir = tmp.path().join(precision.name());
         write_pack(&dir, &tiny_config(64, 3, precision));

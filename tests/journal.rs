@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::borrow::Cow;
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
@@ -13,36 +12,15 @@ use nocturne::journal::reader::read_segment;
 use nocturne::journal::record::{self, RECORD_PREFIX};
 use nocturne::journal::writer::QUEUE_DEPTH;
 use nocturne::journal::segment::{scan, Framer, SegmentHeader, BLOCK, CHUNK_HEADER, HEADER_LEN};
+use nocturne::ids::{AdapterId, DeviceId, ModelId};
 use nocturne::journal::{
-    read_journal, AdapterAction, AdapterEvent, AdapterId, Body, DeviceId, Feedback, ImplicitSignals, Interaction, Journal,
-    JournalError, JournalReport, MetricsSnapshot, ModelId, Record, Thumbs,
+    read_journal, AdapterAction, AdapterEvent, Body, Feedback, ImplicitSignals, Interaction, Journal, JournalError,
+    JournalReport, MetricsSnapshot, Record, StopReason, Thumbs,
 };
 use nocturne::profile::Durability;
-use nocturne::session::StopReason;
 use proptest::prelude::*;
+use support::counting::{Counting, THREAD_ALLOCATIONS};
 use support::journal::{config, feedback, feedback_id, DEVICE};
-
-thread_local! {
-    static THREAD_ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
-}
-
-/// Counts allocations per thread, so the journal's own thread does not count
-/// against the caller's.
-struct Counting;
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let _ = THREAD_ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let _ = THREAD_ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
@@ -81,7 +59,7 @@ fn text() -> impl Strategy<Value = Cow<'static, str>> {
 fn body() -> impl Strategy<Value = Body<'static>> {
     let id = prop::array::uniform16(any::<u8>());
     let interaction = (
-        (any::<u64>(), any::<u32>(), prop::array::uniform32(any::<u8>()), prop::option::of(id.clone())),
+        (any::<u64>(), any::<u32>(), prop::array::uniform32(any::<u8>()), prop::option::of(id)),
         (text(), text(), text()),
         (any::<u32>(), any::<u32>(), any::<u32>(), 0..5usize),
         (any::<f32>().prop_filter("comparable", |x| !x.is_nan()), any::<u16>(), any::<u16>(), any::<u64>()),
@@ -130,7 +108,7 @@ fn body() -> impl Strategy<Value = Body<'static>> {
             journal_bytes: m[4],
         })
     });
-    let adapter = (any::<bool>(), id.clone(), prop::option::of(id), text()).prop_map(|(installed, a, p, reason)| {
+    let adapter = (any::<bool>(), id, prop::option::of(id), text()).prop_map(|(installed, a, p, reason)| {
         Body::Adapter(AdapterEvent {
             action: if installed { AdapterAction::Installed } else { AdapterAction::RolledBack },
             adapter: AdapterId(a),

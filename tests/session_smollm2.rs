@@ -5,36 +5,20 @@
 
 mod support;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use nocturne::adapter::{LoraAdapter, Target};
 use nocturne::profile::ACTIVE;
 use nocturne::sampler::{Sampler, SamplerConfig};
-use nocturne::session::{RequestOptions, Session, SessionError, SessionOptions, StopReason};
+use nocturne::session::{RequestOptions, Session, SessionError, SessionOptions};
+use nocturne::journal::StopReason;
 use nocturne::tokenizer::{chatml, ChatMessage, Tokenizer};
 use nocturne::weights::ModelPack;
-
-struct Counting;
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+use support::counting::{Counting, ALLOCATIONS};
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
@@ -57,8 +41,7 @@ fn allocations_match_the_memory_plan_exactly() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (pack, tokenizer) = model();
     let session = Session::start(&pack, &tokenizer, &ACTIVE, SessionOptions::for_profile(&ACTIVE)).unwrap();
-    let planned: Vec<usize> = session.memory_plan().items().iter().map(|(_, b)| *b).collect();
-    assert_eq!(session.allocated().to_vec(), planned);
+    assert_eq!(session.allocated(), *session.memory_plan());
     // 30 layers x 2048 positions x 3 KV heads x 64 x 2 (K, V) x 2 bytes.
     assert_eq!(session.memory_plan().kv_cache, 47_185_920);
 }
@@ -93,7 +76,7 @@ fn decoding_with_an_adapter_allocates_nothing_per_token() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (pack, tokenizer) = model();
     let tmp = tempfile::tempdir().unwrap();
-    let trainer = nocturne::sync::keys::generate().unwrap();
+    let trainer = nocturne::signing::generate().unwrap();
     let targets = [Target::Q, Target::K, Target::V, Target::O];
     let bundle = support::adapter::random_adapter(tmp.path(), &pack, &trainer, 8, &targets, 0.01, 11);
     let adapter = Arc::new(LoraAdapter::open(&bundle, &pack, &trainer.verifying_key()).unwrap());

@@ -3,32 +3,13 @@
 
 mod support;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 use nocturne::profile::Precision;
 use nocturne::weights::{Matrix, ModelPack};
+use support::counting::{Counting, BYTES};
 use support::{tiny_config, write_pack};
-
-/// Counts bytes requested from the heap.
-struct Counting;
-
-static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATED.fetch_add(layout.size(), Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATED.fetch_add(new_size, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
@@ -37,9 +18,9 @@ static GLOBAL: Counting = Counting;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn heap_bytes_of_open(dir: &std::path::Path) -> (usize, ModelPack) {
-    let before = ALLOCATED.load(Ordering::SeqCst);
+    let before = BYTES.load(Ordering::SeqCst);
     let pack = ModelPack::open(dir).unwrap();
-    (ALLOCATED.load(Ordering::SeqCst) - before, pack)
+    (BYTES.load(Ordering::SeqCst) - before, pack)
 }
 
 #[test]

@@ -16,10 +16,14 @@
 //! `scale · B (A x)` to each targeted projection, unmerged: `A x` is computed
 //! per token into a planned scratch buffer, and each output row adds its
 //! `B` row's dot with it inside the same parallel pass as the base product.
+//! An int8 `B`'s scales are widened to f32 once, when the adapter is set,
+//! into a planned buffer (the column walk then converts no half floats).
 //!
 //! Invariants:
-//! - Every buffer is allocated in [`Decoder::new`], sized by the
-//!   [`MemoryPlan`]; [`Decoder::forward`] performs no heap allocation.
+//! - Every buffer is allocated in [`Decoder::new`], sized by the plan's
+//!   [`DecoderBuffers`]; [`Decoder::allocated`] reports them as a
+//!   [`MemoryPlan`]; [`Decoder::forward`] and [`Decoder::set_adapter`]
+//!   perform no heap allocation.
 //! - Weights are read in place from the mapping, never copied.
 //! - Position `p` of the KV cache holds token `p` of the current sequence;
 //!   [`Decoder::truncate`] forgets positions, nothing else rewinds.
@@ -30,8 +34,9 @@ use std::sync::Arc;
 
 use half::f16;
 
-use crate::adapter::{LoraAdapter, Target, MAX_LORA_RANK};
-use crate::budget::{KvPrecision, PlanSettings};
+use crate::adapter::{LoraAdapter, Target};
+use crate::budget::{DecoderBuffers, MemoryPlan, PlanSettings, MAX_LORA_RANK, ROW_TILE};
+use crate::config::INT8_BLOCK;
 use crate::kernels::{rms_norm, rope, silu_mul, softmax, Kernels, RopeTable};
 use crate::pool::{share, WorkerPool};
 use crate::weights::{Matrix, ModelPack};
@@ -70,8 +75,10 @@ struct SharedOut {
 }
 
 // SAFETY: workers write disjoint index ranges (see each use), and the owning
-// buffer outlives the `WorkerPool::run` call that uses the pointer.
+// buffer outlives the `WorkerPool::run` call that uses the pointer (`run`
+// returns, or unwinds, only after every worker finished the job).
 unsafe impl Send for SharedOut {}
+// SAFETY: as for `Send`: shared references only hand out disjoint ranges.
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
@@ -83,7 +90,9 @@ impl SharedOut {
     /// No other thread may access `start..start + len` during the borrow.
     #[allow(clippy::mut_from_ref)]
     unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
-        assert!(start + len <= self.len, "shared write out of bounds");
+        assert!(start.checked_add(len).is_some_and(|end| end <= self.len), "shared write out of bounds");
+        // SAFETY: `start..start + len` lies inside the buffer (asserted above),
+        // which is alive for the job; the caller guarantees exclusive access.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
     }
 }
@@ -113,19 +122,53 @@ pub struct Decoder<'m> {
     act: Activations,
     /// Per worker: `context` attention scores.
     scores: Vec<f32>,
-    /// Per worker: one dequantized weight row.
+    /// Per worker: a tile of [`ROW_TILE`] dequantized weight rows.
     rows: Vec<f32>,
     logits: Vec<f32>,
     pos: usize,
     adapter: Option<Arc<LoraAdapter>>,
+    /// The active adapter's int8 `B` scales as f32, at [`ScaleLayout`] offsets.
+    adapter_scales: Vec<f32>,
+    scale_layout: ScaleLayout,
+}
+
+/// Where the f32 scales of each projection's int8 `B` (`[rank, out / 32]`)
+/// sit in the decoder's adapter-scale buffer: layer by layer, each target
+/// at a fixed offset with room for [`MAX_LORA_RANK`] rows.
+#[derive(Clone, Copy)]
+struct ScaleLayout {
+    /// Offset of each target ([`Target::ALL`] order) within a layer.
+    offsets: [usize; 7],
+    /// Elements per layer.
+    layer: usize,
+}
+
+impl ScaleLayout {
+    fn new(pack: &ModelPack) -> ScaleLayout {
+        let w = pack.layer(0);
+        let outputs = [w.q_proj, w.k_proj, w.v_proj, w.o_proj, w.gate_proj, w.up_proj, w.down_proj].map(|m| m.shape().0);
+        let mut offsets = [0; 7];
+        let mut at = 0;
+        for (offset, out) in offsets.iter_mut().zip(outputs) {
+            *offset = at;
+            at += MAX_LORA_RANK * (out / INT8_BLOCK);
+        }
+        ScaleLayout { offsets, layer: at }
+    }
+
+    /// The span of `target`'s scales in `layer` for `len` elements.
+    fn span(&self, layer: usize, target: Target, len: usize) -> std::ops::Range<usize> {
+        let start = layer * self.layer + self.offsets[target as usize];
+        start..start + len
+    }
 }
 
 /// The adapter's contribution to one projection: `scale · B t`, where
 /// `t = A x` for each token of the block (`rank` values per token).
 struct LoraTerm<'a> {
     b: Matrix<'a>,
-    /// An int8 `B`'s scales as f32 ([`LoraAdapter::int8_b_scales`]).
-    b_scales: Option<&'a [f32]>,
+    /// An int8 `B`'s scales as f32, `[rank, out / 32]` (the decoder's buffer).
+    b_scales: &'a [f32],
     t: &'a [f32],
     rank: usize,
     scale: f32,
@@ -137,79 +180,105 @@ impl LoraTerm<'_> {
     /// a walk down column `r`.
     fn output(&self, k: &Kernels, i: usize, r: usize) -> f32 {
         let t = &self.t[i * self.rank..(i + 1) * self.rank];
-        let dot = match (self.b, self.b_scales) {
-            (Matrix::Int8 { cols, values, .. }, Some(scales)) => {
-                let blocks = cols / crate::config::INT8_BLOCK;
-                let block = r / crate::config::INT8_BLOCK;
+        let dot = match self.b {
+            Matrix::Int8 { cols, values, .. } => {
+                let (blocks, block, scales) = (cols / INT8_BLOCK, r / INT8_BLOCK, self.b_scales);
                 t.iter().enumerate().map(|(j, &tj)| tj * f32::from(values[j * cols + r]) * scales[j * blocks + block]).sum()
             }
-            _ => k.row_dot(&self.b, r, t),
+            Matrix::F16 { .. } => k.row_dot(&self.b, r, t),
         };
         self.scale * dot
     }
 }
 
-/// Computes `A x` for the block's `n` tokens into `buf` when `adapter`
-/// targets `target` in `layer`.
-fn lora_term<'a>(
-    k: &Kernels,
+/// What every projection of a block shares: the pool, the kernels, the
+/// active adapter with its widened scales, the block's token count.
+struct Projections<'a> {
+    pool: &'a WorkerPool,
+    k: Kernels,
     adapter: Option<&'a LoraAdapter>,
-    layer: usize,
-    target: Target,
-    input: &[f32],
+    adapter_scales: &'a [f32],
+    scale_layout: ScaleLayout,
     n: usize,
-    buf: &'a mut [f32],
-) -> Option<LoraTerm<'a>> {
-    let adapter = adapter?;
-    let (a, b) = adapter.projection(layer, target)?;
-    let (rank, cols) = a.shape();
-    for i in 0..n {
-        for j in 0..rank {
-            buf[i * rank + j] = k.row_dot(&a, j, &input[i * cols..(i + 1) * cols]);
-        }
+}
+
+impl Projections<'_> {
+    /// `out = m · input` for the block's tokens, plus the adapter's
+    /// `scale · B (A x)` when it targets `target` in `layer` (`A x` goes to
+    /// `lora`; `rows` is the workers' tile scratch).
+    #[allow(clippy::too_many_arguments)]
+    fn apply(&self, layer: usize, target: Target, m: &Matrix<'_>, input: &[f32], out: &mut [f32], lora: &mut [f32], rows: &mut [f32]) {
+        let term = self.adapter.and_then(|adapter| {
+            let (a, b) = adapter.projection(layer, target)?;
+            let (rank, cols) = a.shape();
+            for i in 0..self.n {
+                for j in 0..rank {
+                    lora[i * rank + j] = self.k.row_dot(&a, j, &input[i * cols..(i + 1) * cols]);
+                }
+            }
+            let b_scales = match b {
+                Matrix::Int8 { scales, .. } => &self.adapter_scales[self.scale_layout.span(layer, target, scales.len())],
+                Matrix::F16 { .. } => &[],
+            };
+            Some(LoraTerm { b, b_scales, t: &lora[..self.n * rank], rank, scale: adapter.scale() })
+        });
+        matmul(self.pool, &self.k, m, input, self.n, out, rows, term);
     }
-    Some(LoraTerm { b, b_scales: adapter.int8_b_scales(layer, target), t: &buf[..n * rank], rank, scale: adapter.scale() })
 }
 
 impl<'m> Decoder<'m> {
-    /// Allocates every buffer of the plan for `pack` under `settings` and
-    /// starts the worker pool. Budget checks happen before this (see
-    /// [`crate::budget::MemoryPlan::check`]).
+    /// Allocates every buffer of the plan for `pack` under `settings`
+    /// ([`DecoderBuffers`]) and starts the worker pool. Budget checks happen
+    /// before this (see [`crate::budget::MemoryPlan::check`]).
     pub fn new(pack: &'m ModelPack, settings: PlanSettings) -> Decoder<'m> {
         let c = pack.config();
-        let (h, q, kv, ff) = (c.hidden_size, c.q_width(), c.kv_width(), c.intermediate_size);
-        let b = settings.prefill_block;
+        let buffers = DecoderBuffers::new(c, &settings);
+        let scale_layout = ScaleLayout::new(pack);
+        assert_eq!(scale_layout.layer * c.num_hidden_layers, buffers.adapter_scales, "adapter scales as planned");
         let zeros = |n: usize| vec![0.0f32; n];
         Decoder {
             pack,
             kernels: Kernels::detect(),
             pool: WorkerPool::new(settings.threads),
             settings,
-            kv: KvCache::new(settings.kv, c.num_hidden_layers, settings.context_tokens, kv),
+            kv: KvCache::new(settings.kv, c.num_hidden_layers, settings.context_tokens, c.kv_width()),
             rope: RopeTable::new(settings.context_tokens, c.head_dim, c.rope_theta),
             act: Activations {
-                x: zeros(b * h),
-                xb: zeros(b * h),
-                q: zeros(b * q),
-                k: zeros(b * kv),
-                v: zeros(b * kv),
-                att: zeros(b * q),
-                gate: zeros(b * ff),
-                up: zeros(b * ff),
-                lora: zeros(b * MAX_LORA_RANK),
+                x: zeros(buffers.residual),
+                xb: zeros(buffers.residual),
+                q: zeros(buffers.q),
+                k: zeros(buffers.kv),
+                v: zeros(buffers.kv),
+                att: zeros(buffers.q),
+                gate: zeros(buffers.mlp),
+                up: zeros(buffers.mlp),
+                lora: zeros(buffers.lora),
             },
-            scores: zeros(settings.threads * settings.context_tokens),
-            rows: zeros(settings.threads * ROW_TILE * h.max(q).max(ff)),
-            logits: zeros(settings.logit_rows * c.vocab_size),
+            scores: zeros(buffers.scores),
+            rows: zeros(buffers.rows),
+            logits: zeros(buffers.logits),
             pos: 0,
             adapter: None,
+            adapter_scales: zeros(buffers.adapter_scales),
+            scale_layout,
         }
     }
 
     /// Makes `adapter` (opened for this decoder's pack) active from the next
     /// forward pass on; `None` decodes with the base model alone. The KV
     /// cache is cleared, since it was computed with the previous weights.
+    /// An int8 adapter's `B` scales are widened into the planned buffer.
     pub fn set_adapter(&mut self, adapter: Option<Arc<LoraAdapter>>) {
+        if let Some(adapter) = &adapter {
+            for layer in 0..self.pack.config().num_hidden_layers {
+                for target in Target::ALL {
+                    if let Some((_, Matrix::Int8 { scales, .. })) = adapter.projection(layer, target) {
+                        let out = &mut self.adapter_scales[self.scale_layout.span(layer, target, scales.len())];
+                        out.iter_mut().zip(scales).for_each(|(o, s)| *o = s.to_f32());
+                    }
+                }
+            }
+        }
         self.adapter = adapter;
         self.pos = 0;
     }
@@ -219,18 +288,20 @@ impl<'m> Decoder<'m> {
         self.adapter.as_ref()
     }
 
-    /// Bytes this decoder allocated, itemized like the plan's first entries
-    /// (KV cache, activations, thread scratch, logits, RoPE table).
-    pub fn allocated(&self) -> [usize; 5] {
+    /// Bytes this decoder allocated, as the items of a [`MemoryPlan`] (the
+    /// items the decoder does not own are zero).
+    pub fn allocated(&self) -> MemoryPlan {
         let f = |v: &Vec<f32>| v.capacity() * 4;
         let a = &self.act;
-        [
-            self.kv.bytes(),
-            f(&a.x) + f(&a.xb) + f(&a.q) + f(&a.k) + f(&a.v) + f(&a.att) + f(&a.gate) + f(&a.up) + f(&a.lora),
-            f(&self.scores) + f(&self.rows),
-            f(&self.logits),
-            self.rope.allocated(),
-        ]
+        MemoryPlan {
+            kv_cache: self.kv.bytes(),
+            activations: f(&a.x) + f(&a.xb) + f(&a.q) + f(&a.k) + f(&a.v) + f(&a.att) + f(&a.gate) + f(&a.up) + f(&a.lora),
+            thread_scratch: f(&self.scores) + f(&self.rows),
+            adapter_scales: f(&self.adapter_scales),
+            logits: f(&self.logits),
+            rope_table: self.rope.allocated(),
+            ..MemoryPlan::default()
+        }
     }
 
     /// The settings the decoder was planned with.
@@ -322,7 +393,14 @@ impl<'m> Decoder<'m> {
         let (h, qw, kw, ff, d) = (c.hidden_size, c.q_width(), c.kv_width(), c.intermediate_size, c.head_dim);
         let (n, pos0, eps, k) = (tokens.len(), self.pos, c.rms_norm_eps, self.kernels);
         let a = &mut self.act;
-        let adapter = self.adapter.as_deref();
+        let p = Projections {
+            pool: &self.pool,
+            k,
+            adapter: self.adapter.as_deref(),
+            adapter_scales: &self.adapter_scales,
+            scale_layout: self.scale_layout,
+            n,
+        };
         let embed = self.pack.embed_tokens();
         for (i, &t) in tokens.iter().enumerate() {
             k.dequant_row(&embed, t as usize, &mut a.x[i * h..(i + 1) * h]);
@@ -333,12 +411,9 @@ impl<'m> Decoder<'m> {
                 rms_norm(&k, &a.x[i * h..(i + 1) * h], w.input_norm, eps, &mut a.xb[i * h..(i + 1) * h]);
             }
             let input = &a.xb[..n * h];
-            let lora = lora_term(&k, adapter, layer, Target::Q, input, n, &mut a.lora);
-            matmul(&self.pool, &k, &w.q_proj, input, n, &mut a.q, &mut self.rows, lora);
-            let lora = lora_term(&k, adapter, layer, Target::K, input, n, &mut a.lora);
-            matmul(&self.pool, &k, &w.k_proj, input, n, &mut a.k, &mut self.rows, lora);
-            let lora = lora_term(&k, adapter, layer, Target::V, input, n, &mut a.lora);
-            matmul(&self.pool, &k, &w.v_proj, input, n, &mut a.v, &mut self.rows, lora);
+            p.apply(layer, Target::Q, &w.q_proj, input, &mut a.q, &mut a.lora, &mut self.rows);
+            p.apply(layer, Target::K, &w.k_proj, input, &mut a.k, &mut a.lora, &mut self.rows);
+            p.apply(layer, Target::V, &w.v_proj, input, &mut a.v, &mut a.lora, &mut self.rows);
             for i in 0..n {
                 rope(&mut a.q[i * qw..(i + 1) * qw], d, pos0 + i, &self.rope);
                 rope(&mut a.k[i * kw..(i + 1) * kw], d, pos0 + i, &self.rope);
@@ -348,20 +423,16 @@ impl<'m> Decoder<'m> {
                 KvCache::F16(cache) => attend::<f16>(&self.pool, &k, cache, layer, a, n, pos0, &shape, &mut self.scores),
                 KvCache::F32(cache) => attend::<f32>(&self.pool, &k, cache, layer, a, n, pos0, &shape, &mut self.scores),
             }
-            let lora = lora_term(&k, adapter, layer, Target::O, &a.att[..n * qw], n, &mut a.lora);
-            matmul(&self.pool, &k, &w.o_proj, &a.att[..n * qw], n, &mut a.xb, &mut self.rows, lora);
+            p.apply(layer, Target::O, &w.o_proj, &a.att[..n * qw], &mut a.xb, &mut a.lora, &mut self.rows);
             add(&mut a.x[..n * h], &a.xb[..n * h]);
             for i in 0..n {
                 rms_norm(&k, &a.x[i * h..(i + 1) * h], w.post_attention_norm, eps, &mut a.xb[i * h..(i + 1) * h]);
             }
             let input = &a.xb[..n * h];
-            let lora = lora_term(&k, adapter, layer, Target::Gate, input, n, &mut a.lora);
-            matmul(&self.pool, &k, &w.gate_proj, input, n, &mut a.gate, &mut self.rows, lora);
-            let lora = lora_term(&k, adapter, layer, Target::Up, input, n, &mut a.lora);
-            matmul(&self.pool, &k, &w.up_proj, input, n, &mut a.up, &mut self.rows, lora);
+            p.apply(layer, Target::Gate, &w.gate_proj, input, &mut a.gate, &mut a.lora, &mut self.rows);
+            p.apply(layer, Target::Up, &w.up_proj, input, &mut a.up, &mut a.lora, &mut self.rows);
             silu_mul(&mut a.gate[..n * ff], &a.up[..n * ff]);
-            let lora = lora_term(&k, adapter, layer, Target::Down, &a.gate[..n * ff], n, &mut a.lora);
-            matmul(&self.pool, &k, &w.down_proj, &a.gate[..n * ff], n, &mut a.xb, &mut self.rows, lora);
+            p.apply(layer, Target::Down, &w.down_proj, &a.gate[..n * ff], &mut a.xb, &mut a.lora, &mut self.rows);
             add(&mut a.x[..n * h], &a.xb[..n * h]);
         }
         let first = if all_logits { 0 } else { n - 1 };
@@ -407,9 +478,10 @@ fn matmul(
             }
             return;
         }
-        // SAFETY: worker w owns scratch[w × stride ..][..stride].
+        assert!(ROW_TILE * cols <= stride, "a worker's tile fits its share of the scratch");
+        // SAFETY: worker w owns scratch[w × stride ..][..stride], and the tile fits in it (asserted).
         let tile = unsafe { scratch.slice(w * stride, ROW_TILE * cols) };
-        // SAFETY (writes below): element (i, r) belongs to the worker that owns row r.
+        // SAFETY: element (i, r) belongs to the worker that owns row r.
         let put = |i: usize, r: usize, v: f32| unsafe { out.slice(i * rows + r, 1)[0] = v };
         let mut r0 = mine.start;
         while r0 + ROW_TILE <= mine.end {
@@ -481,22 +553,3 @@ fn attend<E: KvElement>(
         }
     });
 }
-
-/// The plan settings a device session uses by default: f16 KV cache, the
-/// profile's context (capped by the model's), one row of logits.
-pub fn default_settings(pack: &ModelPack, context_tokens: usize, threads: usize) -> PlanSettings {
-    PlanSettings {
-        context_tokens: context_tokens.min(pack.config().max_position_embeddings),
-        prefill_block: PREFILL_BLOCK,
-        threads,
-        kv: KvPrecision::F16,
-        logit_rows: 1,
-    }
-}
-
-/// Weight rows a prefill worker dequantizes and applies together.
-pub const ROW_TILE: usize = 4;
-
-/// Tokens per prefill block: large enough to amortize each weight row over
-/// many tokens, small enough that activations stay a few hundred KiB.
-pub const PREFILL_BLOCK: usize = 32;

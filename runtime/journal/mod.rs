@@ -80,8 +80,8 @@ use crate::file_error::FileError;
 
 pub use reader::{read_journal, JournalReport, SegmentReport};
 pub use record::{
-    AdapterAction, AdapterEvent, AdapterId, Body, DeviceId, Feedback, ImplicitSignals, Interaction, MetricsSnapshot,
-    ModelId, Record, RecordError, Thumbs,
+    AdapterAction, AdapterEvent, Body, Feedback, ImplicitSignals, Interaction, MetricsSnapshot, Record, RecordError,
+    StopReason, Thumbs,
 };
 pub use writer::{Journal, JournalConfig, Recovery};
 

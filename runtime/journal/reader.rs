@@ -12,7 +12,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::record::{decode, Decoded, DeviceId, Record};
+use super::record::{decode, Decoded, Record};
+use crate::ids::DeviceId;
 use super::segment::{parse_segment_file_name, scan, Damage, SegmentHeader, Tail};
 use super::JournalError;
 

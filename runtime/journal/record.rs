@@ -24,11 +24,10 @@
 //! Identifiers are bytes in postcard and lowercase hex in JSON (`dump`).
 
 use std::borrow::Cow;
-use std::fmt;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
-use crate::session::{ReplyStats, StopReason};
+use crate::ids::{AdapterId, ModelId};
 
 /// Largest encoded record, bytes. A prompt of the largest profile's full
 /// context (2,048 tokens, about 8 KiB of text) and a reply fit.
@@ -52,70 +51,35 @@ pub mod kind {
 /// Schema version written for every kind by this build.
 pub const SCHEMA_VERSION: u8 = 1;
 
-macro_rules! byte_id {
-    ($(#[$doc:meta])* $name:ident, $len:literal) => {
-        $(#[$doc])*
-        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-        pub struct $name(pub [u8; $len]);
-
-        impl $name {
-            /// Parses lowercase or uppercase hex of exactly the right length.
-            pub fn from_hex(text: &str) -> Option<$name> {
-                crate::digest::from_hex(text).map($name)
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&crate::digest::hex(&self.0))
-            }
-        }
-
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}({self})", stringify!($name))
-            }
-        }
-
-        impl Serialize for $name {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                if s.is_human_readable() {
-                    s.collect_str(self)
-                } else {
-                    self.0.serialize(s)
-                }
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $name {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<$name, D::Error> {
-                if d.is_human_readable() {
-                    let text = String::deserialize(d)?;
-                    $name::from_hex(&text)
-                        .ok_or_else(|| serde::de::Error::custom(concat!("not a ", stringify!($name), " in hex")))
-                } else {
-                    <[u8; $len]>::deserialize(d).map($name)
-                }
-            }
-        }
-    };
+/// Why a request ended. Interaction records store it: variants are only
+/// ever appended, never reordered (the postcard encoding is the index).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model produced its end-of-sequence token.
+    Eos,
+    /// The reply ended with one of the request's stop strings (removed from the reply).
+    StopString,
+    /// The reply reached the request's maximum new tokens.
+    MaxTokens,
+    /// The context filled up.
+    ContextFull,
+    /// The request's deadline passed.
+    Deadline,
 }
 
-byte_id!(
-    /// A device's identity: 16 random bytes made on first start.
-    DeviceId,
-    16
-);
-byte_id!(
-    /// A base model: the SHA-256 of its pack's `model.safetensors`.
-    ModelId,
-    32
-);
-byte_id!(
-    /// An adapter: the first 16 bytes of the SHA-256 of its weights file.
-    AdapterId,
-    16
-);
+impl StopReason {
+    /// snake_case name, as printed in JSON output.
+    pub fn name(self) -> &'static str {
+        match self {
+            StopReason::Eos => "eos",
+            StopReason::StopString => "stop_string",
+            StopReason::MaxTokens => "max_tokens",
+            StopReason::ContextFull => "context_full",
+            StopReason::Deadline => "deadline",
+        }
+    }
+}
 
 /// One answered request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -150,37 +114,6 @@ pub struct Interaction<'a> {
     pub time_to_first_token_ms: f32,
     /// Peak resident memory of the session's process, bytes.
     pub peak_memory_bytes: u64,
-}
-
-impl<'a> Interaction<'a> {
-    /// The record of a reply: `stats` as the session measured it, the
-    /// texts borrowed (no allocation). Counts saturate at `u32::MAX`.
-    pub fn from_reply(
-        (conversation, turn): (u64, u32),
-        (base_model, adapter): (ModelId, Option<AdapterId>),
-        (system, prompt, reply): (&'a str, &'a str, &'a str),
-        stats: &ReplyStats,
-        peak_memory_bytes: u64,
-    ) -> Interaction<'a> {
-        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-        Interaction {
-            conversation,
-            turn,
-            base_model,
-            adapter,
-            system: Cow::Borrowed(system),
-            prompt: Cow::Borrowed(prompt),
-            reply: Cow::Borrowed(reply),
-            prompt_tokens: count(stats.prompt_tokens),
-            reused_tokens: count(stats.reused_tokens),
-            new_tokens: count(stats.new_tokens),
-            stop_reason: stats.stop_reason,
-            prefill_tokens_per_s: stats.prefill_tokens_per_second() as f32,
-            decode_tokens_per_s: stats.decode_tokens_per_second() as f32,
-            time_to_first_token_ms: (stats.time_to_first_token.as_secs_f64() * 1e3) as f32,
-            peak_memory_bytes,
-        }
-    }
 }
 
 /// Thumbs up or down.
@@ -467,13 +400,5 @@ mod tests {
         let mut buf = [0u8; 32];
         let body = Body::Feedback(Feedback { interaction: 1, correction: Some("x".repeat(40).into()), ..Feedback::default() });
         assert_eq!(encode(&mut buf, 1, 0, &body), Err(RecordError::TooLarge));
-    }
-
-    #[test]
-    fn ids_are_hex_in_json() {
-        let id = DeviceId([0xab; 16]);
-        assert_eq!(serde_json::to_string(&id).unwrap(), format!("\"{}\"", "ab".repeat(16)));
-        assert_eq!(DeviceId::from_hex(&"AB".repeat(16)), Some(id));
-        assert_eq!(DeviceId::from_hex("abc"), None);
     }
 }

@@ -18,7 +18,7 @@
 
 use std::ops::Range;
 
-use super::record::DeviceId;
+use crate::ids::DeviceId;
 
 /// Magic bytes at offset 0 of every segment.
 pub const MAGIC: [u8; 8] = *b"NOCTJRNL";
@@ -380,7 +380,7 @@ mod tests {
         bytes[offsets[10] as usize + CHUNK_HEADER + 5] ^= 1;
         let (got, scan) = read(&bytes);
         let lost = records.len() - got.len();
-        assert!(lost >= 1 && lost <= BLOCK / 1000 + 1, "lost {lost}");
+        assert!((1..=BLOCK / 1000 + 1).contains(&lost), "lost {lost}");
         assert_eq!(got.last(), records.last());
         assert_eq!(scan.damage.len(), 1);
         assert_eq!(scan.damage[0].range.start, offsets[10]);

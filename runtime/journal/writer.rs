@@ -40,7 +40,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
 use super::reader::{list_segments, read_segment};
-use super::record::{encode, lsn_of, Body, DeviceId, RECORD_MAX, RECORD_PREFIX};
+use super::record::{encode, lsn_of, Body, RECORD_MAX, RECORD_PREFIX};
+use crate::ids::DeviceId;
 use super::segment::{max_framed_len, segment_file_name, Damage, Framer, SegmentHeader, Tail, CHUNK_HEADER, HEADER_LEN};
 use super::JournalError;
 use crate::durable_file::{sync_dir, write_atomic};
@@ -106,6 +107,31 @@ pub struct Recovery {
     pub skipped: Vec<(PathBuf, String)>,
 }
 
+impl Recovery {
+    /// What recovery repaired or skipped, one sentence each, for an operator
+    /// (empty when the journal was clean).
+    pub fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if let Some((seq, tail)) = &self.truncated {
+            notes.push(format!(
+                "cut an incomplete record ({} bytes at offset {}) from the end of segment {seq}",
+                tail.range.end - tail.range.start,
+                tail.range.start
+            ));
+        }
+        for (seq, d) in &self.damage {
+            notes.push(format!("segment {seq}: bytes {}..{} are damaged ({}) and skipped", d.range.start, d.range.end, d.reason));
+        }
+        if self.damage.iter().any(|(seq, _)| *seq != self.active_seq) {
+            notes.push(format!("the damaged segment is kept as it is; new records go to segment {}", self.active_seq));
+        }
+        for (path, why) in &self.skipped {
+            notes.push(format!("{} is not appended to: {why}", path.display()));
+        }
+        notes
+    }
+}
+
 /// The journal of one device, open for appending.
 pub struct Journal {
     sender: Option<Sender<Msg>>,
@@ -119,6 +145,8 @@ pub struct Journal {
 
 type Slot = heapless::Vec<u8, RECORD_MAX>;
 
+// A record travels inline in its message, so appending never allocates.
+#[allow(clippy::large_enum_variant)]
 enum Msg {
     Record(Slot),
     Acknowledge(u64, Sender<Result<(), String>>),

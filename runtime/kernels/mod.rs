@@ -20,7 +20,10 @@
 //! toolchain to build or test them); aarch64 uses the scalar kernels.
 //!
 //! Invariants: no kernel allocates; a SIMD kernel agrees with its scalar
-//! reference up to float reassociation (property tests below).
+//! reference up to float reassociation (property tests below); every kernel
+//! reachable through a safe function pointer asserts its slice contract
+//! before it reads, so no input can make it read or write out of bounds
+//! (tested with short slices for every kernel of every table).
 
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -49,8 +52,10 @@ impl Isa {
     }
 }
 
-/// The vector primitives for one instruction set. All slices are read up to
-/// the shorter length; int8 lengths are multiples of 32.
+/// The vector primitives for one instruction set. Each keeps the slice
+/// contract of its [`scalar`] reference ([`scalar::contract`]: equal
+/// lengths; int8 rows a multiple of 32 with one scale per block) and panics
+/// on a violation before reading anything, in every build.
 #[derive(Clone, Copy)]
 pub struct Kernels {
     /// Which implementation these are.
@@ -77,37 +82,48 @@ pub struct Kernels {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2_safe {
-    //! Safe entry points to the AVX2 kernels. They are reachable only
-    //! through `Kernels::AVX2`, which `Kernels::detect` hands out only after
-    //! `is_x86_feature_detected!` confirmed AVX2, FMA and F16C.
+    //! Safe entry points to the AVX2 kernels. Each [`super::avx2`] function
+    //! asserts its slice contract itself; what it cannot check is the CPU.
+    //! These wrappers are reachable only through `Kernels::AVX2`, which
+    //! `Kernels::best` hands out only after `is_x86_feature_detected!`
+    //! confirmed AVX2, FMA and F16C, so the calls below are sound.
     use super::avx2;
     use half::f16;
-    // SAFETY (all functions): CPU support is checked before these are selected.
+
     pub fn dot_i8(v: &[i8], s: &[f16], x: &[f32]) -> f32 {
+        // SAFETY: AVX2, FMA and F16C were detected (module doc); bounds are asserted inside.
         unsafe { avx2::dot_i8(v, s, x) }
     }
     pub fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
+        // SAFETY: as for `dot_i8`.
         unsafe { avx2::dot_f16(a, b) }
     }
     pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: as for `dot_i8`.
         unsafe { avx2::dot_f32(a, b) }
     }
     pub fn dot4_f32(rows: &[f32], x: &[f32]) -> [f32; 4] {
+        // SAFETY: as for `dot_i8`.
         unsafe { avx2::dot4_f32(rows, x) }
     }
     pub fn axpy_f16(a: f32, x: &[f16], y: &mut [f32]) {
+        // SAFETY: as for `dot_i8`.
         unsafe { avx2::axpy_f16(a, x, y) }
     }
     pub fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
+        // SAFETY: as for `dot_i8`.
         unsafe { avx2::axpy_f32(a, x, y) }
     }
     pub fn dequant_i8(v: &[i8], s: &[f16], o: &mut [f32]) {
+        // SAFETY: as for `dot_i8`.
         unsafe { avx2::dequant_i8(v, s, o) }
     }
     pub fn dequant_f16(v: &[f16], o: &mut [f32]) {
+        // SAFETY: as for `dot_i8`.
         unsafe { avx2::dequant_f16(v, o) }
     }
     pub fn to_f16(x: &[f32], o: &mut [f16]) {
+        // SAFETY: as for `dot_i8`.
         unsafe { avx2::to_f16(x, o) }
     }
 }
@@ -164,7 +180,7 @@ impl Kernels {
         Kernels::SCALAR
     }
 
-    /// Dot product of row `row` of `m` with `x` (`x.len() == cols`).
+    /// Dot product of row `row` of `m` with `x` (`x.len() == cols`; panics otherwise).
     #[inline]
     pub fn row_dot(&self, m: &Matrix<'_>, row: usize, x: &[f32]) -> f32 {
         match *m {
@@ -176,7 +192,7 @@ impl Kernels {
         }
     }
 
-    /// Row `row` of `m` as f32 into `out` (`out.len() >= cols`).
+    /// Row `row` of `m` as f32 into `out` (`out.len() == cols`; panics otherwise).
     #[inline]
     pub fn dequant_row(&self, m: &Matrix<'_>, row: usize, out: &mut [f32]) {
         match *m {
@@ -207,7 +223,8 @@ pub struct RopeTable {
 }
 
 impl RopeTable {
-    /// Builds the table (`positions × head_dim` f32 in all).
+    /// Builds the table (`positions × head_dim / 2` cosines and as many
+    /// sines, f32; the memory plan's `rope_table`).
     pub fn new(positions: usize, head_dim: usize, base: f32) -> RopeTable {
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(positions * half);
@@ -221,11 +238,6 @@ impl RopeTable {
             }
         }
         RopeTable { half, cos, sin }
-    }
-
-    /// Bytes a table for `positions` and `head_dim` occupies.
-    pub fn bytes(positions: usize, head_dim: usize) -> usize {
-        positions * head_dim * std::mem::size_of::<f32>()
     }
 
     /// Bytes this table allocated.
@@ -357,6 +369,37 @@ mod tests {
             scalar::dequant_f16(&a, &mut d);
             prop_assert_eq!(c, d);
         }
+    }
+
+    /// Every kernel of `k`, called with slices one element (or one block)
+    /// short in each position, must panic rather than read past them.
+    fn assert_contracts_panic(k: Kernels) {
+        use std::panic::{catch_unwind, AssertUnwindSafe};
+        type Case = (&'static str, Box<dyn Fn()>);
+        let cases: Vec<Case> = vec![
+            ("dot_i8 short x", Box::new(move || { let _ = (k.dot_i8)(&[1; 64], &[f16::ONE; 2], &[1.0; 63]); })),
+            ("dot_i8 short scales", Box::new(move || { let _ = (k.dot_i8)(&[1; 64], &[f16::ONE; 1], &[1.0; 64]); })),
+            ("dot_i8 partial block", Box::new(move || { let _ = (k.dot_i8)(&[1; 40], &[f16::ONE; 2], &[1.0; 40]); })),
+            ("dot_f16 short", Box::new(move || { let _ = (k.dot_f16)(&[f16::ONE; 17], &[1.0; 16]); })),
+            ("dot_f32 short", Box::new(move || { let _ = (k.dot_f32)(&[1.0; 16], &[1.0; 17]); })),
+            ("dot4_f32 short rows", Box::new(move || { let _ = (k.dot4_f32)(&[1.0; 63], &[1.0; 16]); })),
+            ("axpy_f16 short y", Box::new(move || (k.axpy_f16)(1.0, &[f16::ONE; 16], &mut [0.0; 15]))),
+            ("axpy_f32 short x", Box::new(move || (k.axpy_f32)(1.0, &[1.0; 15], &mut [0.0; 16]))),
+            ("dequant_i8 short out", Box::new(move || (k.dequant_i8)(&[1; 64], &[f16::ONE; 2], &mut [0.0; 32]))),
+            ("dequant_i8 short scales", Box::new(move || (k.dequant_i8)(&[1; 64], &[f16::ONE; 1], &mut [0.0; 64]))),
+            ("dequant_f16 short out", Box::new(move || (k.dequant_f16)(&[f16::ONE; 16], &mut [0.0; 8]))),
+            ("to_f16 short out", Box::new(move || (k.to_f16)(&[1.0; 16], &mut [f16::ZERO; 9]))),
+        ];
+        for (name, call) in cases {
+            let outcome = catch_unwind(AssertUnwindSafe(&call));
+            assert!(outcome.is_err(), "{} kernels: {name} did not panic", k.isa.name());
+        }
+    }
+
+    #[test]
+    fn every_kernel_panics_on_slices_that_break_its_contract() {
+        assert_contracts_panic(Kernels::SCALAR);
+        assert_contracts_panic(best());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! Principal items: [`Ack`], [`write_ack`], [`read_ack`], [`ack_file_name`].
 //!
 //! An acknowledgement file `<device id>.ack` is a signed envelope
-//! ([`super::keys::seal`], domain [`ACK_DOMAIN`]) of the postcard [`Ack`].
+//! ([`crate::signing::seal`], domain [`ACK_DOMAIN`]) of the postcard [`Ack`].
 //! `counter` grows by one with every acknowledgement the host issues for a
 //! device; the device applies only a counter above the last it applied, so
 //! an old acknowledgement delivered again (a replay) changes nothing.
@@ -14,11 +14,11 @@ use std::path::{Path, PathBuf};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-use super::keys::{open_sealed, seal};
+use crate::signing::{open_sealed, seal};
 use super::SyncError;
 use crate::durable_file::write_atomic;
 use crate::file_error::FileError;
-use crate::journal::DeviceId;
+use crate::ids::DeviceId;
 
 /// Signature domain of acknowledgements.
 pub const ACK_DOMAIN: &str = "nocturne host acknowledgement v1";

@@ -5,7 +5,7 @@
 //!
 //! A bundle is a directory `<device id>-<first segment>-<last segment>.bundle`
 //! holding the sealed segment files, named as in the journal, and
-//! `MANIFEST`: a signed envelope ([`super::keys::seal`], domain
+//! `MANIFEST`: a signed envelope ([`crate::signing::seal`], domain
 //! [`MANIFEST_DOMAIN`]) of the postcard [`Manifest`], signed by the device key.
 //!
 //! Invariants: a bundle directory appears under its final name only when
@@ -22,12 +22,12 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::keys::{open_sealed, peek_sealed, seal};
+use crate::signing::{open_sealed, peek_sealed, seal};
 use super::SyncError;
 use crate::durable_file::sync_dir;
 use crate::file_error::FileError;
 use crate::journal::segment::{parse_segment_file_name, segment_file_name, SegmentHeader, HEADER_LEN};
-use crate::journal::DeviceId;
+use crate::ids::DeviceId;
 
 /// Name of the manifest file in a bundle.
 pub const MANIFEST_FILE: &str = "MANIFEST";

@@ -1,11 +1,12 @@
 //! Offline sync: the journal travels to a host as signed bundles of sealed
 //! segments, and the host's signed acknowledgements travel back.
 //!
-//! Principal items: [`keys`] (ed25519 keys and signed envelopes),
-//! [`bundle`] (segment bundles), [`ack`] (acknowledgements), [`export`] and
-//! [`import_acks`] (the device side), [`adapters`] (installing adapter
-//! bundles, with rollback), [`SyncError`]. The host side (ingest
-//! into a store) is `nocturne-trainer ingest`.
+//! Principal items: [`bundle`] (segment bundles), [`ack`]
+//! (acknowledgements), [`export`] and [`import_acks`] (the device side),
+//! [`SyncError`]. Keys and signed envelopes are [`crate::signing`]'s;
+//! installing the adapter bundles that come back is
+//! [`crate::device::adapters`]'. The host side (ingest into a store) is
+//! `nocturne-trainer ingest`.
 //!
 //! Invariants: nothing unsigned or unverified is acted on; a device never
 //! deletes a segment the host has not acknowledged (it only records the
@@ -13,9 +14,7 @@
 //! written appears complete or not at all.
 
 pub mod ack;
-pub mod adapters;
 pub mod bundle;
-pub mod keys;
 
 use std::path::{Path, PathBuf};
 

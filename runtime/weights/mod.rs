@@ -36,7 +36,7 @@ use safetensors::{Dtype, SafeTensors};
 use crate::config::{ModelConfig, INT8_BLOCK};
 use crate::digest::parse_digest_line;
 use crate::file_error::FileError;
-use crate::journal::ModelId;
+use crate::ids::ModelId;
 use crate::profile::Precision;
 
 #[cfg(target_endian = "big")]

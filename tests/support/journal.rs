@@ -4,7 +4,8 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use nocturne::journal::{Body, DeviceId, Feedback, ImplicitSignals, JournalConfig, Thumbs};
+use nocturne::journal::{Body, Feedback, ImplicitSignals, JournalConfig, Thumbs};
+use nocturne::ids::DeviceId;
 use nocturne::profile::Durability;
 
 /// The device of the journals under test.
@@ -23,9 +24,9 @@ pub fn feedback(id: u64) -> Body<'static> {
     Body::Feedback(Feedback {
         interaction: id,
         rating: Some((id % 5 + 1) as u8),
-        thumbs: if id % 2 == 0 { Some(Thumbs::Up) } else { None },
+        thumbs: if id.is_multiple_of(2) { Some(Thumbs::Up) } else { None },
         correction: Some(Cow::Owned(text)),
-        implicit: ImplicitSignals { copied: id % 3 == 0, ..ImplicitSignals::default() },
+        implicit: ImplicitSignals { copied: id.is_multiple_of(3), ..ImplicitSignals::default() },
     })
 }
 

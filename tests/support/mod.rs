@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod adapter;
+pub mod counting;
 pub mod journal;
 
 use std::path::Path;
@@ -112,7 +113,7 @@ pub fn edit_header(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     edit(&mut header);
     let mut text = serde_json::to_string(&header).unwrap();
-    while (8 + text.len()) % 8 != 0 {
+    while !(8 + text.len()).is_multiple_of(8) {
         text.push(' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();

@@ -28,8 +28,8 @@ use nocturne::adapter::LoraAdapter;
 use nocturne::device::{StateDir, DEVICE_PUBLIC_FILE};
 use nocturne::journal::{Body, Feedback, Interaction, Journal, JournalConfig};
 use nocturne::profile::ACTIVE;
-use nocturne::session::StopReason;
-use nocturne::sync::adapters::{install, InstallOutcome};
+use nocturne::journal::StopReason;
+use nocturne::device::adapters::{install, InstallOutcome};
 use nocturne::sync::export;
 use nocturne::tokenizer::{ChatMessage, Tokenizer, DEFAULT_SYSTEM_PROMPT};
 use nocturne::weights::{ModelPack, TOKENIZER_FILE};
@@ -59,7 +59,7 @@ fn example(question: &str, answer: &str) -> Example {
 fn rephrase(i: usize, question: &str) -> String {
     let mut chars = question.chars();
     let lowered = chars.next().map_or(String::new(), |c| c.to_lowercase().collect::<String>() + chars.as_str());
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         format!("Quick question: {lowered}")
     } else {
         format!("{question} Please answer briefly.")
@@ -129,7 +129,7 @@ fn main() -> anyhow::Result<()> {
     state.trust_trainer(&out.join("store/trainer.pub"))?;
     let (bundle, _) = export(&state, &mut journal, &out.join("usb"))?;
     store.ingest(&bundle)?;
-    let key = nocturne::sync::keys::read_signing_key(&out.join("store/trainer.key"))?;
+    let key = nocturne::signing::read_signing_key(&out.join("store/trainer.key"))?;
     let dirs = vec![store.device_dir(device)];
 
     // 3. Consolidation, with the anti-forgetting terms, MAS only, neither.

@@ -26,7 +26,8 @@ use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use std::sync::Arc;
 
 use nocturne::adapter::{LoraAdapter, Target};
-use nocturne::decoder::{default_settings, Decoder};
+use nocturne::budget::PlanSettings;
+use nocturne::decoder::Decoder;
 use nocturne::sampler::{Sampler, SamplerConfig};
 use nocturne::tokenizer::{chatml, Tokenizer};
 use nocturne::weights::ModelPack;
@@ -165,7 +166,7 @@ pub fn rehearsal_samples(
 ) -> anyhow::Result<Vec<Vec<u32>>> {
     let openings = [vec![0u32], tokenizer.encode("<|im_start|>user\n")?];
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut decoder = Decoder::new(pack, default_settings(pack, tokens.max(2), threads));
+    let mut decoder = Decoder::new(pack, PlanSettings::new(pack.config(), tokens.max(2), threads));
     decoder.set_adapter(adapter);
     let vocab = pack.config().vocab_size;
     let config = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 0.9, repetition_penalty: 1.0, seed };
@@ -227,12 +228,21 @@ pub struct TrainOutcome {
     pub seconds: f64,
 }
 
-/// Trains LoRA parameters on the examples `train` of `buffer` (indices),
-/// sampled by priority. `previous` is the warm start (the previous night's
-/// adapter, already loaded as [`Lora`]); `reference` holds the reference
-/// prompts of the MAS importance; `rehearsal` the sequences of the
+/// What holds the adapter near the model training starts from: the
+/// reference prompts of the MAS importance, and the sequences of the
 /// rehearsal term (from [`rehearsal_samples`]; unused when its weight is 0).
-/// `progress(step, loss, tokens_per_second)`
+#[derive(Clone, Copy)]
+pub struct Retention<'a> {
+    /// Reference prompts (token ids) of the MAS importance.
+    pub reference: &'a [Vec<u32>],
+    /// Rehearsal sequences (token ids) the starting model sampled.
+    pub rehearsal: &'a [Vec<u32>],
+}
+
+/// Trains LoRA parameters on every example of `examples`,
+/// sampled by priority. `previous` is the warm start (the previous night's
+/// adapter, already loaded as [`Lora`]); `retention` holds it near the
+/// starting model. `progress(step, loss, tokens_per_second)`
 /// is called after every step.
 ///
 /// # Errors
@@ -240,15 +250,13 @@ pub struct TrainOutcome {
 pub fn train(
     base: &BaseModel,
     tokenizer: &Tokenizer,
-    buffer: &ReplayBuffer,
-    train: &[usize],
+    examples: &ReplayBuffer,
     previous: Option<Lora>,
-    reference: &[Vec<u32>],
-    rehearsal: &[Vec<u32>],
+    retention: Retention<'_>,
     config: &TrainConfig,
     progress: &mut dyn FnMut(usize, f32, f64),
 ) -> anyhow::Result<TrainOutcome> {
-    if train.is_empty() {
+    if examples.examples.is_empty() {
         anyhow::bail!("no training example: the journals hold no correction and no positively rated reply");
     }
     let lora = match previous {
@@ -262,18 +270,17 @@ pub fn train(
     } else {
         vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?
     };
-    let importance = if config.mas_lambda > 0.0 { mas_importance(base, &lora, reference)? } else { Vec::new() };
-    let subset = ReplayBuffer { examples: train.iter().map(|&i| buffer.examples[i].clone()).collect(), report: buffer.report.clone() };
-    let tokenized: Vec<_> = subset.examples.iter().map(|e| tokenize(tokenizer, e, config.max_tokens)).collect::<anyhow::Result<_>>()?;
+    let importance = if config.mas_lambda > 0.0 { mas_importance(base, &lora, retention.reference)? } else { Vec::new() };
+    let tokenized: Vec<_> = examples.examples.iter().map(|e| tokenize(tokenizer, e, config.max_tokens)).collect::<anyhow::Result<_>>()?;
     let rehearsal: Vec<RehearsalTarget<'_>> = if config.rehearsal_weight > 0.0 {
-        rehearsal.iter().map(|ids| RehearsalTarget::new(base, &lora, ids)).collect::<candle_core::Result<_>>()?
+        retention.rehearsal.iter().map(|ids| RehearsalTarget::new(base, &lora, ids)).collect::<candle_core::Result<_>>()?
     } else {
         Vec::new()
     };
     let mut opt = AdamW::new(vars.clone(), ParamsAdamW { lr: config.learning_rate, weight_decay: 0.0, ..Default::default() })?;
     let started = std::time::Instant::now();
     let (mut losses, mut divergences, mut tokens) = (Vec::with_capacity(config.steps), Vec::new(), 0usize);
-    for (step, i) in subset.sample(config.steps, config.seed ^ 0x5EED).into_iter().enumerate() {
+    for (step, i) in examples.sample(config.steps, config.seed ^ 0x5EED).into_iter().enumerate() {
         let (ids, labels) = &tokenized[i];
         let task = sequence_loss(base, ids, labels, Some(&lora))?;
         let mut loss = task.clone();

@@ -14,7 +14,7 @@ use anyhow::Context;
 use ed25519_dalek::SigningKey;
 use half::f16;
 use nocturne::adapter::{write_adapter_bundle, AdapterSpec, AdapterTensor};
-use nocturne::journal::{AdapterId, ModelId};
+use nocturne::ids::{AdapterId, ModelId};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 

@@ -178,7 +178,7 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
         (None, Some(s)) => s.join("trainer.key"),
         (None, None) => anyhow::bail!("the adapter must be signed: give --key (or --store with its trainer.key)"),
     };
-    let key = nocturne::sync::keys::read_signing_key(&key_path)?;
+    let key = nocturne::signing::read_signing_key(&key_path)?;
     let targets = args
         .targets
         .iter()
@@ -257,7 +257,7 @@ fn eval_command(
             (None, Some(s)) => s.join("trainer.pub"),
             (None, None) => anyhow::bail!("an adapter is checked against the trainer key: give --trainer-pub or --store"),
         };
-        let key = nocturne::sync::keys::PublicKeyFile::read(&key_path)?.key;
+        let key = nocturne::signing::PublicKeyFile::read(&key_path)?.key;
         evaluator.set_adapter(Some(std::sync::Arc::new(nocturne::adapter::LoraAdapter::open(dir, &pack, &key)?)));
     }
     let rate = evaluator.match_rate(&corrected)?;

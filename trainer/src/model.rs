@@ -261,6 +261,9 @@ pub fn sequence_loss(base: &BaseModel, ids: &[u32], labels: &[Option<u32>], lora
     logp.gather(&target, 1)?.mean_all()?.neg()
 }
 
+/// A tensor by name: `(name, shape, values)`.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// Trainable LoRA parameters for some projections of every layer.
 pub struct Lora {
     rank: usize,
@@ -361,7 +364,7 @@ impl Lora {
     ///
     /// # Errors
     /// candle errors.
-    pub fn to_f32_tensors(&self) -> candle_core::Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    pub fn to_f32_tensors(&self) -> candle_core::Result<Vec<NamedTensor>> {
         self.named_vars()
             .into_iter()
             .map(|(name, v)| {

@@ -23,7 +23,7 @@ use nocturne::tokenizer::Tokenizer;
 use nocturne::weights::{ModelPack, TOKENIZER_FILE};
 use serde::Serialize;
 
-use crate::consolidate::{rehearsal_samples, train, TrainConfig};
+use crate::consolidate::{rehearsal_samples, train, Retention, TrainConfig};
 use crate::eval::{Evaluator, Gate, Scores};
 use crate::export::{export_adapter, AdapterPrecision};
 use crate::model::{BaseModel, Lora};
@@ -35,7 +35,7 @@ pub const MIN_CORRECTIONS_TO_HOLD_OUT: usize = 10;
 /// Whether a correction of the interaction at LSN `interaction` is held out
 /// of training (when there are enough corrections): every fifth LSN.
 pub fn is_held_out(interaction: u64) -> bool {
-    interaction % 5 == 0
+    interaction.is_multiple_of(5)
 }
 
 /// The built-in retention set: general text and dialogue the base handles.
@@ -211,7 +211,7 @@ pub fn consolidate(
         .collect::<Result<_, _>>()?;
     let t = &config.train;
     let rehearsal = if t.rehearsal_weight > 0.0 { rehearsal_samples(&pack, previous_adapter.clone(), &tokenizer, t.rehearsal_sequences, t.rehearsal_tokens, t.seed)? } else { Vec::new() };
-    let outcome = train(&base, &tokenizer, &buffer, &train_set, warm, &reference, &rehearsal, t, progress)?;
+    let outcome = train(&base, &tokenizer, &buffer.subset(&train_set), warm, Retention { reference: &reference, rehearsal: &rehearsal }, t, progress)?;
     drop(base);
     // Evaluate before (the device as it is) and after (with the candidate).
     let staging = out.join(".staging");

@@ -30,7 +30,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use nocturne::journal::{read_journal, Body, DeviceId, Feedback, Interaction, Thumbs};
+use nocturne::journal::{read_journal, Body, Feedback, Interaction, Thumbs};
+use nocturne::ids::DeviceId;
 use nocturne::tokenizer::ChatMessage;
 
 /// How implicit and explicit feedback weigh in an example's priority.
@@ -145,6 +146,14 @@ impl Merged {
 }
 
 impl ReplayBuffer {
+    /// The buffer of the examples at `indices` (same report).
+    ///
+    /// # Panics
+    /// An index is out of range.
+    pub fn subset(&self, indices: &[usize]) -> ReplayBuffer {
+        ReplayBuffer { examples: indices.iter().map(|&i| self.examples[i].clone()).collect(), report: self.report.clone() }
+    }
+
     /// Builds the buffer from journal directories (a device's `journal/`,
     /// or a host store's `devices/<id>/`).
     ///
@@ -255,9 +264,10 @@ mod tests {
     use std::borrow::Cow;
     use std::time::Duration;
 
-    use nocturne::journal::{ImplicitSignals, Journal, JournalConfig, ModelId};
+    use nocturne::journal::{ImplicitSignals, Journal, JournalConfig};
+    use nocturne::ids::ModelId;
     use nocturne::profile::Durability;
-    use nocturne::session::StopReason;
+    use nocturne::journal::StopReason;
 
     use super::*;
 

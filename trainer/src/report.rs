@@ -97,7 +97,7 @@ pub fn render(report: &Value) -> String {
         html += &line_plot("Rehearsal divergence KL(start ‖ adapted) per step, nats/token", &divergences);
     }
     let priorities = numbers(&report["priorities"]);
-    let mut bins = vec![0usize; 10];
+    let mut bins = [0usize; 10];
     for p in &priorities {
         bins[((p * 10.0) as usize).min(9)] += 1;
     }

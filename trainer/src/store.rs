@@ -27,10 +27,10 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 use nocturne::digest::sha256_file;
 use nocturne::durable_file::{sync_dir, write_atomic};
 use nocturne::journal::reader::list_segments;
-use nocturne::journal::DeviceId;
+use nocturne::ids::DeviceId;
 use nocturne::sync::ack::{write_ack, Ack};
 use nocturne::sync::bundle::{verify_bundle, Manifest};
-use nocturne::sync::keys::{self, PublicKeyFile};
+use nocturne::signing::{self, PublicKeyFile};
 
 /// A host store directory.
 pub struct Store {
@@ -77,8 +77,8 @@ impl Store {
             bail!("{} exists: a store keeps its trainer key (devices trust it)", self.key_path().display());
         }
         std::fs::create_dir_all(&self.root).with_context(|| format!("cannot create {}", self.root.display()))?;
-        let key = keys::generate().map_err(anyhow::Error::msg)?;
-        keys::write_signing_key(&self.key_path(), &key)?;
+        let key = signing::generate().map_err(anyhow::Error::msg)?;
+        signing::write_signing_key(&self.key_path(), &key)?;
         let public = self.root.join("trainer.pub");
         write_atomic(&public, PublicKeyFile { device: None, key: key.verifying_key() }.to_text().as_bytes())
             .with_context(|| format!("cannot write {}", public.display()))?;
@@ -89,7 +89,7 @@ impl Store {
         if !self.key_path().exists() {
             bail!("{} has no trainer key: run `nocturne-trainer keygen --store {}` first", self.root.display(), self.root.display());
         }
-        Ok(keys::read_signing_key(&self.key_path())?)
+        Ok(signing::read_signing_key(&self.key_path())?)
     }
 
     /// Enrols a device from its `device.pub`.

@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use candle_core::{DType, Device};
 use nocturne::adapter::LoraAdapter;
-use nocturne::journal::{Body, DeviceId, Feedback, Interaction, Journal, JournalConfig, ModelId};
+use nocturne::journal::{Body, Feedback, Interaction, Journal, JournalConfig};
+use nocturne::ids::{DeviceId, ModelId};
 use nocturne::profile::Durability;
-use nocturne::session::StopReason;
+use nocturne::journal::StopReason;
 use nocturne::tokenizer::Tokenizer;
 use nocturne::weights::ModelPack;
-use nocturne_trainer::consolidate::{rehearsal_samples, train, TrainConfig};
+use nocturne_trainer::consolidate::{rehearsal_samples, train, Retention, TrainConfig};
 use nocturne_trainer::eval::{normalise, Gate, Scores};
 use nocturne_trainer::export::{export_adapter, AdapterPrecision};
 use nocturne_trainer::model::{BaseModel, Lora};
@@ -66,7 +67,7 @@ fn training_learns_a_correction_and_the_export_loads_everywhere() {
     let reference = vec![tokenizer.encode("The weather today is mild and sunny.").unwrap()];
     let rehearsal = rehearsal_samples(&pack, None, &tokenizer, 2, 16, 7).unwrap();
     assert_eq!(rehearsal.iter().map(Vec::len).collect::<Vec<_>>(), [16, 16]);
-    let outcome = train(&base, &tokenizer, &buffer, &[0], None, &reference, &rehearsal, &config, &mut |_, _, _| {}).unwrap();
+    let outcome = train(&base, &tokenizer, &buffer.subset(&[0]), None, Retention { reference: &reference, rehearsal: &rehearsal }, &config, &mut |_, _, _| {}).unwrap();
     let (first, last) = (outcome.losses[0], *outcome.losses.last().unwrap());
     assert!(last < 0.5 * first, "loss {first} -> {last}");
     // Rehearsal: the first step sees the base itself (B = 0), so no
@@ -76,7 +77,7 @@ fn training_learns_a_correction_and_the_export_loads_everywhere() {
     assert!(outcome.divergences[11] > 0.0 && outcome.divergences.iter().all(|d| d.is_finite()), "{:?}", outcome.divergences);
     assert!(outcome.tokens_per_second > 0.0);
     // Export: the device bundle opens for this pack, the PEFT copy has its files.
-    let key = nocturne::sync::keys::generate().unwrap();
+    let key = nocturne::signing::generate().unwrap();
     let exported = export_adapter(&tmp.path().join("out"), &key, &outcome.lora, pack.id(), None, "{}", AdapterPrecision::F16).unwrap();
     let adapter = LoraAdapter::open(&exported.bundle, &pack, &key.verifying_key()).unwrap();
     assert_eq!((adapter.id(), adapter.rank()), (exported.id, 8));
@@ -84,7 +85,7 @@ fn training_learns_a_correction_and_the_export_loads_everywhere() {
     // base: its first step sees no divergence either.
     let warm = Lora::from_adapter(&base, &adapter).unwrap();
     let config = TrainConfig { steps: 2, ..config };
-    let again = train(&base, &tokenizer, &buffer, &[0], Some(warm), &reference, &rehearsal, &config, &mut |_, _, _| {}).unwrap();
+    let again = train(&base, &tokenizer, &buffer.subset(&[0]), Some(warm), Retention { reference: &reference, rehearsal: &rehearsal }, &config, &mut |_, _, _| {}).unwrap();
     assert!(again.divergences[0].abs() < 1e-5, "{:?}", again.divergences);
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(exported.peft.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!((config["peft_type"].as_str(), config["r"].as_u64()), (Some("LORA"), Some(8)));
@@ -137,7 +138,7 @@ fn consolidate_eval_and_report_from_the_command_line() {
     let bundle = report["bundle"].as_str().unwrap();
     assert!(Path::new(bundle).join("adapter.safetensors").exists());
     // The manifest carries the evaluation and the gate's decision.
-    let manifest: nocturne::adapter::AdapterManifest = nocturne::sync::keys::peek_sealed(&std::fs::read(Path::new(bundle).join("MANIFEST")).unwrap()).unwrap();
+    let manifest: nocturne::adapter::AdapterManifest = nocturne::signing::peek_sealed(&std::fs::read(Path::new(bundle).join("MANIFEST")).unwrap()).unwrap();
     let description: serde_json::Value = serde_json::from_str(&manifest.description).unwrap();
     assert_eq!(description["after"], report["after"]);
     assert_eq!(description["published"], report["published"]);

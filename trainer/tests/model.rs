@@ -59,7 +59,7 @@ fn adapter_for(pack: &ModelPack, base: &BaseModel, dir: &Path, targets: &[Target
             assert!(i > 0);
         }
     }
-    let trainer_key = nocturne::sync::keys::generate().unwrap();
+    let trainer_key = nocturne::signing::generate().unwrap();
     let spec = AdapterSpec { parent: None, base_model: pack.id(), rank: 4, alpha: 8.0, targets: targets.to_vec(), description: String::new() };
     let bundle = write_adapter_bundle(dir, &trainer_key, &spec, &device_tensors(&lora, precision).unwrap()).unwrap();
     let adapter = LoraAdapter::open(&bundle, pack, &trainer_key.verifying_key()).unwrap();

@@ -14,7 +14,7 @@ use nocturne::journal::{Body, Feedback, Journal, JournalConfig, JournalError};
 use nocturne::profile::Durability;
 use nocturne::sync::ack::{ack_file_name, write_ack, Ack};
 use nocturne::sync::bundle::{Manifest, MANIFEST_DOMAIN, MANIFEST_FILE};
-use nocturne::sync::keys::{self, peek_sealed, seal};
+use nocturne::signing::{self, peek_sealed, seal};
 use nocturne::sync::{export, import_acks, AckOutcome, SyncError};
 use nocturne::sampler::SplitMix64;
 use nocturne_trainer::store::Store;
@@ -253,8 +253,9 @@ fn tampered_bundles_are_rejected_and_the_store_is_unchanged() {
     world.append(30);
     let original = world.export(&world.root.join("usb"));
     let device_key = world.state.device_key().unwrap();
-    let other_key = keys::generate().unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+    let other_key = signing::generate().unwrap();
+    type Tamper<'a> = (&'static str, Box<dyn Fn(&Path) + 'a>);
+    let cases: Vec<Tamper<'_>> = vec![
         ("a modified segment byte", Box::new(|b: &Path| {
             let seg = b.join("00000000000000000001.seg");
             let mut bytes = std::fs::read(&seg).unwrap();
@@ -338,11 +339,11 @@ fn replayed_or_forged_acknowledgements_change_nothing() {
     let device = world.state.device_id().unwrap().unwrap();
     let forged = world.root.join("forged");
     let ack = Ack { device, held_through: 1_000, counter: 99, created_ms: 0 };
-    write_ack(&forged, &keys::generate().unwrap(), &ack).unwrap();
+    write_ack(&forged, &signing::generate().unwrap(), &ack).unwrap();
     let err = import_acks(&world.state, &mut world.journal, &forged).unwrap_err();
     assert!(matches!(&err, SyncError::Rejected { problem, .. } if problem.contains("signature")), "{err}");
     // Signed by the trainer but claiming segments the device has not sealed: rejected.
-    let trainer = keys::read_signing_key(&world.root.join("store/trainer.key")).unwrap();
+    let trainer = signing::read_signing_key(&world.root.join("store/trainer.key")).unwrap();
     write_ack(&forged, &trainer, &ack).unwrap();
     let err = import_acks(&world.state, &mut world.journal, &forged).unwrap_err();
     assert!(err.to_string().contains("is not sealed"), "{err}");

@@ -16,11 +16,13 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use nocturne::adapter::{write_adapter_bundle, AdapterSpec, AdapterTensor, LoraAdapter, Target};
-use nocturne::journal::{Body, DeviceId, Feedback, Interaction, Journal, JournalConfig};
+use nocturne::journal::{Body, Feedback, Interaction, Journal, JournalConfig};
+use nocturne::ids::DeviceId;
 use nocturne::pool::{share, WorkerPool};
 use nocturne::profile::{worker_threads, Durability, ACTIVE};
 use nocturne::sampler::argmax;
-use nocturne::session::{Session, SessionOptions, StopReason};
+use nocturne::session::{Session, SessionOptions};
+use nocturne::journal::StopReason;
 use nocturne::tokenizer::Tokenizer;
 use nocturne::weights::{ModelPack, TOKENIZER_FILE};
 
@@ -240,7 +242,7 @@ fn print_comparison(what: &str, session: &Session<'_>, args: &BenchArgs, prompt:
 fn adapter_overhead(args: &BenchArgs, rank: usize) -> anyhow::Result<()> {
     let (pack, tokenizer, ids) = open_pack(args, ACTIVE.weight_precision.name())?;
     let scratch = std::env::temp_dir().join(format!("nocturne-bench-adapter-{}", std::process::id()));
-    let trainer = nocturne::sync::keys::generate().map_err(anyhow::Error::msg)?;
+    let trainer = nocturne::signing::generate().map_err(anyhow::Error::msg)?;
     let targets = vec![Target::Q, Target::K, Target::V, Target::O];
     let mut adapters = Vec::new();
     for int8 in [false, true] {

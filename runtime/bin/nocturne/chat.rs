@@ -16,7 +16,9 @@ use nocturne::profile::ACTIVE;
 use nocturne::session::{RequestOptions, Session};
 use nocturne::tokenizer::{chatml, ChatMessage, Tokenizer};
 
-use crate::journal::{RecordArgs, Recorder};
+use nocturne::device::recorder::Recorder;
+
+use crate::journal::{follow_active_adapter, record_interaction, RecordArgs};
 use crate::{ModelArgs, RequestArgs};
 
 const HELP: &str = "/rate 1-5, /good, /bad, /fix <answer>, /retry rate the last reply; /reset clears the conversation, /exit leaves.";
@@ -89,7 +91,7 @@ impl Chat<'_> {
 
     /// Answers the conversation's last user message.
     fn reply(&mut self, options: &RequestOptions) -> anyhow::Result<()> {
-        self.recorder.follow_active_adapter(&mut self.session, self.pack);
+        follow_active_adapter(&mut self.recorder, &mut self.session, self.pack);
         // Leave room for a full reply; drop the oldest exchanges until it fits.
         let capacity = self.session.decoder().capacity();
         let room = options.max_new_tokens.min(ACTIVE.max_new_tokens as usize);
@@ -121,7 +123,7 @@ impl Chat<'_> {
         let reply = self.session.reply_text().into_owned();
         let system = &self.messages[0].content;
         let prompt = &self.messages[self.messages.len() - 1].content;
-        let interaction = self.recorder.interaction(&mut self.session, (system, prompt, &reply), &stats);
+        let interaction = record_interaction(&mut self.recorder, &self.session, (system, prompt, &reply), &stats);
         self.messages.push(ChatMessage::new("assistant", &reply));
         let recorded = interaction.map_or(String::new(), |id| format!("; interaction {id}"));
         eprintln!("[{}; {} new tokens, {:.1} tok/s{recorded}]", stats.stop_reason.name(), stats.new_tokens, stats.decode_tokens_per_second());
@@ -191,7 +193,7 @@ impl Chat<'_> {
 pub fn run(model: &ModelArgs, request: &RequestArgs, record: &RecordArgs) -> anyhow::Result<()> {
     let (pack, tokenizer) = model.open()?;
     let session = Session::start(&pack, &tokenizer, &ACTIVE, model.session_options())?;
-    let recorder = Recorder::open(record)?;
+    let recorder = record.recorder()?;
     let mut chat = Chat {
         session,
         tokenizer: &tokenizer,
@@ -223,5 +225,5 @@ pub fn run(model: &ModelArgs, request: &RequestArgs, record: &RecordArgs) -> any
             break;
         }
     }
-    chat.recorder.close()
+    Ok(chat.recorder.close()?)
 }

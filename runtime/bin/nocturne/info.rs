@@ -35,7 +35,6 @@ fn print_profile(p: &Profile) {
         "journal            {durability}; segments of {} bytes, quota {} bytes",
         p.journal.segment_bytes, p.journal.disk_quota_bytes
     );
-    println!("recall memory      {}", if p.parts.recall { "compiled in" } else { "not compiled in" });
     println!("kernels            {}", Kernels::detect().isa.name());
 }
 

@@ -13,11 +13,11 @@ use nocturne::device::StateDir;
 use nocturne::journal::record::kind_name;
 use nocturne::journal::writer::read_host_ack;
 use nocturne::journal::{
-    read_journal, Body, Feedback, ImplicitSignals, Interaction, Journal, JournalConfig, JournalReport, Thumbs,
+    read_journal, Body, Feedback, ImplicitSignals, Journal, JournalConfig, JournalReport, Thumbs,
 };
 use nocturne::profile::ACTIVE;
+use nocturne::device::recorder::Recorder;
 use nocturne::session::{ReplyStats, Session};
-use nocturne::sync::adapters::{load_active, AdapterWatch};
 use nocturne::weights::ModelPack;
 
 /// Where the device keeps its state.
@@ -37,25 +37,9 @@ impl StateArgs {
     /// Opens the device's journal for appending, saying on stderr what
     /// recovery repaired or skipped.
     pub fn open_journal(&self) -> anyhow::Result<Journal> {
-        let state = self.state();
-        let device = state.device_id_or_create()?;
-        let journal = Journal::open(&state.journal_dir(), device, JournalConfig::for_profile(&ACTIVE))?;
-        let recovery = journal.recovery();
-        if let Some((seq, tail)) = &recovery.truncated {
-            eprintln!(
-                "journal: cut an incomplete record ({} bytes at offset {}) from the end of segment {seq}",
-                tail.range.end - tail.range.start,
-                tail.range.start
-            );
-        }
-        for (seq, d) in &recovery.damage {
-            eprintln!("journal: segment {seq}: bytes {}..{} are damaged ({}) and skipped", d.range.start, d.range.end, d.reason);
-        }
-        if recovery.damage.iter().any(|(seq, _)| *seq != recovery.active_seq) {
-            eprintln!("journal: the damaged segment is kept as it is; new records go to segment {}", recovery.active_seq);
-        }
-        for (path, why) in &recovery.skipped {
-            eprintln!("journal: {} is not appended to: {why}", path.display());
+        let journal = self.state().open_journal(JournalConfig::for_profile(&ACTIVE))?;
+        for note in journal.recovery().notes() {
+            eprintln!("journal: {note}");
         }
         Ok(journal)
     }
@@ -71,98 +55,31 @@ pub struct RecordArgs {
     pub no_journal: bool,
 }
 
-/// Records the interactions and feedback of one conversation, and keeps the
-/// session on the device's active adapter. Problems are reported on stderr
-/// and never stop the conversation: an answer the journal could not store is
-/// still an answer.
-pub struct Recorder {
-    journal: Option<Journal>,
-    state: StateDir,
-    watch: Option<AdapterWatch>,
-    conversation: u64,
-    turn: u32,
+impl RecordArgs {
+    /// The recorder of a new conversation (recording nothing with `--no-journal`).
+    pub fn recorder(&self) -> anyhow::Result<Recorder> {
+        let journal = if self.no_journal { None } else { Some(self.state.open_journal()?) };
+        Ok(Recorder::new(self.state.state(), journal)?)
+    }
 }
 
-impl Recorder {
-    /// A recorder for a new conversation (no journal with `--no-journal`).
-    pub fn open(args: &RecordArgs) -> anyhow::Result<Recorder> {
-        let journal = if args.no_journal { None } else { Some(args.state.open_journal()?) };
-        let mut id = [0u8; 8];
-        getrandom::fill(&mut id).map_err(|e| anyhow::anyhow!("no random source for a conversation id: {e}"))?;
-        Ok(Recorder { journal, state: args.state.state(), watch: None, conversation: u64::from_le_bytes(id), turn: 0 })
+/// Puts `session` on the device's active adapter, saying on stderr when it
+/// switched or could not.
+pub fn follow_active_adapter(recorder: &mut Recorder, session: &mut Session<'_>, pack: &ModelPack) {
+    match recorder.follow_active_adapter(session, pack) {
+        Ok(Some(Some(adapter))) => eprintln!("(adapter {} active)", adapter.id()),
+        Ok(_) => {}
+        Err(e) => eprintln!("warning: adapter not switched: {e}"),
     }
+}
 
-    /// Puts `session` on the device's active adapter: at the first call, and
-    /// afterwards whenever `nocturne sync import` switched it (no restart).
-    pub fn follow_active_adapter(&mut self, session: &mut Session<'_>, pack: &ModelPack) {
-        let result = match self.watch.as_mut() {
-            Some(watch) => watch.poll(&self.state, pack, self.journal.as_mut()),
-            None => load_active(&self.state, pack, self.journal.as_mut()).map(|(adapter, active)| {
-                self.watch = Some(AdapterWatch::new(active));
-                Some(adapter)
-            }),
-        };
-        match result {
-            Ok(Some(adapter)) => {
-                if let Some(a) = &adapter {
-                    eprintln!("(adapter {} active)", a.id());
-                }
-                session.set_adapter(adapter);
-            }
-            Ok(None) => {}
-            Err(e) => eprintln!("warning: adapter not switched: {e}"),
-        }
-    }
-
-    /// Starts a new conversation.
-    pub fn new_conversation(&mut self) {
-        self.conversation = self.conversation.wrapping_add(1);
-        self.turn = 0;
-    }
-
-    /// The next interaction replaces the last one (a retry): same turn.
-    pub fn replace_last_turn(&mut self) {
-        self.turn = self.turn.saturating_sub(1);
-    }
-
-    /// Queues the interaction of a reply; returns its LSN (the interaction id).
-    pub fn interaction(&mut self, session: &mut Session<'_>, texts: (&str, &str, &str), stats: &ReplyStats) -> Option<u64> {
-        let journal = self.journal.as_mut()?;
-        let models = (session.decoder().pack().id(), session.decoder().adapter().map(|a| a.id()));
-        let body = Interaction::from_reply((self.conversation, self.turn), models, texts, stats, crate::peak_rss_bytes());
-        self.turn += 1;
-        match journal.append(&Body::Interaction(body)) {
-            Ok(lsn) => Some(lsn),
-            Err(e) => {
-                eprintln!("warning: the interaction was not recorded: {e}");
-                None
-            }
-        }
-    }
-
-    /// Appends feedback and waits until it is acknowledged; returns its LSN.
-    pub fn feedback(&mut self, feedback: Feedback<'_>) -> anyhow::Result<u64> {
-        let Some(journal) = self.journal.as_mut() else {
-            bail!("journaling is off (--no-journal)");
-        };
-        Ok(journal.append_durable(&Body::Feedback(feedback))?)
-    }
-
-    /// Waits until `lsn` is acknowledged.
-    pub fn wait(&self, lsn: u64) -> anyhow::Result<()> {
-        match &self.journal {
-            Some(journal) => Ok(journal.wait_durable(lsn)?),
-            None => Ok(()),
-        }
-    }
-
-    /// Syncs and closes the journal.
-    pub fn close(self) -> anyhow::Result<()> {
-        match self.journal {
-            Some(journal) => Ok(journal.close()?),
-            None => Ok(()),
-        }
-    }
+/// Queues the interaction of the reply `session` just gave; returns its id,
+/// or `None` (with a warning on stderr) when it was not recorded.
+pub fn record_interaction(recorder: &mut Recorder, session: &Session<'_>, texts: (&str, &str, &str), stats: &ReplyStats) -> Option<u64> {
+    recorder.interaction(session, texts, stats).unwrap_or_else(|e| {
+        eprintln!("warning: the interaction was not recorded: {e}");
+        None
+    })
 }
 
 /// `nocturne feedback`: feedback on an interaction, from a script.
@@ -307,8 +224,8 @@ pub fn run(command: &JournalCommand) -> anyhow::Result<ExitCode> {
             let (dir, report) = args.read(&mut |record| *kinds.entry(kind_name(record.body.kind())).or_default() += 1)?;
             let acked = read_host_ack(&dir)?;
             let unsynced: u64 = report.segments.iter().filter(|s| s.seq > acked).map(|s| s.bytes).sum();
-            let lsns = report.segments.iter().filter_map(|s| s.lsns);
-            let range = lsns.clone().next().zip(lsns.last()).map(|((first, _), (_, last))| (first, last));
+            let mut lsns = report.segments.iter().filter_map(|s| s.lsns);
+            let range = lsns.clone().next().zip(lsns.next_back()).map(|((first, _), (_, last))| (first, last));
             println!("journal            {}", dir.display());
             println!("device             {}", report.device.map_or("unknown".into(), |d| d.to_string()));
             println!("segments           {} ({} bytes)", report.segments.len(), report.bytes());

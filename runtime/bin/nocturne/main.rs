@@ -25,7 +25,9 @@ use nocturne::session::{RequestOptions, Session, SessionOptions};
 use nocturne::tokenizer::{chatml, ChatMessage, Tokenizer, DEFAULT_SYSTEM_PROMPT};
 use nocturne::weights::{ModelPack, TOKENIZER_FILE};
 
-use crate::journal::{FeedbackArgs, JournalCommand, RecordArgs, Recorder};
+use nocturne::device::recorder::peak_rss_bytes;
+
+use crate::journal::{follow_active_adapter, record_interaction, FeedbackArgs, JournalCommand, RecordArgs};
 
 #[derive(Parser)]
 #[command(name = "nocturne", version, about = "On-device language-model runtime that learns while it sleeps")]
@@ -198,22 +200,6 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-/// Peak resident set of this process (`VmHWM` of /proc/self/status), bytes;
-/// 0 where /proc is absent. Reads into a stack buffer: allocates nothing.
-/// (`getrusage`'s `ru_maxrss` is not used: it keeps the high-water mark from
-/// before `exec`, i.e. the parent's, in a child process.)
-pub fn peak_rss_bytes() -> u64 {
-    use std::io::Read;
-    let mut buf = [0u8; 4096];
-    let n = std::fs::File::open("/proc/self/status").and_then(|mut f| f.read(&mut buf)).unwrap_or(0);
-    let status = std::str::from_utf8(&buf[..n]).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
 fn read_prompt(prompt: Option<String>) -> anyhow::Result<String> {
     let text = match prompt {
         Some(p) => p,
@@ -234,9 +220,9 @@ fn read_prompt(prompt: Option<String>) -> anyhow::Result<String> {
 fn generate(prompt: Option<String>, model: &ModelArgs, request: &RequestArgs, raw: bool, json: bool, record: &RecordArgs) -> anyhow::Result<()> {
     let prompt = read_prompt(prompt)?;
     let (pack, tokenizer) = model.open()?;
-    let mut recorder = Recorder::open(record)?;
+    let mut recorder = record.recorder()?;
     let mut session = Session::start(&pack, &tokenizer, &ACTIVE, model.session_options())?;
-    recorder.follow_active_adapter(&mut session, &pack);
+    follow_active_adapter(&mut recorder, &mut session, &pack);
     let text = if raw {
         prompt.clone()
     } else {
@@ -258,7 +244,7 @@ fn generate(prompt: Option<String>, model: &ModelArgs, request: &RequestArgs, ra
     };
     let system = if raw { "" } else { request.system.as_str() };
     let reply = session.reply_text().into_owned();
-    let interaction = recorder.interaction(&mut session, (system, prompt.trim_end(), &reply), &stats);
+    let interaction = record_interaction(&mut recorder, &session, (system, prompt.trim_end(), &reply), &stats);
     // The id is only given out once the interaction is stored.
     let interaction = match interaction.map(|lsn| recorder.wait(lsn).map(|()| lsn)) {
         Some(Err(e)) => {

@@ -8,7 +8,7 @@ use clap::Subcommand;
 use nocturne::device::{StateDir, DEVICE_PUBLIC_FILE};
 use nocturne::journal::read_journal;
 use nocturne::journal::writer::read_host_ack;
-use nocturne::sync::adapters::{adapter_bundles, install, installed_manifest, ActiveAdapters, InstallOutcome};
+use nocturne::device::adapters::{adapter_bundles, install, installed_manifest, ActiveAdapters, InstallOutcome};
 use nocturne::sync::{export, import_acks, last_ack, AckOutcome};
 
 use crate::journal::StateArgs;
@@ -131,7 +131,7 @@ fn status(state: &StateDir) -> anyhow::Result<()> {
         None => println!("last acknowledgement none"),
     }
     let adapters = ActiveAdapters::read(state)?;
-    let describe = |id: Option<nocturne::journal::AdapterId>| match (id, state.trainer_key()) {
+    let describe = |id: Option<nocturne::ids::AdapterId>| match (id, state.trainer_key()) {
         (None, _) => "none (base model only)".to_string(),
         (Some(id), Ok(key)) => match installed_manifest(state, id, &key) {
             Ok(m) => format!("{id} (rank {}, alpha {}, targets {})", m.rank, m.alpha, m.targets.join(",")),

@@ -1,6 +1,9 @@
-//! The device's state directory: its identity and its journal.
+//! The device's state directory: its identity, its journal, its adapters,
+//! and the recording of a front end's conversations into them.
 //!
-//! Principal type: [`StateDir`].
+//! Principal type: [`StateDir`]; [`recorder::Recorder`] (what `generate`,
+//! `chat` and any other front end journal through), [`adapters`] (installed
+//! adapters: install, self-test, switch, roll back).
 //!
 //! Layout: `device-id` (32 hex digits and a newline, made once from the
 //! operating system's random source and never changed), `device.key` (its
@@ -12,14 +15,18 @@
 //! Invariant: a device id and key, once written, are never replaced; a
 //! malformed one is an error, not a reason to make a new identity.
 
+pub mod adapters;
+pub mod recorder;
+
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 
 use crate::durable_file::write_atomic;
 use crate::file_error::FileError;
-use crate::journal::DeviceId;
-use crate::sync::keys::{self, PublicKeyFile};
+use crate::ids::DeviceId;
+use crate::journal::{Journal, JournalConfig, JournalError};
+use crate::signing::{self, PublicKeyFile};
 
 /// Name of the device id file.
 pub const DEVICE_ID_FILE: &str = "device-id";
@@ -54,6 +61,17 @@ impl StateDir {
         self.root.join(JOURNAL_DIR)
     }
 
+    /// Opens the device's journal for appending (making the device identity
+    /// on first use). What recovery repaired or skipped is in
+    /// [`Journal::recovery`] ([`crate::journal::Recovery::notes`] words it).
+    ///
+    /// # Errors
+    /// The identity cannot be made or read; the journal cannot be opened.
+    pub fn open_journal(&self, config: JournalConfig) -> Result<Journal, JournalError> {
+        let device = self.device_id_or_create()?;
+        Journal::open(&self.journal_dir(), device, config)
+    }
+
     /// The device id, if one was made.
     ///
     /// # Errors
@@ -86,8 +104,8 @@ impl StateDir {
         getrandom::fill(&mut bytes).map_err(|e| no_random(format!("no random source for a device id: {e}")))?;
         let id = DeviceId(bytes);
         // The key first: an id on disk always has its key beside it.
-        let key = keys::generate().map_err(no_random)?;
-        keys::write_signing_key(&self.root.join(DEVICE_KEY_FILE), &key)?;
+        let key = signing::generate().map_err(no_random)?;
+        signing::write_signing_key(&self.root.join(DEVICE_KEY_FILE), &key)?;
         let public = PublicKeyFile { device: Some(id), key: key.verifying_key() };
         let public_path = self.root.join(DEVICE_PUBLIC_FILE);
         write_atomic(&public_path, public.to_text().as_bytes()).map_err(FileError::io(&public_path))?;
@@ -100,7 +118,7 @@ impl StateDir {
     /// # Errors
     /// Missing (no identity yet), too open, or malformed.
     pub fn device_key(&self) -> Result<SigningKey, FileError> {
-        keys::read_signing_key(&self.root.join(DEVICE_KEY_FILE))
+        signing::read_signing_key(&self.root.join(DEVICE_KEY_FILE))
     }
 
     /// The trainer's public key, set at provisioning.

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::durable_file::sync_dir;
 use crate::file_error::FileError;
-use crate::journal::DeviceId;
+use crate::ids::DeviceId;
 
 /// A new signing key from the operating system's random source.
 ///

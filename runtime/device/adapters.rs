@@ -2,7 +2,7 @@
 //! bundle atomically, keep the previous one, switch, self-test, roll back.
 //!
 //! Principal items: [`install`], [`load_active`], [`ActiveAdapters`],
-//! [`AdapterWatch`], [`self_test`], [`InstallOutcome`].
+//! [`AdapterWatch`], [`self_test`], [`InstallOutcome`], [`AdapterError`].
 //!
 //! Layout: `state/adapters/<adapter id>.adapter/` (installed bundles, as
 //! received) and `state/adapters/ACTIVE`, the switch: `active <id|none>`,
@@ -28,15 +28,34 @@ use std::sync::Arc;
 
 use ed25519_dalek::VerifyingKey;
 
-use super::SyncError;
+use super::StateDir;
 use crate::adapter::{read_manifest, LoraAdapter, ADAPTER_SUFFIX};
-use crate::budget::{KvPrecision, PlanSettings};
+use crate::budget::PlanSettings;
 use crate::decoder::Decoder;
-use crate::device::StateDir;
 use crate::durable_file::{sync_dir, write_atomic};
 use crate::file_error::FileError;
-use crate::journal::{AdapterAction, AdapterEvent, AdapterId, Body, Journal};
+use crate::ids::AdapterId;
+use crate::journal::{AdapterAction, AdapterEvent, Body, Journal, JournalError};
 use crate::weights::ModelPack;
+
+/// Why an adapter could not be installed or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// A file could not be read or written, or holds something malformed.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// The journal refused the adapter event.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The bundle does not verify for this device and pack; nothing was changed.
+    #[error("{path}: rejected: {problem}")]
+    Rejected {
+        /// The bundle.
+        path: PathBuf,
+        /// Why.
+        problem: String,
+    },
+}
 
 /// Directory of installed adapters in the state directory.
 pub const ADAPTERS_DIR: &str = "adapters";
@@ -116,7 +135,7 @@ pub fn installed_dir(state: &StateDir, id: AdapterId) -> PathBuf {
 /// # Errors
 /// A message saying what went wrong.
 pub fn self_test(pack: &ModelPack, adapter: &Arc<LoraAdapter>) -> Result<(), String> {
-    let settings = PlanSettings { context_tokens: 2 * SELF_TEST_TOKENS, prefill_block: SELF_TEST_TOKENS, threads: 1, kv: KvPrecision::F16, logit_rows: 1 };
+    let settings = PlanSettings { prefill_block: SELF_TEST_TOKENS, ..PlanSettings::new(pack.config(), 2 * SELF_TEST_TOKENS, 1) };
     let mut decoder = Decoder::new(pack, settings);
     decoder.set_adapter(Some(Arc::clone(adapter)));
     let prompt: Vec<u32> = (0..SELF_TEST_TOKENS as u32).collect();
@@ -172,7 +191,7 @@ fn copy_dir_durably(from: &Path, to: &Path) -> Result<(), FileError> {
     sync_dir(to).map_err(FileError::io(to))
 }
 
-fn event(journal: Option<&mut Journal>, action: AdapterAction, adapter: AdapterId, previous: Option<AdapterId>, reason: &str) -> Result<(), SyncError> {
+fn event(journal: Option<&mut Journal>, action: AdapterAction, adapter: AdapterId, previous: Option<AdapterId>, reason: &str) -> Result<(), AdapterError> {
     if let Some(journal) = journal {
         let body = Body::Adapter(AdapterEvent { action, adapter, previous, reason: reason.into() });
         journal.append_durable(&body)?;
@@ -184,11 +203,11 @@ fn event(journal: Option<&mut Journal>, action: AdapterAction, adapter: AdapterI
 /// documentation).
 ///
 /// # Errors
-/// [`SyncError::Rejected`] when the bundle does not verify (nothing is
+/// [`AdapterError::Rejected`] when the bundle does not verify (nothing is
 /// written); file and journal errors.
-pub fn install(state: &StateDir, pack: &ModelPack, bundle: &Path, journal: &mut Journal) -> Result<InstallOutcome, SyncError> {
+pub fn install(state: &StateDir, pack: &ModelPack, bundle: &Path, journal: &mut Journal) -> Result<InstallOutcome, AdapterError> {
     let trainer = state.trainer_key()?;
-    let reject = |e: FileError| SyncError::Rejected { path: bundle.to_path_buf(), problem: e.to_string() };
+    let reject = |e: FileError| AdapterError::Rejected { path: bundle.to_path_buf(), problem: e.to_string() };
     let verified = LoraAdapter::open(bundle, pack, &trainer).map_err(reject)?;
     let id = verified.id();
     drop(verified);
@@ -242,7 +261,7 @@ pub fn load_active(
     state: &StateDir,
     pack: &ModelPack,
     mut journal: Option<&mut Journal>,
-) -> Result<(Option<Arc<LoraAdapter>>, ActiveAdapters), SyncError> {
+) -> Result<(Option<Arc<LoraAdapter>>, ActiveAdapters), AdapterError> {
     let mut active = ActiveAdapters::read(state)?;
     if let Some(candidate) = active.candidate.take() {
         active.write(state)?;
@@ -263,7 +282,7 @@ pub fn load_active(
             let adapter = match rolled.active {
                 Some(prev) => Some(Arc::new(
                     LoraAdapter::open(&installed_dir(state, prev), pack, &state.trainer_key()?)
-                        .map_err(|e| SyncError::Rejected { path: installed_dir(state, prev), problem: e.to_string() })?,
+                        .map_err(|e| AdapterError::Rejected { path: installed_dir(state, prev), problem: e.to_string() })?,
                 )),
                 None => None,
             };
@@ -289,7 +308,7 @@ impl AdapterWatch {
     ///
     /// # Errors
     /// Those of [`load_active`].
-    pub fn poll(&mut self, state: &StateDir, pack: &ModelPack, journal: Option<&mut Journal>) -> Result<Option<Option<Arc<LoraAdapter>>>, SyncError> {
+    pub fn poll(&mut self, state: &StateDir, pack: &ModelPack, journal: Option<&mut Journal>) -> Result<Option<Option<Arc<LoraAdapter>>>, AdapterError> {
         let now = ActiveAdapters::read(state)?;
         if now.active == self.seen.active {
             return Ok(None);
