@@ -5,6 +5,30 @@
 //! [`Record`] (the schema), [`read_journal`] and [`JournalReport`] (the
 //! reader), [`JournalError`].
 //!
+//! # What the storage medium is assumed to do
+//!
+//! The format and the recovery rules rest on these assumptions about the
+//! file system (ext4, f2fs or similar on SD cards and eMMC), and on nothing
+//! stronger:
+//!
+//! - A `write` that returned may be lost, wholly or in part, and in any
+//!   order, by a power cut: only `fdatasync` returning makes the bytes
+//!   written to that file before it durable. A crash can therefore leave a
+//!   torn tail (a prefix of the last writes, or zeros) at the end of the
+//!   newest segment, which recovery cuts; it never reorders bytes that an
+//!   `fdatasync` already covered.
+//! - Bits can still flip at rest (worn flash): every header and every chunk
+//!   carries a CRC32C, and a bad one costs at most the rest of its 32 KiB
+//!   block, never the records after it.
+//! - A failed `fdatasync` may have dropped the dirty pages it reported on
+//!   (PostgreSQL's "fsyncgate"): the writer never retries, it stops for good.
+//! - `rename` within a directory is atomic, and becomes durable once the
+//!   directory itself is `fsync`ed: small state files (`host-ack`) are
+//!   replaced that way (temporary file, fsync, rename, directory fsync).
+//!   Creating a segment is made durable the same way, by syncing the directory.
+//! - `flock` on `LOCK` excludes a second writer on the same machine; network
+//!   file systems are not supported.
+//!
 //! # Directory
 //!
 //! | file | content |

@@ -31,6 +31,14 @@ pub const BLOCK: usize = 32 * 1024;
 /// Chunk header: masked CRC32C (4), length (2), type (1).
 pub const CHUNK_HEADER: usize = 7;
 
+// The relations the framing relies on (TigerBeetle's compile-time assertions):
+// the header fits the first block with room for a chunk, a chunk's length fits
+// its 16-bit field, and the largest record can be framed.
+const _: () = assert!(HEADER_LEN + CHUNK_HEADER < BLOCK);
+const _: () = assert!(BLOCK - CHUNK_HEADER <= u16::MAX as usize);
+const _: () = assert!(HEADER_LEN == 8 + 2 + 2 + 16 + 8 + 8 + 8 + 8 + 4);
+const _: () = assert!(super::record::RECORD_MAX > super::record::RECORD_PREFIX);
+
 /// Chunk types (LevelDB's `RecordType`).
 mod chunk {
     pub const FULL: u8 = 1;

@@ -634,6 +634,7 @@ impl Writer {
     /// the record would take it past its size.
     fn frame(&mut self, payload: &[u8]) -> Result<(), String> {
         let lsn = lsn_of(payload).map_err(|e| e.to_string())?;
+        assert!(lsn > self.buffered, "LSN order: record {lsn} after {}", self.buffered);
         let start = self.buf.len();
         let mut framer = self.framer;
         framer.frame(payload, &mut self.buf);
@@ -664,6 +665,7 @@ impl Writer {
         self.shared.used.fetch_add(self.buf.len() as u64, Ordering::AcqRel);
         self.shared.queued.fetch_sub(std::mem::take(&mut self.buffered_bound), Ordering::AcqRel);
         self.buf.clear();
+        assert!(self.written <= self.buffered, "written {} ≤ buffered {}", self.written, self.buffered);
         self.written = self.buffered;
         Ok(())
     }
@@ -671,7 +673,14 @@ impl Writer {
     /// fdatasync the active segment and acknowledge what it holds.
     fn sync(&mut self) -> Result<(), String> {
         self.flush()?;
-        if self.written <= self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).durable {
+        let durable = self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).durable;
+        assert!(
+            durable <= self.written && self.written == self.buffered,
+            "after a flush, durable {durable} ≤ written {} = buffered {}",
+            self.written,
+            self.buffered
+        );
+        if self.written <= durable {
             return Ok(());
         }
         self.file.sync_data().map_err(|e| {
@@ -710,6 +719,7 @@ impl Writer {
             let Some((&seq, &bytes)) = self.own.iter().next().filter(|(s, _)| **s <= self.acked && **s < self.seq) else {
                 break;
             };
+            assert!(seq < self.seq && seq <= self.acked, "only a sealed, acknowledged segment is reclaimed");
             let path = self.path(seq);
             std::fs::remove_file(&path).map_err(|e| format!("cannot reclaim {}: {e}", path.display()))?;
             self.own.remove(&seq);
