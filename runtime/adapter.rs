@@ -35,16 +35,19 @@ use std::path::Path;
 use ed25519_dalek::VerifyingKey;
 use half::f16;
 use memmap2::Mmap;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use crate::budget::MAX_LORA_RANK;
 use crate::config::INT8_BLOCK;
 use crate::digest::sha256_file;
+use crate::durable_file::write_dir_atomic;
 use crate::file_error::FileError;
 use crate::ids::{AdapterId, ModelId};
+use crate::journal::record::now_ms;
+use crate::quant::quantize_int8;
 use crate::signing::open_sealed;
-use crate::weights::{Matrix, ModelPack, SCALE_SUFFIX};
+use crate::weights::{Matrix, ModelPack, TensorIndex, SCALE_SUFFIX};
 
 /// Signature domain of adapter manifests.
 pub const ADAPTER_DOMAIN: &str = "nocturne adapter manifest v1";
@@ -155,19 +158,17 @@ pub struct AdapterSpec {
     pub description: String,
 }
 
-/// Values of one adapter tensor, as [`write_adapter_bundle`] writes them.
+/// Values of one adapter tensor for [`write_adapter_bundle`], always in the
+/// logical (PEFT) layout: `A` `[rank, in]`, `B` `[out, rank]`, row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AdapterTensor {
-    /// F16 values, row-major.
+    /// Stored as F16, as given.
     F16(Vec<f16>),
-    /// Int8 values, row-major, and one scale per [`INT8_BLOCK`] values of a
-    /// row (written as `<name>` I8 and `<name>_scale` F16 `[rows, cols / 32]`).
-    Int8 {
-        /// `rows × cols` values.
-        values: Vec<i8>,
-        /// `rows × cols / 32` scales.
-        scales: Vec<f16>,
-    },
+    /// Stored in the int8 block format: quantized by
+    /// [`crate::quant::quantize_int8`] (as `<name>` I8 and `<name>_scale`
+    /// F16, one scale per [`INT8_BLOCK`] values of a stored row), a `B`
+    /// transposed to `[rank, out]` first (module docs).
+    Int8(Vec<f32>),
 }
 
 impl From<Vec<f16>> for AdapterTensor {
@@ -179,8 +180,8 @@ impl From<Vec<f16>> for AdapterTensor {
 /// Writes an adapter bundle into `out_dir`: `tensors` (name, shape,
 /// values; see the module docs for names, shapes and precisions) as
 /// `adapter.safetensors`, and the manifest signed with
-/// `trainer`. Written under a temporary name, fsynced, renamed. Returns the
-/// bundle directory.
+/// `trainer`. Written as a whole ([`write_dir_atomic`]). Returns the bundle
+/// directory.
 ///
 /// # Errors
 /// Files cannot be written.
@@ -190,59 +191,58 @@ pub fn write_adapter_bundle(
     spec: &AdapterSpec,
     tensors: &[(String, Vec<usize>, AdapterTensor)],
 ) -> Result<std::path::PathBuf, FileError> {
-    use crate::durable_file::sync_dir;
-    std::fs::create_dir_all(out_dir).map_err(FileError::io(out_dir))?;
-    let tmp = out_dir.join(format!(".adapter-{}.tmp", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(FileError::io(&tmp))?;
-    }
-    std::fs::create_dir(&tmp).map_err(FileError::io(&tmp))?;
-    let mut views = Vec::with_capacity(tensors.len());
-    for (name, shape, values) in tensors {
+    write_dir_atomic(out_dir, &format!(".adapter-{}.tmp", std::process::id()), |tmp| {
         let view = |name: &str, dtype: Dtype, shape: Vec<usize>, bytes| {
-            let view = safetensors::tensor::TensorView::new(dtype, shape, bytes).map_err(|e| FileError::invalid(&tmp, format!("tensor `{name}`: {e}")))?;
+            let view = safetensors::tensor::TensorView::new(dtype, shape, bytes).map_err(|e| FileError::invalid(tmp, format!("tensor `{name}`: {e}")))?;
             Ok::<_, FileError>((name.to_string(), view))
         };
-        match values {
-            AdapterTensor::F16(v) => views.push(view(name, Dtype::F16, shape.clone(), bytemuck::cast_slice(v))?),
-            AdapterTensor::Int8 { values, scales } => {
-                views.push(view(name, Dtype::I8, shape.clone(), bytemuck::cast_slice(values))?);
-                let cols = shape.get(1).copied().unwrap_or(0);
-                if cols % INT8_BLOCK != 0 {
-                    return Err(FileError::invalid(&tmp, format!("tensor `{name}` is int8 with rows of {cols} values, not a multiple of {INT8_BLOCK}")));
+        let mut views = Vec::with_capacity(2 * tensors.len());
+        let mut quantized = Vec::new();
+        for (name, shape, values) in tensors {
+            match values {
+                AdapterTensor::F16(v) => views.push(view(name, Dtype::F16, shape.clone(), bytemuck::cast_slice(v))?),
+                AdapterTensor::Int8(logical) => {
+                    let (rows, cols) = (shape.first().copied().unwrap_or(0), shape.get(1).copied().unwrap_or(0));
+                    // The one place the rule lives: an int8 B is stored transposed.
+                    let (stored, values) = if name.contains(".lora_B.") { ([cols, rows], transpose(rows, cols, logical)) } else { ([rows, cols], logical.clone()) };
+                    if values.len() != rows * cols {
+                        return Err(FileError::invalid(tmp, format!("tensor `{name}` has {} values for shape {shape:?}", values.len())));
+                    }
+                    if !stored[1].is_multiple_of(INT8_BLOCK) {
+                        return Err(FileError::invalid(tmp, format!("tensor `{name}` is int8 with rows of {} values, not a multiple of {INT8_BLOCK}", stored[1])));
+                    }
+                    quantized.push((name.clone(), stored, quantize_int8(&values)));
                 }
-                let blocks = cols / INT8_BLOCK;
-                views.push(view(&format!("{name}{SCALE_SUFFIX}"), Dtype::F16, vec![shape.first().copied().unwrap_or(0), blocks], bytemuck::cast_slice(scales))?);
             }
         }
-    }
-    let weights = tmp.join(ADAPTER_WEIGHTS_FILE);
-    safetensors::serialize_to_file(views, None, &weights).map_err(|e| FileError::invalid(&weights, e.to_string()))?;
-    let sha = sha256_file(&weights).map_err(FileError::io(&weights))?;
-    let manifest = AdapterManifest {
-        format: ADAPTER_FORMAT,
-        adapter: AdapterId(sha[..16].try_into().expect("16 bytes")),
-        parent: spec.parent,
-        base_model: spec.base_model,
-        rank: spec.rank,
-        alpha: spec.alpha,
-        targets: spec.targets.iter().map(|t| t.name().to_string()).collect(),
-        weights_sha256: sha,
-        description: spec.description.clone(),
-        created_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-    };
-    let manifest_path = tmp.join(ADAPTER_MANIFEST_FILE);
-    std::fs::write(&manifest_path, crate::signing::seal(ADAPTER_DOMAIN, trainer, &manifest)).map_err(FileError::io(&manifest_path))?;
-    for file in [&weights, &manifest_path] {
-        std::fs::File::open(file).and_then(|f| f.sync_all()).map_err(FileError::io(file))?;
-    }
-    let dir = out_dir.join(format!("{}{ADAPTER_SUFFIX}", manifest.adapter));
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(FileError::io(&dir))?;
-    }
-    std::fs::rename(&tmp, &dir).map_err(FileError::io(&dir))?;
-    sync_dir(out_dir).map_err(FileError::io(out_dir))?;
-    Ok(dir)
+        for (name, stored, q) in &quantized {
+            views.push(view(name, Dtype::I8, stored.to_vec(), bytemuck::cast_slice(&q.values))?);
+            views.push(view(&format!("{name}{SCALE_SUFFIX}"), Dtype::F16, vec![stored[0], stored[1] / INT8_BLOCK], bytemuck::cast_slice(&q.scales))?);
+        }
+        let weights = tmp.join(ADAPTER_WEIGHTS_FILE);
+        safetensors::serialize_to_file(views, None, &weights).map_err(|e| FileError::invalid(&weights, e.to_string()))?;
+        let sha = sha256_file(&weights).map_err(FileError::io(&weights))?;
+        let manifest = AdapterManifest {
+            format: ADAPTER_FORMAT,
+            adapter: AdapterId(sha[..16].try_into().expect("16 bytes")),
+            parent: spec.parent,
+            base_model: spec.base_model,
+            rank: spec.rank,
+            alpha: spec.alpha,
+            targets: spec.targets.iter().map(|t| t.name().to_string()).collect(),
+            weights_sha256: sha,
+            description: spec.description.clone(),
+            created_ms: now_ms(),
+        };
+        let manifest_path = tmp.join(ADAPTER_MANIFEST_FILE);
+        std::fs::write(&manifest_path, crate::signing::seal(ADAPTER_DOMAIN, trainer, &manifest)).map_err(FileError::io(&manifest_path))?;
+        Ok::<_, FileError>(format!("{}{ADAPTER_SUFFIX}", manifest.adapter))
+    })
+}
+
+/// `[rows, cols]` → `[cols, rows]`, row-major.
+fn transpose(rows: usize, cols: usize, values: &[f32]) -> Vec<f32> {
+    (0..cols * rows).map(|i| values.get((i % rows) * cols + i / rows).copied().unwrap_or(0.0)).collect()
 }
 
 /// Where one matrix lives in the mapping: values, int8 scales (None: F16),
@@ -278,7 +278,7 @@ impl std::fmt::Debug for LoraAdapter {
 pub fn read_manifest(dir: &Path, trainer: &VerifyingKey) -> Result<AdapterManifest, FileError> {
     let path = dir.join(ADAPTER_MANIFEST_FILE);
     let bytes = std::fs::read(&path).map_err(FileError::io(&path))?;
-    let manifest: AdapterManifest = open_sealed(ADAPTER_DOMAIN, &bytes, trainer).map_err(|e| FileError::invalid(&path, e))?;
+    let manifest: AdapterManifest = open_sealed(ADAPTER_DOMAIN, &bytes, trainer).map_err(|e| FileError::invalid(&path, e.to_string()))?;
     if manifest.format != ADAPTER_FORMAT {
         return Err(FileError::invalid(&path, format!("adapter format {}; this build reads {ADAPTER_FORMAT}", manifest.format)));
     }
@@ -365,10 +365,8 @@ impl LoraAdapter {
 }
 
 fn validate(map: &[u8], pack: &ModelPack, rank: usize, targets: &[Target]) -> Result<Vec<[Option<Pair>; 7]>, String> {
-    let tensors = SafeTensors::deserialize(map).map_err(|e| format!("not a valid safetensors file: {e}"))?;
-    let base = map.as_ptr() as usize;
+    let mut index = TensorIndex::read(map)?;
     let c = pack.config();
-    let mut expected = std::collections::HashSet::new();
     let mut pairs = Vec::with_capacity(c.num_hidden_layers);
     for layer in 0..c.num_hidden_layers {
         let w = pack.layer(layer);
@@ -378,35 +376,26 @@ fn validate(map: &[u8], pack: &ModelPack, rank: usize, targets: &[Target]) -> Re
             let (out, inp) = shapes[target as usize];
             let mut get = |m: char, f16_shape: [usize; 2]| -> Result<(Slot, bool), String> {
                 let name = target.tensor_name(layer, m);
-                let view = tensors.tensor(&name).map_err(|_| format!("missing tensor `{name}`"))?;
-                let int8 = match view.dtype() {
+                let int8 = match index.dtype(&name)? {
                     Dtype::F16 => false,
                     Dtype::I8 => true,
                     other => return Err(format!("tensor `{name}` is {other:?}; adapters on the device are F16 or I8")),
                 };
                 // An int8 B is stored transposed (module docs).
                 let shape = if int8 && m == 'B' { [f16_shape[1], f16_shape[0]] } else { f16_shape };
-                if view.shape() != shape {
-                    return Err(format!("tensor `{name}` has shape {:?}, expected {shape:?}", view.shape()));
-                }
-                let values = slot_range(base, &view, &name)?;
+                let values = index.range(&name, if int8 { Dtype::I8 } else { Dtype::F16 }, &shape)?;
                 let scales = if int8 {
-                    if shape[1] % INT8_BLOCK != 0 {
+                    if !shape[1].is_multiple_of(INT8_BLOCK) {
                         return Err(format!("tensor `{name}` is int8 with rows of {} values, not a multiple of {INT8_BLOCK}", shape[1]));
                     }
                     let scale_name = format!("{name}{SCALE_SUFFIX}");
-                    let scale_shape = [shape[0], shape[1] / INT8_BLOCK];
-                    let s = tensors.tensor(&scale_name).map_err(|_| format!("missing tensor `{scale_name}` (scales of the int8 `{name}`)"))?;
-                    if s.dtype() != Dtype::F16 || s.shape() != scale_shape {
-                        return Err(format!("tensor `{scale_name}` is {:?} {:?}, expected F16 {scale_shape:?}", s.dtype(), s.shape()));
-                    }
-                    let range = slot_range(base, &s, &scale_name)?;
-                    expected.insert(scale_name);
+                    let range = index
+                        .range(&scale_name, Dtype::F16, &[shape[0], shape[1] / INT8_BLOCK])
+                        .map_err(|e| format!("{e} (the scales of the int8 `{name}`)"))?;
                     Some(range)
                 } else {
                     None
                 };
-                expected.insert(name);
                 Ok(((values, scales, shape[0], shape[1]), int8))
             };
             let ((a, a_int8), (b, b_int8)) = (get('A', [rank, inp])?, get('B', [out, rank])?);
@@ -417,19 +406,6 @@ fn validate(map: &[u8], pack: &ModelPack, rank: usize, targets: &[Target]) -> Re
         }
         pairs.push(row);
     }
-    if let Some(stray) = tensors.names().into_iter().find(|n| !expected.contains(*n)) {
-        return Err(format!("unexpected tensor `{stray}`"));
-    }
+    index.expect_no_others()?;
     Ok(pairs)
-}
-
-/// The byte range of a tensor's data in the mapping starting at `base`,
-/// checked to be aligned for its element type.
-fn slot_range(base: usize, view: &safetensors::tensor::TensorView<'_>, name: &str) -> Result<Range<usize>, String> {
-    let start = view.data().as_ptr() as usize - base;
-    let size = view.dtype().bitsize() / 8;
-    if !start.is_multiple_of(size.max(1)) {
-        return Err(format!("tensor `{name}` is not {size}-byte aligned"));
-    }
-    Ok(start..start + view.data().len())
 }

@@ -17,6 +17,7 @@ pub mod profile; // the firmware profile baked in at build time
 pub mod signing; // ed25519 key files and signed envelopes
 pub mod journal; // the append-only journal: record schema, segments, reader, writer
 pub mod config; // config.json of a model directory
+pub mod quant; // the int8 block format: reference quantizer and dequantizer
 pub mod weights; // the memory-mapped model pack
 pub mod budget; // the memory plan and its sizing constants
 pub mod adapter; // LoRA adapter bundles, validated and mapped

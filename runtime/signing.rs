@@ -2,7 +2,7 @@
 //! envelopes.
 //!
 //! Principal items: [`generate`], [`write_signing_key`], [`read_signing_key`],
-//! [`PublicKeyFile`], [`seal`], [`open_sealed`].
+//! [`PublicKeyFile`], [`seal`], [`open_sealed`], [`SealError`].
 //!
 //! Files: a signing key is 64 hex digits and a newline, mode 0600 (refused
 //! when group or others may read it, as OpenSSH does). A public key file is
@@ -25,13 +25,33 @@ use crate::durable_file::sync_dir;
 use crate::file_error::FileError;
 use crate::ids::DeviceId;
 
+/// Why a signed envelope or a key cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SealError {
+    /// The bytes are not a postcard envelope.
+    #[error("not a signed file ({0})")]
+    NotAnEnvelope(String),
+    /// The signature field is not 64 bytes.
+    #[error("the signature is not 64 bytes")]
+    SignatureLength,
+    /// The signature does not verify with the expected key for the domain.
+    #[error("the signature does not verify with the expected key")]
+    BadSignature,
+    /// The signed body does not decode as the expected type.
+    #[error("signed content does not decode ({0})")]
+    Body(String),
+    /// The operating system gave no random bytes for a new key.
+    #[error("no random source for a key: {0}")]
+    NoRandom(String),
+}
+
 /// A new signing key from the operating system's random source.
 ///
 /// # Errors
-/// The random source fails.
-pub fn generate() -> Result<SigningKey, String> {
+/// [`SealError::NoRandom`] when the random source fails.
+pub fn generate() -> Result<SigningKey, SealError> {
     let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).map_err(|e| format!("no random source for a key: {e}"))?;
+    getrandom::fill(&mut seed).map_err(|e| SealError::NoRandom(e.to_string()))?;
     Ok(SigningKey::from_bytes(&seed))
 }
 
@@ -135,24 +155,23 @@ pub fn seal<T: Serialize>(domain: &str, key: &SigningKey, value: &T) -> Vec<u8> 
 /// RFC 8032 verification) before decoding the body.
 ///
 /// # Errors
-/// A message naming the problem: not an envelope, a bad signature, a body
-/// that does not decode.
-pub fn open_sealed<T: DeserializeOwned>(domain: &str, bytes: &[u8], key: &VerifyingKey) -> Result<T, String> {
-    let envelope: Envelope = postcard::from_bytes(bytes).map_err(|e| format!("not a signed file ({e})"))?;
-    let signature: [u8; 64] = envelope.signature.as_slice().try_into().map_err(|_| "the signature is not 64 bytes".to_string())?;
+/// [`SealError`]: not an envelope, a bad signature, a body that does not decode.
+pub fn open_sealed<T: DeserializeOwned>(domain: &str, bytes: &[u8], key: &VerifyingKey) -> Result<T, SealError> {
+    let envelope: Envelope = postcard::from_bytes(bytes).map_err(|e| SealError::NotAnEnvelope(e.to_string()))?;
+    let signature: [u8; 64] = envelope.signature.as_slice().try_into().map_err(|_| SealError::SignatureLength)?;
     key.verify_strict(&signed_message(domain, &envelope.body), &Signature::from_bytes(&signature))
-        .map_err(|_| "the signature does not verify with the expected key".to_string())?;
-    postcard::from_bytes(&envelope.body).map_err(|e| format!("signed content does not decode ({e})"))
+        .map_err(|_| SealError::BadSignature)?;
+    postcard::from_bytes(&envelope.body).map_err(|e| SealError::Body(e.to_string()))
 }
 
 /// The body of a signed envelope, without checking the signature (to learn
 /// which key should check it).
 ///
 /// # Errors
-/// Not an envelope, or a body that does not decode.
-pub fn peek_sealed<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    let envelope: Envelope = postcard::from_bytes(bytes).map_err(|e| format!("not a signed file ({e})"))?;
-    postcard::from_bytes(&envelope.body).map_err(|e| format!("signed content does not decode ({e})"))
+/// [`SealError::NotAnEnvelope`] or [`SealError::Body`].
+pub fn peek_sealed<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, SealError> {
+    let envelope: Envelope = postcard::from_bytes(bytes).map_err(|e| SealError::NotAnEnvelope(e.to_string()))?;
+    postcard::from_bytes(&envelope.body).map_err(|e| SealError::Body(e.to_string()))
 }
 
 #[cfg(test)]

@@ -117,13 +117,13 @@ fn bad_adapters_are_refused_with_the_reason() {
     wrong[1].2 = zeros(16);
     let bad = write_adapter_bundle(&tmp.path().join("bad"), &setup.trainer, &spec, &wrong).unwrap();
     assert!(LoraAdapter::open(&bad, &pack, &key).unwrap_err().to_string().contains("has shape [4, 4]"));
-    // Int8 tensors: B must be stored transposed with its scales; A and B of
-    // a projection share a precision.
-    let int8 = |rows: usize, cols: usize| AdapterTensor::Int8 { values: vec![0; rows * cols], scales: vec![f16::ZERO; rows * cols / 32] };
+    // Int8 tensors: the writer stores B transposed with its scales; A and B
+    // of a projection share a precision.
+    let int8 = |rows: usize, cols: usize| AdapterTensor::Int8(vec![0.0; rows * cols]);
     let (rows, cols) = pack.layer(0).q_proj.shape();
     let mut as_int8 = tensors.clone();
     as_int8[0] = (Target::Q.tensor_name(0, 'A'), vec![4, cols], int8(4, cols));
-    as_int8[1] = (Target::Q.tensor_name(0, 'B'), vec![4, rows], int8(4, rows));
+    as_int8[1] = (Target::Q.tensor_name(0, 'B'), vec![rows, 4], int8(rows, 4));
     let good = write_adapter_bundle(&tmp.path().join("int8"), &setup.trainer, &spec, &as_int8).unwrap();
     let adapter = LoraAdapter::open(&good, &pack, &key).unwrap();
     assert!(matches!(adapter.projection(0, Target::Q), Some((Matrix::Int8 { rows: 4, .. }, Matrix::Int8 { rows: 4, .. }))));
@@ -132,10 +132,11 @@ fn bad_adapters_are_refused_with_the_reason() {
     mixed[1] = tensors[1].clone();
     let bad = write_adapter_bundle(&tmp.path().join("mixed"), &setup.trainer, &spec, &mixed).unwrap();
     assert!(LoraAdapter::open(&bad, &pack, &key).unwrap_err().to_string().contains("differ in precision"));
-    let mut untransposed = as_int8.clone();
-    untransposed[1] = (Target::Q.tensor_name(0, 'B'), vec![rows, 4], AdapterTensor::Int8 { values: vec![0; rows * 4], scales: vec![f16::ZERO; rows] });
-    let err = write_adapter_bundle(&tmp.path().join("untransposed"), &setup.trainer, &spec, &untransposed).unwrap_err().to_string();
-    assert!(err.contains("rows of 4 values, not a multiple of 32"), "{err}");
+    // An int8 tensor whose stored rows are not whole 32-blocks is refused by the writer.
+    let mut unblocked = as_int8.clone();
+    unblocked[0] = (Target::Q.tensor_name(0, 'A'), vec![cols / 8, 8], int8(cols / 8, 8));
+    let err = write_adapter_bundle(&tmp.path().join("unblocked"), &setup.trainer, &spec, &unblocked).unwrap_err().to_string();
+    assert!(err.contains("rows of 8 values, not a multiple of 32"), "{err}");
     tensors.truncate(3);
     let bad = write_adapter_bundle(&tmp.path().join("bad2"), &setup.trainer, &spec, &tensors).unwrap();
     assert!(LoraAdapter::open(&bad, &pack, &key).unwrap_err().to_string().contains("missing tensor"));

@@ -107,3 +107,23 @@ fn the_scanner_sees_paths_and_groups() {
     let found = named_modules("use crate::{journal::{Body, Journal}, ids::DeviceId};\nlet x = crate::budget::ROW_TILE;");
     assert_eq!(found, ["budget", "ids", "journal"].map(String::from).into_iter().collect());
 }
+
+#[test]
+fn the_trainer_never_reads_the_compiled_profile() {
+    let trainer = Path::new(env!("CARGO_MANIFEST_DIR")).join("trainer");
+    let mut dirs = vec![trainer.join("src"), trainer.join("examples"), trainer.join("tests")];
+    let mut checked = 0;
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                assert!(!text.contains("profile::ACTIVE"), "{} uses the runtime's compiled profile", path.display());
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 10, "only {checked} trainer sources found");
+}

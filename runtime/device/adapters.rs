@@ -32,7 +32,7 @@ use super::StateDir;
 use crate::adapter::{read_manifest, LoraAdapter, ADAPTER_SUFFIX};
 use crate::budget::PlanSettings;
 use crate::decoder::Decoder;
-use crate::durable_file::{sync_dir, write_atomic};
+use crate::durable_file::{write_atomic, write_dir_atomic};
 use crate::file_error::FileError;
 use crate::ids::AdapterId;
 use crate::journal::{AdapterAction, AdapterEvent, Body, Journal, JournalError};
@@ -177,8 +177,8 @@ pub enum InstallOutcome {
     },
 }
 
-fn copy_dir_durably(from: &Path, to: &Path) -> Result<(), FileError> {
-    std::fs::create_dir_all(to).map_err(FileError::io(to))?;
+/// Copies the regular files of `from` into `to` (made durable by the caller).
+fn copy_files(from: &Path, to: &Path) -> Result<(), FileError> {
     for entry in std::fs::read_dir(from).map_err(FileError::io(from))? {
         let entry = entry.map_err(FileError::io(from))?;
         if !entry.file_type().map_err(FileError::io(from))?.is_file() {
@@ -186,9 +186,8 @@ fn copy_dir_durably(from: &Path, to: &Path) -> Result<(), FileError> {
         }
         let target = to.join(entry.file_name());
         std::fs::copy(entry.path(), &target).map_err(FileError::io(&target))?;
-        std::fs::File::open(&target).and_then(|f| f.sync_all()).map_err(FileError::io(&target))?;
     }
-    sync_dir(to).map_err(FileError::io(to))
+    Ok(())
 }
 
 fn event(journal: Option<&mut Journal>, action: AdapterAction, adapter: AdapterId, previous: Option<AdapterId>, reason: &str) -> Result<(), AdapterError> {
@@ -217,17 +216,10 @@ pub fn install(state: &StateDir, pack: &ModelPack, bundle: &Path, journal: &mut 
     }
     let target = installed_dir(state, id);
     if LoraAdapter::open(&target, pack, &trainer).is_err() {
-        let tmp = state.root().join(ADAPTERS_DIR).join(format!(".{id}.tmp"));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(FileError::io(&tmp))?;
-        }
-        copy_dir_durably(bundle, &tmp)?;
-        if target.exists() {
-            std::fs::remove_dir_all(&target).map_err(FileError::io(&target))?;
-        }
-        std::fs::rename(&tmp, &target).map_err(FileError::io(&target))?;
-        let parent = target.parent().expect("adapters directory");
-        sync_dir(parent).map_err(FileError::io(parent))?;
+        write_dir_atomic(&state.root().join(ADAPTERS_DIR), &format!(".{id}.tmp"), |tmp| {
+            copy_files(bundle, tmp)?;
+            Ok::<_, AdapterError>(format!("{id}{ADAPTER_SUFFIX}"))
+        })?;
     }
     active.candidate = Some(id);
     active.write(state)?;

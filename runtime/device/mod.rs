@@ -104,7 +104,7 @@ impl StateDir {
         getrandom::fill(&mut bytes).map_err(|e| no_random(format!("no random source for a device id: {e}")))?;
         let id = DeviceId(bytes);
         // The key first: an id on disk always has its key beside it.
-        let key = signing::generate().map_err(no_random)?;
+        let key = signing::generate().map_err(|e| no_random(e.to_string()))?;
         signing::write_signing_key(&self.root.join(DEVICE_KEY_FILE), &key)?;
         let public = PublicKeyFile { device: Some(id), key: key.verifying_key() };
         let public_path = self.root.join(DEVICE_PUBLIC_FILE);

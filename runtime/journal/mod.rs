@@ -93,10 +93,13 @@
 //! each record (`fsync-each-record`) or at the next group commit, every
 //! `group_commit_ms` (`group-commit`). See [`writer`] for the invariants.
 
+pub mod directory;
 pub mod reader;
 pub mod record;
+pub mod recovery;
 pub mod segment;
 pub mod writer;
+pub mod writer_thread;
 
 use std::path::{Path, PathBuf};
 
@@ -107,7 +110,9 @@ pub use record::{
     AdapterAction, AdapterEvent, Body, Feedback, ImplicitSignals, Interaction, MetricsSnapshot, Record, RecordError,
     StopReason, Thumbs,
 };
-pub use writer::{Journal, JournalConfig, Recovery};
+pub use recovery::Recovery;
+pub use writer::{Journal, JournalConfig};
+pub use writer_thread::WriterError;
 
 /// Why a journal operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -135,11 +140,11 @@ pub enum JournalError {
         unacknowledged: u64,
     },
     /// A write or fsync failed; the writer stopped and acknowledges nothing more.
-    #[error("journal writer failed: {0}")]
-    WriterFailed(String),
+    #[error("journal writer failed: {0}; records after the last acknowledged one are not stored")]
+    WriterFailed(WriterError),
     /// A host acknowledgement could not be applied.
     #[error("cannot record the host's acknowledgement: {0}")]
-    Acknowledge(String),
+    Acknowledge(WriterError),
 }
 
 impl JournalError {

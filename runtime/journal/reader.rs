@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use super::record::{decode, Decoded, Record};
 use crate::ids::DeviceId;
-use super::segment::{parse_segment_file_name, scan, Damage, SegmentHeader, Tail};
+use super::segment::{parse_segment_file_name, scan, Damage, DamageReason, SegmentHeader, Tail};
 use super::JournalError;
 
 /// What one segment holds and what is wrong with it.
@@ -143,7 +143,7 @@ pub fn read_segment(
     let header = match SegmentHeader::decode(&bytes) {
         Ok(h) => h,
         Err(problem) => {
-            report.problem = Some(problem);
+            report.problem = Some(problem.to_string());
             return Ok(report);
         }
     };
@@ -167,7 +167,7 @@ pub fn read_segment(
                     Decoded::Unknown { lsn, .. } => *lsn,
                 };
                 if lsn <= last_lsn {
-                    invalid.push(Damage { range, reason: format!("LSN {lsn} does not follow LSN {last_lsn}") });
+                    invalid.push(Damage { range, reason: DamageReason::LsnOrder { lsn, after: last_lsn } });
                     return;
                 }
                 last_lsn = lsn;
@@ -181,7 +181,7 @@ pub fn read_segment(
                     Decoded::Unknown { .. } => report.unknown += 1,
                 }
             }
-            Err(e) => invalid.push(Damage { range, reason: e.to_string() }),
+            Err(e) => invalid.push(Damage { range, reason: e.into() }),
         }
     });
     report.damage = frames.damage;

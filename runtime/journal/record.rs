@@ -48,6 +48,13 @@ pub mod kind {
     pub const ADAPTER: u8 = 4;
 }
 
+/// The record time of now: milliseconds since the Unix epoch (0 if the
+/// clock is before it). The one wall clock of records, segment headers and
+/// manifests.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Schema version written for every kind by this build.
 pub const SCHEMA_VERSION: u8 = 1;
 
@@ -244,7 +251,7 @@ pub enum Decoded {
 }
 
 /// A record that cannot be encoded or decoded.
-#[derive(Debug, PartialEq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RecordError {
     /// The encoded record would exceed [`RECORD_MAX`].
     #[error("record does not fit the journal's {RECORD_MAX}-byte record limit (shorten the prompt, reply or correction)")]

@@ -104,27 +104,27 @@ impl SegmentHeader {
     /// Parses and checks a header.
     ///
     /// # Errors
-    /// A message naming what is wrong: too short, bad magic, unsupported
-    /// version or length, checksum mismatch.
-    pub fn decode(bytes: &[u8]) -> Result<SegmentHeader, String> {
+    /// [`HeaderError`] naming what is wrong: too short, bad magic, checksum
+    /// mismatch, unsupported version or length.
+    pub fn decode(bytes: &[u8]) -> Result<SegmentHeader, HeaderError> {
         let Some(h) = bytes.get(..HEADER_LEN) else {
-            return Err(format!("{} bytes, shorter than the {HEADER_LEN}-byte segment header", bytes.len()));
+            return Err(HeaderError::Short(bytes.len()));
         };
         let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().expect("8 bytes"));
         if h[0..8] != MAGIC {
-            return Err("not a journal segment (bad magic at offset 0)".into());
+            return Err(HeaderError::Magic);
         }
         let crc = u32::from_le_bytes(h[60..64].try_into().expect("4 bytes"));
         if crc != masked_crc(&h[..60]) {
-            return Err("segment header checksum mismatch (bytes 0-63)".into());
+            return Err(HeaderError::Checksum);
         }
         let version = u16::from_le_bytes([h[8], h[9]]);
         if version != FORMAT_VERSION {
-            return Err(format!("segment format version {version}; this build reads version {FORMAT_VERSION}"));
+            return Err(HeaderError::Version(version));
         }
         let len = u16::from_le_bytes([h[10], h[11]]);
         if usize::from(len) != HEADER_LEN {
-            return Err(format!("segment header length {len}; expected {HEADER_LEN}"));
+            return Err(HeaderError::Length(len));
         }
         Ok(SegmentHeader {
             device: DeviceId(h[12..28].try_into().expect("16 bytes")),
@@ -186,13 +186,84 @@ impl Framer {
     }
 }
 
+/// Why a segment header is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    /// Fewer bytes than a header.
+    #[error("{0} bytes, shorter than the {HEADER_LEN}-byte segment header")]
+    Short(usize),
+    /// The magic at offset 0 is not `NOCTJRNL`.
+    #[error("not a journal segment (bad magic at offset 0)")]
+    Magic,
+    /// The header's CRC does not match bytes 0–59.
+    #[error("segment header checksum mismatch (bytes 0-63)")]
+    Checksum,
+    /// A format version this build does not read.
+    #[error("segment format version {0}; this build reads version {FORMAT_VERSION}")]
+    Version(u16),
+    /// A header length other than [`HEADER_LEN`].
+    #[error("segment header length {0}; expected {HEADER_LEN}")]
+    Length(u16),
+}
+
+/// What was found first in a damaged region.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DamageReason {
+    /// The file ends inside a chunk header (an interrupted append).
+    #[error("chunk header cut short")]
+    HeaderCut,
+    /// The file ends inside a chunk's data (an interrupted append).
+    #[error("chunk cut short")]
+    ChunkCut,
+    /// Only zeros up to the end (space allocated but never written).
+    #[error("zero-filled to the end")]
+    ZeroFilled,
+    /// Zeros where a chunk should start, with data after them.
+    #[error("zero bytes where a chunk should start")]
+    ZeroChunk,
+    /// A chunk length that runs past its block.
+    #[error("chunk length runs past its block")]
+    LengthPastBlock,
+    /// A chunk whose CRC does not match.
+    #[error("chunk checksum mismatch")]
+    Checksum,
+    /// A FIRST or MIDDLE fragment whose record never ended.
+    #[error("record missing its last fragment")]
+    MissingLastFragment,
+    /// A MIDDLE or LAST fragment whose FIRST was lost.
+    #[error("fragment without its first chunk")]
+    FragmentWithoutFirst,
+    /// A chunk type other than FULL, FIRST, MIDDLE, LAST.
+    #[error("unknown chunk type")]
+    UnknownChunkType,
+    /// A complete record whose LSN does not follow the one before.
+    #[error("LSN {lsn} does not follow LSN {after}")]
+    LsnOrder {
+        /// The record's LSN.
+        lsn: u64,
+        /// The LSN before it.
+        after: u64,
+    },
+    /// A complete record that does not decode.
+    #[error(transparent)]
+    Record(#[from] super::record::RecordError),
+}
+
+impl DamageReason {
+    /// Damage an interrupted append explains (see [`Tail`]) when it reaches
+    /// the end of the newest segment.
+    pub fn is_interrupted_append(&self) -> bool {
+        matches!(self, DamageReason::HeaderCut | DamageReason::ChunkCut | DamageReason::ZeroFilled)
+    }
+}
+
 /// A damaged region of a segment: skipped, counted, reported.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Damage {
     /// File offsets of the bytes skipped.
     pub range: Range<u64>,
     /// What was found first.
-    pub reason: String,
+    pub reason: DamageReason,
 }
 
 /// Bytes after the last complete record that an interrupted append
@@ -217,114 +288,41 @@ pub struct FrameScan {
     pub tail: Option<Tail>,
 }
 
-/// Reasons of damage an interrupted append explains (see [`Tail`]).
-const HEADER_CUT: &str = "chunk header cut short";
-const CHUNK_CUT: &str = "chunk cut short";
-const ZERO_FILLED: &str = "zero-filled to the end";
-
 /// Walks the chunks of a whole segment file (`bytes` includes the header,
 /// which is not checked here) and calls `visit(offset, payload)` for every
 /// complete record in order.
 pub fn scan(bytes: &[u8], visit: &mut dyn FnMut(u64, &[u8])) -> FrameScan {
     let mut out = FrameScan { valid_end: HEADER_LEN.min(bytes.len()) as u64, ..FrameScan::default() };
-    let mut pending: Option<(usize, Vec<u8>)> = None;
-    let mut open: Option<(usize, &'static str)> = None;
-    // Starts (or extends back to an abandoned fragment) a damaged region.
-    let mark = |at: usize, reason: &'static str, pending: &mut Option<(usize, Vec<u8>)>, open: &mut Option<(usize, &'static str)>| {
-        let at = pending.take().map_or(at, |(start, _)| start.min(at));
-        if open.is_none() {
-            *open = Some((at, reason));
-        }
-    };
-    let next_block = |pos: usize| (pos / BLOCK + 1) * BLOCK;
+    let mut records = Assembler::default();
     let mut pos = HEADER_LEN;
     while pos < bytes.len() {
-        let room = BLOCK - pos % BLOCK;
-        if room < CHUNK_HEADER {
-            pos += room;
-            continue;
-        }
-        let Some(h) = bytes.get(pos..pos + CHUNK_HEADER) else {
-            mark(pos, HEADER_CUT, &mut pending, &mut open);
-            break;
-        };
-        let crc = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
-        let n = usize::from(u16::from_le_bytes([h[4], h[5]]));
-        let kind = h[6];
-        if crc == 0 && n == 0 && kind == 0 {
-            if bytes[pos..].iter().all(|&b| b == 0) {
-                mark(pos, ZERO_FILLED, &mut pending, &mut open);
-                break;
-            }
-            mark(pos, "zero bytes where a chunk should start", &mut pending, &mut open);
-            pos = next_block(pos);
-            continue;
-        }
-        if CHUNK_HEADER + n > room {
-            mark(pos, "chunk length runs past its block", &mut pending, &mut open);
-            pos = next_block(pos);
-            continue;
-        }
-        let end = pos + CHUNK_HEADER + n;
-        if end > bytes.len() {
-            mark(pos, CHUNK_CUT, &mut pending, &mut open);
-            break;
-        }
-        if masked_crc(&bytes[pos + 6..end]) != crc {
-            mark(pos, "chunk checksum mismatch", &mut pending, &mut open);
-            pos = next_block(pos);
-            continue;
-        }
-        let data = &bytes[pos + CHUNK_HEADER..end];
-        let complete = match kind {
-            chunk::FULL | chunk::FIRST => {
-                if let Some((start, _)) = pending {
-                    mark(start, "record missing its last fragment", &mut pending, &mut open);
-                }
-                if kind == chunk::FULL {
-                    Some((pos, None))
-                } else {
-                    pending = Some((pos, data.to_vec()));
-                    None
+        match next_chunk(bytes, pos) {
+            Step::Padding { next } => pos = next,
+            Step::Damage { reason, resume } => {
+                records.mark(pos, reason);
+                match resume {
+                    Some(next) => pos = next,
+                    None => break,
                 }
             }
-            chunk::MIDDLE | chunk::LAST => match pending.as_mut() {
-                Some((start, buf)) => {
-                    buf.extend_from_slice(data);
-                    if kind == chunk::LAST {
-                        let (start, buf) = (*start, std::mem::take(buf));
-                        pending = None;
-                        Some((start, Some(buf)))
-                    } else {
-                        None
+            Step::Chunk { kind, data, end } => {
+                if let Some((start, assembled)) = records.push(kind, pos, data) {
+                    if let Some((from, reason)) = records.open.take() {
+                        out.damage.push(Damage { range: from as u64..start as u64, reason });
                     }
+                    visit(start as u64, assembled.as_deref().unwrap_or(data));
+                    out.valid_end = end as u64;
                 }
-                None => {
-                    mark(pos, "fragment without its first chunk", &mut pending, &mut open);
-                    None
-                }
-            },
-            _ => {
-                mark(pos, "unknown chunk type", &mut pending, &mut open);
-                pos = next_block(pos);
-                continue;
+                pos = end;
             }
-        };
-        if let Some((start, assembled)) = complete {
-            if let Some((from, reason)) = open.take() {
-                out.damage.push(Damage { range: from as u64..start as u64, reason: reason.into() });
-            }
-            visit(start as u64, assembled.as_deref().unwrap_or(data));
-            out.valid_end = end as u64;
         }
-        pos = end;
     }
     let len = bytes.len() as u64;
     // Damage that reaches the end of the file is a tail only when it is what
     // an interrupted append leaves: a cut chunk or zeros. Anything else
     // (a checksum mismatch, say) is corruption, even at the end.
-    if let Some((from, reason)) = open.filter(|(_, r)| ![HEADER_CUT, CHUNK_CUT, ZERO_FILLED].contains(r)) {
-        out.damage.push(Damage { range: from as u64..len, reason: reason.into() });
+    if let Some((from, reason)) = records.open.filter(|(_, r)| !r.is_interrupted_append()) {
+        out.damage.push(Damage { range: from as u64..len, reason });
         return out;
     }
     if out.valid_end < len {
@@ -332,6 +330,120 @@ pub fn scan(bytes: &[u8], visit: &mut dyn FnMut(u64, &[u8])) -> FrameScan {
         out.tail = Some(Tail { range: out.valid_end..len, zero_filled: rest.iter().all(|&b| b == 0) });
     }
     out
+}
+
+/// What [`next_chunk`] found at a position.
+enum Step<'a> {
+    /// Fewer than a chunk header's bytes left in the block: zero padding.
+    Padding {
+        /// The next block's start.
+        next: usize,
+    },
+    /// A chunk with a valid checksum.
+    Chunk {
+        /// Its type byte (FULL, FIRST, MIDDLE, LAST or unknown).
+        kind: u8,
+        /// Its data.
+        data: &'a [u8],
+        /// The offset after it.
+        end: usize,
+    },
+    /// Damage; reading resumes at `resume` (the next block), or stops (the
+    /// file ends inside it).
+    Damage {
+        /// What was found.
+        reason: DamageReason,
+        /// Where reading goes on, if anywhere.
+        resume: Option<usize>,
+    },
+}
+
+/// Reads the chunk at `pos` (`pos < bytes.len()`), checking its header,
+/// length and checksum (LevelDB's `log::Reader::ReadPhysicalRecord`).
+fn next_chunk(bytes: &[u8], pos: usize) -> Step<'_> {
+    let room = BLOCK - pos % BLOCK;
+    let next_block = pos + room;
+    if room < CHUNK_HEADER {
+        return Step::Padding { next: next_block };
+    }
+    let Some(h) = bytes.get(pos..pos + CHUNK_HEADER) else {
+        return Step::Damage { reason: DamageReason::HeaderCut, resume: None };
+    };
+    let crc = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
+    let n = usize::from(u16::from_le_bytes([h[4], h[5]]));
+    let kind = h[6];
+    if crc == 0 && n == 0 && kind == 0 {
+        if bytes[pos..].iter().all(|&b| b == 0) {
+            return Step::Damage { reason: DamageReason::ZeroFilled, resume: None };
+        }
+        return Step::Damage { reason: DamageReason::ZeroChunk, resume: Some(next_block) };
+    }
+    if CHUNK_HEADER + n > room {
+        return Step::Damage { reason: DamageReason::LengthPastBlock, resume: Some(next_block) };
+    }
+    let end = pos + CHUNK_HEADER + n;
+    if end > bytes.len() {
+        return Step::Damage { reason: DamageReason::ChunkCut, resume: None };
+    }
+    if masked_crc(&bytes[pos + 6..end]) != crc {
+        return Step::Damage { reason: DamageReason::Checksum, resume: Some(next_block) };
+    }
+    if !matches!(kind, chunk::FULL | chunk::FIRST | chunk::MIDDLE | chunk::LAST) {
+        return Step::Damage { reason: DamageReason::UnknownChunkType, resume: Some(next_block) };
+    }
+    Step::Chunk { kind, data: &bytes[pos + CHUNK_HEADER..end], end }
+}
+
+/// Joins fragments into records and keeps the damaged region being read.
+#[derive(Default)]
+struct Assembler {
+    /// A record's FIRST (and MIDDLE) fragments: its start and bytes so far.
+    pending: Option<(usize, Vec<u8>)>,
+    /// Where the damaged region being read started, and why.
+    open: Option<(usize, DamageReason)>,
+}
+
+impl Assembler {
+    /// Starts a damaged region at `at` (or extends it back to an abandoned
+    /// fragment); a region already open keeps its first reason.
+    fn mark(&mut self, at: usize, reason: DamageReason) {
+        let at = self.pending.take().map_or(at, |(start, _)| start.min(at));
+        if self.open.is_none() {
+            self.open = Some((at, reason));
+        }
+    }
+
+    /// Takes a valid chunk at `pos`; returns a completed record's start and,
+    /// for a fragmented one, its assembled bytes (`None`: the chunk is it).
+    fn push(&mut self, kind: u8, pos: usize, data: &[u8]) -> Option<(usize, Option<Vec<u8>>)> {
+        match kind {
+            chunk::FULL | chunk::FIRST => {
+                if let Some((start, _)) = self.pending {
+                    self.mark(start, DamageReason::MissingLastFragment);
+                }
+                if kind == chunk::FULL {
+                    return Some((pos, None));
+                }
+                self.pending = Some((pos, data.to_vec()));
+                None
+            }
+            _ => match self.pending.as_mut() {
+                Some((start, buf)) => {
+                    buf.extend_from_slice(data);
+                    if kind != chunk::LAST {
+                        return None;
+                    }
+                    let (start, buf) = (*start, std::mem::take(buf));
+                    self.pending = None;
+                    Some((start, Some(buf)))
+                }
+                None => {
+                    self.mark(pos, DamageReason::FragmentWithoutFirst);
+                    None
+                }
+            },
+        }
+    }
 }
 
 #[cfg(test)]
@@ -377,7 +489,7 @@ mod tests {
             bad[i] ^= 0x10;
             assert!(SegmentHeader::decode(&bad).is_err(), "flip at byte {i} accepted");
         }
-        assert!(SegmentHeader::decode(&bytes[..10]).unwrap_err().contains("shorter"));
+        assert_eq!(SegmentHeader::decode(&bytes[..10]), Err(HeaderError::Short(10)));
     }
 
     #[test]
@@ -392,7 +504,7 @@ mod tests {
         assert_eq!(got.last(), records.last());
         assert_eq!(scan.damage.len(), 1);
         assert_eq!(scan.damage[0].range.start, offsets[10]);
-        assert_eq!(scan.damage[0].reason, "chunk checksum mismatch");
+        assert_eq!(scan.damage[0].reason, DamageReason::Checksum);
         assert_eq!(scan.tail, None);
     }
 

@@ -85,10 +85,7 @@ pub fn axpy_f32(alpha: f32, x: &[f32], y: &mut [f32]) {
 /// `out[i] = values[i] × scales[i / 32]`; lengths as in [`dot_i8`].
 pub fn dequant_i8(values: &[i8], scales: &[f16], out: &mut [f32]) {
     contract::int8_row("dequant_i8", values.len(), scales.len(), out.len());
-    for ((q, o), s) in values.chunks_exact(INT8_BLOCK).zip(out.chunks_exact_mut(INT8_BLOCK)).zip(scales) {
-        let s = s.to_f32();
-        q.iter().zip(o).for_each(|(&q, o)| *o = f32::from(q) * s);
-    }
+    crate::quant::dequantize_into(values, scales, out);
 }
 
 /// `out[i] = values[i]` widened to f32; equal lengths.

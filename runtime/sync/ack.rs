@@ -58,5 +58,5 @@ pub fn write_ack(dir: &Path, key: &SigningKey, ack: &Ack) -> Result<PathBuf, Fil
 /// [`SyncError::Rejected`]: unreadable, not signed by the trainer key, or malformed.
 pub fn read_ack(path: &Path, trainer: &VerifyingKey) -> Result<Ack, SyncError> {
     let bytes = std::fs::read(path).map_err(FileError::io(path))?;
-    open_sealed(ACK_DOMAIN, &bytes, trainer).map_err(|problem| SyncError::Rejected { path: path.to_path_buf(), problem })
+    open_sealed(ACK_DOMAIN, &bytes, trainer).map_err(|e| SyncError::Rejected { path: path.to_path_buf(), problem: e.to_string() })
 }

@@ -22,12 +22,12 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::signing::{open_sealed, peek_sealed, seal};
 use super::SyncError;
-use crate::durable_file::sync_dir;
+use crate::durable_file::write_dir_atomic;
 use crate::file_error::FileError;
-use crate::journal::segment::{parse_segment_file_name, segment_file_name, SegmentHeader, HEADER_LEN};
 use crate::ids::DeviceId;
+use crate::journal::segment::{parse_segment_file_name, segment_file_name, HeaderError, SegmentHeader, HEADER_LEN};
+use crate::signing::{open_sealed, peek_sealed, seal, SealError};
 
 /// Name of the manifest file in a bundle.
 pub const MANIFEST_FILE: &str = "MANIFEST";
@@ -112,34 +112,123 @@ pub fn write_bundle(
     if path.is_dir() && verify_bundle(&path, &|d| (d == device).then(|| key.verifying_key())).is_ok() {
         return Ok((path, false));
     }
-    std::fs::create_dir_all(out_dir).map_err(FileError::io(out_dir))?;
-    let tmp = out_dir.join(format!(".{}.tmp", bundle_name(device, *first, *last)));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(FileError::io(&tmp))?;
-    }
-    std::fs::create_dir(&tmp).map_err(FileError::io(&tmp))?;
-    let mut entries = Vec::with_capacity(segments.len());
-    for (seq, source) in segments {
-        let name = segment_file_name(*seq);
-        let target = tmp.join(&name);
-        let mut out = std::fs::File::create(&target).map_err(FileError::io(&target))?;
-        let (bytes, sha256) = copy_hashing(source, Some(&mut out))?;
-        out.sync_all().map_err(FileError::io(&target))?;
-        entries.push(SegmentEntry { name, seq: *seq, bytes, sha256 });
-    }
-    let manifest = Manifest { format: BUNDLE_FORMAT, device, segments: entries, cursor, created_ms };
-    let manifest_path = tmp.join(MANIFEST_FILE);
-    let mut file = std::fs::File::create(&manifest_path).map_err(FileError::io(&manifest_path))?;
-    file.write_all(&seal(MANIFEST_DOMAIN, key, &manifest))
-        .and_then(|()| file.sync_all())
-        .map_err(FileError::io(&manifest_path))?;
-    sync_dir(&tmp).map_err(FileError::io(&tmp))?;
-    if path.exists() {
-        std::fs::remove_dir_all(&path).map_err(FileError::io(&path))?;
-    }
-    std::fs::rename(&tmp, &path).map_err(FileError::io(&path))?;
-    sync_dir(out_dir).map_err(FileError::io(out_dir))?;
+    let name = bundle_name(device, *first, *last);
+    write_dir_atomic(out_dir, &format!(".{name}.tmp"), |tmp| {
+        let mut entries = Vec::with_capacity(segments.len());
+        for (seq, source) in segments {
+            let name = segment_file_name(*seq);
+            let target = tmp.join(&name);
+            let mut out = std::fs::File::create(&target).map_err(FileError::io(&target))?;
+            let (bytes, sha256) = copy_hashing(source, Some(&mut out))?;
+            entries.push(SegmentEntry { name, seq: *seq, bytes, sha256 });
+        }
+        let manifest = Manifest { format: BUNDLE_FORMAT, device, segments: entries, cursor, created_ms };
+        let manifest_path = tmp.join(MANIFEST_FILE);
+        std::fs::write(&manifest_path, seal(MANIFEST_DOMAIN, key, &manifest)).map_err(FileError::io(&manifest_path))?;
+        Ok::<_, SyncError>(name)
+    })?;
     Ok((path, true))
+}
+
+/// Why a bundle is rejected. Nothing is stored from a rejected bundle.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// The manifest cannot be read.
+    #[error("no readable MANIFEST ({0}): an incomplete copy?")]
+    ManifestMissing(String),
+    /// The manifest is not a signed envelope of a manifest.
+    #[error("MANIFEST: {0}")]
+    ManifestMalformed(SealError),
+    /// The device that claims the bundle is not enrolled on this host.
+    #[error("device {0} is not enrolled on this host")]
+    NotEnrolled(DeviceId),
+    /// The manifest does not verify with the enrolled device's key.
+    #[error("MANIFEST of device {device}: {error}")]
+    ManifestSignature {
+        /// The device it claims.
+        device: DeviceId,
+        /// What failed.
+        error: SealError,
+    },
+    /// A bundle format this build does not read.
+    #[error("bundle format {0}; this build reads {BUNDLE_FORMAT}")]
+    Format(u16),
+    /// The manifest lists no segment.
+    #[error("the manifest lists no segment")]
+    Empty,
+    /// A listed name is not the canonical file name of its segment (`../x`, an absolute path…).
+    #[error("the manifest lists `{name}`, which is not the file name of segment {seq}")]
+    BadName {
+        /// The listed name.
+        name: String,
+        /// The listed sequence.
+        seq: u64,
+    },
+    /// Segments not in increasing order past the cursor.
+    #[error("segment {seq} is listed out of order (after {previous})")]
+    OutOfOrder {
+        /// The segment.
+        seq: u64,
+        /// The one before it.
+        previous: u64,
+    },
+    /// A listed segment is missing.
+    #[error("{name} is missing ({problem}): an incomplete copy?")]
+    Missing {
+        /// The segment file.
+        name: String,
+        /// The operating system's message.
+        problem: String,
+    },
+    /// A listed segment is a directory, a link or a device.
+    #[error("{0} is not a regular file")]
+    NotAFile(String),
+    /// A segment's size differs from the manifest's (a partial copy).
+    #[error("{name} has {bytes} bytes, the manifest says {expected}: an incomplete copy?")]
+    Size {
+        /// The segment file.
+        name: String,
+        /// Its size.
+        bytes: u64,
+        /// The manifest's.
+        expected: u64,
+    },
+    /// A segment's SHA-256 differs from the manifest's.
+    #[error("{0} does not match its SHA-256 in the manifest")]
+    Checksum(String),
+    /// A segment's header is invalid.
+    #[error("{name}: {error}")]
+    Header {
+        /// The segment file.
+        name: String,
+        /// What is wrong.
+        error: HeaderError,
+    },
+    /// A segment's header names another device or sequence.
+    #[error("{name}: its header names device {device} segment {seq}, not device {expected_device} segment {expected_seq}")]
+    HeaderMismatch {
+        /// The segment file.
+        name: String,
+        /// The header's device.
+        device: DeviceId,
+        /// The header's sequence.
+        seq: u64,
+        /// The manifest's device.
+        expected_device: DeviceId,
+        /// The listed sequence.
+        expected_seq: u64,
+    },
+    /// The store already holds different bytes for a segment (host side).
+    #[error("the store holds different bytes for segment {seq} of device {device}")]
+    Conflict {
+        /// The device.
+        device: DeviceId,
+        /// The segment.
+        seq: u64,
+    },
+    /// A segment changed between verification and storing (host side).
+    #[error("{0} changed while it was being stored")]
+    Changed(String),
 }
 
 /// Checks a bundle completely: the manifest's signature with the key
@@ -147,55 +236,58 @@ pub fn write_bundle(
 /// and header. Returns the manifest.
 ///
 /// # Errors
-/// [`SyncError::Rejected`] naming the bundle and what is wrong: a missing
+/// [`SyncError::Bundle`] naming the bundle and what is wrong ([`Rejection`]): a missing
 /// manifest or segment, an unenrolled device, a bad signature, an unsafe or
 /// unexpected name, a size or checksum that differs (a partial copy), a
 /// header of another device or sequence.
 pub fn verify_bundle(dir: &Path, enrolled: &dyn Fn(DeviceId) -> Option<VerifyingKey>) -> Result<Manifest, SyncError> {
-    let reject = |problem: String| SyncError::Rejected { path: dir.to_path_buf(), problem };
+    let reject = |rejection: Rejection| SyncError::Bundle { path: dir.to_path_buf(), rejection };
     let manifest_path = dir.join(MANIFEST_FILE);
-    let bytes = std::fs::read(&manifest_path)
-        .map_err(|e| reject(format!("no readable {MANIFEST_FILE} ({e}): an incomplete copy?")))?;
-    let unverified: Manifest = peek_sealed(&bytes).map_err(|e| reject(format!("{MANIFEST_FILE}: {e}")))?;
-    let key = enrolled(unverified.device)
-        .ok_or_else(|| reject(format!("device {} is not enrolled on this host", unverified.device)))?;
-    let manifest: Manifest = open_sealed(MANIFEST_DOMAIN, &bytes, &key)
-        .map_err(|e| reject(format!("{MANIFEST_FILE} of device {}: {e}", unverified.device)))?;
+    let bytes = std::fs::read(&manifest_path).map_err(|e| reject(Rejection::ManifestMissing(e.to_string())))?;
+    let unverified: Manifest = peek_sealed(&bytes).map_err(|e| reject(Rejection::ManifestMalformed(e)))?;
+    let device = unverified.device;
+    let key = enrolled(device).ok_or_else(|| reject(Rejection::NotEnrolled(device)))?;
+    let manifest: Manifest =
+        open_sealed(MANIFEST_DOMAIN, &bytes, &key).map_err(|error| reject(Rejection::ManifestSignature { device, error }))?;
     if manifest.format != BUNDLE_FORMAT {
-        return Err(reject(format!("bundle format {}; this build reads {BUNDLE_FORMAT}", manifest.format)));
+        return Err(reject(Rejection::Format(manifest.format)));
     }
     if manifest.segments.is_empty() {
-        return Err(reject("the manifest lists no segment".into()));
+        return Err(reject(Rejection::Empty));
     }
     let mut previous = manifest.cursor;
     for entry in &manifest.segments {
+        let name = || entry.name.clone();
         if parse_segment_file_name(&entry.name) != Some(entry.seq) || entry.name != segment_file_name(entry.seq) {
-            return Err(reject(format!("the manifest lists `{}`, which is not the file name of segment {}", entry.name, entry.seq)));
+            return Err(reject(Rejection::BadName { name: name(), seq: entry.seq }));
         }
         if entry.seq <= previous {
-            return Err(reject(format!("segment {} is listed out of order (after {previous})", entry.seq)));
+            return Err(reject(Rejection::OutOfOrder { seq: entry.seq, previous }));
         }
         previous = entry.seq;
         let path = dir.join(&entry.name);
-        let meta = std::fs::symlink_metadata(&path).map_err(|e| reject(format!("{} is missing ({e}): an incomplete copy?", entry.name)))?;
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| reject(Rejection::Missing { name: name(), problem: e.to_string() }))?;
         if !meta.file_type().is_file() {
-            return Err(reject(format!("{} is not a regular file", entry.name)));
+            return Err(reject(Rejection::NotAFile(name())));
         }
         if meta.len() != entry.bytes {
-            return Err(reject(format!("{} has {} bytes, the manifest says {}: an incomplete copy?", entry.name, meta.len(), entry.bytes)));
+            return Err(reject(Rejection::Size { name: name(), bytes: meta.len(), expected: entry.bytes }));
         }
         let (_, sha256) = copy_hashing(&path, None)?;
         if sha256 != entry.sha256 {
-            return Err(reject(format!("{} does not match its SHA-256 in the manifest", entry.name)));
+            return Err(reject(Rejection::Checksum(name())));
         }
         let mut header = [0u8; HEADER_LEN];
         std::fs::File::open(&path).and_then(|mut f| f.read_exact(&mut header)).map_err(FileError::io(&path))?;
-        let header = SegmentHeader::decode(&header).map_err(|e| reject(format!("{}: {e}", entry.name)))?;
+        let header = SegmentHeader::decode(&header).map_err(|error| reject(Rejection::Header { name: name(), error }))?;
         if header.device != manifest.device || header.seq != entry.seq {
-            return Err(reject(format!(
-                "{}: its header names device {} segment {}, not device {} segment {}",
-                entry.name, header.device, header.seq, manifest.device, entry.seq
-            )));
+            return Err(reject(Rejection::HeaderMismatch {
+                name: name(),
+                device: header.device,
+                seq: header.seq,
+                expected_device: manifest.device,
+                expected_seq: entry.seq,
+            }));
         }
     }
     Ok(manifest)

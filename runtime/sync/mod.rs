@@ -23,7 +23,8 @@ use crate::durable_file::write_atomic;
 use crate::file_error::FileError;
 use crate::journal::reader::list_segments;
 use crate::journal::segment::SegmentHeader;
-use crate::journal::writer::read_host_ack;
+use crate::journal::directory::read_host_ack;
+use crate::journal::record::now_ms;
 use crate::journal::{Journal, JournalError};
 
 /// Why a sync step failed.
@@ -43,13 +44,17 @@ pub enum SyncError {
         /// Why.
         problem: String,
     },
+    /// A segment bundle was rejected; nothing was changed.
+    #[error("{}: rejected: {rejection}", path.display())]
+    Bundle {
+        /// The bundle.
+        path: PathBuf,
+        /// Why.
+        rejection: bundle::Rejection,
+    },
     /// There is nothing to do.
     #[error("nothing to export: {0}")]
     Nothing(String),
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Seals the journal's current segment (if it holds records) and writes a

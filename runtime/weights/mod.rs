@@ -323,60 +323,97 @@ impl ModelPack {
     }
 }
 
-/// Checks the mapped file against `config` and returns one slot per
-/// [`pack_layout`] entry, or a message naming the problem.
-fn validate(bytes: &[u8], config: &ModelConfig) -> Result<Vec<Slot>, String> {
-    let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| {
-        let detail = diagnose_offsets(bytes).map_or(String::new(), |d| format!(" ({d})"));
-        format!("not a valid safetensors file: {e}{detail}")
-    })?;
-    let data_start = 8 + header_len;
-    let layout = pack_layout(config);
-    let int8 = config.precision() == Precision::Int8;
-    let mut found = 0usize;
-    let mut resolve = |name: &str, dtype: Dtype, shape: &[usize]| -> Result<Range<usize>, String> {
-        let info = metadata.info(name).ok_or_else(|| format!("tensor `{name}` is missing"))?;
+/// The tensor table of a mapped safetensors file, and the one check of a
+/// tensor that packs and adapters share: present, of the expected dtype and
+/// shape, its data aligned to its elements. Byte ranges are checked by the
+/// `safetensors` crate when the table is read (inside the file, contiguous,
+/// not overlapping).
+pub struct TensorIndex {
+    metadata: safetensors::tensor::Metadata,
+    data_start: usize,
+    /// Tensors handed out by [`TensorIndex::range`] so far.
+    found: std::collections::HashSet<String>,
+}
+
+impl TensorIndex {
+    /// Reads the header of the safetensors file `bytes`.
+    ///
+    /// # Errors
+    /// A message naming the problem (and, where `safetensors` does not, the
+    /// tensor whose bytes lie outside the data or overlap another).
+    pub fn read(bytes: &[u8]) -> Result<TensorIndex, String> {
+        let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| {
+            let detail = diagnose_offsets(bytes).map_or(String::new(), |d| format!(" ({d})"));
+            format!("not a valid safetensors file: {e}{detail}")
+        })?;
+        Ok(TensorIndex { metadata, data_start: 8 + header_len, found: Default::default() })
+    }
+
+    /// The dtype of tensor `name`.
+    ///
+    /// # Errors
+    /// The tensor is missing.
+    pub fn dtype(&self, name: &str) -> Result<Dtype, String> {
+        Ok(self.metadata.info(name).ok_or_else(|| format!("missing tensor `{name}`"))?.dtype)
+    }
+
+    /// The byte range of tensor `name` in the file, checked to be `dtype`,
+    /// `shape` and aligned to its elements.
+    ///
+    /// # Errors
+    /// A message naming the tensor and what differs.
+    pub fn range(&mut self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<Range<usize>, String> {
+        let info = self.metadata.info(name).ok_or_else(|| format!("missing tensor `{name}`"))?;
         if info.dtype != dtype {
             return Err(format!("tensor `{name}` has dtype {:?}, expected {dtype:?}", info.dtype));
         }
         if info.shape != shape {
             return Err(format!("tensor `{name}` has shape {:?}, expected {shape:?}", info.shape));
         }
-        let (start, end) = (data_start + info.data_offsets.0, data_start + info.data_offsets.1);
-        let align = dtype.bitsize() / 8;
-        if start % align != 0 {
+        let (start, end) = (self.data_start + info.data_offsets.0, self.data_start + info.data_offsets.1);
+        let align = (dtype.bitsize() / 8).max(1);
+        if !start.is_multiple_of(align) {
             return Err(format!("tensor `{name}` starts at byte {start}, not aligned to its {align}-byte elements"));
         }
-        found += 1;
+        self.found.insert(name.to_string());
         Ok(start..end)
-    };
+    }
+
+    /// Checks that every tensor of the file was handed out by [`TensorIndex::range`].
+    ///
+    /// # Errors
+    /// Names the first stray tensor.
+    pub fn expect_no_others(&self) -> Result<(), String> {
+        let total = self.metadata.offset_keys().len();
+        match self.metadata.offset_keys().into_iter().find(|n| !self.found.contains(n)) {
+            Some(extra) => Err(format!("unexpected tensor `{extra}` ({total} tensors, {} expected)", self.found.len())),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Checks the mapped file against `config` and returns one slot per
+/// [`pack_layout`] entry, or a message naming the problem.
+fn validate(bytes: &[u8], config: &ModelConfig) -> Result<Vec<Slot>, String> {
+    let mut index = TensorIndex::read(bytes)?;
+    let layout = pack_layout(config);
+    let int8 = config.precision() == Precision::Int8;
     let mut slots = Vec::with_capacity(layout.len());
     for spec in &layout {
         slots.push(match spec.kind {
-            TensorKind::Norm { len } => Slot::Norm(resolve(&spec.name, Dtype::F32, &[len])?),
+            TensorKind::Norm { len } => Slot::Norm(index.range(&spec.name, Dtype::F32, &[len])?),
             TensorKind::Matrix { rows, cols } if int8 => Slot::Matrix {
                 rows,
                 cols,
-                values: resolve(&spec.name, Dtype::I8, &[rows, cols])?,
-                scales: Some(resolve(&format!("{}{SCALE_SUFFIX}", spec.name), Dtype::F16, &[rows, cols / INT8_BLOCK])?),
+                values: index.range(&spec.name, Dtype::I8, &[rows, cols])?,
+                scales: Some(index.range(&format!("{}{SCALE_SUFFIX}", spec.name), Dtype::F16, &[rows, cols / INT8_BLOCK])?),
             },
             TensorKind::Matrix { rows, cols } => {
-                Slot::Matrix { rows, cols, values: resolve(&spec.name, Dtype::F16, &[rows, cols])?, scales: None }
+                Slot::Matrix { rows, cols, values: index.range(&spec.name, Dtype::F16, &[rows, cols])?, scales: None }
             }
         });
     }
-    let total = metadata.offset_keys().len();
-    if found != total {
-        let mut expected = std::collections::HashSet::new();
-        for spec in &layout {
-            if int8 && matches!(spec.kind, TensorKind::Matrix { .. }) {
-                expected.insert(format!("{}{SCALE_SUFFIX}", spec.name));
-            }
-            expected.insert(spec.name.clone());
-        }
-        let extra = metadata.offset_keys().into_iter().find(|n| !expected.contains(n)).unwrap_or_default();
-        return Err(format!("unexpected tensor `{extra}` ({total} tensors, the config accounts for {found})"));
-    }
+    index.expect_no_others()?;
     Ok(slots)
 }
 

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use nocturne::device::{StateDir, DEVICE_PUBLIC_FILE};
 use nocturne::journal::{Body, Feedback, Journal, JournalConfig};
-use nocturne::profile::{Durability, ACTIVE};
+use nocturne::profile::Durability;
 use nocturne::sync::export;
 use nocturne_trainer::store::Store;
 
@@ -27,7 +27,7 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
     let state = StateDir::new(dir.join("state"));
     let device = state.device_id_or_create().unwrap();
-    let mut config = JournalConfig::for_profile(&ACTIVE);
+    let mut config = JournalConfig::for_profile(&nocturne_trainer::eval::device_profile(None).unwrap());
     config.durability = Durability::GroupCommit;
     config.disk_quota_bytes = u64::MAX / 2;
     let mut journal = Journal::open(&state.journal_dir(), device, config).unwrap();

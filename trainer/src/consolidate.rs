@@ -1,332 +1,302 @@
-//! Sleep consolidation: LoRA training on the replay buffer over the frozen
-//! base, with two terms against forgetting: a Memory Aware Synapses penalty
-//! and rehearsal on the base model's own text.
+//! One consolidation run, end to end: journals → replay buffer → LoRA
+//! training → evaluation on the device decoder → gate → signed adapter
+//! bundle (and PEFT copy) → `report.json`.
 //!
-//! Principal items: [`TrainConfig`], [`train`], [`TrainOutcome`],
-//! [`tokenize`], [`mas_importance`], [`rehearsal_samples`].
+//! Principal items: [`NightConfig`], [`consolidate`], [`Report`],
+//! [`journal_dirs`], [`retention_texts`].
 //!
-//! Each step draws one example by priority ([`ReplayBuffer::sample`]), and
-//! takes an AdamW step (Loshchilov & Hutter, ICLR 2019; learning rate warmed
-//! up, then cosine-decayed) on
-//! `cross-entropy(target tokens) + λ · Σ Ω ⊙ (θ − θ*)² + μ · KL(p_start ‖ p_θ)`,
-//! the last on one rehearsal sequence per step ([`rehearsal_samples`]), where
-//! `p_start` is the model training starts from (base + previous adapter).
-//!
-//! The penalty follows Memory Aware Synapses (Aljundi et al., "Memory Aware
-//! Synapses: Learning what (not) to forget", ECCV 2018): the importance Ω of
-//! each LoRA parameter is the mean over reference prompts of
-//! `|∂ ‖F(x)‖²₂ / ∂θ|`, F the model's output logits, measured at the starting
-//! parameters, then scaled so that its mean over all parameters is 1 (so λ
-//! does not depend on the output scale); θ* are the previous adapter's parameters (a warm start), or
-//! zero on the first night (where `B = 0`, so only `B`, which carries the
-//! whole update, is held back).
+//! Split: with at least [`MIN_CORRECTIONS_TO_HOLD_OUT`] corrections, those
+//! whose interaction LSN is a multiple of 5 ([`is_held_out`]) are held out of training. The
+//! gate ([`crate::eval::Gate`]) requires the match rate on the trained
+//! corrections to improve, the held-out match rate not to fall, and the
+//! retention perplexity to stay within its bound. A rejected adapter is still written, under
+//! `rejected/`, so it can be inspected.
 
-use candle_core::{Tensor, Var};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nocturne::adapter::{LoraAdapter, Target};
-use nocturne::budget::PlanSettings;
-use nocturne::decoder::Decoder;
-use nocturne::sampler::{Sampler, SamplerConfig};
-use nocturne::tokenizer::{chatml, Tokenizer};
-use nocturne::weights::ModelPack;
+use anyhow::Context;
+use candle_core::{DType, Device};
+use ed25519_dalek::SigningKey;
+use nocturne::adapter::LoraAdapter;
+use nocturne::profile::Profile;
+use nocturne::tokenizer::Tokenizer;
+use nocturne::weights::{ModelPack, TOKENIZER_FILE};
+use serde::Serialize;
 
-use crate::model::{sequence_loss, BaseModel, Lora};
-use crate::replay::{Example, ReplayBuffer};
+use crate::train::{rehearsal_samples, train, Retention, TrainConfig};
+use crate::eval::{Evaluator, Gate, Scores};
+use crate::export::{export_adapter, AdapterPrecision};
+use crate::llama::{BaseModel, Lora};
+use crate::replay::{PriorityWeights, ReplayBuffer, ReplayReport};
 
-/// Training settings.
+/// Fewest corrections before some are held out of training for the gate.
+pub const MIN_CORRECTIONS_TO_HOLD_OUT: usize = 10;
+
+/// Whether a correction of the interaction at LSN `interaction` is held out
+/// of training (when there are enough corrections): every fifth LSN.
+pub fn is_held_out(interaction: u64) -> bool {
+    interaction.is_multiple_of(5)
+}
+
+/// The built-in retention set: general text and dialogue the base handles.
+pub const RETENTION_TEXT: &str = include_str!("../data/retention.txt");
+
+/// Settings of a run.
 #[derive(Clone, Debug)]
-pub struct TrainConfig {
-    /// LoRA rank (default 8).
-    pub rank: usize,
-    /// LoRA alpha (default 16).
-    pub alpha: f32,
-    /// Targeted projections (default q, k, v, o).
-    pub targets: Vec<Target>,
-    /// AdamW learning rate (default 2e-3).
-    pub learning_rate: f64,
-    /// Optimisation steps, one example each (default 400).
-    pub steps: usize,
-    /// Weight λ of the MAS penalty (default 0.005; 0 turns it off). With the
-    /// importance normalised to mean 1, the penalty sums over every LoRA
-    /// parameter, so small values already hold the adapter back strongly.
-    pub mas_lambda: f64,
-    /// Longest example, tokens (longer contexts are cut from the left).
-    pub max_tokens: usize,
-    /// Weight μ of the rehearsal term (default 20; 0 turns it off; see [`rehearsal_samples`]).
-    pub rehearsal_weight: f64,
-    /// Rehearsal sequences sampled from the base model (default 32).
-    pub rehearsal_sequences: usize,
-    /// Tokens per rehearsal sequence (default 48).
-    pub rehearsal_tokens: usize,
-    /// Seed of initialisation and sampling.
-    pub seed: u64,
+pub struct NightConfig {
+    /// Training settings.
+    pub train: TrainConfig,
+    /// Priority weights.
+    pub weights: PriorityWeights,
+    /// The publication gate.
+    pub gate: Gate,
+    /// Precision of the device bundle.
+    pub precision: AdapterPrecision,
+    /// The device profile the evaluation runs under ([`crate::eval::device_profile`]).
+    pub device: Profile,
 }
 
-impl Default for TrainConfig {
-    fn default() -> TrainConfig {
-        TrainConfig {
-            rank: 8,
-            alpha: 16.0,
-            targets: vec![Target::Q, Target::K, Target::V, Target::O],
-            learning_rate: 2e-3,
-            steps: 400,
-            mas_lambda: 0.005,
-            max_tokens: 256,
-            rehearsal_weight: 20.0,
-            rehearsal_sequences: 32,
-            rehearsal_tokens: 48,
-            seed: 0,
-        }
-    }
-}
-
-/// Token ids of an example and the label of each position: the next token
-/// where it belongs to the target (the answer and its `<|im_end|>`), else none.
-///
-/// # Errors
-/// Tokenizer errors.
-pub fn tokenize(tokenizer: &Tokenizer, example: &Example, max_tokens: usize) -> anyhow::Result<(Vec<u32>, Vec<Option<u32>>)> {
-    let prompt = tokenizer.encode(&chatml(&example.messages, true))?;
-    let target = tokenizer.encode(&format!("{}<|im_end|>", example.target))?;
-    let mut ids = prompt.clone();
-    ids.extend(&target);
-    let mut labels: Vec<Option<u32>> = (0..ids.len()).map(|i| (i + 1 >= prompt.len() && i + 1 < ids.len()).then(|| ids[i + 1])).collect();
-    if ids.len() > max_tokens {
-        let cut = ids.len() - max_tokens;
-        ids.drain(..cut);
-        labels.drain(..cut);
-    }
-    Ok((ids, labels))
-}
-
-/// MAS importance of every LoRA parameter: mean over `prompts` of the
-/// absolute gradient of the squared L2 norm of the output logits.
-///
-/// # Errors
-/// candle errors.
-pub fn mas_importance(base: &BaseModel, lora: &Lora, prompts: &[Vec<u32>]) -> candle_core::Result<Vec<Tensor>> {
-    let vars = lora.named_vars();
-    let mut total: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().zeros_like()).collect::<candle_core::Result<_>>()?;
-    for prompt in prompts {
-        let out = base.forward(prompt, Some(lora))?;
-        let norm = out.sqr()?.sum_all()?;
-        let grads = norm.backward()?;
-        for ((_, var), acc) in vars.iter().zip(total.iter_mut()) {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                *acc = (&*acc + g.abs()?)?;
-            }
-        }
-    }
-    // Scale so the mean importance over all parameters is 1: λ then means the
-    // same whatever the model's output scale.
-    let count: usize = total.iter().map(|t| t.elem_count()).sum();
-    let mut sum = 0.0;
-    for t in &total {
-        sum += t.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-    }
-    let mean = sum / count.max(1) as f64;
-    if mean == 0.0 {
-        return Ok(total);
-    }
-    total.into_iter().map(|t| t / mean).collect()
-}
-
-/// Rehearsal sequences: text the device's current model (the base, with
-/// `adapter` when a previous night's adapter is active) itself writes,
-/// sampled at temperature 1 with nucleus sampling (top-p 0.9, no penalty) on
-/// the device decoder, `count` sequences of `tokens` tokens, alternately from a
-/// document boundary (`<|endoftext|>`: whatever text it writes) and from the
-/// opening of a chat user turn (`<|im_start|>user\n`: a user message, and
-/// usually the assistant's reply after it), so that both plain text and
-/// conversation are covered.
-///
-/// Training adds `μ · KL(p_start ‖ p_θ)` averaged over the positions of one
-/// such sequence per step, `p_start` being the model training starts from
-/// (the same current model): since the text is drawn from its own
-/// distribution, this is the expected divergence of the adapted model from
-/// it on what it writes, which keeps the adapter from changing behaviour
-/// away from the corrected answers (and, on later nights, from forgetting
-/// what earlier adapters learned). Rehearsal on self-generated
-/// text follows Huang et al., "Mitigating Catastrophic Forgetting in Large
-/// Language Models with Self-Synthesized Rehearsal" (ACL 2024); distilling
-/// the old model's outputs follows Li & Hoiem, "Learning without
-/// Forgetting" (ECCV 2016). It needs no data besides the pack.
-///
-/// # Errors
-/// Decoder errors.
-pub fn rehearsal_samples(
-    pack: &ModelPack,
-    adapter: Option<Arc<LoraAdapter>>,
-    tokenizer: &Tokenizer,
-    count: usize,
-    tokens: usize,
-    seed: u64,
-) -> anyhow::Result<Vec<Vec<u32>>> {
-    let openings = [vec![0u32], tokenizer.encode("<|im_start|>user\n")?];
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut decoder = Decoder::new(pack, PlanSettings::new(pack.config(), tokens.max(2), threads));
-    decoder.set_adapter(adapter);
-    let vocab = pack.config().vocab_size;
-    let config = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 0.9, repetition_penalty: 1.0, seed };
-    let mut sampler = Sampler::new(config, vocab);
-    let mut out = Vec::with_capacity(count);
-    for i in 0..count {
-        decoder.truncate(0);
-        let mut ids = openings[i % openings.len()].clone();
-        if ids.len() > 1 {
-            decoder.forward(&ids[..ids.len() - 1])?;
-        }
-        while ids.len() < tokens {
-            let logits = decoder.forward(&ids[ids.len() - 1..])?;
-            let next = sampler.sample(logits, &ids);
-            ids.push(next);
-        }
-        out.push(ids);
-    }
-    Ok(out)
-}
-
-/// What the rehearsal term holds the adapter to on one sequence: the
-/// starting model's next-token probabilities after every token, `[T, vocab]`,
-/// and their mean `Σ p log p` per position, both computed once, before
-/// training, and detached (constants for every later step).
-struct RehearsalTarget<'a> {
-    ids: &'a [u32],
-    p: Tensor,
-    neg_entropy: Tensor,
-}
-
-impl<'a> RehearsalTarget<'a> {
-    fn new(base: &BaseModel, lora: &Lora, ids: &'a [u32]) -> candle_core::Result<RehearsalTarget<'a>> {
-        let log_p = candle_nn::ops::log_softmax(&base.forward(ids, Some(lora))?, candle_core::D::Minus1)?.detach();
-        let p = log_p.exp()?;
-        let neg_entropy = (&p * &log_p)?.sum(candle_core::D::Minus1)?.mean_all()?;
-        Ok(RehearsalTarget { ids, p, neg_entropy })
-    }
-
-    /// Mean over positions of `KL(p_start ‖ p_θ) = Σ p log p − Σ p log p_θ`.
-    fn divergence(&self, base: &BaseModel, lora: &Lora) -> candle_core::Result<Tensor> {
-        let log_q = candle_nn::ops::log_softmax(&base.forward(self.ids, Some(lora))?, candle_core::D::Minus1)?;
-        let cross = (&self.p * log_q)?.sum(candle_core::D::Minus1)?.mean_all()?;
-        &self.neg_entropy - cross
-    }
-}
-
-/// What a training run produced.
-pub struct TrainOutcome {
-    /// The trained parameters.
-    pub lora: Lora,
-    /// Task loss (cross-entropy only) of every step.
+/// Everything a run measured, as written to `report.json`.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Replay-buffer counts.
+    pub replay: ReplayReport,
+    /// Priority of every example.
+    pub priorities: Vec<f32>,
+    /// Examples (interactions with usable feedback) per day of the interaction (UTC date, count).
+    pub examples_per_day: Vec<(String, usize)>,
+    /// Task loss per step.
     pub losses: Vec<f32>,
-    /// Rehearsal divergence of every step (empty without rehearsal).
-    pub divergences: Vec<f32>,
-    /// Tokens processed (forward and backward) per second.
+    /// Training throughput, tokens per second.
     pub tokens_per_second: f64,
-    /// Wall time of training, seconds.
-    pub seconds: f64,
+    /// Training wall time, seconds.
+    pub train_seconds: f64,
+    /// Whole run wall time, seconds.
+    pub total_seconds: f64,
+    /// Scores without the new adapter (base, or the previous adapter).
+    pub before: ScoresJson,
+    /// Scores with it.
+    pub after: ScoresJson,
+    /// Whether the gate used held-out examples.
+    pub held_out: bool,
+    /// The decision.
+    pub published: bool,
+    /// Why.
+    pub decision: String,
+    /// The adapter's id and where it went.
+    pub adapter: String,
+    /// Device bundle directory.
+    pub bundle: PathBuf,
+    /// PEFT directory.
+    pub peft: PathBuf,
+    /// Size of the adapter weights file, bytes.
+    pub adapter_bytes: u64,
+    /// LoRA settings.
+    pub rank: usize,
+    /// LoRA alpha.
+    pub alpha: f32,
+    /// MAS weight.
+    pub mas_lambda: f64,
+    /// Rehearsal weight.
+    pub rehearsal_weight: f64,
+    /// Rehearsal divergence per step.
+    pub divergences: Vec<f32>,
+    /// Precision of the device bundle.
+    pub precision: AdapterPrecision,
 }
 
-/// What holds the adapter near the model training starts from: the
-/// reference prompts of the MAS importance, and the sequences of the
-/// rehearsal term (from [`rehearsal_samples`]; unused when its weight is 0).
-#[derive(Clone, Copy)]
-pub struct Retention<'a> {
-    /// Reference prompts (token ids) of the MAS importance.
-    pub reference: &'a [Vec<u32>],
-    /// Rehearsal sequences (token ids) the starting model sampled.
-    pub rehearsal: &'a [Vec<u32>],
+/// [`Scores`] for JSON.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct ScoresJson {
+    /// Match rate on the trained corrections.
+    pub task: f64,
+    /// Match rate on held-out corrections.
+    pub held_out: Option<f64>,
+    /// Retention perplexity.
+    pub retention_perplexity: f64,
 }
 
-/// Trains LoRA parameters on every example of `examples`,
-/// sampled by priority. `previous` is the warm start (the previous night's
-/// adapter, already loaded as [`Lora`]); `retention` holds it near the
-/// starting model. `progress(step, loss, tokens_per_second)`
-/// is called after every step.
+impl From<Scores> for ScoresJson {
+    fn from(s: Scores) -> ScoresJson {
+        ScoresJson { task: s.task, held_out: s.held_out, retention_perplexity: s.retention_perplexity }
+    }
+}
+
+/// The journal directories of a host store (`devices/*`), or the given ones.
 ///
 /// # Errors
-/// Tokenizer or candle errors; no training example.
-pub fn train(
-    base: &BaseModel,
-    tokenizer: &Tokenizer,
-    examples: &ReplayBuffer,
-    previous: Option<Lora>,
-    retention: Retention<'_>,
-    config: &TrainConfig,
-    progress: &mut dyn FnMut(usize, f32, f64),
-) -> anyhow::Result<TrainOutcome> {
-    if examples.examples.is_empty() {
-        anyhow::bail!("no training example: the journals hold no correction and no positively rated reply");
-    }
-    let lora = match previous {
-        Some(lora) => lora,
-        None => Lora::new(base, config.rank, config.alpha, &config.targets, config.seed)?,
-    };
-    let vars: Vec<Var> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
-    // θ*: the starting point (the previous adapter), or zero on the first night.
-    let anchors: Vec<Tensor> = if lora_is_fresh(&lora)? {
-        vars.iter().map(|v| v.as_tensor().zeros_like()).collect::<candle_core::Result<_>>()?
-    } else {
-        vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?
-    };
-    let importance = if config.mas_lambda > 0.0 { mas_importance(base, &lora, retention.reference)? } else { Vec::new() };
-    let tokenized: Vec<_> = examples.examples.iter().map(|e| tokenize(tokenizer, e, config.max_tokens)).collect::<anyhow::Result<_>>()?;
-    let rehearsal: Vec<RehearsalTarget<'_>> = if config.rehearsal_weight > 0.0 {
-        retention.rehearsal.iter().map(|ids| RehearsalTarget::new(base, &lora, ids)).collect::<candle_core::Result<_>>()?
-    } else {
-        Vec::new()
-    };
-    let mut opt = AdamW::new(vars.clone(), ParamsAdamW { lr: config.learning_rate, weight_decay: 0.0, ..Default::default() })?;
-    let started = std::time::Instant::now();
-    let (mut losses, mut divergences, mut tokens) = (Vec::with_capacity(config.steps), Vec::new(), 0usize);
-    for (step, i) in examples.sample(config.steps, config.seed ^ 0x5EED).into_iter().enumerate() {
-        let (ids, labels) = &tokenized[i];
-        let task = sequence_loss(base, ids, labels, Some(&lora))?;
-        let mut loss = task.clone();
-        if config.mas_lambda > 0.0 {
-            let mut penalty = Tensor::zeros((), base.dtype(), base.device())?;
-            for ((v, anchor), omega) in vars.iter().zip(&anchors).zip(&importance) {
-                penalty = (penalty + (omega * (v.as_tensor() - anchor)?.sqr()?)?.sum_all()?)?;
+/// The store cannot be listed.
+pub fn journal_dirs(store: Option<&Path>, journals: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut dirs = journals.to_vec();
+    if let Some(store) = store {
+        let devices = store.join("devices");
+        for entry in std::fs::read_dir(&devices).with_context(|| format!("cannot list {}", devices.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                dirs.push(path);
             }
-            loss = (loss + (penalty * config.mas_lambda)?)?;
         }
-        if let Some(target) = rehearsal.get(step % rehearsal.len().max(1)) {
-            let divergence = target.divergence(base, &lora)?;
-            loss = (loss + (&divergence * config.rehearsal_weight)?)?;
-            divergences.push(divergence.to_dtype(candle_core::DType::F32)?.to_scalar()?);
-            tokens += target.ids.len();
-        }
-        opt.set_learning_rate(learning_rate(config, step));
-        opt.backward_step(&loss)?;
-        tokens += ids.len();
-        let task: f32 = task.to_dtype(candle_core::DType::F32)?.to_scalar()?;
-        losses.push(task);
-        progress(step + 1, task, tokens as f64 / started.elapsed().as_secs_f64());
     }
-    let seconds = started.elapsed().as_secs_f64();
-    Ok(TrainOutcome { lora, losses, divergences, tokens_per_second: tokens as f64 / seconds, seconds })
+    dirs.sort();
+    Ok(dirs)
 }
 
-/// The learning rate at `step` (from 0): a linear warm-up over the first 5%
-/// of the steps, then a cosine decay to zero (Loshchilov & Hutter, "SGDR",
-/// ICLR 2017), so that the last steps settle instead of moving the adapter
-/// around at full rate.
-fn learning_rate(config: &TrainConfig, step: usize) -> f64 {
-    let warmup = (config.steps / 20).max(1);
-    if step < warmup {
-        return config.learning_rate * (step + 1) as f64 / warmup as f64;
+/// Retention texts: paragraphs (blank-line separated) of `files`, or of the
+/// built-in set when there are none.
+///
+/// # Errors
+/// A file cannot be read.
+pub fn retention_texts(files: &[PathBuf]) -> anyhow::Result<Vec<String>> {
+    let mut text = String::new();
+    for f in files {
+        text.push_str(&std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?);
+        text.push_str("\n\n");
     }
-    let progress = (step - warmup) as f64 / (config.steps - warmup).max(1) as f64;
-    config.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    if files.is_empty() {
+        text.push_str(RETENTION_TEXT);
+    }
+    Ok(text.split("\n\n").map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect())
 }
 
-/// True when every `B` is zero (a fresh initialisation).
-fn lora_is_fresh(lora: &Lora) -> candle_core::Result<bool> {
-    for (name, var) in lora.named_vars() {
-        if name.contains("lora_B") && var.as_tensor().abs()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? != 0.0 {
-            return Ok(false);
-        }
+fn day(ms: u64) -> String {
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = (ms / 86_400_000) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    format!("{:04}-{m:02}-{d:02}", yoe + era * 400 + i64::from(m <= 2))
+}
+
+/// What a night consolidates, and with which keys and texts.
+#[derive(Clone, Copy)]
+pub struct NightSources<'a> {
+    /// Journal directories (a device's `journal/`, a store's `devices/<id>/`).
+    pub journals: &'a [PathBuf],
+    /// The base model pack directory.
+    pub base: &'a Path,
+    /// The adapter bundle to continue from (None: the bare base).
+    pub previous: Option<&'a Path>,
+    /// The trainer's signing key.
+    pub key: &'a SigningKey,
+    /// Retention texts (the gate's perplexity set, the MAS reference prompts).
+    pub retention: &'a [String],
+}
+
+/// Runs one consolidation of `sources`, writing into `out` (published
+/// bundle and PEFT copy, or under `rejected/`, and `report.json`).
+///
+/// # Errors
+/// Unreadable journals or pack; no training example; training, evaluation
+/// or export failures.
+pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, progress: &mut dyn FnMut(usize, f32, f64)) -> anyhow::Result<Report> {
+    let NightSources { journals: dirs, base: base_dir, previous, key, retention } = sources;
+    let started = std::time::Instant::now();
+    let pack = ModelPack::open(base_dir)?;
+    let tokenizer = Tokenizer::from_file(&base_dir.join(TOKENIZER_FILE))?;
+    let buffer = ReplayBuffer::build(dirs, config.weights)?;
+    // Hold out every fifth corrected interaction (by LSN) when there are
+    // enough corrections for that to mean something.
+    let corrected: Vec<usize> = (0..buffer.examples.len()).filter(|&i| buffer.examples[i].corrected).collect();
+    let held_out_set: Vec<usize> =
+        if corrected.len() >= MIN_CORRECTIONS_TO_HOLD_OUT { corrected.iter().copied().filter(|&i| is_held_out(buffer.examples[i].interaction)).collect() } else { Vec::new() };
+    let train_set: Vec<usize> = (0..buffer.examples.len()).filter(|i| !held_out_set.contains(i)).collect();
+    let taught: Vec<usize> = train_set.iter().copied().filter(|&i| buffer.examples[i].corrected).collect();
+    let trainer_key = key.verifying_key();
+    let previous_adapter = previous.map(|p| LoraAdapter::open(p, &pack, &trainer_key)).transpose()?.map(Arc::new);
+    let base = BaseModel::from_pack(&pack, DType::F32, &Device::Cpu, config.train.max_tokens.max(64))?;
+    let warm = previous_adapter.as_ref().map(|a| Lora::from_adapter(&base, a)).transpose()?;
+    let reference: Vec<Vec<u32>> = retention
+        .iter()
+        .map(|t| tokenizer.encode(t).map(|mut ids| {
+            ids.truncate(48);
+            ids
+        }))
+        .collect::<Result<_, _>>()?;
+    let t = &config.train;
+    let rehearsal = if t.rehearsal_weight > 0.0 { rehearsal_samples(&pack, previous_adapter.clone(), &tokenizer, t.rehearsal_sequences, t.rehearsal_tokens, t.seed)? } else { Vec::new() };
+    let outcome = train(&base, &tokenizer, &buffer.subset(&train_set), warm, Retention { reference: &reference, rehearsal: &rehearsal }, t, progress)?;
+    drop(base);
+    // Evaluate before (the device as it is) and after (with the candidate).
+    let staging = out.join(".staging");
+    let _ = std::fs::remove_dir_all(&staging);
+    let mut description = serde_json::json!({
+        "examples": buffer.examples.len(),
+        "trained_on": train_set.len(),
+        "first_interaction_ms": buffer.examples.iter().map(|e| e.time_ms).min(),
+        "last_interaction_ms": buffer.examples.iter().map(|e| e.time_ms).max(),
+    });
+    let parent = previous_adapter.as_ref().map(|a| a.id());
+    let exported = export_adapter(&staging, key, &outcome.lora, pack.id(), parent, &description.to_string(), config.precision)?;
+    let candidate = Arc::new(LoraAdapter::open(&exported.bundle, &pack, &trainer_key)?);
+    let taught: Vec<_> = taught.iter().map(|&i| &buffer.examples[i]).collect();
+    let held: Vec<_> = held_out_set.iter().map(|&i| &buffer.examples[i]).collect();
+    let mut evaluator = Evaluator::new(&pack, &tokenizer, &config.device)?;
+    let mut score = |adapter: Option<Arc<LoraAdapter>>| -> anyhow::Result<Scores> {
+        evaluator.set_adapter(adapter);
+        Ok(Scores {
+            task: evaluator.match_rate(&taught)?,
+            held_out: if held.is_empty() { None } else { Some(evaluator.match_rate(&held)?) },
+            retention_perplexity: evaluator.perplexity(retention)?,
+        })
+    };
+    let before = score(previous_adapter.clone())?;
+    let after = score(Some(Arc::clone(&candidate)))?;
+    drop(evaluator);
+    let (published, decision) = config.gate.decide(&before, &after);
+    // The bundle that leaves is signed again with the evaluation in its
+    // manifest (same weights, so the same adapter id).
+    let _ = std::fs::remove_dir_all(&staging);
+    description["before"] = serde_json::to_value(ScoresJson::from(before))?;
+    description["after"] = serde_json::to_value(ScoresJson::from(after))?;
+    description["published"] = published.into();
+    description["decision"] = decision.clone().into();
+    let target = if published { out.to_path_buf() } else { out.join("rejected") };
+    let exported = export_adapter(&target, key, &outcome.lora, pack.id(), parent, &description.to_string(), config.precision)?;
+    let (bundle, peft) = (exported.bundle, exported.peft);
+    let adapter_bytes = std::fs::metadata(bundle.join(nocturne::adapter::ADAPTER_WEIGHTS_FILE))?.len();
+    let mut per_day = std::collections::BTreeMap::<String, usize>::new();
+    for e in &buffer.examples {
+        *per_day.entry(day(e.time_ms)).or_default() += 1;
     }
-    Ok(true)
+    let report = Report {
+        replay: buffer.report.clone(),
+        priorities: buffer.examples.iter().map(|e| e.priority).collect(),
+        examples_per_day: per_day.into_iter().collect(),
+        losses: outcome.losses,
+        tokens_per_second: outcome.tokens_per_second,
+        train_seconds: outcome.seconds,
+        total_seconds: started.elapsed().as_secs_f64(),
+        before: before.into(),
+        after: after.into(),
+        held_out: !held_out_set.is_empty(),
+        published,
+        decision,
+        adapter: exported.id.to_string(),
+        bundle,
+        peft,
+        adapter_bytes,
+        rank: outcome.lora.rank(),
+        alpha: outcome.lora.alpha(),
+        mas_lambda: config.train.mas_lambda,
+        rehearsal_weight: config.train.rehearsal_weight,
+        divergences: outcome.divergences,
+        precision: config.precision,
+    };
+    std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&report)? + "\n")?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn civil_dates() {
+        assert_eq!(super::day(0), "1970-01-01");
+        assert_eq!(super::day(951_782_400_000), "2000-02-29");
+        assert_eq!(super::day(1_795_252_306_838), "2026-11-21");
+    }
 }

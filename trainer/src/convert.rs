@@ -29,7 +29,8 @@ use safetensors::Dtype;
 
 use crate::gguf::{GgufError, GgufFile};
 use crate::gguf_tokenizer::build_tokenizer;
-use crate::quant::quantize_int8;
+use nocturne::durable_file::write_dir_atomic;
+use nocturne::quant::quantize_int8;
 
 /// What a conversion wrote.
 #[derive(Debug)]
@@ -207,45 +208,42 @@ pub fn convert(gguf: &GgufFile, out: &Path) -> anyhow::Result<ConvertReport> {
     Ok(ConvertReport { packs, tensors: layout.len() })
 }
 
-/// Writes one pack directory atomically: into `<dir>.tmp`, then renamed.
+/// Writes one pack directory whole ([`write_dir_atomic`]: into `.<name>.tmp`
+/// beside it, fsynced, renamed).
 fn write_pack(
     dir: &Path,
     config: &ModelConfig,
     tokenizer: &crate::gguf_tokenizer::BuiltTokenizer,
     tensors: &[Encoded],
 ) -> anyhow::Result<()> {
-    let tmp = dir.with_extension("tmp");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let write_json = |name: &str, value: &serde_json::Value| -> anyhow::Result<()> {
-        let path = tmp.join(name);
-        std::fs::write(&path, serde_json::to_string_pretty(value)? + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))
-    };
-    write_json(CONFIG_FILE, &serde_json::to_value(config)?)?;
-    write_json("tokenizer_config.json", &tokenizer.config)?;
-    let tokenizer_path = tmp.join(TOKENIZER_FILE);
-    tokenizer
-        .tokenizer
-        .save(&tokenizer_path, false)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tokenizer_path.display()))?;
-    let views = tensors
-        .iter()
-        .map(|(name, dtype, shape, bytes)| Ok((name.as_str(), TensorView::new(*dtype, shape.clone(), bytes)?)))
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    let metadata = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
-    let weights = tmp.join(WEIGHTS_FILE);
-    safetensors::serialize_to_file(views, metadata, &weights)
-        .with_context(|| format!("cannot write {}", weights.display()))?;
-    let digest = nocturne::digest::sha256_file(&weights).with_context(|| format!("cannot read {}", weights.display()))?;
-    std::fs::write(tmp.join(DIGEST_FILE), nocturne::digest::digest_line(&digest, WEIGHTS_FILE))
-        .with_context(|| format!("cannot write {}", tmp.join(DIGEST_FILE).display()))?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("cannot replace {}", dir.display()))?;
-    }
-    std::fs::rename(&tmp, dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
+    let parent = dir.parent().context("a pack directory has a parent")?;
+    let name = dir.file_name().context("a pack directory has a name")?.to_string_lossy().to_string();
+    write_dir_atomic(parent, &format!(".{name}.tmp"), |tmp| {
+        let write_json = |file: &str, value: &serde_json::Value| -> anyhow::Result<()> {
+            let path = tmp.join(file);
+            std::fs::write(&path, serde_json::to_string_pretty(value)? + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))
+        };
+        write_json(CONFIG_FILE, &serde_json::to_value(config)?)?;
+        write_json("tokenizer_config.json", &tokenizer.config)?;
+        let tokenizer_path = tmp.join(TOKENIZER_FILE);
+        tokenizer
+            .tokenizer
+            .save(&tokenizer_path, false)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tokenizer_path.display()))?;
+        let views = tensors
+            .iter()
+            .map(|(name, dtype, shape, bytes)| Ok((name.as_str(), TensorView::new(*dtype, shape.clone(), bytes)?)))
+            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+        let metadata = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
+        let weights = tmp.join(WEIGHTS_FILE);
+        safetensors::serialize_to_file(views, metadata, &weights)
+            .with_context(|| format!("cannot write {}", weights.display()))?;
+        let digest = nocturne::digest::sha256_file(&weights).with_context(|| format!("cannot read {}", weights.display()))?;
+        std::fs::write(tmp.join(DIGEST_FILE), nocturne::digest::digest_line(&digest, WEIGHTS_FILE))
+            .with_context(|| format!("cannot write {}", tmp.join(DIGEST_FILE).display()))?;
+        Ok::<_, anyhow::Error>(name)
+    })?;
     Ok(())
 }
 

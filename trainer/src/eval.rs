@@ -7,12 +7,17 @@
 //! target exactly or after [`normalise`]. Retention is the perplexity of a
 //! fixed set of texts the base already handles. Both run on
 //! `nocturne::session` with the candidate adapter applied exactly as the
-//! device will apply it, so what is measured is what ships.
+//! device will apply it, so what is measured is what ships. The device
+//! profile the evaluation runs under (context length, memory budget) is an
+//! argument ([`device_profile`]): the host never uses the profile the
+//! `nocturne` library happened to be compiled with.
 
+use std::path::Path;
 use std::sync::Arc;
 
+use anyhow::Context;
 use nocturne::adapter::LoraAdapter;
-use nocturne::profile::ACTIVE;
+use nocturne::profile::Profile;
 use nocturne::session::{perplexity, RequestOptions, Session, SessionOptions};
 use nocturne::tokenizer::{chatml, Tokenizer};
 use nocturne::weights::ModelPack;
@@ -70,23 +75,44 @@ impl Gate {
     }
 }
 
+/// The firmware profile of the default device class (`firmware-profiles/mid.toml`).
+pub const DEFAULT_DEVICE_PROFILE: &str = include_str!("../../firmware-profiles/mid.toml");
+
+/// The device profile to evaluate under: the firmware profile file `file`
+/// (as `nocturne` builds take it), or [`DEFAULT_DEVICE_PROFILE`].
+///
+/// # Errors
+/// The file cannot be read or is not a valid profile (the message names the field).
+pub fn device_profile(file: Option<&Path>) -> anyhow::Result<Profile> {
+    match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            Profile::from_toml(&text).with_context(|| format!("{}: not a valid firmware profile", path.display()))
+        }
+        None => Ok(Profile::from_toml(DEFAULT_DEVICE_PROFILE)?),
+    }
+}
+
 /// Answers and scores with the device decoder.
 pub struct Evaluator<'a> {
     session: Session<'a>,
     tokenizer: &'a Tokenizer,
     /// Longest answer, tokens.
     pub max_new_tokens: usize,
+    /// The profile's request limits.
+    request: RequestOptions,
 }
 
 impl<'a> Evaluator<'a> {
-    /// A session on `pack` with the build's profile.
+    /// A session on `pack` under the device profile `profile`.
     ///
     /// # Errors
     /// The session cannot start (budget).
-    pub fn new(pack: &'a ModelPack, tokenizer: &'a Tokenizer) -> anyhow::Result<Evaluator<'a>> {
-        let mut options = SessionOptions::for_profile(&ACTIVE);
+    pub fn new(pack: &'a ModelPack, tokenizer: &'a Tokenizer, profile: &Profile) -> anyhow::Result<Evaluator<'a>> {
+        let mut options = SessionOptions::for_profile(profile);
         options.all_logits = true;
-        Ok(Evaluator { session: Session::start(pack, tokenizer, &ACTIVE, options)?, tokenizer, max_new_tokens: 48 })
+        let request = RequestOptions::for_profile(profile);
+        Ok(Evaluator { session: Session::start(pack, tokenizer, profile, options)?, tokenizer, max_new_tokens: 48, request })
     }
 
     /// Uses `adapter` from now on (`None`: the base model).
@@ -100,7 +126,7 @@ impl<'a> Evaluator<'a> {
     /// Tokenizer or decoder errors.
     pub fn answer(&mut self, example: &Example) -> anyhow::Result<String> {
         let ids = self.tokenizer.encode(&chatml(&example.messages, true))?;
-        let mut options = RequestOptions::for_profile(&ACTIVE);
+        let mut options = self.request.clone();
         options.max_new_tokens = self.max_new_tokens;
         options.deadline = std::time::Duration::from_secs(600);
         self.session.generate(&ids, &options, &mut |_| {})?;

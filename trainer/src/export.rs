@@ -5,8 +5,9 @@
 //! Principal items: [`export_adapter`], [`device_tensors`], [`AdapterPrecision`].
 //!
 //! The device bundle holds F16 tensors, or int8 ones in the pack's block
-//! format (`B` transposed so its blocks run along `out`; see
-//! `nocturne::adapter`); the PEFT copy always holds the f32 parameters.
+//! format (quantized, and `B` transposed, by
+//! `nocturne::adapter::write_adapter_bundle`); the PEFT copy always holds
+//! the f32 parameters.
 
 use std::path::{Path, PathBuf};
 
@@ -18,8 +19,7 @@ use nocturne::ids::{AdapterId, ModelId};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
-use crate::model::Lora;
-use crate::quant::quantize_int8;
+use crate::llama::Lora;
 
 /// Precision of the device bundle's tensors.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -43,19 +43,9 @@ pub fn device_tensors(lora: &Lora, precision: AdapterPrecision) -> candle_core::
         .into_iter()
         .map(|(name, shape, values)| match precision {
             AdapterPrecision::F16 => (name, shape, AdapterTensor::F16(values.into_iter().map(f16::from_f32).collect())),
-            AdapterPrecision::Int8 => {
-                let (shape, values) = if name.contains("lora_B") { transpose(&shape, &values) } else { (shape, values) };
-                let q = quantize_int8(&values);
-                (name, shape, AdapterTensor::Int8 { values: q.values, scales: q.scales })
-            }
+            AdapterPrecision::Int8 => (name, shape, AdapterTensor::Int8(values)),
         })
         .collect())
-}
-
-/// `[rows, cols]` → `[cols, rows]`.
-fn transpose(shape: &[usize], values: &[f32]) -> (Vec<usize>, Vec<f32>) {
-    let (rows, cols) = (shape[0], shape[1]);
-    (vec![cols, rows], (0..cols * rows).map(|i| values[(i % rows) * cols + i / rows]).collect())
 }
 
 /// Where an export went.

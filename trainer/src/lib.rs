@@ -1,27 +1,26 @@
 //! nocturne-trainer: the host-side companion of the nocturne runtime.
 //!
 //! Modules: [`gguf`] (GGUF reader), [`gguf_tokenizer`] (tokenizer.json from
-//! GGUF metadata), [`quant`] (int8 block quantization), [`convert`] (GGUF →
-//! model packs), [`fetch`] (model manifests, download, verification),
+//! GGUF metadata), [`convert`] (GGUF → model packs, int8 through
+//! `nocturne::quant`), [`fetch`] (model manifests, download, verification),
 //! [`store`] (the host store: enrolled devices, ingested journal segments,
 //! acknowledgements), [`replay`] (training examples from journaled feedback),
-//! [`model`] (the candle Llama forward with LoRA), [`consolidate`] (LoRA
-//! training with the MAS penalty), [`eval`] (match rate, retention, the gate),
-//! [`export`] (device bundle and PEFT layout), [`night`] (one consolidation
-//! run end to end), [`report`] (report.html), [`datasets`] (the scenario's
-//! pinned chatterbot and chitchat data).
+//! [`llama`] (the candle Llama forward with LoRA over the frozen pack),
+//! [`train`] (LoRA training: AdamW, the MAS penalty, rehearsal), [`eval`]
+//! (match rate, retention, the gate), [`export`] (device bundle and PEFT
+//! layout), [`consolidate`] (one night, the `consolidate` command, end to
+//! end), [`report`] (report.html). The scenario's datasets live with the
+//! scenario (`examples/scenario/`).
 
 pub mod consolidate;
 pub mod convert;
-pub mod datasets;
 pub mod eval;
 pub mod export;
 pub mod fetch;
 pub mod gguf;
 pub mod gguf_tokenizer;
-pub mod model;
-pub mod night;
-pub mod quant;
+pub mod llama;
 pub mod replay;
 pub mod report;
 pub mod store;
+pub mod train;

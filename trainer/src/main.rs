@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use nocturne_trainer::consolidate::TrainConfig;
+use nocturne_trainer::train::TrainConfig;
 use nocturne_trainer::convert::{convert, ConvertReport};
 use nocturne_trainer::export::AdapterPrecision;
 use nocturne_trainer::fetch::{fetch, FetchOutcome, Manifest};
@@ -108,6 +108,11 @@ struct SourceArgs {
     /// The base model pack directory.
     #[arg(long)]
     base: PathBuf,
+    /// The firmware profile (TOML, as `nocturne` builds take it) of the
+    /// devices the adapter is for: evaluation runs under its context and
+    /// budget. Default: firmware-profiles/mid.toml.
+    #[arg(long)]
+    device_profile: Option<PathBuf>,
 }
 
 /// Consolidation settings.
@@ -166,8 +171,8 @@ struct ConsolidateArgs {
 }
 
 fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
-    use nocturne_trainer::eval::Gate;
-    use nocturne_trainer::night::{consolidate, journal_dirs, retention_texts, NightConfig};
+    use nocturne_trainer::eval::{device_profile, Gate};
+    use nocturne_trainer::consolidate::{consolidate, journal_dirs, retention_texts, NightConfig, NightSources};
     use nocturne_trainer::replay::PriorityWeights;
     let dirs = journal_dirs(args.source.store.as_deref(), &args.source.journals)?;
     if dirs.is_empty() {
@@ -200,6 +205,7 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
         weights: PriorityWeights { implicit: args.implicit_weight, explicit: 1.0 - args.implicit_weight },
         gate: Gate { retention_bound: args.retention_bound },
         precision: args.precision,
+        device: device_profile(args.source.device_profile.as_deref())?,
     };
     let bar = indicatif::ProgressBar::new(args.steps as u64);
     bar.set_style(
@@ -207,7 +213,8 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
             .expect("valid template"),
     );
     let retention = retention_texts(&args.retention)?;
-    let report = consolidate(&dirs, &args.source.base, args.previous.as_deref(), &key, &retention, &args.out, &config, &mut |step, loss, tps| {
+    let sources = NightSources { journals: &dirs, base: &args.source.base, previous: args.previous.as_deref(), key: &key, retention: &retention };
+    let report = consolidate(sources, &args.out, &config, &mut |step, loss, tps| {
         bar.set_position(step as u64);
         bar.set_message(format!("loss {loss:.3}  {tps:.0} tokens/s"));
     })?;
@@ -221,7 +228,7 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
         report.train_seconds,
         report.tokens_per_second
     );
-    let held = |s: &nocturne_trainer::night::ScoresJson| s.held_out.map_or("none held out".to_string(), |h| format!("{h:.3}"));
+    let held = |s: &nocturne_trainer::consolidate::ScoresJson| s.held_out.map_or("none held out".to_string(), |h| format!("{h:.3}"));
     println!(
         "match rate on trained corrections {:.3} -> {:.3}; held out {} -> {}; retention perplexity {:.3} -> {:.3}",
         report.before.task,
@@ -243,14 +250,15 @@ fn eval_command(
     retention: &[PathBuf],
 ) -> anyhow::Result<()> {
     use nocturne_trainer::eval::Evaluator;
-    use nocturne_trainer::night::{journal_dirs, retention_texts};
+    use nocturne_trainer::consolidate::{journal_dirs, retention_texts};
     use nocturne_trainer::replay::{PriorityWeights, ReplayBuffer};
     let (store, base) = (source.store.as_deref(), &source.base);
     let pack = nocturne::weights::ModelPack::open(base)?;
     let tokenizer = nocturne::tokenizer::Tokenizer::from_file(&base.join(nocturne::weights::TOKENIZER_FILE))?;
     let buffer = ReplayBuffer::build(&journal_dirs(store, &source.journals)?, PriorityWeights::default())?;
     let corrected: Vec<_> = buffer.examples.iter().filter(|e| e.corrected).collect();
-    let mut evaluator = Evaluator::new(&pack, &tokenizer)?;
+    let profile = nocturne_trainer::eval::device_profile(source.device_profile.as_deref())?;
+    let mut evaluator = Evaluator::new(&pack, &tokenizer, &profile)?;
     if let Some(dir) = adapter {
         let key_path = match (trainer_pub, store) {
             (Some(k), _) => k.to_path_buf(),

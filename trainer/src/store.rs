@@ -1,7 +1,7 @@
 //! The host store: the trainer's key, enrolled devices, and every segment
 //! each device has delivered, exactly once.
 //!
-//! Principal type: [`Store`]; [`IngestReport`].
+//! Principal type: [`Store`]; [`IngestReport`], [`IngestError`].
 //!
 //! Layout of a store directory:
 //!
@@ -27,10 +27,12 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 use nocturne::digest::sha256_file;
 use nocturne::durable_file::{sync_dir, write_atomic};
 use nocturne::journal::reader::list_segments;
+use nocturne::journal::record::now_ms;
 use nocturne::ids::DeviceId;
 use nocturne::sync::ack::{write_ack, Ack};
-use nocturne::sync::bundle::{verify_bundle, Manifest};
 use nocturne::signing::{self, PublicKeyFile};
+use nocturne::sync::bundle::{verify_bundle, Manifest, Rejection};
+use nocturne::sync::SyncError;
 
 /// A host store directory.
 pub struct Store {
@@ -54,8 +56,29 @@ pub struct IngestReport {
     pub ack_path: PathBuf,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+/// Why a bundle was not ingested.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The bundle was rejected (the reason is a [`Rejection`] variant); the store is unchanged.
+    #[error("{}: rejected: {rejection}", bundle.display())]
+    Rejected {
+        /// The bundle directory.
+        bundle: PathBuf,
+        /// Why.
+        rejection: Rejection,
+    },
+    /// The store could not be read or written (keys, files, fsync).
+    #[error(transparent)]
+    Store(#[from] anyhow::Error),
+}
+
+impl From<SyncError> for IngestError {
+    fn from(e: SyncError) -> IngestError {
+        match e {
+            SyncError::Bundle { path, rejection } => IngestError::Rejected { bundle: path, rejection },
+            other => IngestError::Store(other.into()),
+        }
+    }
 }
 
 impl Store {
@@ -77,7 +100,7 @@ impl Store {
             bail!("{} exists: a store keeps its trainer key (devices trust it)", self.key_path().display());
         }
         std::fs::create_dir_all(&self.root).with_context(|| format!("cannot create {}", self.root.display()))?;
-        let key = signing::generate().map_err(anyhow::Error::msg)?;
+        let key = signing::generate()?;
         signing::write_signing_key(&self.key_path(), &key)?;
         let public = self.root.join("trainer.pub");
         write_atomic(&public, PublicKeyFile { device: None, key: key.verifying_key() }.to_text().as_bytes())
@@ -122,9 +145,10 @@ impl Store {
     /// acknowledgement to the outbox.
     ///
     /// # Errors
-    /// The bundle is rejected (the message says why; the store is unchanged),
-    /// or a file cannot be read or written.
-    pub fn ingest(&self, bundle: &Path) -> anyhow::Result<IngestReport> {
+    /// [`IngestError::Rejected`] (the store is unchanged), or
+    /// [`IngestError::Store`] when a file cannot be read or written.
+    pub fn ingest(&self, bundle: &Path) -> Result<IngestReport, IngestError> {
+        let reject = |rejection: Rejection| IngestError::Rejected { bundle: bundle.to_path_buf(), rejection };
         let key = self.signing_key()?;
         let manifest: Manifest = verify_bundle(bundle, &|d| self.enrolled(d))?;
         let dir = self.device_dir(manifest.device);
@@ -137,12 +161,7 @@ impl Store {
             } else if sha256_file(&target).with_context(|| format!("cannot read {}", target.display()))? == entry.sha256 {
                 duplicates.push(entry.seq);
             } else {
-                bail!(
-                    "{}: rejected: the store holds different bytes for segment {} of device {}",
-                    bundle.display(),
-                    entry.seq,
-                    manifest.device
-                );
+                return Err(reject(Rejection::Conflict { device: manifest.device, seq: entry.seq }));
             }
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -151,9 +170,9 @@ impl Store {
             let source = bundle.join(&entry.name);
             let tmp = dir.join(format!("{}.tmp", entry.name));
             std::fs::copy(&source, &tmp).with_context(|| format!("cannot copy {} to {}", source.display(), tmp.display()))?;
-            if sha256_file(&tmp)? != entry.sha256 {
+            if sha256_file(&tmp).with_context(|| format!("cannot read {}", tmp.display()))? != entry.sha256 {
                 std::fs::remove_file(&tmp).ok();
-                bail!("{}: rejected: {} changed while it was being stored", bundle.display(), entry.name);
+                return Err(reject(Rejection::Changed(entry.name.clone())));
             }
             std::fs::File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("cannot fsync {}", tmp.display()))?;
             std::fs::rename(&tmp, dir.join(&entry.name)).with_context(|| format!("cannot store {}", entry.name))?;

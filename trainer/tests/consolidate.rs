@@ -14,10 +14,10 @@ use nocturne::profile::Durability;
 use nocturne::journal::StopReason;
 use nocturne::tokenizer::Tokenizer;
 use nocturne::weights::ModelPack;
-use nocturne_trainer::consolidate::{rehearsal_samples, train, Retention, TrainConfig};
+use nocturne_trainer::train::{rehearsal_samples, train, Retention, TrainConfig};
 use nocturne_trainer::eval::{normalise, Gate, Scores};
 use nocturne_trainer::export::{export_adapter, AdapterPrecision};
-use nocturne_trainer::model::{BaseModel, Lora};
+use nocturne_trainer::llama::{BaseModel, Lora};
 use nocturne_trainer::replay::{PriorityWeights, ReplayBuffer};
 
 fn pack_dir() -> std::path::PathBuf {

@@ -18,7 +18,7 @@ use nocturne::weights::ModelPack;
 use nocturne_trainer::convert::convert;
 use nocturne_trainer::export::{device_tensors, AdapterPrecision};
 use nocturne_trainer::gguf::GgufFile;
-use nocturne_trainer::model::{sequence_loss, BaseModel, Lora};
+use nocturne_trainer::llama::{sequence_loss, BaseModel, Lora};
 
 /// Tiny packs (hidden 64, 2 layers, vocabulary 8) in `dir`/{int8,fp16}.
 fn tiny_packs(dir: &Path) {

@@ -242,14 +242,14 @@ fn print_comparison(what: &str, session: &Session<'_>, args: &BenchArgs, prompt:
 fn adapter_overhead(args: &BenchArgs, rank: usize) -> anyhow::Result<()> {
     let (pack, tokenizer, ids) = open_pack(args, ACTIVE.weight_precision.name())?;
     let scratch = std::env::temp_dir().join(format!("nocturne-bench-adapter-{}", std::process::id()));
-    let trainer = nocturne::signing::generate().map_err(anyhow::Error::msg)?;
+    let trainer = nocturne::signing::generate()?;
     let targets = vec![Target::Q, Target::K, Target::V, Target::O];
     let mut adapters = Vec::new();
     for int8 in [false, true] {
         // Small non-zero weights, so every term is computed on real values.
         let tensor = |rows: usize, cols: usize| match int8 {
             false => AdapterTensor::F16(vec![half::f16::from_f32(1e-3); rows * cols]),
-            true => AdapterTensor::Int8 { values: vec![1; rows * cols], scales: vec![half::f16::from_f32(1e-3); rows * cols / 32] },
+            true => AdapterTensor::Int8(vec![1e-3; rows * cols]),
         };
         let mut tensors = Vec::new();
         for layer in 0..pack.config().num_hidden_layers {
@@ -257,8 +257,7 @@ fn adapter_overhead(args: &BenchArgs, rank: usize) -> anyhow::Result<()> {
             for (t, m) in targets.iter().zip([w.q_proj, w.k_proj, w.v_proj, w.o_proj]) {
                 let (out, inp) = m.shape();
                 tensors.push((t.tensor_name(layer, 'A'), vec![rank, inp], tensor(rank, inp)));
-                let b = if int8 { (vec![rank, out], tensor(rank, out)) } else { (vec![out, rank], tensor(out, rank)) };
-                tensors.push((t.tensor_name(layer, 'B'), b.0, b.1));
+                tensors.push((t.tensor_name(layer, 'B'), vec![out, rank], tensor(out, rank)));
             }
         }
         let spec = AdapterSpec { parent: None, base_model: pack.id(), rank: rank as u32, alpha: rank as f32, targets: targets.clone(), description: "bench".into() };

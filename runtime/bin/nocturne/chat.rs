@@ -19,7 +19,7 @@ use nocturne::tokenizer::{chatml, ChatMessage, Tokenizer};
 use nocturne::device::recorder::Recorder;
 
 use crate::journal::{follow_active_adapter, record_interaction, RecordArgs};
-use crate::{ModelArgs, RequestArgs};
+use crate::args::{ModelArgs, RequestArgs};
 
 const HELP: &str = "/rate 1-5, /good, /bad, /fix <answer>, /retry rate the last reply; /reset clears the conversation, /exit leaves.";
 

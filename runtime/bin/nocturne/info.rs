@@ -4,7 +4,7 @@ use nocturne::kernels::Kernels;
 use nocturne::profile::{self, Durability, Profile, ACTIVE};
 use nocturne::session::Session;
 
-use crate::ModelArgs;
+use crate::args::ModelArgs;
 
 const MIB: f64 = 1024.0 * 1024.0;
 

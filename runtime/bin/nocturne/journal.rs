@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use nocturne::device::StateDir;
 use nocturne::journal::record::kind_name;
-use nocturne::journal::writer::read_host_ack;
+use nocturne::journal::directory::read_host_ack;
 use nocturne::journal::{
     read_journal, Body, Feedback, ImplicitSignals, Journal, JournalConfig, JournalReport, Thumbs,
 };

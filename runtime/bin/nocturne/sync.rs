@@ -7,12 +7,12 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use nocturne::device::{StateDir, DEVICE_PUBLIC_FILE};
 use nocturne::journal::read_journal;
-use nocturne::journal::writer::read_host_ack;
+use nocturne::journal::directory::read_host_ack;
 use nocturne::device::adapters::{adapter_bundles, install, installed_manifest, ActiveAdapters, InstallOutcome};
 use nocturne::sync::{export, import_acks, last_ack, AckOutcome};
 
 use crate::journal::StateArgs;
-use crate::ModelArgs;
+use crate::args::ModelArgs;
 
 /// Sync subcommands.
 #[derive(Subcommand)]

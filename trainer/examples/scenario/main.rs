@@ -19,6 +19,8 @@
 //! `cargo run -p nocturne-trainer --example scenario -- [OUT] [QUESTIONS] [STEPS]`
 //! (defaults `target/scenario`, 40, 400). Writes OUT/scenario.json and prints a table.
 
+mod datasets;
+
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,16 +29,15 @@ use std::time::Instant;
 use nocturne::adapter::LoraAdapter;
 use nocturne::device::{StateDir, DEVICE_PUBLIC_FILE};
 use nocturne::journal::{Body, Feedback, Interaction, Journal, JournalConfig};
-use nocturne::profile::ACTIVE;
 use nocturne::journal::StopReason;
 use nocturne::device::adapters::{install, InstallOutcome};
 use nocturne::sync::export;
 use nocturne::tokenizer::{ChatMessage, Tokenizer, DEFAULT_SYSTEM_PROMPT};
 use nocturne::weights::{ModelPack, TOKENIZER_FILE};
-use nocturne_trainer::consolidate::TrainConfig;
-use nocturne_trainer::datasets::{chatterbot_pairs, chitchat_dialogues, CHATTERBOT, CHITCHAT};
-use nocturne_trainer::eval::{normalise, Evaluator, Gate};
-use nocturne_trainer::night::{consolidate, is_held_out, retention_texts, NightConfig};
+use nocturne_trainer::train::TrainConfig;
+use datasets::{chatterbot_pairs, chitchat_dialogues, CHATTERBOT, CHITCHAT};
+use nocturne_trainer::eval::{device_profile, normalise, Evaluator, Gate};
+use nocturne_trainer::consolidate::{consolidate, is_held_out, retention_texts, NightConfig, NightSources};
 use nocturne_trainer::replay::{Example, PriorityWeights};
 use nocturne_trainer::store::Store;
 
@@ -84,10 +85,12 @@ fn main() -> anyhow::Result<()> {
     println!("{} chatterbot questions (English, all categories); asking until {wanted} are answered differently", pairs.len());
 
     // 1. The device answers; the simulated user corrects through the journal.
+    // The device class the scenario plays: the default firmware profile.
+    let profile = device_profile(None)?;
     let state = StateDir::new(out.join("device"));
     let device = state.device_id_or_create()?;
-    let mut journal = Journal::open(&state.journal_dir(), device, JournalConfig::for_profile(&ACTIVE))?;
-    let mut evaluator = Evaluator::new(&pack, &tokenizer)?;
+    let mut journal = Journal::open(&state.journal_dir(), device, JournalConfig::for_profile(&profile))?;
+    let mut evaluator = Evaluator::new(&pack, &tokenizer, &profile)?;
     let mut corrected = Vec::new();
     let mut asked = 0;
     for (q, a) in &pairs {
@@ -142,9 +145,10 @@ fn main() -> anyhow::Result<()> {
     ];
     let mut nights = Vec::new();
     for (i, (name, train)) in runs.into_iter().enumerate() {
-        let config = NightConfig { train, weights: PriorityWeights::default(), gate: Gate::default(), precision: Default::default() };
+        let config = NightConfig { train, weights: PriorityWeights::default(), gate: Gate::default(), precision: Default::default(), device: profile.clone() };
         let t = Instant::now();
-        let report = consolidate(&dirs, &pack_dir, None, &key, &retention, &out.join(format!("night-{i}")), &config, &mut |step, loss, tps| {
+        let sources = NightSources { journals: &dirs, base: &pack_dir, previous: None, key: &key, retention: &retention };
+        let report = consolidate(sources, &out.join(format!("night-{i}")), &config, &mut |step, loss, tps| {
             if step % 50 == 0 {
                 println!("  {name}: step {step}, loss {loss:.3}, {tps:.0} tokens/s");
             }

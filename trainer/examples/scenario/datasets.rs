@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use crate::fetch::{download_pinned, read_member};
+use nocturne_trainer::fetch::{download_pinned, read_member};
 
 /// A pinned wheel.
 pub struct Pin {

@@ -26,13 +26,10 @@ use nocturne::weights::{Matrix, ModelPack};
 /// Dequantizes a pack matrix to row-major f32 `[rows, cols]`.
 pub fn dense(m: Matrix<'_>) -> Vec<f32> {
     match m {
-        Matrix::Int8 { cols, values, scales, .. } => {
-            let blocks = cols / nocturne::config::INT8_BLOCK;
-            values
-                .iter()
-                .enumerate()
-                .map(|(i, &q)| f32::from(q) * scales[(i / cols) * blocks + (i % cols) / nocturne::config::INT8_BLOCK].to_f32())
-                .collect()
+        Matrix::Int8 { values, scales, .. } => {
+            let mut out = vec![0.0; values.len()];
+            nocturne::quant::dequantize_into(values, scales, &mut out);
+            out
         }
         Matrix::F16 { values, .. } => values.iter().map(|v| v.to_f32()).collect(),
     }

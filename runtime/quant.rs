@@ -1,13 +1,18 @@
-//! Int8 block quantization of weight matrices (the device pack format).
+//! The int8 block format of packs and adapters: its reference quantizer and
+//! dequantizer (the SIMD kernels agree with [`dequantize_into`]).
+//!
+//! Principal items: [`quantize_int8`], [`Int8Matrix`], [`dequantize_into`].
 //!
 //! Symmetric, per block of [`INT8_BLOCK`] consecutive inputs of a row: the
 //! scale is the f16 value `s ≥ max|x| / 127` nearest to it, and each value is
 //! `q = round(x / s)` in `[-127, 127]`, so `|x − q·s| ≤ s / 2` (half a
-//! quantization step). The same scheme as ggml's Q8_0, with the scale rounded
-//! up instead of to nearest so that no value clips.
+//! quantization step). The same scheme as ggml's Q8_0 (`quantize_row_q8_0_ref`
+//! in ggml-quants.c), with the scale rounded up instead of to nearest so that
+//! no value clips.
 
 use half::f16;
-use nocturne::config::INT8_BLOCK;
+
+use crate::config::INT8_BLOCK;
 
 /// An int8-quantized `[rows, cols]` matrix.
 #[derive(Clone, Debug, PartialEq)]
@@ -18,10 +23,14 @@ pub struct Int8Matrix {
     pub scales: Vec<f16>,
 }
 
-/// Quantizes `x` (row-major, row length a multiple of [`INT8_BLOCK`]; the
-/// caller validates) to int8 blocks.
+/// Quantizes `x` (row-major, rows a multiple of [`INT8_BLOCK`] long) to
+/// int8 blocks.
+///
+/// # Panics
+/// `x.len()` is not a multiple of [`INT8_BLOCK`] (callers check row lengths
+/// and report them first).
 pub fn quantize_int8(x: &[f32]) -> Int8Matrix {
-    debug_assert_eq!(x.len() % INT8_BLOCK, 0);
+    assert!(x.len().is_multiple_of(INT8_BLOCK), "{} values are not whole {INT8_BLOCK}-blocks", x.len());
     let mut values = Vec::with_capacity(x.len());
     let mut scales = Vec::with_capacity(x.len() / INT8_BLOCK);
     for block in x.chunks_exact(INT8_BLOCK) {
@@ -40,11 +49,19 @@ pub fn quantize_int8(x: &[f32]) -> Int8Matrix {
 impl Int8Matrix {
     /// The f32 values the quantized matrix stands for.
     pub fn dequantize(&self) -> Vec<f32> {
-        self.values
-            .chunks_exact(INT8_BLOCK)
-            .zip(&self.scales)
-            .flat_map(|(block, s)| block.iter().map(move |&q| f32::from(q) * s.to_f32()))
-            .collect()
+        let mut out = vec![0.0; self.values.len()];
+        dequantize_into(&self.values, &self.scales, &mut out);
+        out
+    }
+}
+
+/// `out[i] = values[i] × scales[i / 32]`: the reference dequantizer. Reads
+/// whole blocks only, up to the shortest of the three (callers that need
+/// exact lengths check them: the scalar kernel `dequant_i8`).
+pub fn dequantize_into(values: &[i8], scales: &[f16], out: &mut [f32]) {
+    for ((q, o), s) in values.chunks_exact(INT8_BLOCK).zip(out.chunks_exact_mut(INT8_BLOCK)).zip(scales) {
+        let s = s.to_f32();
+        q.iter().zip(o).for_each(|(&q, o)| *o = f32::from(q) * s);
     }
 }
 
@@ -56,7 +73,7 @@ mod tests {
     proptest! {
         #[test]
         fn dequantized_block_is_within_half_a_step(x in prop::collection::vec(-8.0f32..8.0, 32..=32 * 6)
-            .prop_filter("whole blocks", |v| v.len() % 32 == 0)) {
+            .prop_filter("whole blocks", |v| v.len().is_multiple_of(32))) {
             let q = quantize_int8(&x);
             let back = q.dequantize();
             for (i, (a, b)) in x.iter().zip(&back).enumerate() {

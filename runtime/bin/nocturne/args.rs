@@ -1,0 +1,118 @@
+//! Options several commands share: which pack to open (`ModelArgs`) and a
+//! request's limits and sampling (`RequestArgs`). Options of one command
+//! live with that command.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::Args;
+use nocturne::profile::{Precision, ACTIVE};
+use nocturne::sampler::SamplerConfig;
+use nocturne::session::{RequestOptions, SessionOptions};
+use nocturne::tokenizer::{Tokenizer, DEFAULT_SYSTEM_PROMPT};
+use nocturne::weights::{ModelPack, TOKENIZER_FILE};
+
+/// Which model pack to serve.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Model directory; default: models/cache/smollm2-135m-instruct/<precision>.
+    #[arg(long, env = "NOCTURNE_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Pack precision when --model is not given; default: the profile's.
+    #[arg(long, value_parser = ["int8", "fp16"])]
+    pub precision: Option<String>,
+    /// Worker threads; default: the profile's, capped by the cores found.
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl ModelArgs {
+    fn precision(&self) -> Precision {
+        match self.precision.as_deref() {
+            Some("fp16") => Precision::Fp16,
+            Some(_) => Precision::Int8,
+            None => ACTIVE.weight_precision,
+        }
+    }
+
+    /// The model directory these arguments name.
+    pub fn dir(&self) -> PathBuf {
+        self.model.clone().unwrap_or_else(|| {
+            PathBuf::from("models/cache/smollm2-135m-instruct").join(self.precision().name())
+        })
+    }
+
+    /// Opens the pack and its tokenizer.
+    pub fn open(&self) -> anyhow::Result<(ModelPack, Tokenizer)> {
+        let dir = self.dir();
+        if !dir.is_dir() {
+            bail!("model directory {} does not exist (run `models/fetch` to create the default one)", dir.display());
+        }
+        let pack = ModelPack::open(&dir)?;
+        let tokenizer = Tokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
+        Ok((pack, tokenizer))
+    }
+
+    /// Session options: the profile's, with --threads applied.
+    pub fn session_options(&self) -> SessionOptions {
+        let mut options = SessionOptions::for_profile(&ACTIVE);
+        if let Some(t) = self.threads {
+            options.threads = t.max(1);
+        }
+        options
+    }
+}
+
+/// Sampling and request limits.
+#[derive(Args, Clone)]
+pub struct RequestArgs {
+    /// Maximum new tokens (capped by the profile's max_new_tokens).
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Deadline per request in milliseconds (default: the profile's).
+    #[arg(long)]
+    deadline_ms: Option<u64>,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Top-k (0 = off).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Top-p.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A string that ends the reply (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// System prompt.
+    #[arg(long, default_value = DEFAULT_SYSTEM_PROMPT)]
+    pub system: String,
+}
+
+impl RequestArgs {
+    /// The request options these arguments describe.
+    pub fn options(&self) -> RequestOptions {
+        let mut options = RequestOptions::for_profile(&ACTIVE);
+        if let Some(n) = self.max_new_tokens {
+            options.max_new_tokens = n;
+        }
+        if let Some(ms) = self.deadline_ms {
+            options.deadline = std::time::Duration::from_millis(ms);
+        }
+        options.stop = self.stop.clone();
+        options.sampler = SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repeat_penalty,
+            seed: self.seed,
+        };
+        options
+    }
+}

@@ -1,0 +1,332 @@
+//! Sleep consolidation: LoRA training on the replay buffer over the frozen
+//! base, with two terms against forgetting: a Memory Aware Synapses penalty
+//! and rehearsal on the base model's own text.
+//!
+//! Principal items: [`TrainConfig`], [`train`], [`TrainOutcome`],
+//! [`tokenize`], [`mas_importance`], [`rehearsal_samples`].
+//!
+//! Each step draws one example by priority ([`ReplayBuffer::sample`]), and
+//! takes an AdamW step (Loshchilov & Hutter, ICLR 2019; learning rate warmed
+//! up, then cosine-decayed) on
+//! `cross-entropy(target tokens) + λ · Σ Ω ⊙ (θ − θ*)² + μ · KL(p_start ‖ p_θ)`,
+//! the last on one rehearsal sequence per step ([`rehearsal_samples`]), where
+//! `p_start` is the model training starts from (base + previous adapter).
+//!
+//! The penalty follows Memory Aware Synapses (Aljundi et al., "Memory Aware
+//! Synapses: Learning what (not) to forget", ECCV 2018): the importance Ω of
+//! each LoRA parameter is the mean over reference prompts of
+//! `|∂ ‖F(x)‖²₂ / ∂θ|`, F the model's output logits, measured at the starting
+//! parameters, then scaled so that its mean over all parameters is 1 (so λ
+//! does not depend on the output scale); θ* are the previous adapter's parameters (a warm start), or
+//! zero on the first night (where `B = 0`, so only `B`, which carries the
+//! whole update, is held back).
+
+use candle_core::{Tensor, Var};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use std::sync::Arc;
+
+use nocturne::adapter::{LoraAdapter, Target};
+use nocturne::budget::PlanSettings;
+use nocturne::decoder::Decoder;
+use nocturne::sampler::{Sampler, SamplerConfig};
+use nocturne::tokenizer::{chatml, Tokenizer};
+use nocturne::weights::ModelPack;
+
+use crate::llama::{sequence_loss, BaseModel, Lora};
+use crate::replay::{Example, ReplayBuffer};
+
+/// Training settings.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    /// LoRA rank (default 8).
+    pub rank: usize,
+    /// LoRA alpha (default 16).
+    pub alpha: f32,
+    /// Targeted projections (default q, k, v, o).
+    pub targets: Vec<Target>,
+    /// AdamW learning rate (default 2e-3).
+    pub learning_rate: f64,
+    /// Optimisation steps, one example each (default 400).
+    pub steps: usize,
+    /// Weight λ of the MAS penalty (default 0.005; 0 turns it off). With the
+    /// importance normalised to mean 1, the penalty sums over every LoRA
+    /// parameter, so small values already hold the adapter back strongly.
+    pub mas_lambda: f64,
+    /// Longest example, tokens (longer contexts are cut from the left).
+    pub max_tokens: usize,
+    /// Weight μ of the rehearsal term (default 20; 0 turns it off; see [`rehearsal_samples`]).
+    pub rehearsal_weight: f64,
+    /// Rehearsal sequences sampled from the base model (default 32).
+    pub rehearsal_sequences: usize,
+    /// Tokens per rehearsal sequence (default 48).
+    pub rehearsal_tokens: usize,
+    /// Seed of initialisation and sampling.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> TrainConfig {
+        TrainConfig {
+            rank: 8,
+            alpha: 16.0,
+            targets: vec![Target::Q, Target::K, Target::V, Target::O],
+            learning_rate: 2e-3,
+            steps: 400,
+            mas_lambda: 0.005,
+            max_tokens: 256,
+            rehearsal_weight: 20.0,
+            rehearsal_sequences: 32,
+            rehearsal_tokens: 48,
+            seed: 0,
+        }
+    }
+}
+
+/// Token ids of an example and the label of each position: the next token
+/// where it belongs to the target (the answer and its `<|im_end|>`), else none.
+///
+/// # Errors
+/// Tokenizer errors.
+pub fn tokenize(tokenizer: &Tokenizer, example: &Example, max_tokens: usize) -> anyhow::Result<(Vec<u32>, Vec<Option<u32>>)> {
+    let prompt = tokenizer.encode(&chatml(&example.messages, true))?;
+    let target = tokenizer.encode(&format!("{}<|im_end|>", example.target))?;
+    let mut ids = prompt.clone();
+    ids.extend(&target);
+    let mut labels: Vec<Option<u32>> = (0..ids.len()).map(|i| (i + 1 >= prompt.len() && i + 1 < ids.len()).then(|| ids[i + 1])).collect();
+    if ids.len() > max_tokens {
+        let cut = ids.len() - max_tokens;
+        ids.drain(..cut);
+        labels.drain(..cut);
+    }
+    Ok((ids, labels))
+}
+
+/// MAS importance of every LoRA parameter: mean over `prompts` of the
+/// absolute gradient of the squared L2 norm of the output logits.
+///
+/// # Errors
+/// candle errors.
+pub fn mas_importance(base: &BaseModel, lora: &Lora, prompts: &[Vec<u32>]) -> candle_core::Result<Vec<Tensor>> {
+    let vars = lora.named_vars();
+    let mut total: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().zeros_like()).collect::<candle_core::Result<_>>()?;
+    for prompt in prompts {
+        let out = base.forward(prompt, Some(lora))?;
+        let norm = out.sqr()?.sum_all()?;
+        let grads = norm.backward()?;
+        for ((_, var), acc) in vars.iter().zip(total.iter_mut()) {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                *acc = (&*acc + g.abs()?)?;
+            }
+        }
+    }
+    // Scale so the mean importance over all parameters is 1: λ then means the
+    // same whatever the model's output scale.
+    let count: usize = total.iter().map(|t| t.elem_count()).sum();
+    let mut sum = 0.0;
+    for t in &total {
+        sum += t.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    }
+    let mean = sum / count.max(1) as f64;
+    if mean == 0.0 {
+        return Ok(total);
+    }
+    total.into_iter().map(|t| t / mean).collect()
+}
+
+/// Rehearsal sequences: text the device's current model (the base, with
+/// `adapter` when a previous night's adapter is active) itself writes,
+/// sampled at temperature 1 with nucleus sampling (top-p 0.9, no penalty) on
+/// the device decoder, `count` sequences of `tokens` tokens, alternately from a
+/// document boundary (`<|endoftext|>`: whatever text it writes) and from the
+/// opening of a chat user turn (`<|im_start|>user\n`: a user message, and
+/// usually the assistant's reply after it), so that both plain text and
+/// conversation are covered.
+///
+/// Training adds `μ · KL(p_start ‖ p_θ)` averaged over the positions of one
+/// such sequence per step, `p_start` being the model training starts from
+/// (the same current model): since the text is drawn from its own
+/// distribution, this is the expected divergence of the adapted model from
+/// it on what it writes, which keeps the adapter from changing behaviour
+/// away from the corrected answers (and, on later nights, from forgetting
+/// what earlier adapters learned). Rehearsal on self-generated
+/// text follows Huang et al., "Mitigating Catastrophic Forgetting in Large
+/// Language Models with Self-Synthesized Rehearsal" (ACL 2024); distilling
+/// the old model's outputs follows Li & Hoiem, "Learning without
+/// Forgetting" (ECCV 2016). It needs no data besides the pack.
+///
+/// # Errors
+/// Decoder errors.
+pub fn rehearsal_samples(
+    pack: &ModelPack,
+    adapter: Option<Arc<LoraAdapter>>,
+    tokenizer: &Tokenizer,
+    count: usize,
+    tokens: usize,
+    seed: u64,
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    let openings = [vec![0u32], tokenizer.encode("<|im_start|>user\n")?];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut decoder = Decoder::new(pack, PlanSettings::new(pack.config(), tokens.max(2), threads));
+    decoder.set_adapter(adapter);
+    let vocab = pack.config().vocab_size;
+    let config = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 0.9, repetition_penalty: 1.0, seed };
+    let mut sampler = Sampler::new(config, vocab);
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        decoder.truncate(0);
+        let mut ids = openings[i % openings.len()].clone();
+        if ids.len() > 1 {
+            decoder.forward(&ids[..ids.len() - 1])?;
+        }
+        while ids.len() < tokens {
+            let logits = decoder.forward(&ids[ids.len() - 1..])?;
+            let next = sampler.sample(logits, &ids);
+            ids.push(next);
+        }
+        out.push(ids);
+    }
+    Ok(out)
+}
+
+/// What the rehearsal term holds the adapter to on one sequence: the
+/// starting model's next-token probabilities after every token, `[T, vocab]`,
+/// and their mean `Σ p log p` per position, both computed once, before
+/// training, and detached (constants for every later step).
+struct RehearsalTarget<'a> {
+    ids: &'a [u32],
+    p: Tensor,
+    neg_entropy: Tensor,
+}
+
+impl<'a> RehearsalTarget<'a> {
+    fn new(base: &BaseModel, lora: &Lora, ids: &'a [u32]) -> candle_core::Result<RehearsalTarget<'a>> {
+        let log_p = candle_nn::ops::log_softmax(&base.forward(ids, Some(lora))?, candle_core::D::Minus1)?.detach();
+        let p = log_p.exp()?;
+        let neg_entropy = (&p * &log_p)?.sum(candle_core::D::Minus1)?.mean_all()?;
+        Ok(RehearsalTarget { ids, p, neg_entropy })
+    }
+
+    /// Mean over positions of `KL(p_start ‖ p_θ) = Σ p log p − Σ p log p_θ`.
+    fn divergence(&self, base: &BaseModel, lora: &Lora) -> candle_core::Result<Tensor> {
+        let log_q = candle_nn::ops::log_softmax(&base.forward(self.ids, Some(lora))?, candle_core::D::Minus1)?;
+        let cross = (&self.p * log_q)?.sum(candle_core::D::Minus1)?.mean_all()?;
+        &self.neg_entropy - cross
+    }
+}
+
+/// What a training run produced.
+pub struct TrainOutcome {
+    /// The trained parameters.
+    pub lora: Lora,
+    /// Task loss (cross-entropy only) of every step.
+    pub losses: Vec<f32>,
+    /// Rehearsal divergence of every step (empty without rehearsal).
+    pub divergences: Vec<f32>,
+    /// Tokens processed (forward and backward) per second.
+    pub tokens_per_second: f64,
+    /// Wall time of training, seconds.
+    pub seconds: f64,
+}
+
+/// What holds the adapter near the model training starts from: the
+/// reference prompts of the MAS importance, and the sequences of the
+/// rehearsal term (from [`rehearsal_samples`]; unused when its weight is 0).
+#[derive(Clone, Copy)]
+pub struct Retention<'a> {
+    /// Reference prompts (token ids) of the MAS importance.
+    pub reference: &'a [Vec<u32>],
+    /// Rehearsal sequences (token ids) the starting model sampled.
+    pub rehearsal: &'a [Vec<u32>],
+}
+
+/// Trains LoRA parameters on every example of `examples`,
+/// sampled by priority. `previous` is the warm start (the previous night's
+/// adapter, already loaded as [`Lora`]); `retention` holds it near the
+/// starting model. `progress(step, loss, tokens_per_second)`
+/// is called after every step.
+///
+/// # Errors
+/// Tokenizer or candle errors; no training example.
+pub fn train(
+    base: &BaseModel,
+    tokenizer: &Tokenizer,
+    examples: &ReplayBuffer,
+    previous: Option<Lora>,
+    retention: Retention<'_>,
+    config: &TrainConfig,
+    progress: &mut dyn FnMut(usize, f32, f64),
+) -> anyhow::Result<TrainOutcome> {
+    if examples.examples.is_empty() {
+        anyhow::bail!("no training example: the journals hold no correction and no positively rated reply");
+    }
+    let lora = match previous {
+        Some(lora) => lora,
+        None => Lora::new(base, config.rank, config.alpha, &config.targets, config.seed)?,
+    };
+    let vars: Vec<Var> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
+    // θ*: the starting point (the previous adapter), or zero on the first night.
+    let anchors: Vec<Tensor> = if lora_is_fresh(&lora)? {
+        vars.iter().map(|v| v.as_tensor().zeros_like()).collect::<candle_core::Result<_>>()?
+    } else {
+        vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?
+    };
+    let importance = if config.mas_lambda > 0.0 { mas_importance(base, &lora, retention.reference)? } else { Vec::new() };
+    let tokenized: Vec<_> = examples.examples.iter().map(|e| tokenize(tokenizer, e, config.max_tokens)).collect::<anyhow::Result<_>>()?;
+    let rehearsal: Vec<RehearsalTarget<'_>> = if config.rehearsal_weight > 0.0 {
+        retention.rehearsal.iter().map(|ids| RehearsalTarget::new(base, &lora, ids)).collect::<candle_core::Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    let mut opt = AdamW::new(vars.clone(), ParamsAdamW { lr: config.learning_rate, weight_decay: 0.0, ..Default::default() })?;
+    let started = std::time::Instant::now();
+    let (mut losses, mut divergences, mut tokens) = (Vec::with_capacity(config.steps), Vec::new(), 0usize);
+    for (step, i) in examples.sample(config.steps, config.seed ^ 0x5EED).into_iter().enumerate() {
+        let (ids, labels) = &tokenized[i];
+        let task = sequence_loss(base, ids, labels, Some(&lora))?;
+        let mut loss = task.clone();
+        if config.mas_lambda > 0.0 {
+            let mut penalty = Tensor::zeros((), base.dtype(), base.device())?;
+            for ((v, anchor), omega) in vars.iter().zip(&anchors).zip(&importance) {
+                penalty = (penalty + (omega * (v.as_tensor() - anchor)?.sqr()?)?.sum_all()?)?;
+            }
+            loss = (loss + (penalty * config.mas_lambda)?)?;
+        }
+        if let Some(target) = rehearsal.get(step % rehearsal.len().max(1)) {
+            let divergence = target.divergence(base, &lora)?;
+            loss = (loss + (&divergence * config.rehearsal_weight)?)?;
+            divergences.push(divergence.to_dtype(candle_core::DType::F32)?.to_scalar()?);
+            tokens += target.ids.len();
+        }
+        opt.set_learning_rate(learning_rate(config, step));
+        opt.backward_step(&loss)?;
+        tokens += ids.len();
+        let task: f32 = task.to_dtype(candle_core::DType::F32)?.to_scalar()?;
+        losses.push(task);
+        progress(step + 1, task, tokens as f64 / started.elapsed().as_secs_f64());
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(TrainOutcome { lora, losses, divergences, tokens_per_second: tokens as f64 / seconds, seconds })
+}
+
+/// The learning rate at `step` (from 0): a linear warm-up over the first 5%
+/// of the steps, then a cosine decay to zero (Loshchilov & Hutter, "SGDR",
+/// ICLR 2017), so that the last steps settle instead of moving the adapter
+/// around at full rate.
+fn learning_rate(config: &TrainConfig, step: usize) -> f64 {
+    let warmup = (config.steps / 20).max(1);
+    if step < warmup {
+        return config.learning_rate * (step + 1) as f64 / warmup as f64;
+    }
+    let progress = (step - warmup) as f64 / (config.steps - warmup).max(1) as f64;
+    config.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// True when every `B` is zero (a fresh initialisation).
+fn lora_is_fresh(lora: &Lora) -> candle_core::Result<bool> {
+    for (name, var) in lora.named_vars() {
+        if name.contains("lora_B") && var.as_tensor().abs()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? != 0.0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
