@@ -166,7 +166,7 @@ fn install_switches_keeps_the_previous_and_rolls_back_a_failing_adapter() {
     write_pack(&other_dir, &tiny_config(64, 2, Precision::Int8));
     let before = std::fs::read(state.root().join("adapters/ACTIVE")).unwrap();
     let err = install(&state, &ModelPack::open(&other_dir).unwrap(), &v1, &mut journal).unwrap_err();
-    assert!(matches!(&err, AdapterError::Rejected { problem, .. } if problem.contains("trained for base model")), "{err}");
+    assert!(matches!(&err, AdapterError::Rejected { error, .. } if error.to_string().contains("trained for base model")), "{err}");
     assert_eq!(std::fs::read(state.root().join("adapters/ACTIVE")).unwrap(), before);
     // The active adapter breaks on disk: the next load rolls back to the previous one.
     std::fs::write(installed_dir(&state, id2).join(ADAPTER_WEIGHTS_FILE), b"garbage").unwrap();

@@ -16,14 +16,9 @@ fn modules() -> Vec<String> {
     lib.lines().filter_map(|l| l.strip_prefix("pub mod")).map(|l| l.trim().split(';').next().unwrap().to_string()).collect()
 }
 
-/// Every `.rs` file of module `name` (a file or a folder).
-fn sources(name: &str) -> Vec<PathBuf> {
-    let file = runtime().join(format!("{name}.rs"));
-    if file.is_file() {
-        return vec![file];
-    }
+/// Every `.rs` file below `dirs`.
+fn rust_files(mut dirs: Vec<PathBuf>) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let mut dirs = vec![runtime().join(name)];
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
@@ -34,6 +29,16 @@ fn sources(name: &str) -> Vec<PathBuf> {
             }
         }
     }
+    out
+}
+
+/// Every `.rs` file of module `name` (a file or a folder).
+fn sources(name: &str) -> Vec<PathBuf> {
+    let file = runtime().join(format!("{name}.rs"));
+    if file.is_file() {
+        return vec![file];
+    }
+    let out = rust_files(vec![runtime().join(name)]);
     assert!(!out.is_empty(), "module `{name}` has no sources");
     out
 }
@@ -111,19 +116,10 @@ fn the_scanner_sees_paths_and_groups() {
 #[test]
 fn the_trainer_never_reads_the_compiled_profile() {
     let trainer = Path::new(env!("CARGO_MANIFEST_DIR")).join("trainer");
-    let mut dirs = vec![trainer.join("src"), trainer.join("examples"), trainer.join("tests")];
-    let mut checked = 0;
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                let text = std::fs::read_to_string(&path).unwrap();
-                assert!(!text.contains("profile::ACTIVE"), "{} uses the runtime's compiled profile", path.display());
-                checked += 1;
-            }
-        }
+    let files = rust_files(vec![trainer.join("src"), trainer.join("examples"), trainer.join("tests")]);
+    assert!(files.len() > 10, "only {} trainer sources found", files.len());
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("profile::ACTIVE"), "{} uses the runtime's compiled profile", path.display());
     }
-    assert!(checked > 10, "only {checked} trainer sources found");
 }

@@ -47,13 +47,14 @@ pub enum AdapterError {
     /// The journal refused the adapter event.
     #[error(transparent)]
     Journal(#[from] JournalError),
-    /// The bundle does not verify for this device and pack; nothing was changed.
-    #[error("{path}: rejected: {problem}")]
+    /// The bundle does not verify for this device and pack (signature, base
+    /// model, checksum, tensors); nothing was changed.
+    #[error("{}: rejected: {error}", path.display())]
     Rejected {
         /// The bundle.
         path: PathBuf,
-        /// Why.
-        problem: String,
+        /// What `LoraAdapter::open` found.
+        error: FileError,
     },
 }
 
@@ -206,7 +207,7 @@ fn event(journal: Option<&mut Journal>, action: AdapterAction, adapter: AdapterI
 /// written); file and journal errors.
 pub fn install(state: &StateDir, pack: &ModelPack, bundle: &Path, journal: &mut Journal) -> Result<InstallOutcome, AdapterError> {
     let trainer = state.trainer_key()?;
-    let reject = |e: FileError| AdapterError::Rejected { path: bundle.to_path_buf(), problem: e.to_string() };
+    let reject = |error: FileError| AdapterError::Rejected { path: bundle.to_path_buf(), error };
     let verified = LoraAdapter::open(bundle, pack, &trainer).map_err(reject)?;
     let id = verified.id();
     drop(verified);
@@ -274,7 +275,7 @@ pub fn load_active(
             let adapter = match rolled.active {
                 Some(prev) => Some(Arc::new(
                     LoraAdapter::open(&installed_dir(state, prev), pack, &state.trainer_key()?)
-                        .map_err(|e| AdapterError::Rejected { path: installed_dir(state, prev), problem: e.to_string() })?,
+                        .map_err(|error| AdapterError::Rejected { path: installed_dir(state, prev), error })?,
                 )),
                 None => None,
             };

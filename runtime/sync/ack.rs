@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-use crate::signing::{open_sealed, seal};
+use crate::journal::WriterError;
+use crate::signing::{open_sealed, seal, SealError};
 use super::SyncError;
 use crate::durable_file::write_atomic;
 use crate::file_error::FileError;
@@ -52,11 +53,31 @@ pub fn write_ack(dir: &Path, key: &SigningKey, ack: &Ack) -> Result<PathBuf, Fil
     Ok(path)
 }
 
+/// Why an acknowledgement is not applied.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum AckRejection {
+    /// Not signed by the provisioned trainer key, or malformed.
+    #[error("{0}")]
+    Seal(SealError),
+    /// Signed for another device.
+    #[error("it is for device {ack}, this is device {this}")]
+    OtherDevice {
+        /// The device it names.
+        ack: DeviceId,
+        /// This device.
+        this: DeviceId,
+    },
+    /// The journal refused it (it names a segment that is not sealed).
+    #[error("{0}")]
+    Journal(WriterError),
+}
+
 /// Reads an acknowledgement and checks its signature with the trainer key.
 ///
 /// # Errors
-/// [`SyncError::Rejected`]: unreadable, not signed by the trainer key, or malformed.
+/// [`SyncError::Ack`] with [`AckRejection::Seal`]: not signed by the trainer
+/// key, or malformed; [`SyncError::File`]: unreadable.
 pub fn read_ack(path: &Path, trainer: &VerifyingKey) -> Result<Ack, SyncError> {
     let bytes = std::fs::read(path).map_err(FileError::io(path))?;
-    open_sealed(ACK_DOMAIN, &bytes, trainer).map_err(|e| SyncError::Rejected { path: path.to_path_buf(), problem: e.to_string() })
+    open_sealed(ACK_DOMAIN, &bytes, trainer).map_err(|e| SyncError::Ack { path: path.to_path_buf(), rejection: AckRejection::Seal(e) })
 }

@@ -36,13 +36,13 @@ pub enum SyncError {
     /// The journal refused.
     #[error(transparent)]
     Journal(#[from] JournalError),
-    /// A bundle, acknowledgement or adapter was rejected; nothing was changed.
-    #[error("{path}: rejected: {problem}")]
-    Rejected {
-        /// What was rejected.
+    /// A host acknowledgement was rejected; nothing was changed.
+    #[error("{}: rejected: {rejection}", path.display())]
+    Ack {
+        /// The acknowledgement file.
         path: PathBuf,
         /// Why.
-        problem: String,
+        rejection: ack::AckRejection,
     },
     /// A segment bundle was rejected; nothing was changed.
     #[error("{}: rejected: {rejection}", path.display())]
@@ -135,12 +135,15 @@ pub fn import_acks(state: &StateDir, journal: &mut Journal, from: &Path) -> Resu
     let trainer = state.trainer_key()?;
     let ack = ack::read_ack(&path, &trainer)?;
     if ack.device != device {
-        return Err(SyncError::Rejected { path, problem: format!("it is for device {}, this is device {device}", ack.device) });
+        return Err(SyncError::Ack { path, rejection: ack::AckRejection::OtherDevice { ack: ack.device, this: device } });
     }
     if last_ack(state)?.is_some_and(|last| ack.counter <= last.counter) {
         return Ok(Some(AckOutcome::Stale(ack)));
     }
-    journal.acknowledge_through(ack.held_through).map_err(|e| SyncError::Rejected { path: path.clone(), problem: e.to_string() })?;
+    journal.acknowledge_through(ack.held_through).map_err(|e| match e {
+        JournalError::Acknowledge(error) => SyncError::Ack { path: path.clone(), rejection: ack::AckRejection::Journal(error) },
+        other => SyncError::Journal(other),
+    })?;
     let text = format!("counter {}\nheld_through {}\ncreated_ms {}\n", ack.counter, ack.held_through, ack.created_ms);
     let last = state.root().join(LAST_ACK_FILE);
     write_atomic(&last, text.as_bytes()).map_err(FileError::io(&last))?;
