@@ -53,6 +53,59 @@ pub struct SamplerConfig {
     pub seed: u64,
 }
 
+/// A sampling parameter outside its range.
+#[derive(Clone, Copy, Debug, PartialEq, thiserror::Error)]
+pub enum SamplingError {
+    /// Not finite, or negative.
+    #[error("temperature {0} is not a finite number ≥ 0 (0 is greedy)")]
+    Temperature(f32),
+    /// Not in (0, 1].
+    #[error("top-p {0} is not in (0, 1]")]
+    TopP(f32),
+    /// Not finite, or not positive (0 makes every seen token certain).
+    #[error("repetition penalty {0} is not a finite number > 0 (1 is none)")]
+    RepetitionPenalty(f32),
+}
+
+/// `t` if it is a valid temperature (finite, ≥ 0).
+///
+/// # Errors
+/// [`SamplingError::Temperature`].
+pub fn temperature(t: f32) -> Result<f32, SamplingError> {
+    if t.is_finite() && t >= 0.0 { Ok(t) } else { Err(SamplingError::Temperature(t)) }
+}
+
+/// `p` if it is a valid top-p (in `(0, 1]`).
+///
+/// # Errors
+/// [`SamplingError::TopP`].
+pub fn top_p(p: f32) -> Result<f32, SamplingError> {
+    if p > 0.0 && p <= 1.0 { Ok(p) } else { Err(SamplingError::TopP(p)) }
+}
+
+/// `r` if it is a valid repetition penalty (finite, > 0).
+///
+/// # Errors
+/// [`SamplingError::RepetitionPenalty`].
+pub fn repetition_penalty(r: f32) -> Result<f32, SamplingError> {
+    if r.is_finite() && r > 0.0 { Ok(r) } else { Err(SamplingError::RepetitionPenalty(r)) }
+}
+
+impl SamplerConfig {
+    /// Checks every parameter's range ([`temperature`], [`top_p`],
+    /// [`repetition_penalty`]): the rules the CLI's options and the local API
+    /// apply too.
+    ///
+    /// # Errors
+    /// The first parameter out of range.
+    pub fn check(&self) -> Result<(), SamplingError> {
+        temperature(self.temperature)?;
+        top_p(self.top_p)?;
+        repetition_penalty(self.repetition_penalty)?;
+        Ok(())
+    }
+}
+
 impl Default for SamplerConfig {
     /// Greedy decoding, no penalty.
     fn default() -> SamplerConfig {

@@ -23,7 +23,7 @@ use crate::budget::{BudgetError, KvPrecision, MemoryPlan, PlanSettings};
 use crate::decoder::{DecodeError, Decoder};
 use crate::journal::StopReason;
 use crate::profile::{worker_threads, Profile};
-use crate::sampler::{Sampler, SamplerConfig};
+use crate::sampler::{Sampler, SamplerConfig, SamplingError};
 use crate::tokenizer::{TokenTable, Tokenizer};
 use crate::weights::ModelPack;
 
@@ -47,6 +47,12 @@ pub enum SessionError {
     /// The decoder rejected the input.
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// A sampling parameter is out of range.
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    /// The request allows no new token.
+    #[error("max_new_tokens is 0: a request must allow at least one new token")]
+    NoNewTokens,
 }
 
 /// How a session is set up beyond the profile.
@@ -231,8 +237,9 @@ impl<'m> Session<'m> {
     /// caller), streaming text to `on_text` as characters complete.
     ///
     /// # Errors
-    /// An empty prompt, a prompt that leaves no room for a reply, or a token
-    /// outside the vocabulary; the session stays usable.
+    /// A sampling parameter out of range, `max_new_tokens` 0, an empty
+    /// prompt, a prompt that leaves no room for a reply, or a token outside
+    /// the vocabulary; nothing is decoded then and the session stays usable.
     pub fn generate(
         &mut self,
         prompt: &[u32],
@@ -241,6 +248,10 @@ impl<'m> Session<'m> {
     ) -> Result<ReplyStats, SessionError> {
         let started = Instant::now();
         let capacity = self.decoder.capacity();
+        options.sampler.check()?;
+        if options.max_new_tokens == 0 {
+            return Err(SessionError::NoNewTokens);
+        }
         if prompt.is_empty() {
             return Err(SessionError::EmptyPrompt);
         }

@@ -2,13 +2,17 @@
 //! `tokenizers` format).
 //!
 //! Principal types: [`Tokenizer`], [`TokenTable`] (the UTF-8 bytes of every
-//! token, for allocation-free streaming), [`ChatMessage`] and [`chatml`]
-//! (the chat template), [`TokenizerError`].
+//! token, for allocation-free streaming), [`ChatMessage`], [`chatml`] and
+//! [`Tokenizer::encode_chat`] (the chat template), [`TokenizerError`].
 //!
-//! Invariants: special tokens written in the text (the ChatML markers
-//! `<|im_start|>`, `<|im_end|>`) encode to their single ids; nothing is added
-//! around the text (no BOS), as SmolLM2's `add_bos_token = false` requires;
-//! decoding the ids of any UTF-8 text gives the text back.
+//! Invariants: text is never parsed for special tokens: a user (or pasted
+//! text) who writes `<|im_start|>` gets the characters, not the marker, so
+//! no one can forge a system or assistant turn that would be journaled and
+//! trained on. Only the template ([`Tokenizer::encode_chat`]) and callers
+//! that name a marker ([`Tokenizer::special_id`]) insert special tokens.
+//! Nothing is added around the text (no BOS), as SmolLM2's
+//! `add_bos_token = false` requires; decoding the ids of any UTF-8 text gives
+//! the text back.
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +30,9 @@ pub enum TokenizerError {
     /// Encoding or decoding failed.
     #[error("tokenizer: {0}")]
     Codec(String),
+    /// The vocabulary lacks a special token the template needs.
+    #[error("the tokenizer has no special token `{0}`")]
+    MissingSpecial(String),
 }
 
 /// A byte-level BPE tokenizer loaded from `tokenizer.json`.
@@ -39,18 +46,57 @@ impl Tokenizer {
     /// # Errors
     /// [`TokenizerError::Load`] naming the file.
     pub fn from_file(path: &Path) -> Result<Tokenizer, TokenizerError> {
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let mut inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| TokenizerError::Load { path: path.into(), message: e.to_string() })?;
+        // Special tokens in text are encoded as the text they spell (module docs).
+        inner.set_encode_special_tokens(true);
         Ok(Tokenizer { inner })
     }
 
-    /// Token ids of `text`, special-token markers included, nothing added.
+    /// Token ids of `text` as plain text: a special token's spelling in it
+    /// encodes as ordinary characters; nothing is added.
     ///
     /// # Errors
     /// [`TokenizerError::Codec`] if the tokenizer rejects the text.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         let encoding = self.inner.encode(text, false).map_err(|e| TokenizerError::Codec(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The id of the special token `marker` (`<|im_start|>`, say).
+    ///
+    /// # Errors
+    /// [`TokenizerError::MissingSpecial`] when the vocabulary has no such special token.
+    pub fn special_id(&self, marker: &str) -> Result<u32, TokenizerError> {
+        self.special_tokens()
+            .into_iter()
+            .find_map(|(id, content)| (content == marker).then_some(id))
+            .ok_or_else(|| TokenizerError::MissingSpecial(marker.into()))
+    }
+
+    /// Every special token of the vocabulary: `(id, spelling)`, by id.
+    pub fn special_tokens(&self) -> Vec<(u32, String)> {
+        let mut out: Vec<(u32, String)> =
+            self.inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, t)| (id, t.content)).collect();
+        out.sort();
+        out
+    }
+
+    /// Token ids of `messages` under the chat template ([`chatml`]): the
+    /// markers are inserted by id, every role and content is encoded as plain
+    /// text ([`Tokenizer::encode`]).
+    ///
+    /// # Errors
+    /// A template marker missing from the vocabulary; the tokenizer rejects a text.
+    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>, TokenizerError> {
+        let mut ids = Vec::new();
+        for segment in chat_segments(messages, add_generation_prompt) {
+            match segment {
+                Segment::Marker(marker) => ids.push(self.special_id(marker)?),
+                Segment::Text(text) => ids.extend(self.encode(&text)?),
+            }
+        }
+        Ok(ids)
     }
 
     /// Text of `ids`, special tokens included.
@@ -157,20 +203,46 @@ impl ChatMessage {
     }
 }
 
-/// Renders `messages` with the ChatML template SmolLM2 ships
-/// (`<|im_start|>{role}\n{content}<|im_end|>\n` per message, a default
-/// system message when the first is not one), followed by the assistant
-/// header when `add_generation_prompt`.
-pub fn chatml(messages: &[ChatMessage], add_generation_prompt: bool) -> String {
-    let mut out = String::new();
+/// A piece of the rendered template: a marker the template inserts, or text.
+enum Segment {
+    Marker(&'static str),
+    Text(String),
+}
+
+/// The ChatML start and end markers.
+pub const IM_START: &str = "<|im_start|>";
+/// See [`IM_START`].
+pub const IM_END: &str = "<|im_end|>";
+
+/// The ChatML template SmolLM2 ships (`<|im_start|>{role}\n{content}<|im_end|>\n`
+/// per message, a default system message when the first is not one, the
+/// assistant header when `add_generation_prompt`), as markers and texts.
+fn chat_segments(messages: &[ChatMessage], add_generation_prompt: bool) -> Vec<Segment> {
+    let mut out = Vec::new();
+    let mut message = |role: &str, content: &str| {
+        out.extend([Segment::Marker(IM_START), Segment::Text(format!("{role}\n{content}")), Segment::Marker(IM_END), Segment::Text("\n".into())]);
+    };
     if messages.first().is_none_or(|m| m.role != "system") {
-        out.push_str(&format!("<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n"));
+        message("system", DEFAULT_SYSTEM_PROMPT);
     }
     for m in messages {
-        out.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content));
+        message(&m.role, &m.content);
     }
     if add_generation_prompt {
-        out.push_str("<|im_start|>assistant\n");
+        out.extend([Segment::Marker(IM_START), Segment::Text("assistant\n".into())]);
     }
     out
+}
+
+/// Renders `messages` with the chat template as text (for display and
+/// logs; encode with [`Tokenizer::encode_chat`], which keeps user text from
+/// becoming markers).
+pub fn chatml(messages: &[ChatMessage], add_generation_prompt: bool) -> String {
+    chat_segments(messages, add_generation_prompt)
+        .into_iter()
+        .map(|s| match s {
+            Segment::Marker(m) => m.to_string(),
+            Segment::Text(t) => t,
+        })
+        .collect()
 }

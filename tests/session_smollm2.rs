@@ -16,7 +16,7 @@ use nocturne::profile::ACTIVE;
 use nocturne::sampler::{Sampler, SamplerConfig};
 use nocturne::session::{RequestOptions, Session, SessionError, SessionOptions};
 use nocturne::journal::StopReason;
-use nocturne::tokenizer::{chatml, ChatMessage, Tokenizer};
+use nocturne::tokenizer::{ChatMessage, Tokenizer};
 use nocturne::weights::ModelPack;
 use support::counting::{Counting, ALLOCATIONS};
 
@@ -33,7 +33,7 @@ fn model() -> (ModelPack, Tokenizer) {
 }
 
 fn prompt(tokenizer: &Tokenizer, question: &str) -> Vec<u32> {
-    tokenizer.encode(&chatml(&[ChatMessage::new("user", question)], true)).unwrap()
+    tokenizer.encode_chat(&[ChatMessage::new("user", question)], true).unwrap()
 }
 
 #[test]
@@ -164,5 +164,15 @@ fn bad_requests_are_refused_and_the_session_stays_usable() {
     }
     assert!(session.generate(&[1, 60_000], &options, &mut |_| {}).is_err());
     let ids = prompt(&tokenizer, "Say hello.");
+    // Nonsense sampling and limits are refused before anything is decoded.
+    let position = session.decoder_ref().position();
+    for (t, p, r) in [(f32::NAN, 0.9, 1.0), (f32::INFINITY, 0.9, 1.0), (-1.0, 0.9, 1.0), (0.5, 2.0, 1.0), (0.5, f32::NAN, 1.0), (0.5, -1.0, 1.0), (0.5, 0.9, 0.0), (0.5, 0.9, -5.0)] {
+        let mut bad = options.clone();
+        (bad.sampler.temperature, bad.sampler.top_p, bad.sampler.repetition_penalty) = (t, p, r);
+        assert!(matches!(session.generate(&ids, &bad, &mut |_| {}), Err(SessionError::Sampling(_))), "{t} {p} {r} accepted");
+    }
+    let none = RequestOptions { max_new_tokens: 0, ..options.clone() };
+    assert!(matches!(session.generate(&ids, &none, &mut |_| {}), Err(SessionError::NoNewTokens)));
+    assert_eq!(session.decoder_ref().position(), position);
     assert!(session.generate(&ids, &options, &mut |_| {}).unwrap().new_tokens > 0);
 }

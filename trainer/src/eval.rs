@@ -19,7 +19,7 @@ use anyhow::Context;
 use nocturne::adapter::LoraAdapter;
 use nocturne::profile::Profile;
 use nocturne::session::{perplexity, RequestOptions, Session, SessionOptions};
-use nocturne::tokenizer::{chatml, Tokenizer};
+use nocturne::tokenizer::Tokenizer;
 use nocturne::weights::ModelPack;
 
 use crate::replay::Example;
@@ -125,7 +125,7 @@ impl<'a> Evaluator<'a> {
     /// # Errors
     /// Tokenizer or decoder errors.
     pub fn answer(&mut self, example: &Example) -> anyhow::Result<String> {
-        let ids = self.tokenizer.encode(&chatml(&example.messages, true))?;
+        let ids = self.tokenizer.encode_chat(&example.messages, true)?;
         let mut options = self.request.clone();
         options.max_new_tokens = self.max_new_tokens;
         options.deadline = std::time::Duration::from_secs(600);

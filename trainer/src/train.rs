@@ -29,7 +29,7 @@ use nocturne::adapter::{LoraAdapter, Target};
 use nocturne::budget::PlanSettings;
 use nocturne::decoder::Decoder;
 use nocturne::sampler::{Sampler, SamplerConfig};
-use nocturne::tokenizer::{chatml, Tokenizer};
+use nocturne::tokenizer::{Tokenizer, IM_END, IM_START};
 use nocturne::weights::ModelPack;
 
 use crate::llama::{sequence_loss, BaseModel, Lora};
@@ -88,8 +88,9 @@ impl Default for TrainConfig {
 /// # Errors
 /// Tokenizer errors.
 pub fn tokenize(tokenizer: &Tokenizer, example: &Example, max_tokens: usize) -> anyhow::Result<(Vec<u32>, Vec<Option<u32>>)> {
-    let prompt = tokenizer.encode(&chatml(&example.messages, true))?;
-    let target = tokenizer.encode(&format!("{}<|im_end|>", example.target))?;
+    let prompt = tokenizer.encode_chat(&example.messages, true)?;
+    let mut target = tokenizer.encode(&example.target)?;
+    target.push(tokenizer.special_id(IM_END)?);
     let mut ids = prompt.clone();
     ids.extend(&target);
     let mut labels: Vec<Option<u32>> = (0..ids.len()).map(|i| (i + 1 >= prompt.len() && i + 1 < ids.len()).then(|| ids[i + 1])).collect();
@@ -164,7 +165,9 @@ pub fn rehearsal_samples(
     tokens: usize,
     seed: u64,
 ) -> anyhow::Result<Vec<Vec<u32>>> {
-    let openings = [vec![0u32], tokenizer.encode("<|im_start|>user\n")?];
+    let mut chat_opening = vec![tokenizer.special_id(IM_START)?];
+    chat_opening.extend(tokenizer.encode("user\n")?);
+    let openings = [vec![0u32], chat_opening];
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut decoder = Decoder::new(pack, PlanSettings::new(pack.config(), tokens.max(2), threads));
     decoder.set_adapter(adapter);

@@ -66,23 +66,23 @@ impl ModelArgs {
 /// Sampling and request limits.
 #[derive(Args, Clone)]
 pub struct RequestArgs {
-    /// Maximum new tokens (capped by the profile's max_new_tokens).
-    #[arg(long)]
+    /// Maximum new tokens, at least 1 (capped by the profile's max_new_tokens).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_new_tokens: Option<usize>,
-    /// Deadline per request in milliseconds (default: the profile's).
-    #[arg(long)]
+    /// Deadline per request in milliseconds, at least 1 (default: the profile's).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     deadline_ms: Option<u64>,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature, finite and ≥ 0; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, value_parser = sampling(nocturne::sampler::temperature))]
     temperature: f32,
     /// Top-k (0 = off).
     #[arg(long, default_value_t = 40)]
     top_k: usize,
-    /// Top-p.
-    #[arg(long, default_value_t = 0.95)]
+    /// Top-p, in (0, 1].
+    #[arg(long, default_value_t = 0.95, value_parser = sampling(nocturne::sampler::top_p))]
     top_p: f32,
-    /// Repetition penalty (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    /// Repetition penalty, finite and > 0 (1 = off).
+    #[arg(long, default_value_t = 1.0, value_parser = sampling(nocturne::sampler::repetition_penalty))]
     repeat_penalty: f32,
     /// Random seed.
     #[arg(long, default_value_t = 0)]
@@ -114,5 +114,14 @@ impl RequestArgs {
             seed: self.seed,
         };
         options
+    }
+}
+
+/// A clap value parser: an f32 that the library's range check accepts (the
+/// same rule `Session::generate` applies).
+fn sampling(check: fn(f32) -> Result<f32, nocturne::sampler::SamplingError>) -> impl Fn(&str) -> Result<f32, String> + Clone {
+    move |text: &str| {
+        let value: f32 = text.parse().map_err(|e| format!("`{text}` is not a number: {e}"))?;
+        check(value).map_err(|e| e.to_string())
     }
 }

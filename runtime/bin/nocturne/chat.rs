@@ -14,7 +14,7 @@ use std::time::Instant;
 use nocturne::journal::{Feedback, ImplicitSignals, Thumbs};
 use nocturne::profile::ACTIVE;
 use nocturne::session::{RequestOptions, Session};
-use nocturne::tokenizer::{chatml, ChatMessage, Tokenizer};
+use nocturne::tokenizer::{ChatMessage, Tokenizer};
 
 use nocturne::device::recorder::Recorder;
 
@@ -97,7 +97,7 @@ impl Chat<'_> {
         let room = options.max_new_tokens.min(ACTIVE.max_new_tokens as usize);
         let mut dropped = 0;
         let ids = loop {
-            let ids = self.tokenizer.encode(&chatml(&self.messages, true))?;
+            let ids = self.tokenizer.encode_chat(&self.messages, true)?;
             if ids.len() + room <= capacity || self.messages.len() <= 2 {
                 break ids;
             }

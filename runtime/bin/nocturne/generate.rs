@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use nocturne::device::recorder::peak_rss_bytes;
 use nocturne::profile::ACTIVE;
 use nocturne::session::Session;
-use nocturne::tokenizer::{chatml, ChatMessage};
+use nocturne::tokenizer::ChatMessage;
 
 use crate::args::{ModelArgs, RequestArgs};
 use crate::journal::{follow_active_adapter, record_interaction, RecordArgs};
@@ -44,12 +44,11 @@ pub fn run(prompt: Option<String>, model: &ModelArgs, request: &RequestArgs, Out
     let mut recorder = record.recorder()?;
     let mut session = Session::start(&pack, &tokenizer, &ACTIVE, model.session_options())?;
     follow_active_adapter(&mut recorder, &mut session, &pack);
-    let text = if raw {
-        prompt.clone()
+    let ids = if raw {
+        tokenizer.encode(&prompt)?
     } else {
-        chatml(&[ChatMessage::new("system", &request.system), ChatMessage::new("user", prompt.trim_end())], true)
+        tokenizer.encode_chat(&[ChatMessage::new("system", &request.system), ChatMessage::new("user", prompt.trim_end())], true)?
     };
-    let ids = tokenizer.encode(&text)?;
     let options = request.options();
     let stats = if json {
         session.generate(&ids, &options, &mut |_| {})?
