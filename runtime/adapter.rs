@@ -43,6 +43,7 @@ use crate::config::INT8_BLOCK;
 use crate::digest::sha256_file;
 use crate::durable_file::write_dir_atomic;
 use crate::file_error::FileError;
+use crate::file_read::{limit, open_regular, read_bounded};
 use crate::ids::{AdapterId, ModelId};
 use crate::journal::record::now_ms;
 use crate::quant::quantize_int8;
@@ -138,6 +139,22 @@ pub struct AdapterManifest {
     pub description: String,
     /// When it was made, milliseconds since the Unix epoch.
     pub created_ms: u64,
+}
+
+impl AdapterManifest {
+    /// Whether the trainer's gate published the adapter: the `published`
+    /// field of the description (JSON), `None` when there is none.
+    pub fn published(&self) -> Option<bool> {
+        serde_json::from_str::<serde_json::Value>(&self.description).ok()?.get("published")?.as_bool()
+    }
+
+    /// The gate's decision as the description states it (empty when none).
+    pub fn decision(&self) -> String {
+        serde_json::from_str::<serde_json::Value>(&self.description)
+            .ok()
+            .and_then(|d| d.get("decision")?.as_str().map(String::from))
+            .unwrap_or_default()
+    }
 }
 
 /// The parts of an adapter a trainer chooses; [`write_adapter_bundle`]
@@ -277,7 +294,7 @@ impl std::fmt::Debug for LoraAdapter {
 /// Unreadable, not signed by `trainer`, or malformed.
 pub fn read_manifest(dir: &Path, trainer: &VerifyingKey) -> Result<AdapterManifest, FileError> {
     let path = dir.join(ADAPTER_MANIFEST_FILE);
-    let bytes = std::fs::read(&path).map_err(FileError::io(&path))?;
+    let bytes = read_bounded(&path, limit::SMALL)?;
     let manifest: AdapterManifest = open_sealed(ADAPTER_DOMAIN, &bytes, trainer).map_err(|e| FileError::invalid(&path, e.to_string()))?;
     if manifest.format != ADAPTER_FORMAT {
         return Err(FileError::invalid(&path, format!("adapter format {}; this build reads {ADAPTER_FORMAT}", manifest.format)));
@@ -313,7 +330,7 @@ impl LoraAdapter {
         if sha256_file(&path).map_err(FileError::io(&path))? != manifest.weights_sha256 {
             return Err(FileError::invalid(&path, "does not match the SHA-256 in the manifest"));
         }
-        let file = std::fs::File::open(&path).map_err(FileError::io(&path))?;
+        let file = open_regular(&path)?;
         // SAFETY: read-only mapping of a file nocturne never modifies in place
         // (installs write a new directory); views are bounds-checked below.
         let map = unsafe { Mmap::map(&file) }.map_err(FileError::io(&path))?;

@@ -18,6 +18,11 @@ use crate::profile::Precision;
 /// Elements per int8 quantization block, along a matrix's input dimension.
 pub const INT8_BLOCK: usize = 32;
 
+/// Largest dimension (layers, heads, widths, vocabulary) a config may state:
+/// far above any model this runtime can hold, small enough that products of
+/// two dimensions cannot overflow.
+pub const MAX_DIMENSION: usize = 1 << 24;
+
 /// `quant_method` written into `config.json` of an int8 pack.
 pub const INT8_QUANT_METHOD: &str = "nocturne-int8";
 
@@ -81,7 +86,7 @@ impl ModelConfig {
     /// [`FileError::Io`] when the file cannot be read, [`FileError::Invalid`]
     /// when it is not a valid config (the message names the field).
     pub fn read(path: &Path) -> Result<ModelConfig, FileError> {
-        let text = std::fs::read_to_string(path).map_err(FileError::io(path))?;
+        let text = crate::file_read::read_text(path, crate::file_read::limit::CONFIG)?;
         let config: ModelConfig =
             serde_json::from_str(&text).map_err(|e| FileError::invalid(path, e.to_string()))?;
         config.validate().map_err(|problem| FileError::invalid(path, problem))?;
@@ -129,6 +134,9 @@ impl ModelConfig {
         ] {
             if value == 0 {
                 return Err(format!("{field} must be greater than zero"));
+            }
+            if value > MAX_DIMENSION {
+                return Err(format!("{field} is {value}, above the largest this runtime accepts ({MAX_DIMENSION})"));
             }
         }
         if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {

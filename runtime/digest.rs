@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 /// # Errors
 /// The file cannot be opened or read.
 pub fn sha256_file(path: &Path) -> std::io::Result<[u8; 32]> {
-    let mut file = std::fs::File::open(path)?;
+    let mut file = crate::file_read::open_regular(path).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

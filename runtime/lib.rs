@@ -10,6 +10,7 @@
 //! then the device's state and sync).
 
 pub mod file_error; // FileError, the error of every on-disk format reader
+pub mod file_read; // regular files only, read with a size limit per kind
 pub mod digest; // SHA-256 of files, hex, the sha256sum line format
 pub mod ids; // DeviceId, ModelId, AdapterId: the ids every format stores
 pub mod durable_file; // atomic replacement of files and directories (fsync, rename, fsync)

@@ -85,7 +85,7 @@ pub fn read_signing_key(path: &Path) -> Result<SigningKey, FileError> {
     if mode & 0o077 != 0 {
         return Err(FileError::invalid(path, format!("permissions {:04o} are too open for a private key (must be 0600)", mode & 0o777)));
     }
-    let text = std::fs::read_to_string(path).map_err(FileError::io(path))?;
+    let text = crate::file_read::read_text(path, crate::file_read::limit::SMALL)?;
     crate::digest::from_hex::<32>(&text)
         .map(|seed| SigningKey::from_bytes(&seed))
         .ok_or_else(|| FileError::invalid(path, "is not an ed25519 private key (64 hex digits)"))
@@ -112,7 +112,7 @@ impl PublicKeyFile {
     /// # Errors
     /// The file cannot be read, a line is unknown, or a value is malformed.
     pub fn read(path: &Path) -> Result<PublicKeyFile, FileError> {
-        let text = std::fs::read_to_string(path).map_err(FileError::io(path))?;
+        let text = crate::file_read::read_text(path, crate::file_read::limit::SMALL)?;
         let (mut device, mut key) = (None, None);
         for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             let bad = |what: &str| FileError::invalid(path, format!("line {}: {what}", n + 1));

@@ -46,8 +46,9 @@ impl Tokenizer {
     /// # Errors
     /// [`TokenizerError::Load`] naming the file.
     pub fn from_file(path: &Path) -> Result<Tokenizer, TokenizerError> {
-        let mut inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| TokenizerError::Load { path: path.into(), message: e.to_string() })?;
+        let load = |message: String| TokenizerError::Load { path: path.into(), message };
+        let bytes = crate::file_read::read_bounded(path, crate::file_read::limit::TOKENIZER).map_err(|e| load(e.to_string()))?;
+        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| load(e.to_string()))?;
         // Special tokens in text are encoded as the text they spell (module docs).
         inner.set_encode_special_tokens(true);
         Ok(Tokenizer { inner })

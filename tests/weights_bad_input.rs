@@ -165,3 +165,53 @@ fn garbage_headers_never_panic() {
         }
     }
 }
+
+#[test]
+fn sizes_in_config_json_are_bounded_before_anything_is_sized_from_them() {
+    use nocturne::weights::{pack_data_bytes, pack_layout, TensorKind};
+    // The closed form agrees with the layout, in both precisions.
+    for precision in [Precision::Int8, Precision::Fp16] {
+        let config = tiny_config(64, 3, precision);
+        let per_value = if precision == Precision::Int8 { 1 } else { 2 };
+        let listed: u64 = pack_layout(&config)
+            .iter()
+            .map(|s| match s.kind {
+                TensorKind::Norm { len } => 4 * len as u64,
+                TensorKind::Matrix { rows, cols } => {
+                    let n = (rows * cols) as u64;
+                    n * per_value + if precision == Precision::Int8 { n / 32 * 2 } else { 0 }
+                }
+            })
+            .sum();
+        assert_eq!(pack_data_bytes(&config), Some(listed));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    valid(tmp.path(), Precision::Fp16);
+    let config_path = tmp.path().join("config.json");
+    let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let with = |field: &str, value: u64| {
+        let mut c = original.clone();
+        c[field] = value.into();
+        std::fs::write(&config_path, c.to_string()).unwrap();
+        error_of(tmp.path())
+    };
+    // More layers than the file holds: refused by size, before the layout of a million layers is built.
+    assert_names(&with("num_hidden_layers", 1_000_000), &[WEIGHTS_FILE, "missing tensor `model.layers.2.", "1000000 layers", "but the file holds"]);
+    assert_names(&with("vocab_size", 10_000_000), &[WEIGHTS_FILE, "shape", "vocabulary of 10000000", "but the file holds"]);
+    // Beyond any model: refused by the config's own check.
+    assert_names(&with("num_hidden_layers", 1_000_000_000), &["config.json", "num_hidden_layers is 1000000000"]);
+    assert_names(&with("hidden_size", u64::MAX), &["config.json", "hidden_size"]);
+}
+
+#[test]
+fn files_of_a_model_directory_must_be_regular_and_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    valid(tmp.path(), Precision::Fp16);
+    let config_path = tmp.path().join("config.json");
+    std::fs::remove_file(&config_path).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &config_path).unwrap();
+    assert_names(&error_of(tmp.path()), &["config.json", "not a regular file"]);
+    std::fs::remove_file(&config_path).unwrap();
+    std::fs::write(&config_path, vec![b' '; 5 << 20]).unwrap();
+    assert_names(&error_of(tmp.path()), &["config.json", "limit"]);
+}

@@ -34,6 +34,7 @@ use crate::budget::PlanSettings;
 use crate::decoder::Decoder;
 use crate::durable_file::{write_atomic, write_dir_atomic};
 use crate::file_error::FileError;
+use crate::file_read::{limit, read_text_if_exists};
 use crate::ids::AdapterId;
 use crate::journal::{AdapterAction, AdapterEvent, Body, Journal, JournalError};
 use crate::weights::ModelPack;
@@ -47,6 +48,15 @@ pub enum AdapterError {
     /// The journal refused the adapter event.
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// The trainer's gate did not publish the adapter (its manifest says
+    /// `published: false`, or says nothing); installed only when forced.
+    #[error("{}: not installed: the trainer's gate did not publish this adapter ({decision}); install it anyway with --allow-unpublished", path.display())]
+    Unpublished {
+        /// The bundle.
+        path: PathBuf,
+        /// The gate's decision, as the manifest states it.
+        decision: String,
+    },
     /// The bundle does not verify for this device and pack (signature, base
     /// model, checksum, tensors); nothing was changed.
     #[error("{}: rejected: {error}", path.display())]
@@ -89,10 +99,8 @@ impl ActiveAdapters {
     /// Unreadable or malformed.
     pub fn read(state: &StateDir) -> Result<ActiveAdapters, FileError> {
         let path = active_path(state);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ActiveAdapters::default()),
-            Err(e) => return Err(FileError::io(&path)(e)),
+        let Some(text) = read_text_if_exists(&path, limit::SMALL)? else {
+            return Ok(ActiveAdapters::default());
         };
         let mut out = ActiveAdapters::default();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
@@ -157,6 +165,15 @@ fn finite_argmax(logits: &[f32]) -> Result<u32, String> {
     Ok(crate::sampler::argmax(logits))
 }
 
+/// Whether [`install`] takes an adapter the trainer's gate did not publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unpublished {
+    /// Refuse it ([`AdapterError::Unpublished`]): the default.
+    Refuse,
+    /// Install it (the operator's explicit choice).
+    Allow,
+}
+
 /// What [`install`] did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum InstallOutcome {
@@ -203,12 +220,17 @@ fn event(journal: Option<&mut Journal>, action: AdapterAction, adapter: AdapterI
 /// documentation).
 ///
 /// # Errors
-/// [`AdapterError::Rejected`] when the bundle does not verify (nothing is
-/// written); file and journal errors.
-pub fn install(state: &StateDir, pack: &ModelPack, bundle: &Path, journal: &mut Journal) -> Result<InstallOutcome, AdapterError> {
+/// [`AdapterError::Rejected`] when the bundle does not verify, and
+/// [`AdapterError::Unpublished`] when the gate did not publish it and
+/// `unpublished` is [`Unpublished::Refuse`] (nothing is written in either
+/// case); file and journal errors.
+pub fn install(state: &StateDir, pack: &ModelPack, bundle: &Path, journal: &mut Journal, unpublished: Unpublished) -> Result<InstallOutcome, AdapterError> {
     let trainer = state.trainer_key()?;
     let reject = |error: FileError| AdapterError::Rejected { path: bundle.to_path_buf(), error };
     let verified = LoraAdapter::open(bundle, pack, &trainer).map_err(reject)?;
+    if unpublished == Unpublished::Refuse && verified.manifest().published() != Some(true) {
+        return Err(AdapterError::Unpublished { path: bundle.to_path_buf(), decision: verified.manifest().decision() });
+    }
     let id = verified.id();
     drop(verified);
     let mut active = load_active(state, pack, Some(&mut *journal))?.1;

@@ -24,6 +24,7 @@ use ed25519_dalek::{SigningKey, VerifyingKey};
 
 use crate::durable_file::write_atomic;
 use crate::file_error::FileError;
+use crate::file_read::{limit, read_text_if_exists};
 use crate::ids::DeviceId;
 use crate::journal::{Journal, JournalConfig, JournalError};
 use crate::signing::{self, PublicKeyFile};
@@ -78,12 +79,11 @@ impl StateDir {
     /// The file exists but cannot be read or is not 32 hex digits.
     pub fn device_id(&self) -> Result<Option<DeviceId>, FileError> {
         let path = self.root.join(DEVICE_ID_FILE);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => DeviceId::from_hex(&text)
+        match read_text_if_exists(&path, limit::SMALL)? {
+            Some(text) => DeviceId::from_hex(&text)
                 .map(Some)
                 .ok_or_else(|| FileError::invalid(&path, "is not a device id (32 hex digits)")),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(FileError::io(&path)(e)),
+            None => Ok(None),
         }
     }
 

@@ -18,6 +18,7 @@ use super::segment::{segment_file_name, SegmentHeader, HEADER_LEN};
 use super::JournalError;
 use crate::durable_file::write_atomic;
 use crate::file_error::FileError;
+use crate::file_read::{limit, open_regular, read_text_if_exists};
 
 /// File in the journal directory naming the newest segment the host holds.
 pub const HOST_ACK_FILE: &str = "host-ack";
@@ -45,10 +46,8 @@ pub(super) fn lock(dir: &Path) -> Result<File, JournalError> {
 /// The file exists but cannot be read or does not hold `acknowledged_through_segment N`.
 pub fn read_host_ack(dir: &Path) -> Result<u64, JournalError> {
     let path = dir.join(HOST_ACK_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(JournalError::io(&path)(e)),
+    let Some(text) = read_text_if_exists(&path, limit::SMALL)? else {
+        return Ok(0);
     };
     text.trim()
         .strip_prefix("acknowledged_through_segment ")
@@ -72,11 +71,12 @@ pub(super) fn remove_temporary_files(dir: &Path) -> Result<(), JournalError> {
     Ok(())
 }
 
-/// The header of the segment file at `path`, if it has a valid one.
-pub(super) fn read_header(path: &Path) -> Option<SegmentHeader> {
+/// The header of the segment file at `path`, if it is a regular file with a
+/// valid one.
+pub fn read_header(path: &Path) -> Option<SegmentHeader> {
     use std::io::Read;
     let mut bytes = [0u8; HEADER_LEN];
-    File::open(path).and_then(|mut f| f.read_exact(&mut bytes)).ok()?;
+    open_regular(path).ok()?.read_exact(&mut bytes).ok()?;
     SegmentHeader::decode(&bytes).ok()
 }
 

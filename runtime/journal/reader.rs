@@ -16,6 +16,8 @@ use super::record::{decode, Decoded, Record};
 use crate::ids::DeviceId;
 use super::segment::{parse_segment_file_name, scan, Damage, DamageReason, SegmentHeader, Tail};
 use super::JournalError;
+use crate::file_error::FileError;
+use crate::file_read::{limit, read_bounded};
 
 /// What one segment holds and what is wrong with it.
 #[derive(Clone, Debug, PartialEq)]
@@ -119,14 +121,20 @@ pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
 /// device the segment must belong to (`None`: any).
 ///
 /// # Errors
-/// Only when the file cannot be read; everything wrong inside it is in the report.
+/// Only when the file cannot be read; everything wrong inside it, and a file
+/// that is not a regular file or is larger than [`limit::SEGMENT`], is in the
+/// report (`problem`).
 pub fn read_segment(
     path: &Path,
     seq: u64,
     device: Option<DeviceId>,
     visit: &mut dyn FnMut(&Record),
 ) -> Result<SegmentReport, JournalError> {
-    let bytes = std::fs::read(path).map_err(JournalError::io(path))?;
+    let (bytes, unreadable) = match read_bounded(path, limit::SEGMENT) {
+        Ok(bytes) => (bytes, None),
+        Err(FileError::Invalid { problem, .. }) => (Vec::new(), Some(problem)),
+        Err(e) => return Err(e.into()),
+    };
     let mut report = SegmentReport {
         path: path.to_path_buf(),
         seq,
@@ -140,6 +148,10 @@ pub fn read_segment(
         tail: None,
         valid_end: 0,
     };
+    if let Some(problem) = unreadable {
+        report.problem = Some(problem);
+        return Ok(report);
+    }
     let header = match SegmentHeader::decode(&bytes) {
         Ok(h) => h,
         Err(problem) => {

@@ -78,6 +78,6 @@ pub enum AckRejection {
 /// [`SyncError::Ack`] with [`AckRejection::Seal`]: not signed by the trainer
 /// key, or malformed; [`SyncError::File`]: unreadable.
 pub fn read_ack(path: &Path, trainer: &VerifyingKey) -> Result<Ack, SyncError> {
-    let bytes = std::fs::read(path).map_err(FileError::io(path))?;
+    let bytes = crate::file_read::read_bounded(path, crate::file_read::limit::SMALL)?;
     open_sealed(ACK_DOMAIN, &bytes, trainer).map_err(|e| SyncError::Ack { path: path.to_path_buf(), rejection: AckRejection::Seal(e) })
 }

@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 use super::SyncError;
 use crate::durable_file::write_dir_atomic;
 use crate::file_error::FileError;
+use crate::file_read::{limit, read_bounded};
 use crate::ids::DeviceId;
 use crate::journal::segment::{parse_segment_file_name, segment_file_name, HeaderError, SegmentHeader, HEADER_LEN};
 use crate::signing::{open_sealed, peek_sealed, seal, SealError};
@@ -73,7 +74,7 @@ pub fn bundle_name(device: DeviceId, first: u64, last: u64) -> String {
 }
 
 fn copy_hashing(from: &Path, to: Option<&mut std::fs::File>) -> Result<(u64, [u8; 32]), FileError> {
-    let mut file = std::fs::File::open(from).map_err(FileError::io(from))?;
+    let mut file = crate::file_read::open_regular(from)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut total = 0u64;
@@ -243,7 +244,7 @@ pub enum Rejection {
 pub fn verify_bundle(dir: &Path, enrolled: &dyn Fn(DeviceId) -> Option<VerifyingKey>) -> Result<Manifest, SyncError> {
     let reject = |rejection: Rejection| SyncError::Bundle { path: dir.to_path_buf(), rejection };
     let manifest_path = dir.join(MANIFEST_FILE);
-    let bytes = std::fs::read(&manifest_path).map_err(|e| reject(Rejection::ManifestMissing(e.to_string())))?;
+    let bytes = read_bounded(&manifest_path, limit::BUNDLE_MANIFEST).map_err(|e| reject(Rejection::ManifestMissing(e.to_string())))?;
     let unverified: Manifest = peek_sealed(&bytes).map_err(|e| reject(Rejection::ManifestMalformed(e)))?;
     let device = unverified.device;
     let key = enrolled(device).ok_or_else(|| reject(Rejection::NotEnrolled(device)))?;

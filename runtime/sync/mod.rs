@@ -21,9 +21,9 @@ use std::path::{Path, PathBuf};
 use crate::device::StateDir;
 use crate::durable_file::write_atomic;
 use crate::file_error::FileError;
+use crate::file_read::{limit, read_text_if_exists};
 use crate::journal::reader::list_segments;
-use crate::journal::segment::SegmentHeader;
-use crate::journal::directory::read_host_ack;
+use crate::journal::directory::{read_header, read_host_ack};
 use crate::journal::record::now_ms;
 use crate::journal::{Journal, JournalError};
 
@@ -75,12 +75,7 @@ pub fn export(state: &StateDir, journal: &mut Journal, out_dir: &Path) -> Result
         if seq <= cursor || seq > sealed_through {
             continue;
         }
-        let mut header = [0u8; crate::journal::segment::HEADER_LEN];
-        let own = std::fs::File::open(&path)
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut header))
-            .ok()
-            .and_then(|()| SegmentHeader::decode(&header).ok())
-            .is_some_and(|h| h.device == device && h.seq == seq);
+        let own = read_header(&path).is_some_and(|h| h.device == device && h.seq == seq);
         if own {
             segments.push((seq, path));
         }
@@ -97,10 +92,8 @@ pub const LAST_ACK_FILE: &str = "last-ack";
 /// The file exists but is unreadable or malformed.
 pub fn last_ack(state: &StateDir) -> Result<Option<ack::Ack>, FileError> {
     let path = state.root().join(LAST_ACK_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(FileError::io(&path)(e)),
+    let Some(text) = read_text_if_exists(&path, limit::SMALL)? else {
+        return Ok(None);
     };
     let field = |name: &str| {
         text.lines()

@@ -25,7 +25,6 @@
 //!   (the same contract as llama.cpp's mmap loader); packs are replaced by
 //!   writing a new directory and renaming it.
 
-use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -36,6 +35,7 @@ use safetensors::{Dtype, SafeTensors};
 use crate::config::{ModelConfig, INT8_BLOCK};
 use crate::digest::parse_digest_line;
 use crate::file_error::FileError;
+use crate::file_read::{limit, open_regular, read_text_if_exists};
 use crate::ids::ModelId;
 use crate::profile::Precision;
 
@@ -84,17 +84,52 @@ pub struct TensorSpec {
 /// v, o, post-attention norm, gate, up, down.
 pub const TENSORS_PER_LAYER: usize = 9;
 
+/// Bytes of tensor data a pack for `config` holds (what [`pack_layout`]
+/// lists, in the config's precision), computed without allocating and with
+/// checked arithmetic: `None` when it does not fit in a u64. Opening a pack
+/// compares it with the file's size before anything is sized from the
+/// config.
+pub fn pack_data_bytes(config: &ModelConfig) -> Option<u64> {
+    let wide = |n: usize| u64::try_from(n).ok();
+    let (h, q, kv, ff, vocab, layers) = (
+        wide(config.hidden_size)?,
+        wide(config.q_width())?,
+        wide(config.kv_width())?,
+        wide(config.intermediate_size)?,
+        wide(config.vocab_size)?,
+        wide(config.num_hidden_layers)?,
+    );
+    let int8 = config.precision() == Precision::Int8;
+    // Int8: one byte per value and a 2-byte f16 scale per block; F16: two bytes.
+    let matrix = |rows: u64, cols: u64| -> Option<u64> {
+        let n = rows.checked_mul(cols)?;
+        if int8 { n.checked_add(n / INT8_BLOCK as u64 * 2) } else { n.checked_mul(2) }
+    };
+    let norm = h.checked_mul(4)?;
+    let layer = [matrix(q, h)?, matrix(kv, h)?, matrix(kv, h)?, matrix(h, q)?, matrix(ff, h)?, matrix(ff, h)?, matrix(h, ff)?, norm, norm]
+        .into_iter()
+        .try_fold(0u64, u64::checked_add)?;
+    let head = if config.tie_word_embeddings { 0 } else { matrix(vocab, h)? };
+    matrix(vocab, h)?.checked_add(layer.checked_mul(layers)?)?.checked_add(norm)?.checked_add(head)
+}
+
 /// The tensors a pack for `config` holds, in a fixed order: the token
 /// embedding, [`TENSORS_PER_LAYER`] tensors per layer, the final norm, and
 /// `lm_head.weight` when embeddings are not tied.
 pub fn pack_layout(config: &ModelConfig) -> Vec<TensorSpec> {
+    layout(config).collect()
+}
+
+/// [`pack_layout`] one tensor at a time: nothing is allocated for layers
+/// not reached, so a config that claims more layers than its file holds
+/// costs nothing before the first missing tensor is found.
+fn layout(config: &ModelConfig) -> impl Iterator<Item = TensorSpec> + '_ {
     let (h, q, kv, ff) = (config.hidden_size, config.q_width(), config.kv_width(), config.intermediate_size);
     let matrix = |name: String, rows, cols| TensorSpec { name, kind: TensorKind::Matrix { rows, cols } };
     let norm = |name: String, len| TensorSpec { name, kind: TensorKind::Norm { len } };
-    let mut specs = vec![matrix("model.embed_tokens.weight".into(), config.vocab_size, h)];
-    for i in 0..config.num_hidden_layers {
+    let layers = (0..config.num_hidden_layers).flat_map(move |i| {
         let p = format!("model.layers.{i}");
-        specs.extend([
+        [
             norm(format!("{p}.input_layernorm.weight"), h),
             matrix(format!("{p}.self_attn.q_proj.weight"), q, h),
             matrix(format!("{p}.self_attn.k_proj.weight"), kv, h),
@@ -104,13 +139,12 @@ pub fn pack_layout(config: &ModelConfig) -> Vec<TensorSpec> {
             matrix(format!("{p}.mlp.gate_proj.weight"), ff, h),
             matrix(format!("{p}.mlp.up_proj.weight"), ff, h),
             matrix(format!("{p}.mlp.down_proj.weight"), h, ff),
-        ]);
-    }
-    specs.push(norm("model.norm.weight".into(), h));
-    if !config.tie_word_embeddings {
-        specs.push(matrix("lm_head.weight".into(), config.vocab_size, h));
-    }
-    specs
+        ]
+    });
+    std::iter::once(matrix("model.embed_tokens.weight".into(), config.vocab_size, h))
+        .chain(layers)
+        .chain(std::iter::once(norm("model.norm.weight".into(), h)))
+        .chain((!config.tie_word_embeddings).then(|| matrix("lm_head.weight".into(), config.vocab_size, h)))
 }
 
 /// A zero-copy view of one weight matrix (`[rows, cols]`, row-major).
@@ -217,15 +251,12 @@ impl ModelPack {
             return Err(FileError::invalid(&tokenizer, "missing: a model directory needs its tokenizer"));
         }
         let digest = dir.join(DIGEST_FILE);
-        let text = std::fs::read_to_string(&digest).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                FileError::invalid(&digest, "missing: a model directory needs the SHA-256 of its weights (re-run `models/fetch`)")
-            }
-            _ => FileError::io(&digest)(e),
+        let text = read_text_if_exists(&digest, limit::SMALL)?.ok_or_else(|| {
+            FileError::invalid(&digest, "missing: a model directory needs the SHA-256 of its weights (re-run `models/fetch`)")
         })?;
         let id = ModelId(parse_digest_line(&text, WEIGHTS_FILE).map_err(|p| FileError::invalid(&digest, p))?);
         let path = dir.join(WEIGHTS_FILE);
-        let file = File::open(&path).map_err(FileError::io(&path))?;
+        let file = open_regular(&path)?;
         // SAFETY: the mapping is read-only and packs are never modified in
         // place (see the module invariants); every access is bounds-checked
         // by the validation below before a view is handed out.
@@ -396,20 +427,37 @@ impl TensorIndex {
 /// [`pack_layout`] entry, or a message naming the problem.
 fn validate(bytes: &[u8], config: &ModelConfig) -> Result<Vec<Slot>, String> {
     let mut index = TensorIndex::read(bytes)?;
-    let layout = pack_layout(config);
+    // Sizes from config.json are bounded by the file before anything is
+    // sized from them: the layout is walked lazily and every slot needs a
+    // tensor the file holds; when it runs out, the error says how far the
+    // config overshoots.
+    let data = pack_data_bytes(config);
+    let overshoot = |problem: String| match data {
+        Some(needed) if needed <= bytes.len() as u64 => problem,
+        needed => format!(
+            "{problem} (config.json describes {} layers of width {} and a vocabulary of {}, {} bytes of weights, but the file holds {} bytes)",
+            config.num_hidden_layers,
+            config.hidden_size,
+            config.vocab_size,
+            needed.map_or("more than 2^64".to_string(), |b| b.to_string()),
+            bytes.len()
+        ),
+    };
     let int8 = config.precision() == Precision::Int8;
-    let mut slots = Vec::with_capacity(layout.len());
-    for spec in &layout {
+    let mut slots = Vec::new();
+    for spec in layout(config) {
         slots.push(match spec.kind {
-            TensorKind::Norm { len } => Slot::Norm(index.range(&spec.name, Dtype::F32, &[len])?),
+            TensorKind::Norm { len } => Slot::Norm(index.range(&spec.name, Dtype::F32, &[len]).map_err(overshoot)?),
             TensorKind::Matrix { rows, cols } if int8 => Slot::Matrix {
                 rows,
                 cols,
-                values: index.range(&spec.name, Dtype::I8, &[rows, cols])?,
-                scales: Some(index.range(&format!("{}{SCALE_SUFFIX}", spec.name), Dtype::F16, &[rows, cols / INT8_BLOCK])?),
+                values: index.range(&spec.name, Dtype::I8, &[rows, cols]).map_err(overshoot)?,
+                scales: Some(
+                    index.range(&format!("{}{SCALE_SUFFIX}", spec.name), Dtype::F16, &[rows, cols / INT8_BLOCK]).map_err(overshoot)?,
+                ),
             },
             TensorKind::Matrix { rows, cols } => {
-                Slot::Matrix { rows, cols, values: index.range(&spec.name, Dtype::F16, &[rows, cols])?, scales: None }
+                Slot::Matrix { rows, cols, values: index.range(&spec.name, Dtype::F16, &[rows, cols]).map_err(overshoot)?, scales: None }
             }
         });
     }

@@ -8,8 +8,23 @@ use nocturne::adapter::{write_adapter_bundle, AdapterSpec, Target};
 use nocturne::weights::ModelPack;
 
 /// Writes a rank-`rank` adapter for `pack` on `targets` with weights of
-/// magnitude about `magnitude` (seeded), signed with `trainer`, into `out`.
+/// magnitude about `magnitude` (seeded), signed with `trainer`, into `out`,
+/// published by the gate as far as its manifest says.
 pub fn random_adapter(out: &Path, pack: &ModelPack, trainer: &SigningKey, rank: usize, targets: &[Target], magnitude: f32, seed: u64) -> PathBuf {
+    let description = format!("{{\"test\": {seed}, \"published\": true}}");
+    described_adapter(out, pack, trainer, (rank, targets), magnitude, seed, &description)
+}
+
+/// [`random_adapter`] with the manifest description `description`.
+pub fn described_adapter(
+    out: &Path,
+    pack: &ModelPack,
+    trainer: &SigningKey,
+    (rank, targets): (usize, &[Target]),
+    magnitude: f32,
+    seed: u64,
+    description: &str,
+) -> PathBuf {
     let c = pack.config();
     let mut tensors = Vec::new();
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -34,7 +49,7 @@ pub fn random_adapter(out: &Path, pack: &ModelPack, trainer: &SigningKey, rank: 
         rank: rank as u32,
         alpha: 2.0 * rank as f32,
         targets: targets.to_vec(),
-        description: format!("{{\"test\": {seed}}}"),
+        description: description.to_string(),
     };
     write_adapter_bundle(out, trainer, &spec, &tensors).unwrap()
 }

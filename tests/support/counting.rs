@@ -15,6 +15,15 @@ pub static BYTES: AtomicUsize = AtomicUsize::new(0);
 thread_local! {
     /// Allocations by this thread (so a helper thread does not count against the caller).
     pub static THREAD_ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+    /// Bytes requested by this thread.
+    pub static THREAD_BYTES: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Bytes this thread requested while `f` ran, and its result.
+pub fn bytes_allocated_by<T>(f: impl FnOnce() -> T) -> (usize, T) {
+    let before = THREAD_BYTES.with(Cell::get);
+    let out = f();
+    (THREAD_BYTES.with(Cell::get) - before, out)
 }
 
 /// The system allocator, counting.
@@ -25,6 +34,7 @@ impl Counting {
         ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
         BYTES.fetch_add(bytes, Ordering::SeqCst);
         let _ = THREAD_ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+        let _ = THREAD_BYTES.try_with(|c| c.set(c.get() + bytes));
     }
 }
 

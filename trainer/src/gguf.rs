@@ -19,7 +19,6 @@
 //! allocation larger than the file.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use half::f16;
@@ -210,7 +209,7 @@ impl GgufFile {
     /// truncated header, a tensor of an unsupported type, a tensor whose data
     /// lies outside the file.
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
-        let file = File::open(path).map_err(GgufError::io(path))?;
+        let file = nocturne::file_read::open_regular(path)?;
         // SAFETY: read-only mapping of a file the converter does not modify;
         // all reads are bounds-checked by the parser.
         let map = unsafe { Mmap::map(&file) }.map_err(GgufError::io(path))?;

@@ -14,7 +14,7 @@ use nocturne_trainer::gguf::GgufFile;
 use nocturne_trainer::store::Store;
 
 #[derive(Parser)]
-#[command(name = "nocturne-trainer", version, about = "Host-side companion of nocturne: model conversion, journal ingest, consolidation")]
+#[command(name = "nocturne-trainer", version, about = "Host-side companion of nocturne: model conversion, journal ingest, consolidation", after_help = "Exit status: 0 when everything asked for was done; 1 when anything was not (an error, or any bundle `ingest` rejected), with the reason on standard error; 2 for a usage error.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -277,6 +277,16 @@ fn tampered_bundles_are_rejected_and_the_store_is_unchanged() {
             std::fs::write(&seg, &bytes[..bytes.len() / 2]).unwrap();
         })),
         ("a missing manifest", Box::new(|b: &Path| std::fs::remove_file(b.join(MANIFEST_FILE)).unwrap())),
+        ("a manifest that is a FIFO", Box::new(|b: &Path| {
+            std::fs::remove_file(b.join(MANIFEST_FILE)).unwrap();
+            let path = std::ffi::CString::new(b.join(MANIFEST_FILE).to_str().unwrap()).unwrap();
+            // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+            assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        })),
+        ("a manifest linked to /dev/zero", Box::new(|b: &Path| {
+            std::fs::remove_file(b.join(MANIFEST_FILE)).unwrap();
+            std::os::unix::fs::symlink("/dev/zero", b.join(MANIFEST_FILE)).unwrap();
+        })),
         ("a segment of another sequence under this name", Box::new(|b: &Path| {
             std::fs::copy(b.join("00000000000000000002.seg"), b.join("00000000000000000001.seg")).unwrap();
             let sha = nocturne::digest::sha256_file(&b.join("00000000000000000001.seg")).unwrap();
@@ -287,13 +297,15 @@ fn tampered_bundles_are_rejected_and_the_store_is_unchanged() {
             });
         })),
     ];
-    let expected: [fn(&Rejection) -> bool; 7] = [
+    let expected: [fn(&Rejection) -> bool; 9] = [
         |r| matches!(r, Rejection::Checksum(_)),
         |r| matches!(r, Rejection::ManifestSignature { error: SealError::BadSignature, .. }),
         |r| matches!(r, Rejection::BadName { .. }),
         |r| matches!(r, Rejection::BadName { .. }),
         |r| matches!(r, Rejection::Size { .. }),
         |r| matches!(r, Rejection::ManifestMissing(_)),
+        |r| matches!(r, Rejection::ManifestMissing(why) if why.contains("not a regular file")),
+        |r| matches!(r, Rejection::ManifestMissing(why) if why.contains("not a regular file")),
         |r| matches!(r, Rejection::HeaderMismatch { .. }),
     ];
     let before = world.store_tree();

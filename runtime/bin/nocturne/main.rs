@@ -25,7 +25,7 @@ use crate::args::{ModelArgs, RequestArgs};
 use crate::journal::{FeedbackArgs, JournalCommand, RecordArgs};
 
 #[derive(Parser)]
-#[command(name = "nocturne", version, about = "On-device language-model runtime that learns while it sleeps")]
+#[command(name = "nocturne", version, about = "On-device language-model runtime that learns while it sleeps", after_help = "Exit status: 0 when everything asked for was done; 1 when anything was not (an error, a rejected bundle or adapter, damage found by `journal verify`), with the reason on standard error; 2 for a usage error (an unknown or out-of-range option).")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

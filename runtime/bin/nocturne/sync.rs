@@ -8,7 +8,7 @@ use clap::Subcommand;
 use nocturne::device::{StateDir, DEVICE_PUBLIC_FILE};
 use nocturne::journal::read_journal;
 use nocturne::journal::directory::read_host_ack;
-use nocturne::device::adapters::{adapter_bundles, install, installed_manifest, ActiveAdapters, InstallOutcome};
+use nocturne::device::adapters::{adapter_bundles, install, installed_manifest, ActiveAdapters, InstallOutcome, Unpublished};
 use nocturne::sync::{export, import_acks, last_ack, AckOutcome};
 
 use crate::journal::StateArgs;
@@ -34,6 +34,9 @@ pub enum SyncCommand {
         /// Where the host's files were copied.
         #[arg(long)]
         from: PathBuf,
+        /// Also install adapters the trainer's gate did not publish.
+        #[arg(long)]
+        allow_unpublished: bool,
         #[command(flatten)]
         state: StateArgs,
         #[command(flatten)]
@@ -66,22 +69,28 @@ pub fn run(command: &SyncCommand) -> anyhow::Result<()> {
                 println!("{} is up to date: nothing new to export", bundle.display());
             }
         }
-        SyncCommand::Import { from, state, model } => {
+        SyncCommand::Import { from, state, model, allow_unpublished } => {
             let mut journal = state.open_journal()?;
             let outcome = import_acks(&state.state(), &mut journal, from)?;
             let bundles = adapter_bundles(from)?;
+            let unpublished = if *allow_unpublished { Unpublished::Allow } else { Unpublished::Refuse };
+            let mut not_installed = 0;
             if !bundles.is_empty() {
                 let (pack, _) = model.open()?;
                 for bundle in bundles {
-                    match install(&state.state(), &pack, &bundle, &mut journal) {
+                    match install(&state.state(), &pack, &bundle, &mut journal, unpublished) {
                         Ok(InstallOutcome::Installed { adapter, previous }) => {
                             println!("adapter {adapter} installed and active (previous: {})", previous.map_or("none".into(), |p| p.to_string()))
                         }
                         Ok(InstallOutcome::AlreadyActive(adapter)) => println!("adapter {adapter} is already active"),
                         Ok(InstallOutcome::RolledBack { adapter, reason }) => {
-                            println!("adapter {adapter} failed its self-test and was rolled back: {reason}")
+                            not_installed += 1;
+                            eprintln!("error: adapter {adapter} failed its self-test and was rolled back: {reason}")
                         }
-                        Err(e) => eprintln!("error: {e}"),
+                        Err(e) => {
+                            not_installed += 1;
+                            eprintln!("error: {e}")
+                        }
                     }
                 }
             }
@@ -94,6 +103,9 @@ pub fn run(command: &SyncCommand) -> anyhow::Result<()> {
                 Some(AckOutcome::Stale(ack)) => {
                     println!("acknowledgement {} was applied before (or is older): nothing changed", ack.counter)
                 }
+            }
+            if not_installed > 0 {
+                anyhow::bail!("{not_installed} adapter bundle(s) in {} not installed (see above)", from.display());
             }
         }
         SyncCommand::Status { state } => status(&state.state())?,

@@ -30,7 +30,7 @@ use nocturne::adapter::LoraAdapter;
 use nocturne::device::{StateDir, DEVICE_PUBLIC_FILE};
 use nocturne::journal::{Body, Feedback, Interaction, Journal, JournalConfig};
 use nocturne::journal::StopReason;
-use nocturne::device::adapters::{install, InstallOutcome};
+use nocturne::device::adapters::{install, InstallOutcome, Unpublished};
 use nocturne::sync::export;
 use nocturne::tokenizer::{ChatMessage, Tokenizer, DEFAULT_SYSTEM_PROMPT};
 use nocturne::weights::{ModelPack, TOKENIZER_FILE};
@@ -164,7 +164,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     // 4. The first adapter goes to the device if the gate let it out.
-    let installed = if nights[0].1.published { Some(install(&state, &pack, &nights[0].1.bundle, &mut journal)?) } else { None };
+    let installed = if nights[0].1.published { Some(install(&state, &pack, &nights[0].1.bundle, &mut journal, Unpublished::Refuse)?) } else { None };
     println!("device install: {installed:?}");
     journal.close()?;
 
