@@ -426,3 +426,26 @@ fn sync_import_exits_non_zero_when_an_adapter_is_not_installed() {
     assert!(stderr.contains("SHA-256") && stderr.contains("not installed"), "{stderr}");
     assert!(active().contains(&id));
 }
+
+#[test]
+fn sync_export_declares_a_foreign_segment_lost_and_exits_non_zero() {
+    use nocturne::ids::DeviceId;
+    use nocturne::journal::{Journal, JournalConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    let state = dir.to_str().unwrap();
+    assert!(nocturne(&["generate", "--state-dir", state, "--max-new-tokens", "2", "Hello"], None).status.success());
+    // Another device's segment, copied into this journal as segment 2.
+    let other = tmp.path().join("other");
+    let mut journal = Journal::open(&other, DeviceId([9; 16]), JournalConfig::for_profile(&nocturne::profile::ACTIVE)).unwrap();
+    journal.append_durable(&support::journal::feedback(1)).unwrap();
+    journal.close().unwrap();
+    std::fs::copy(other.join("00000000000000000001.seg"), dir.join("journal/00000000000000000002.seg")).unwrap();
+    let usb = tmp.path().join("usb");
+    let out = nocturne(&["sync", "export", "--state-dir", state, "--to", usb.to_str().unwrap()], None);
+    let stderr = failure(&out);
+    assert!(stderr.contains("segment(s) 2-2 cannot be exported intact") && stderr.contains("belongs to device"), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("wrote"), "the bundle with segment 1 is still written");
+    let stderr = failure(&nocturne(&["sync", "status", "--state-dir", state], None));
+    assert!(stderr.contains("cannot be exported intact"), "{stderr}");
+}

@@ -14,7 +14,7 @@ use nocturne::ids::{AdapterId, DeviceId, ModelId};
 use nocturne::profile::Precision;
 use nocturne::signing::{open_sealed, peek_sealed, seal};
 use nocturne::sync::ack::{Ack, ACK_DOMAIN};
-use nocturne::sync::bundle::{Manifest, SegmentEntry, MANIFEST_DOMAIN};
+use nocturne::sync::bundle::{LostRange, Manifest, SegmentEntry, MANIFEST_DOMAIN};
 use nocturne::weights::TensorIndex;
 use proptest::prelude::*;
 use support::counting::{bytes_allocated_by, Counting};
@@ -65,7 +65,8 @@ fn manifest_sample() -> Vec<u8> {
     let segments = (1..=3)
         .map(|seq| SegmentEntry { name: format!("{seq:020}.seg"), seq, bytes: 4096 * seq, sha256: [seq as u8; 32] })
         .collect();
-    seal(MANIFEST_DOMAIN, &key(), &Manifest { format: 1, device: DeviceId([1; 16]), segments, cursor: 0, created_ms: 5 })
+    let lost = vec![LostRange { first: 4, last: 6, reason: "damaged after sealing".into() }];
+    seal(MANIFEST_DOMAIN, &key(), &Manifest { format: 2, device: DeviceId([1; 16]), segments, cursor: 0, created_ms: 5, lost })
 }
 
 fn ack_sample() -> Vec<u8> {

@@ -487,3 +487,24 @@ fn append_makes_no_allocation_on_the_calling_thread() {
     assert_eq!(records.len(), 200 + 4 * QUEUE_DEPTH);
     assert!(report.segments.len() > 5, "the 200 records rolled segments");
 }
+
+#[test]
+fn a_sealed_segment_cut_at_a_record_boundary_is_reported_as_lost_records() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), 1..=200, 4096);
+    let segments = nocturne::journal::reader::list_segments(dir.path()).unwrap();
+    assert!(segments.len() >= 3);
+    let (records, report) = read_all(dir.path());
+    assert!(report.corruption().is_empty(), "{:?}", report.corruption());
+    let first_of_third = report.segments[2].lsns.unwrap().0;
+    let (second_first, second_last) = report.segments[1].lsns.unwrap();
+    // Cut the second (sealed) segment back to its header: no torn bytes remain,
+    // but the third segment's first LSN shows what it held.
+    let file = std::fs::OpenOptions::new().write(true).open(&segments[1].1).unwrap();
+    file.set_len(HEADER_LEN as u64).unwrap();
+    let (after, report) = read_all(dir.path());
+    assert_eq!(after.len() as u64, records.len() as u64 - (second_last - second_first + 1));
+    let problems = report.corruption();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains(&format!("next segment starts at LSN {first_of_third}")) && problems[0].contains("missing"), "{problems:?}");
+}

@@ -86,6 +86,10 @@
 //!   name, or which belongs to another device is reported and not read; the
 //!   writer never appends to it and never deletes it.
 //! - Unknown record kinds are skipped and counted, never an error.
+//! - A sealed segment cut at a record boundary leaves no torn bytes, but the
+//!   next segment's first LSN shows what it held: readers report the missing
+//!   LSNs (a torn tail of the newest segment is what a crash leaves; records
+//!   missing before a later segment are data lost).
 //!
 //! # Durability
 //!

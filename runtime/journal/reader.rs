@@ -95,6 +95,25 @@ impl JournalReport {
                 ));
             }
         }
+        // A sealed segment cut at a record boundary has no torn tail, but the
+        // next segment's first LSN shows what it held: records are missing.
+        // (After damage the writer skips LSNs on purpose; that is reported above.)
+        for pair in self.segments.windows(2) {
+            let (a, b) = (&pair[0], &pair[1]);
+            let clean = a.problem.is_none() && a.damage.is_empty() && a.tail.is_none();
+            if let (true, Some(ha), Some(hb)) = (clean, a.header, b.header) {
+                let last = a.lsns.map_or(ha.first_lsn.saturating_sub(1), |(_, last)| last);
+                if ha.device == hb.device && hb.seq == a.seq + 1 && hb.first_lsn > last + 1 {
+                    out.push(format!(
+                        "{}: ends at LSN {last} but the next segment starts at LSN {}: records {}..{} were written and are missing",
+                        a.path.display(),
+                        hb.first_lsn,
+                        last + 1,
+                        hb.first_lsn - 1
+                    ));
+                }
+            }
+        }
         out
     }
 }

@@ -1,12 +1,20 @@
 //! Segment bundles: what a device exports and a host ingests.
 //!
-//! Principal items: [`Manifest`], [`SegmentEntry`], [`write_bundle`],
-//! [`verify_bundle`], [`bundle_name`].
+//! Principal items: [`Manifest`], [`SegmentEntry`], [`LostRange`],
+//! [`write_bundle`], [`verify_bundle`], [`bundle_name`].
 //!
 //! A bundle is a directory `<device id>-<first segment>-<last segment>.bundle`
 //! holding the sealed segment files, named as in the journal, and
 //! `MANIFEST`: a signed envelope ([`crate::signing::seal`], domain
 //! [`MANIFEST_DOMAIN`]) of the postcard [`Manifest`], signed by the device key.
+//!
+//! Format 1 lists segments; format 2 (written only when there are any) also
+//! declares segments the device cannot export intact ([`LostRange`]: a
+//! foreign or unreadable file under a segment's name, damage found after
+//! sealing, a missing file), so the host can acknowledge past them instead
+//! of waiting forever for a gap. A format-2 manifest is format 1 with the
+//! `lost` list appended, and a format-1 reader ignores trailing bytes, so a
+//! format-1 manifest written by this build reads everywhere.
 //!
 //! Invariants: a bundle directory appears under its final name only when
 //! complete and durable (written under a temporary name, every file fsynced,
@@ -34,8 +42,9 @@ use crate::signing::{open_sealed, peek_sealed, seal, SealError};
 pub const MANIFEST_FILE: &str = "MANIFEST";
 /// Signature domain of manifests.
 pub const MANIFEST_DOMAIN: &str = "nocturne bundle manifest v1";
-/// Version of the manifest layout.
-pub const BUNDLE_FORMAT: u16 = 1;
+/// The newest manifest layout this build reads and writes (2: with lost
+/// segments; a bundle without any is written as format 1).
+pub const BUNDLE_FORMAT: u16 = 2;
 /// Suffix of bundle directory names.
 pub const BUNDLE_SUFFIX: &str = ".bundle";
 
@@ -52,6 +61,17 @@ pub struct SegmentEntry {
     pub sha256: [u8; 32],
 }
 
+/// Segments `first..=last` of a device that it cannot export intact, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostRange {
+    /// First segment of the range.
+    pub first: u64,
+    /// Last segment of the range (`≥ first`).
+    pub last: u64,
+    /// What the device found.
+    pub reason: String,
+}
+
 /// What a bundle holds, signed by the device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -66,6 +86,29 @@ pub struct Manifest {
     pub cursor: u64,
     /// When the bundle was made, milliseconds since the Unix epoch.
     pub created_ms: u64,
+    /// Segments declared lost (format 2; empty in format 1).
+    pub lost: Vec<LostRange>,
+}
+
+/// A format-1 manifest as older devices wrote it (no `lost` list).
+#[derive(Deserialize)]
+struct ManifestV1 {
+    format: u16,
+    device: DeviceId,
+    segments: Vec<SegmentEntry>,
+    cursor: u64,
+    created_ms: u64,
+}
+
+impl From<ManifestV1> for Manifest {
+    fn from(m: ManifestV1) -> Manifest {
+        Manifest { format: m.format, device: m.device, segments: m.segments, cursor: m.cursor, created_ms: m.created_ms, lost: Vec::new() }
+    }
+}
+
+/// `decode` as the current manifest, or else as a format-1 one.
+fn decode_manifest(decode: impl Fn(bool) -> Result<Manifest, SealError>) -> Result<Manifest, SealError> {
+    decode(true).or_else(|_| decode(false))
 }
 
 /// Directory name of the bundle of `device`'s segments `first..=last`.
@@ -93,27 +136,30 @@ fn copy_hashing(from: &Path, to: Option<&mut std::fs::File>) -> Result<(u64, [u8
 }
 
 /// Writes the bundle of `segments` (sequence, path; sealed segments of
-/// `device`, in order) into `out_dir`, signed with `key`. Returns the bundle's
-/// path and whether it was written now (`false`: an identical bundle exists).
+/// `device`, in order) and the declaration of `lost` ranges into `out_dir`,
+/// signed with `key`. Returns the bundle's path and whether it was written
+/// now (`false`: an identical bundle exists).
 ///
 /// # Errors
-/// No segments; a file that cannot be read or written.
+/// Neither segments nor lost ranges; a file that cannot be read or written.
 pub fn write_bundle(
     out_dir: &Path,
     key: &SigningKey,
     device: DeviceId,
     segments: &[(u64, PathBuf)],
+    lost: &[LostRange],
     cursor: u64,
     created_ms: u64,
 ) -> Result<(PathBuf, bool), SyncError> {
-    let (Some((first, _)), Some((last, _))) = (segments.first(), segments.last()) else {
+    let seqs = segments.iter().map(|(s, _)| (*s, *s)).chain(lost.iter().map(|l| (l.first, l.last)));
+    let (Some(first), Some(last)) = (seqs.clone().map(|(f, _)| f).min(), seqs.map(|(_, l)| l).max()) else {
         return Err(SyncError::Nothing("no sealed segment the host has not acknowledged".into()));
     };
-    let path = out_dir.join(bundle_name(device, *first, *last));
+    let path = out_dir.join(bundle_name(device, first, last));
     if path.is_dir() && verify_bundle(&path, &|d| (d == device).then(|| key.verifying_key())).is_ok() {
         return Ok((path, false));
     }
-    let name = bundle_name(device, *first, *last);
+    let name = bundle_name(device, first, last);
     write_dir_atomic(out_dir, &format!(".{name}.tmp"), |tmp| {
         let mut entries = Vec::with_capacity(segments.len());
         for (seq, source) in segments {
@@ -123,7 +169,8 @@ pub fn write_bundle(
             let (bytes, sha256) = copy_hashing(source, Some(&mut out))?;
             entries.push(SegmentEntry { name, seq: *seq, bytes, sha256 });
         }
-        let manifest = Manifest { format: BUNDLE_FORMAT, device, segments: entries, cursor, created_ms };
+        let format = if lost.is_empty() { 1 } else { BUNDLE_FORMAT };
+        let manifest = Manifest { format, device, segments: entries, cursor, created_ms, lost: lost.to_vec() };
         let manifest_path = tmp.join(MANIFEST_FILE);
         std::fs::write(&manifest_path, seal(MANIFEST_DOMAIN, key, &manifest)).map_err(FileError::io(&manifest_path))?;
         Ok::<_, SyncError>(name)
@@ -245,16 +292,29 @@ pub fn verify_bundle(dir: &Path, enrolled: &dyn Fn(DeviceId) -> Option<Verifying
     let reject = |rejection: Rejection| SyncError::Bundle { path: dir.to_path_buf(), rejection };
     let manifest_path = dir.join(MANIFEST_FILE);
     let bytes = read_bounded(&manifest_path, limit::BUNDLE_MANIFEST).map_err(|e| reject(Rejection::ManifestMissing(e.to_string())))?;
-    let unverified: Manifest = peek_sealed(&bytes).map_err(|e| reject(Rejection::ManifestMalformed(e)))?;
+    let unverified = decode_manifest(|current| if current { peek_sealed(&bytes) } else { peek_sealed::<ManifestV1>(&bytes).map(Into::into) })
+        .map_err(|e| reject(Rejection::ManifestMalformed(e)))?;
     let device = unverified.device;
     let key = enrolled(device).ok_or_else(|| reject(Rejection::NotEnrolled(device)))?;
-    let manifest: Manifest =
-        open_sealed(MANIFEST_DOMAIN, &bytes, &key).map_err(|error| reject(Rejection::ManifestSignature { device, error }))?;
-    if manifest.format != BUNDLE_FORMAT {
+    let manifest = decode_manifest(|current| {
+        if current { open_sealed(MANIFEST_DOMAIN, &bytes, &key) } else { open_sealed::<ManifestV1>(MANIFEST_DOMAIN, &bytes, &key).map(Into::into) }
+    })
+    .map_err(|error| reject(Rejection::ManifestSignature { device, error }))?;
+    if !(manifest.format == 1 || manifest.format == BUNDLE_FORMAT) || (manifest.format == 1 && !manifest.lost.is_empty()) {
         return Err(reject(Rejection::Format(manifest.format)));
     }
-    if manifest.segments.is_empty() {
+    if manifest.segments.is_empty() && manifest.lost.is_empty() {
         return Err(reject(Rejection::Empty));
+    }
+    // Lost ranges and listed segments cover increasing, disjoint sequences past the cursor.
+    let mut covered: Vec<(u64, u64)> = manifest.segments.iter().map(|e| (e.seq, e.seq)).chain(manifest.lost.iter().map(|l| (l.first, l.last))).collect();
+    covered.sort_unstable();
+    let mut end = manifest.cursor;
+    for &(first, last) in &covered {
+        if first <= end || last < first {
+            return Err(reject(Rejection::OutOfOrder { seq: first, previous: end }));
+        }
+        end = last;
     }
     let mut previous = manifest.cursor;
     for entry in &manifest.segments {

@@ -23,7 +23,10 @@ use crate::durable_file::write_atomic;
 use crate::file_error::FileError;
 use crate::file_read::{limit, read_text_if_exists};
 use crate::journal::reader::list_segments;
-use crate::journal::directory::{read_header, read_host_ack};
+use bundle::LostRange;
+use crate::ids::DeviceId;
+use crate::journal::directory::read_host_ack;
+use crate::journal::reader::read_segment;
 use crate::journal::record::now_ms;
 use crate::journal::{Journal, JournalError};
 
@@ -57,30 +60,83 @@ pub enum SyncError {
     Nothing(String),
 }
 
-/// Seals the journal's current segment (if it holds records) and writes a
-/// bundle of every sealed segment the host has not acknowledged into
-/// `out_dir`. Returns the bundle and whether it is new (`false`: the same
-/// bundle was already exported).
+/// What [`export`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportOutcome {
+    /// The bundle directory.
+    pub bundle: PathBuf,
+    /// Whether it was written now (`false`: the same bundle was already exported).
+    pub new: bool,
+    /// Segments the bundle declares lost: they could not be exported intact.
+    pub lost: Vec<LostRange>,
+}
+
+/// What [`exportable`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Exportable {
+    /// Segments that can be exported intact: (sequence, path), in order.
+    pub segments: Vec<(u64, PathBuf)>,
+    /// Ranges that cannot, and why.
+    pub lost: Vec<LostRange>,
+}
+
+/// The sealed, unacknowledged segments `cursor+1..=through` of `device` in
+/// `dir`: those that can be exported intact, and ranges that cannot (a
+/// missing file, a file of another device or unreadable, damage found in a
+/// sealed segment), with the reason.
 ///
 /// # Errors
-/// Nothing to export; journal, key or file errors.
-pub fn export(state: &StateDir, journal: &mut Journal, out_dir: &Path) -> Result<(PathBuf, bool), SyncError> {
-    let device = state.device_id_or_create()?;
-    let key = state.device_key()?;
-    let sealed_through = journal.seal()?;
-    let dir = state.journal_dir();
-    let cursor = read_host_ack(&dir)?;
+/// The directory cannot be listed or a segment cannot be read.
+pub fn exportable(dir: &Path, device: DeviceId, cursor: u64, through: u64) -> Result<Exportable, SyncError> {
     let mut segments = Vec::new();
-    for (seq, path) in list_segments(&dir)? {
-        if seq <= cursor || seq > sealed_through {
+    let mut lost: Vec<LostRange> = Vec::new();
+    let mut lose = |first: u64, last: u64, reason: String| match lost.last_mut() {
+        Some(l) if l.last + 1 == first && l.reason == reason => l.last = last,
+        _ => lost.push(LostRange { first, last, reason }),
+    };
+    let mut next = cursor + 1;
+    for (seq, path) in list_segments(dir)? {
+        if seq <= cursor || seq > through {
             continue;
         }
-        let own = read_header(&path).is_some_and(|h| h.device == device && h.seq == seq);
-        if own {
+        if seq > next {
+            lose(next, seq - 1, "missing from the journal directory".into());
+        }
+        next = seq + 1;
+        let report = read_segment(&path, seq, Some(device), &mut |_| {})?;
+        if let Some(problem) = report.problem {
+            lose(seq, seq, problem);
+        } else if let Some(d) = report.damage.first() {
+            lose(seq, seq, format!("damaged after sealing: bytes {}..{} ({})", d.range.start, d.range.end, d.reason));
+        } else if let Some(tail) = report.tail {
+            lose(seq, seq, format!("damaged after sealing: {} bytes cut or zeroed at its end", tail.range.end - tail.range.start));
+        } else {
             segments.push((seq, path));
         }
     }
-    bundle::write_bundle(out_dir, &key, device, &segments, cursor, now_ms())
+    if next <= through {
+        lose(next, through, "missing from the journal directory".into());
+    }
+    Ok(Exportable { segments, lost })
+}
+
+/// Seals the journal's current segment (if it holds records) and writes a
+/// bundle of every sealed segment the host has not acknowledged into
+/// `out_dir`; segments that cannot be exported intact are declared lost in
+/// it (see [`exportable`]), so the host acknowledges past them and sync goes
+/// on. A damaged segment stays on disk, untouched, until the host's
+/// acknowledgement lets the quota reclaim it; a foreign one is never deleted.
+///
+/// # Errors
+/// Nothing to export; journal, key or file errors.
+pub fn export(state: &StateDir, journal: &mut Journal, out_dir: &Path) -> Result<ExportOutcome, SyncError> {
+    let device = state.device_id_or_create()?;
+    let key = state.device_key()?;
+    let sealed_through = journal.seal()?;
+    let cursor = read_host_ack(&state.journal_dir())?;
+    let Exportable { segments, lost } = exportable(&state.journal_dir(), device, cursor, sealed_through)?;
+    let (bundle, new) = bundle::write_bundle(out_dir, &key, device, &segments, &lost, cursor, now_ms())?;
+    Ok(ExportOutcome { bundle, new, lost })
 }
 
 /// Name of the file recording the last acknowledgement applied.

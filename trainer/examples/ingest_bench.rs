@@ -37,7 +37,7 @@ fn main() {
         journal.append(&body).unwrap();
     }
     let started = Instant::now();
-    let (bundle, _) = export(&state, &mut journal, &dir.join("usb")).unwrap();
+    let bundle = export(&state, &mut journal, &dir.join("usb")).unwrap().bundle;
     let export_s = started.elapsed().as_secs_f64();
     journal.close().unwrap();
     let raw_sealed = tree_bytes(&state.journal_dir()) - 64; // minus the new, empty segment's header

@@ -11,6 +11,7 @@
 //! | `enrolled/<device id>.pub` | public key files of enrolled devices (`enroll`) |
 //! | `devices/<device id>/<segment>.seg` | segments, keyed by (device, sequence) |
 //! | `devices/<device id>/ack-counter` | number of the last acknowledgement issued |
+//! | `devices/<device id>/lost` | segment ranges the device declared lost: `first last reason` lines |
 //! | `outbox/<device id>.ack` | the newest acknowledgement, to carry to the device |
 //!
 //! Invariants: a bundle is verified completely (signature of an enrolled
@@ -31,7 +32,7 @@ use nocturne::journal::record::now_ms;
 use nocturne::ids::DeviceId;
 use nocturne::sync::ack::{write_ack, Ack};
 use nocturne::signing::{self, PublicKeyFile};
-use nocturne::sync::bundle::{verify_bundle, Manifest, Rejection};
+use nocturne::sync::bundle::{verify_bundle, LostRange, Manifest, Rejection};
 use nocturne::sync::SyncError;
 
 /// A host store directory.
@@ -179,6 +180,7 @@ impl Store {
             bytes += entry.bytes;
         }
         sync_dir(&dir).with_context(|| format!("cannot fsync {}", dir.display()))?;
+        self.record_lost(manifest.device, &manifest.lost)?;
         let (ack, ack_path) = self.acknowledge(manifest.device, &key)?;
         Ok(IngestReport { device: manifest.device, stored: new.iter().map(|e| e.seq).collect(), duplicates, bytes, ack, ack_path })
     }
@@ -195,14 +197,60 @@ impl Store {
         Ok(list_segments(&dir)?)
     }
 
-    /// Issues the next acknowledgement for `device`: every segment held from 1 on, without a gap.
+    /// The segment ranges `device` declared lost, as `(first, last, reason)`, by `first`.
+    ///
+    /// # Errors
+    /// The file cannot be read or is malformed.
+    pub fn lost(&self, device: DeviceId) -> anyhow::Result<Vec<(u64, u64, String)>> {
+        let path = self.device_dir(device).join("lost");
+        let Some(text) = nocturne::file_read::read_text_if_exists(&path, nocturne::file_read::limit::CONFIG)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for line in text.lines() {
+            let mut parts = line.splitn(3, ' ');
+            let mut number = || parts.next().and_then(|n| n.parse::<u64>().ok()).with_context(|| format!("{}: malformed line `{line}`", path.display()));
+            let (first, last) = (number()?, number()?);
+            out.push((first, last, parts.next().unwrap_or_default().to_string()));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Adds `lost` to the device's record of lost segments (durably).
+    fn record_lost(&self, device: DeviceId, lost: &[LostRange]) -> anyhow::Result<()> {
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let mut all = self.lost(device)?;
+        for l in lost {
+            let entry = (l.first, l.last, l.reason.replace('\n', " "));
+            if !all.contains(&entry) {
+                all.push(entry);
+            }
+        }
+        all.sort();
+        let text: String = all.iter().map(|(f, l, r)| format!("{f} {l} {r}\n")).collect();
+        let path = self.device_dir(device).join("lost");
+        write_atomic(&path, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// Issues the next acknowledgement for `device`: every segment from 1 on
+    /// that the store holds or the device declared lost, without a gap.
     fn acknowledge(&self, device: DeviceId, key: &SigningKey) -> anyhow::Result<(Ack, PathBuf)> {
-        let held_through = self
-            .segments(device)?
-            .iter()
-            .enumerate()
-            .take_while(|(i, (seq, _))| *seq == *i as u64 + 1)
-            .count() as u64;
+        let held: std::collections::BTreeSet<u64> = self.segments(device)?.into_iter().map(|(seq, _)| seq).collect();
+        let lost = self.lost(device)?;
+        let mut held_through = 0u64;
+        loop {
+            let next = held_through + 1;
+            if held.contains(&next) {
+                held_through = next;
+            } else if let Some(&(_, last, _)) = lost.iter().find(|(first, last, _)| (*first..=*last).contains(&next)) {
+                held_through = last;
+            } else {
+                break;
+            }
+        }
         let counter_path = self.device_dir(device).join("ack-counter");
         let counter = match std::fs::read_to_string(&counter_path) {
             Ok(text) => text.trim().parse::<u64>().with_context(|| format!("{} is not a number", counter_path.display()))? + 1,

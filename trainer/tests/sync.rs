@@ -16,7 +16,7 @@ use nocturne::sync::ack::{ack_file_name, write_ack, Ack, AckRejection};
 use nocturne::sampler::SplitMix64;
 use nocturne::signing::{self, peek_sealed, seal, SealError};
 use nocturne::sync::bundle::{Manifest, Rejection, MANIFEST_DOMAIN, MANIFEST_FILE};
-use nocturne::sync::{export, import_acks, AckOutcome, SyncError};
+use nocturne::sync::{export, import_acks, AckOutcome, ExportOutcome, SyncError};
 use nocturne_trainer::store::{IngestError, Store};
 
 /// A number below `n` from the seeded generator, for reproducible cases.
@@ -76,7 +76,7 @@ impl World {
     }
 
     fn export(&mut self, to: &Path) -> PathBuf {
-        export(&self.state, &mut self.journal, to).unwrap().0
+        export(&self.state, &mut self.journal, to).unwrap().bundle
     }
 
     fn device_segments(&self) -> BTreeMap<u64, Vec<u8>> {
@@ -228,14 +228,14 @@ fn exporting_twice_without_new_data_makes_no_new_bundle() {
     let mut world = World::new(1 << 30);
     world.append(30);
     let usb = world.root.join("usb");
-    let (first, new) = export(&world.state, &mut world.journal, &usb).unwrap();
+    let ExportOutcome { bundle: first, new, .. } = export(&world.state, &mut world.journal, &usb).unwrap();
     assert!(new);
-    let (second, new) = export(&world.state, &mut world.journal, &usb).unwrap();
+    let ExportOutcome { bundle: second, new, .. } = export(&world.state, &mut world.journal, &usb).unwrap();
     assert!(!new);
     assert_eq!(first, second);
     assert_eq!(std::fs::read_dir(&usb).unwrap().count(), 1);
     world.append(1);
-    let (third, new) = export(&world.state, &mut world.journal, &usb).unwrap();
+    let ExportOutcome { bundle: third, new, .. } = export(&world.state, &mut world.journal, &usb).unwrap();
     assert!(new && third != first);
 }
 
@@ -383,7 +383,7 @@ fn keygen_enroll_and_ingest_from_the_command_line() {
         journal.append(&body).unwrap();
     }
     let usb = tmp.path().join("usb");
-    let (bundle, _) = export(&state, &mut journal, &usb).unwrap();
+    let bundle = export(&state, &mut journal, &usb).unwrap().bundle;
     // Not enrolled yet: rejected, exit status 1.
     let out = trainer(&["ingest", usb.to_str().unwrap(), "--store", store_arg]);
     assert_eq!(out.status.code(), Some(1));
@@ -397,4 +397,48 @@ fn keygen_enroll_and_ingest_from_the_command_line() {
     let out = trainer(&["ingest", bundle.to_str().unwrap(), "--store", store_arg]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(" 0 segment(s) stored"));
     assert!(store.join("outbox").join(ack_file_name(device)).exists());
+}
+
+#[test]
+fn a_foreign_or_damaged_segment_is_declared_lost_and_sync_goes_on() {
+    let mut world = World::new(1 << 30);
+    world.append(40);
+    // The host receives and holds the first delivery; its acknowledgement does not reach the device yet.
+    let first = world.export(&world.root.join("usb1"));
+    world.store.ingest(&first).unwrap();
+    let clean = world.host_segments();
+    assert!(clean.len() >= 4, "{} segments", clean.len());
+    // A sealed segment the host holds is damaged on the device afterwards...
+    let journal_dir = world.state.journal_dir();
+    let segments = list_segments(&journal_dir).unwrap();
+    let (damaged_seq, damaged_path) = segments[0].clone();
+    let mut bytes = std::fs::read(&damaged_path).unwrap();
+    bytes[400] ^= 0x40;
+    std::fs::write(&damaged_path, bytes).unwrap();
+    // ...and another device's segment is copied over the next one.
+    let mut stranger = World::new(1 << 30);
+    stranger.append(40);
+    let (foreign_seq, foreign_path) = segments[1].clone();
+    std::fs::copy(&list_segments(&stranger.state.journal_dir()).unwrap()[1].1, &foreign_path).unwrap();
+    world.append(10);
+    let outcome = export(&world.state, &mut world.journal, &world.root.join("usb2")).unwrap();
+    let declared: Vec<(u64, u64)> = outcome.lost.iter().map(|l| (l.first, l.last)).collect();
+    assert_eq!(declared, [(damaged_seq, damaged_seq), (foreign_seq, foreign_seq)], "{:?}", outcome.lost);
+    assert!(outcome.lost[0].reason.contains("damaged after sealing"), "{:?}", outcome.lost);
+    assert!(outcome.lost[1].reason.contains("device"), "{:?}", outcome.lost);
+    // The host ingests the rest, keeps its clean copies, and acknowledges past the loss.
+    let report = world.store.ingest(&outcome.bundle).unwrap();
+    let newest_sealed = list_segments(&journal_dir).unwrap().iter().rev().nth(1).unwrap().0;
+    assert_eq!(report.ack.held_through, newest_sealed);
+    let held = world.host_segments();
+    assert_eq!(held[&damaged_seq], clean[&damaged_seq]);
+    assert_eq!(held[&foreign_seq], clean[&foreign_seq]);
+    let outcome = import_acks(&world.state, &mut world.journal, report.ack_path.parent().unwrap()).unwrap();
+    assert!(matches!(outcome, Some(AckOutcome::Applied(_))), "{outcome:?}");
+    // Sync goes on: later segments are exported whole and acknowledged.
+    world.append(20);
+    let later = export(&world.state, &mut world.journal, &world.root.join("usb3")).unwrap();
+    assert!(later.lost.is_empty(), "{:?}", later.lost);
+    let report = world.store.ingest(&later.bundle).unwrap();
+    assert_eq!(report.ack.held_through, list_segments(&journal_dir).unwrap().iter().rev().nth(1).unwrap().0);
 }

@@ -186,8 +186,12 @@ impl ReadArgs {
 }
 
 fn print_problems(report: &JournalReport) {
-    for problem in report.corruption() {
+    let problems = report.corruption();
+    for problem in &problems {
         eprintln!("corrupt: {problem}");
+    }
+    if !problems.is_empty() {
+        eprintln!("journal: {} problem(s): damaged or missing records were skipped (`nocturne journal verify` exits 1 on them)", problems.len());
     }
     if let Some(tail) = report.segments.last().and_then(|s| s.tail.as_ref().map(|t| (s, t))) {
         let (segment, tail) = tail;

@@ -9,7 +9,8 @@ use nocturne::device::{StateDir, DEVICE_PUBLIC_FILE};
 use nocturne::journal::read_journal;
 use nocturne::journal::directory::read_host_ack;
 use nocturne::device::adapters::{adapter_bundles, install, installed_manifest, ActiveAdapters, InstallOutcome, Unpublished};
-use nocturne::sync::{export, import_acks, last_ack, AckOutcome};
+use nocturne::journal::reader::list_segments;
+use nocturne::sync::{export, exportable, import_acks, last_ack, AckOutcome};
 
 use crate::journal::StateArgs;
 use crate::args::ModelArgs;
@@ -61,12 +62,18 @@ pub fn run(command: &SyncCommand) -> anyhow::Result<()> {
     match command {
         SyncCommand::Export { to, state } => {
             let mut journal = state.open_journal()?;
-            let (bundle, new) = export(&state.state(), &mut journal, to)?;
+            let outcome = export(&state.state(), &mut journal, to)?;
             journal.close()?;
-            if new {
-                println!("wrote {}", bundle.display());
+            if outcome.new {
+                println!("wrote {}", outcome.bundle.display());
             } else {
-                println!("{} is up to date: nothing new to export", bundle.display());
+                println!("{} is up to date: nothing new to export", outcome.bundle.display());
+            }
+            if !outcome.lost.is_empty() {
+                for l in &outcome.lost {
+                    eprintln!("error: segment(s) {}-{} cannot be exported intact ({}); the bundle declares them lost", l.first, l.last, l.reason);
+                }
+                anyhow::bail!("{} range(s) of segments were not exported (the host will acknowledge past them)", outcome.lost.len());
             }
         }
         SyncCommand::Import { from, state, model, allow_unpublished } => {
@@ -153,5 +160,14 @@ fn status(state: &StateDir) -> anyhow::Result<()> {
     };
     println!("active adapter     {}", describe(adapters.active));
     println!("previous adapter   {}", describe(adapters.previous));
+    // Sealed segments (all but the newest) that the next export could not send intact.
+    let newest = if dir.exists() { list_segments(&dir)?.last().map_or(0, |(seq, _)| *seq) } else { 0 };
+    let lost = if newest > acked + 1 { exportable(&dir, device, acked, newest - 1)?.lost } else { Vec::new() };
+    for l in &lost {
+        println!("cannot export      segments {}-{}: {}", l.first, l.last, l.reason);
+    }
+    if !lost.is_empty() {
+        anyhow::bail!("{} range(s) of segments cannot be exported intact; `nocturne sync export` declares them lost to the host", lost.len());
+    }
     Ok(())
 }

@@ -130,7 +130,7 @@ fn main() -> anyhow::Result<()> {
     store.keygen()?;
     store.enroll(&out.join("device").join(DEVICE_PUBLIC_FILE))?;
     state.trust_trainer(&out.join("store/trainer.pub"))?;
-    let (bundle, _) = export(&state, &mut journal, &out.join("usb"))?;
+    let bundle = export(&state, &mut journal, &out.join("usb"))?.bundle;
     store.ingest(&bundle)?;
     let key = nocturne::signing::read_signing_key(&out.join("store/trainer.key"))?;
     let dirs = vec![store.device_dir(device)];
