@@ -149,15 +149,15 @@ fn install_switches_keeps_the_previous_and_rolls_back_a_failing_adapter() {
     let (state, pack) = (setup.state(), setup.pack());
     let mut journal = setup.journal();
     let (v1, v2) = (setup.adapter(1), setup.adapter(2));
-    let Ok(InstallOutcome::Installed { adapter: id1, previous: None }) = install(&state, &pack, &v1, &mut journal, Unpublished::Refuse) else { panic!() };
-    assert_eq!(install(&state, &pack, &v1, &mut journal, Unpublished::Refuse).unwrap(), InstallOutcome::AlreadyActive(id1));
-    let Ok(InstallOutcome::Installed { adapter: id2, previous: Some(p) }) = install(&state, &pack, &v2, &mut journal, Unpublished::Refuse) else { panic!() };
+    let Ok(InstallOutcome::Installed { adapter: id1, previous: None }) = install(&state, &pack, &v1, Some(&mut journal), Unpublished::Refuse) else { panic!() };
+    assert_eq!(install(&state, &pack, &v1, Some(&mut journal), Unpublished::Refuse).unwrap(), InstallOutcome::AlreadyActive(id1));
+    let Ok(InstallOutcome::Installed { adapter: id2, previous: Some(p) }) = install(&state, &pack, &v2, Some(&mut journal), Unpublished::Refuse) else { panic!() };
     assert_eq!(p, id1);
     assert_eq!(ActiveAdapters::read(&state).unwrap(), ActiveAdapters { active: Some(id2), previous: Some(id1), candidate: None });
     // An adapter whose weights overflow: it verifies, but its self-test
     // produces non-finite logits, so it is rolled back.
     let poisoned = random_adapter(&tmp.path().join("stick"), &pack, &setup.trainer, 4, &QKVO, 60000.0, 3);
-    let outcome = install(&state, &pack, &poisoned, &mut journal, Unpublished::Refuse).unwrap();
+    let outcome = install(&state, &pack, &poisoned, Some(&mut journal), Unpublished::Refuse).unwrap();
     let InstallOutcome::RolledBack { adapter: id3, reason } = outcome else { panic!("{outcome:?}") };
     assert!(reason.contains("with the adapter applied"), "{reason}");
     assert_eq!(ActiveAdapters::read(&state).unwrap().active, Some(id2));
@@ -165,7 +165,7 @@ fn install_switches_keeps_the_previous_and_rolls_back_a_failing_adapter() {
     let other_dir = tmp.path().join("pack2");
     write_pack(&other_dir, &tiny_config(64, 2, Precision::Int8));
     let before = std::fs::read(state.root().join("adapters/ACTIVE")).unwrap();
-    let err = install(&state, &ModelPack::open(&other_dir).unwrap(), &v1, &mut journal, Unpublished::Refuse).unwrap_err();
+    let err = install(&state, &ModelPack::open(&other_dir).unwrap(), &v1, Some(&mut journal), Unpublished::Refuse).unwrap_err();
     assert!(matches!(&err, AdapterError::Rejected { error, .. } if error.to_string().contains("trained for base model")), "{err}");
     assert_eq!(std::fs::read(state.root().join("adapters/ACTIVE")).unwrap(), before);
     // The active adapter breaks on disk: the next load rolls back to the previous one.
@@ -196,7 +196,7 @@ fn a_running_session_follows_the_active_adapter() {
     let mut watch = AdapterWatch::new(active);
     assert!(watch.poll(&state, &pack, Some(&mut journal)).unwrap().is_none(), "nothing changed");
     let v1 = setup.adapter(1);
-    install(&state, &pack, &v1, &mut journal, Unpublished::Refuse).unwrap();
+    install(&state, &pack, &v1, Some(&mut journal), Unpublished::Refuse).unwrap();
     let switched = watch.poll(&state, &pack, Some(&mut journal)).unwrap().expect("a change is seen");
     let id = ActiveAdapters::read(&state).unwrap().active;
     assert_eq!(switched.map(|a| a.id()), id);
@@ -214,7 +214,7 @@ fn child_installs() {
     let mut journal =
         Journal::open(&state.journal_dir(), state.device_id().unwrap().unwrap(), JournalConfig::for_profile(&ACTIVE)).unwrap();
     let bundle = std::fs::read_dir(dir.join("stick")).unwrap().map(|e| e.unwrap().path()).find(|p| p.is_dir()).unwrap();
-    install(&state, &pack, &bundle, &mut journal, Unpublished::Refuse).unwrap();
+    install(&state, &pack, &bundle, Some(&mut journal), Unpublished::Refuse).unwrap();
 }
 
 fn copy_tree(from: &Path, to: &Path) {
@@ -238,7 +238,7 @@ fn install_survives_sigkill_at_any_moment() {
     let (state, pack) = (setup.state(), setup.pack());
     let mut journal = setup.journal();
     let v1 = setup.adapter(1);
-    let Ok(InstallOutcome::Installed { adapter: id1, .. }) = install(&state, &pack, &v1, &mut journal, Unpublished::Refuse) else { panic!() };
+    let Ok(InstallOutcome::Installed { adapter: id1, .. }) = install(&state, &pack, &v1, Some(&mut journal), Unpublished::Refuse) else { panic!() };
     journal.close().unwrap();
     std::fs::remove_dir_all(template.join("stick")).unwrap();
     let v2 = setup.adapter(2);
@@ -289,13 +289,13 @@ fn an_adapter_the_gate_did_not_publish_is_refused_unless_allowed() {
     let rejected = described_adapter(&stick, &pack, &setup.trainer, (4, &QKVO), 0.05, 7, r#"{"published": false, "decision": "retention +76.8% over the bound"}"#);
     let silent = described_adapter(&stick, &pack, &setup.trainer, (4, &QKVO), 0.05, 8, r#"{"examples": 3}"#);
     for bundle in [&rejected, &silent] {
-        let err = install(&state, &pack, bundle, &mut journal, Unpublished::Refuse).unwrap_err();
+        let err = install(&state, &pack, bundle, Some(&mut journal), Unpublished::Refuse).unwrap_err();
         assert!(matches!(&err, AdapterError::Unpublished { .. }), "{err}");
         assert_eq!(ActiveAdapters::read(&state).unwrap(), ActiveAdapters::default(), "nothing written");
     }
-    let err = install(&state, &pack, &rejected, &mut journal, Unpublished::Refuse).unwrap_err().to_string();
+    let err = install(&state, &pack, &rejected, Some(&mut journal), Unpublished::Refuse).unwrap_err().to_string();
     assert!(err.contains("retention +76.8% over the bound") && err.contains("--allow-unpublished"), "{err}");
     // The operator's explicit choice installs it.
-    let Ok(InstallOutcome::Installed { adapter, .. }) = install(&state, &pack, &rejected, &mut journal, Unpublished::Allow) else { panic!() };
+    let Ok(InstallOutcome::Installed { adapter, .. }) = install(&state, &pack, &rejected, Some(&mut journal), Unpublished::Allow) else { panic!() };
     assert_eq!(ActiveAdapters::read(&state).unwrap().active, Some(adapter));
 }

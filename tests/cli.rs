@@ -409,7 +409,7 @@ fn sync_import_exits_non_zero_when_an_adapter_is_not_installed() {
     let description = r#"{"published": false, "decision": "retention over the bound"}"#;
     let bundle = support::adapter::described_adapter(&usb, &pack, &trainer, (4, &[Target::Q]), 0.01, 9, description);
     let stderr = failure(&import(&[]));
-    assert!(stderr.contains("did not publish") && stderr.contains("1 adapter bundle(s)"), "{stderr}");
+    assert!(stderr.contains("did not publish") && stderr.contains("1 item(s)"), "{stderr}");
     assert_eq!(active(), "");
     assert!(import(&["--allow-unpublished"]).status.success());
     let id = bundle.file_stem().unwrap().to_string_lossy().to_string();
@@ -448,4 +448,62 @@ fn sync_export_declares_a_foreign_segment_lost_and_exits_non_zero() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("wrote"), "the bundle with segment 1 is still written");
     let stderr = failure(&nocturne(&["sync", "status", "--state-dir", state], None));
     assert!(stderr.contains("cannot be exported intact"), "{stderr}");
+}
+
+#[test]
+fn an_adapter_installs_while_a_chat_holds_the_journal_and_the_chat_uses_it() {
+    use std::io::BufRead;
+    use nocturne::adapter::Target;
+    use nocturne::signing::{self, PublicKeyFile};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    let state = dir.to_str().unwrap();
+    let trainer = signing::generate().unwrap();
+    let trainer_pub = tmp.path().join("trainer.pub");
+    std::fs::write(&trainer_pub, PublicKeyFile { device: None, key: trainer.verifying_key() }.to_text()).unwrap();
+    assert!(nocturne(&["sync", "trust", "--state-dir", state, trainer_pub.to_str().unwrap()], None).status.success());
+    // A chat runs and has answered once: it holds the journal.
+    let mut chat = Command::new(env!("CARGO_BIN_EXE_nocturne"))
+        .args(["chat", "--state-dir", state, "--max-new-tokens", "3"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = chat.stdin.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = chat.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let wait_for = |what: &str| loop {
+        let line = lines.recv_timeout(std::time::Duration::from_secs(120)).unwrap_or_else(|_| panic!("the chat never printed {what:?}"));
+        if line.contains(what) {
+            return line;
+        }
+    };
+    writeln!(input, "Hi").unwrap();
+    wait_for("interaction");
+    // The host's adapter arrives: installed without the journal's lock.
+    let pack = nocturne::weights::ModelPack::open(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache/smollm2-135m-instruct/int8")).unwrap();
+    let usb = tmp.path().join("usb");
+    let bundle = support::adapter::random_adapter(&usb, &pack, &trainer, 4, &[Target::Q], 0.01, 12);
+    let id = bundle.file_stem().unwrap().to_string_lossy().to_string();
+    let out = nocturne(&["sync", "import", "--state-dir", state, "--from", usb.to_str().unwrap()], None);
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("journal is in use") && text.contains(&format!("adapter {id} installed and active")), "{text}");
+    // The running chat switches at its next request and journals the queued event.
+    writeln!(input, "Hello again").unwrap();
+    wait_for(&format!("adapter {id} active"));
+    wait_for("interaction");
+    writeln!(input, "/exit").unwrap();
+    drop(input);
+    assert!(chat.wait().unwrap().success());
+    let records = json_lines(&nocturne(&["journal", "dump", "--state-dir", state], None));
+    assert!(records.iter().any(|r| r["kind"] == "adapter" && r["action"] == "installed" && r["adapter"] == id.as_str()), "{records:?}");
+    assert!(!dir.join("adapters/pending-events").exists());
 }

@@ -22,6 +22,14 @@
 //! named it, or none; a `candidate` left by an interrupted install is
 //! dropped by [`load_active`]. An active adapter that fails to load is
 //! rolled back to `previous` (and journaled).
+//!
+//! Installing does not need the journal: when another process (a running
+//! `chat`, the server) holds it, adapter events are queued in
+//! `adapters/pending-events` (JSON lines, replaced whole) and journaled by
+//! whichever process next holds the journal ([`journal_pending_events`]:
+//! the running session at its next request, or the next to open it). An
+//! event is never dropped; a crash between journaling the queue and removing
+//! it journals it twice.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,7 +40,7 @@ use super::StateDir;
 use crate::adapter::{read_manifest, LoraAdapter, ADAPTER_SUFFIX};
 use crate::budget::PlanSettings;
 use crate::decoder::Decoder;
-use crate::durable_file::{write_atomic, write_dir_atomic};
+use crate::durable_file::{sync_dir, write_atomic, write_dir_atomic};
 use crate::file_error::FileError;
 use crate::file_read::{limit, read_text_if_exists};
 use crate::ids::AdapterId;
@@ -208,23 +216,80 @@ fn copy_files(from: &Path, to: &Path) -> Result<(), FileError> {
     Ok(())
 }
 
-fn event(journal: Option<&mut Journal>, action: AdapterAction, adapter: AdapterId, previous: Option<AdapterId>, reason: &str) -> Result<(), AdapterError> {
-    if let Some(journal) = journal {
-        let body = Body::Adapter(AdapterEvent { action, adapter, previous, reason: reason.into() });
-        journal.append_durable(&body)?;
+/// Queue of adapter events waiting for the journal, in the adapters directory.
+pub const PENDING_EVENTS_FILE: &str = "pending-events";
+
+/// Journals an adapter event, or queues it when no journal is at hand.
+fn event(
+    state: &StateDir,
+    journal: Option<&mut Journal>,
+    action: AdapterAction,
+    adapter: AdapterId,
+    previous: Option<AdapterId>,
+    reason: &str,
+) -> Result<(), AdapterError> {
+    let body = AdapterEvent { action, adapter, previous, reason: reason.into() };
+    match journal {
+        Some(journal) => {
+            journal.append_durable(&Body::Adapter(body))?;
+        }
+        None => {
+            let path = state.root().join(ADAPTERS_DIR).join(PENDING_EVENTS_FILE);
+            let mut text = read_text_if_exists(&path, limit::SMALL)?.unwrap_or_default();
+            text.push_str(&serde_json::to_string(&body).expect("events serialise to JSON"));
+            text.push('\n');
+            std::fs::create_dir_all(state.root().join(ADAPTERS_DIR)).map_err(FileError::io(&path))?;
+            write_atomic(&path, text.as_bytes()).map_err(FileError::io(&path))?;
+        }
     }
     Ok(())
 }
 
+/// Journals the adapter events queued while another process held the
+/// journal, then removes the queue; returns how many were journaled. A line
+/// that is not an event (the file was edited) is dropped: it could never be
+/// journaled.
+///
+/// # Errors
+/// The queue is not a regular file within its size limit; the journal refused.
+pub fn journal_pending_events(state: &StateDir, journal: &mut Journal) -> Result<usize, AdapterError> {
+    let path = state.root().join(ADAPTERS_DIR).join(PENDING_EVENTS_FILE);
+    let Some(text) = read_text_if_exists(&path, limit::SMALL)? else {
+        return Ok(0);
+    };
+    let mut events = Vec::new();
+    for line in text.lines() {
+        if let Ok(event) = serde_json::from_str::<AdapterEvent<'static>>(line) {
+            events.push(event);
+        }
+    }
+    for event in &events {
+        journal.append_durable(&Body::Adapter(event.clone()))?;
+    }
+    std::fs::remove_file(&path).map_err(FileError::io(&path))?;
+    let dir = state.root().join(ADAPTERS_DIR);
+    sync_dir(&dir).map_err(FileError::io(&dir))?;
+    Ok(events.len())
+}
+
 /// Installs the adapter bundle `bundle` for `pack` (steps in the module
 /// documentation).
+///
+/// Adapter events go to `journal`, or are queued for the process holding
+/// it when `None` (module documentation).
 ///
 /// # Errors
 /// [`AdapterError::Rejected`] when the bundle does not verify, and
 /// [`AdapterError::Unpublished`] when the gate did not publish it and
 /// `unpublished` is [`Unpublished::Refuse`] (nothing is written in either
 /// case); file and journal errors.
-pub fn install(state: &StateDir, pack: &ModelPack, bundle: &Path, journal: &mut Journal, unpublished: Unpublished) -> Result<InstallOutcome, AdapterError> {
+pub fn install(
+    state: &StateDir,
+    pack: &ModelPack,
+    bundle: &Path,
+    mut journal: Option<&mut Journal>,
+    unpublished: Unpublished,
+) -> Result<InstallOutcome, AdapterError> {
     let trainer = state.trainer_key()?;
     let reject = |error: FileError| AdapterError::Rejected { path: bundle.to_path_buf(), error };
     let verified = LoraAdapter::open(bundle, pack, &trainer).map_err(reject)?;
@@ -233,7 +298,7 @@ pub fn install(state: &StateDir, pack: &ModelPack, bundle: &Path, journal: &mut 
     }
     let id = verified.id();
     drop(verified);
-    let mut active = load_active(state, pack, Some(&mut *journal))?.1;
+    let mut active = load_active(state, pack, journal.as_deref_mut())?.1;
     if active.active == Some(id) {
         return Ok(InstallOutcome::AlreadyActive(id));
     }
@@ -254,21 +319,21 @@ pub fn install(state: &StateDir, pack: &ModelPack, bundle: &Path, journal: &mut 
         Ok(()) => {
             let previous = active.active;
             ActiveAdapters { active: Some(id), previous, candidate: None }.write(state)?;
-            event(Some(journal), AdapterAction::Installed, id, previous, "installed after its self-test")?;
+            event(state, journal, AdapterAction::Installed, id, previous, "installed after its self-test")?;
             Ok(InstallOutcome::Installed { adapter: id, previous })
         }
         Err(reason) => {
             active.write(state)?;
-            event(Some(journal), AdapterAction::RolledBack, id, active.active, &reason)?;
+            event(state, journal, AdapterAction::RolledBack, id, active.active, &reason)?;
             Ok(InstallOutcome::RolledBack { adapter: id, reason })
         }
     }
 }
 
 /// The active adapter for `pack`, loaded: drops a candidate an interrupted
-/// install left, and rolls back to the previous adapter (journaled) when the
-/// active one fails to load (journaled when a journal is given). Returns
-/// it with what ACTIVE now says.
+/// install left, and rolls back to the previous adapter when the active one
+/// fails to load; each change is journaled, or queued when no journal is
+/// given. Returns it with what ACTIVE now says.
 ///
 /// # Errors
 /// ACTIVE is malformed or cannot be rewritten; journal errors.
@@ -280,7 +345,7 @@ pub fn load_active(
     let mut active = ActiveAdapters::read(state)?;
     if let Some(candidate) = active.candidate.take() {
         active.write(state)?;
-        event(journal.as_deref_mut(), AdapterAction::RolledBack, candidate, active.active, "install interrupted before its self-test passed")?;
+        event(state, journal.as_deref_mut(), AdapterAction::RolledBack, candidate, active.active, "install interrupted before its self-test passed")?;
     }
     let Some(id) = active.active else {
         return Ok((None, active));
@@ -293,7 +358,7 @@ pub fn load_active(
         Err(e) => {
             let rolled = ActiveAdapters { active: active.previous, previous: None, candidate: None };
             rolled.write(state)?;
-            event(journal, AdapterAction::RolledBack, id, rolled.active, &format!("failed to load: {e}"))?;
+            event(state, journal, AdapterAction::RolledBack, id, rolled.active, &format!("failed to load: {e}"))?;
             let adapter = match rolled.active {
                 Some(prev) => Some(Arc::new(
                     LoraAdapter::open(&installed_dir(state, prev), pack, &state.trainer_key()?)

@@ -63,14 +63,20 @@ impl StateDir {
     }
 
     /// Opens the device's journal for appending (making the device identity
-    /// on first use). What recovery repaired or skipped is in
+    /// on first use), and journals the adapter events other processes queued
+    /// while it was held ([`adapters::journal_pending_events`]). What recovery repaired or skipped is in
     /// [`Journal::recovery`] ([`crate::journal::Recovery::notes`] words it).
     ///
     /// # Errors
     /// The identity cannot be made or read; the journal cannot be opened.
     pub fn open_journal(&self, config: JournalConfig) -> Result<Journal, JournalError> {
         let device = self.device_id_or_create()?;
-        Journal::open(&self.journal_dir(), device, config)
+        let mut journal = Journal::open(&self.journal_dir(), device, config)?;
+        adapters::journal_pending_events(self, &mut journal).map_err(|e| match e {
+            adapters::AdapterError::Journal(e) => e,
+            other => JournalError::File(crate::file_error::FileError::invalid(&self.root.join(adapters::ADAPTERS_DIR), other.to_string())),
+        })?;
+        Ok(journal)
     }
 
     /// The device id, if one was made.

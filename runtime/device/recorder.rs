@@ -15,7 +15,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use super::adapters::{load_active, AdapterError, AdapterWatch};
+use super::adapters::{journal_pending_events, load_active, AdapterError, AdapterWatch};
 use super::StateDir;
 use crate::adapter::LoraAdapter;
 use crate::ids::{AdapterId, ModelId};
@@ -112,6 +112,10 @@ impl Recorder {
     /// # Errors
     /// Those of [`load_active`]; the session keeps its adapter then.
     pub fn follow_active_adapter(&mut self, session: &mut Session<'_>, pack: &ModelPack) -> Result<Option<Option<Arc<LoraAdapter>>>, AdapterError> {
+        if let Some(journal) = self.journal.as_mut() {
+            // An install by another process while this one held the journal queued its events.
+            journal_pending_events(&self.state, journal)?;
+        }
         let switched = match self.watch.as_mut() {
             Some(watch) => watch.poll(&self.state, pack, self.journal.as_mut())?,
             None => {

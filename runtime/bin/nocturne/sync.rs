@@ -10,6 +10,8 @@ use nocturne::journal::read_journal;
 use nocturne::journal::directory::read_host_ack;
 use nocturne::device::adapters::{adapter_bundles, install, installed_manifest, ActiveAdapters, InstallOutcome, Unpublished};
 use nocturne::journal::reader::list_segments;
+use nocturne::journal::JournalError;
+use nocturne::sync::ack::ack_file_name;
 use nocturne::sync::{export, exportable, import_acks, last_ack, AckOutcome};
 
 use crate::journal::StateArgs;
@@ -77,15 +79,30 @@ pub fn run(command: &SyncCommand) -> anyhow::Result<()> {
             }
         }
         SyncCommand::Import { from, state, model, allow_unpublished } => {
-            let mut journal = state.open_journal()?;
-            let outcome = import_acks(&state.state(), &mut journal, from)?;
+            // A running chat or server holds the journal: adapters are still
+            // installed (their events queued for that process to journal), but
+            // acknowledgements wait for the next import.
+            let mut journal = match state.open_journal() {
+                Ok(journal) => Some(journal),
+                Err(e) if matches!(e.downcast_ref::<JournalError>(), Some(JournalError::Locked(_))) => {
+                    eprintln!("note: the journal is in use by another process; adapter events are queued for it");
+                    None
+                }
+                Err(e) => return Err(e),
+            };
+            let device = state.state().device_id_or_create()?;
+            let ack_waiting = journal.is_none() && from.join(ack_file_name(device)).exists();
+            let outcome = match journal.as_mut() {
+                Some(journal) => import_acks(&state.state(), journal, from)?,
+                None => None,
+            };
             let bundles = adapter_bundles(from)?;
             let unpublished = if *allow_unpublished { Unpublished::Allow } else { Unpublished::Refuse };
             let mut not_installed = 0;
             if !bundles.is_empty() {
                 let (pack, _) = model.open()?;
                 for bundle in bundles {
-                    match install(&state.state(), &pack, &bundle, &mut journal, unpublished) {
+                    match install(&state.state(), &pack, &bundle, journal.as_mut(), unpublished) {
                         Ok(InstallOutcome::Installed { adapter, previous }) => {
                             println!("adapter {adapter} installed and active (previous: {})", previous.map_or("none".into(), |p| p.to_string()))
                         }
@@ -101,8 +118,14 @@ pub fn run(command: &SyncCommand) -> anyhow::Result<()> {
                     }
                 }
             }
-            journal.close()?;
+            if let Some(journal) = journal {
+                journal.close()?;
+            }
             match outcome {
+                None if ack_waiting => {
+                    not_installed += 1;
+                    eprintln!("error: the acknowledgement in {} was not applied: the journal is in use; import again when it is free", from.display())
+                }
                 None => println!("no acknowledgement for this device in {}", from.display()),
                 Some(AckOutcome::Applied(ack)) => {
                     println!("acknowledgement {} applied: the host holds segments 1-{}", ack.counter, ack.held_through)
@@ -112,7 +135,7 @@ pub fn run(command: &SyncCommand) -> anyhow::Result<()> {
                 }
             }
             if not_installed > 0 {
-                anyhow::bail!("{not_installed} adapter bundle(s) in {} not installed (see above)", from.display());
+                anyhow::bail!("{not_installed} item(s) in {} not imported (see above)", from.display());
             }
         }
         SyncCommand::Status { state } => status(&state.state())?,

@@ -164,7 +164,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     // 4. The first adapter goes to the device if the gate let it out.
-    let installed = if nights[0].1.published { Some(install(&state, &pack, &nights[0].1.bundle, &mut journal, Unpublished::Refuse)?) } else { None };
+    let installed = if nights[0].1.published { Some(install(&state, &pack, &nights[0].1.bundle, Some(&mut journal), Unpublished::Refuse)?) } else { None };
     println!("device install: {installed:?}");
     journal.close()?;
 
