@@ -386,7 +386,7 @@ fn hostile_acknowledgements_and_adapter_files_fail_fast_in_bounded_memory() {
     std::fs::remove_file(bundle.join("adapter.safetensors")).unwrap();
     std::os::unix::fs::symlink("/dev/zero", bundle.join("adapter.safetensors")).unwrap();
     let stderr = failure(&nocturne_bounded(&import));
-    assert!(stderr.contains("adapter.safetensors") && stderr.contains("not a regular file") && stderr.contains("not installed"), "{stderr}");
+    assert!(stderr.contains("adapter.safetensors") && stderr.contains("not a regular file") && stderr.contains("not imported"), "{stderr}");
 }
 
 #[test]
@@ -423,7 +423,7 @@ fn sync_import_exits_non_zero_when_an_adapter_is_not_installed() {
     bytes[last] ^= 1;
     std::fs::write(&weights, bytes).unwrap();
     let stderr = failure(&import(&[]));
-    assert!(stderr.contains("SHA-256") && stderr.contains("not installed"), "{stderr}");
+    assert!(stderr.contains("SHA-256") && stderr.contains("not imported"), "{stderr}");
     assert!(active().contains(&id));
 }
 
