@@ -249,7 +249,7 @@ fn sync_export_acknowledge_and_adapter_install_from_the_command_line() {
     assert!(run(&["sync", "import", "--state-dir", state, "--from", usb_arg]).contains("applied before"));
     assert!(run(&["sync", "status", "--state-dir", state]).contains("not yet synced     0 records"));
     // An adapter bundle arrives with the next delivery: installed, self-tested, used by the next request.
-    let pack = nocturne::weights::ModelPack::open(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache/smollm2-135m-instruct/int8")).unwrap();
+    let pack = smollm2_pack();
     let bundle = support::adapter::random_adapter(&usb, &pack, &trainer, 4, &[Target::Q, Target::V], 0.01, 5);
     let id = bundle.file_stem().unwrap().to_string_lossy().to_string();
     assert!(run(&["sync", "import", "--state-dir", state, "--from", usb_arg]).contains(&format!("adapter {id} installed and active")));
@@ -305,6 +305,26 @@ fn chat_markers_in_a_prompt_are_text_not_template_tokens() {
     assert!(forged > plain + 10, "{forged}");
 }
 
+/// A device state directory (in a new temporary directory) provisioned with
+/// a new trainer key through `nocturne sync trust`; returns the temporary
+/// directory, the state directory and the trainer's signing key.
+fn provisioned_device() -> (tempfile::TempDir, std::path::PathBuf, ed25519_dalek::SigningKey) {
+    use nocturne::signing::{self, PublicKeyFile};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    let trainer = signing::generate().unwrap();
+    let trainer_pub = tmp.path().join("trainer.pub");
+    std::fs::write(&trainer_pub, PublicKeyFile { device: None, key: trainer.verifying_key() }.to_text()).unwrap();
+    let out = nocturne(&["sync", "trust", "--state-dir", dir.to_str().unwrap(), trainer_pub.to_str().unwrap()], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (tmp, dir, trainer)
+}
+
+/// The converted SmolLM2 int8 pack.
+fn smollm2_pack() -> nocturne::weights::ModelPack {
+    nocturne::weights::ModelPack::open(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache/smollm2-135m-instruct/int8")).unwrap()
+}
+
 /// Runs `nocturne` with `args` as a child under a 512 MiB address-space limit
 /// and a 60-second timeout (a hang fails the test), standard input closed.
 fn nocturne_bounded(args: &[&str]) -> Output {
@@ -357,14 +377,8 @@ fn hostile_model_directories_fail_fast_in_bounded_memory() {
 
 #[test]
 fn hostile_acknowledgements_and_adapter_files_fail_fast_in_bounded_memory() {
-    use nocturne::signing::{self, PublicKeyFile};
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("state");
+    let (tmp, dir, trainer) = provisioned_device();
     let state = dir.to_str().unwrap();
-    let trainer = signing::generate().unwrap();
-    let trainer_pub = tmp.path().join("trainer.pub");
-    std::fs::write(&trainer_pub, PublicKeyFile { device: None, key: trainer.verifying_key() }.to_text()).unwrap();
-    assert!(nocturne(&["sync", "trust", "--state-dir", state, trainer_pub.to_str().unwrap()], None).status.success());
     let device = nocturne::device::StateDir::new(&dir).device_id_or_create().unwrap();
     let usb = tmp.path().join("usb");
     std::fs::create_dir_all(&usb).unwrap();
@@ -381,7 +395,7 @@ fn hostile_acknowledgements_and_adapter_files_fail_fast_in_bounded_memory() {
     assert!(stderr.contains("not a regular file"), "{stderr}");
     std::fs::remove_file(&ack).unwrap();
     // A signed adapter bundle whose weights are /dev/zero: refused at once, exit 1.
-    let pack = nocturne::weights::ModelPack::open(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache/smollm2-135m-instruct/int8")).unwrap();
+    let pack = smollm2_pack();
     let bundle = support::adapter::random_adapter(&usb, &pack, &trainer, 4, &[nocturne::adapter::Target::Q], 0.01, 11);
     std::fs::remove_file(bundle.join("adapter.safetensors")).unwrap();
     std::os::unix::fs::symlink("/dev/zero", bundle.join("adapter.safetensors")).unwrap();
@@ -392,15 +406,9 @@ fn hostile_acknowledgements_and_adapter_files_fail_fast_in_bounded_memory() {
 #[test]
 fn sync_import_exits_non_zero_when_an_adapter_is_not_installed() {
     use nocturne::adapter::Target;
-    use nocturne::signing::{self, PublicKeyFile};
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("state");
+    let (tmp, dir, trainer) = provisioned_device();
     let state = dir.to_str().unwrap();
-    let trainer = signing::generate().unwrap();
-    let trainer_pub = tmp.path().join("trainer.pub");
-    std::fs::write(&trainer_pub, PublicKeyFile { device: None, key: trainer.verifying_key() }.to_text()).unwrap();
-    assert!(nocturne(&["sync", "trust", "--state-dir", state, trainer_pub.to_str().unwrap()], None).status.success());
-    let pack = nocturne::weights::ModelPack::open(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache/smollm2-135m-instruct/int8")).unwrap();
+    let pack = smollm2_pack();
     let usb = tmp.path().join("usb");
     let usb_arg = usb.to_str().unwrap();
     let import = |extra: &[&str]| nocturne(&[&["sync", "import", "--state-dir", state, "--from", usb_arg][..], extra].concat(), None);
@@ -454,14 +462,8 @@ fn sync_export_declares_a_foreign_segment_lost_and_exits_non_zero() {
 fn an_adapter_installs_while_a_chat_holds_the_journal_and_the_chat_uses_it() {
     use std::io::BufRead;
     use nocturne::adapter::Target;
-    use nocturne::signing::{self, PublicKeyFile};
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("state");
+    let (tmp, dir, trainer) = provisioned_device();
     let state = dir.to_str().unwrap();
-    let trainer = signing::generate().unwrap();
-    let trainer_pub = tmp.path().join("trainer.pub");
-    std::fs::write(&trainer_pub, PublicKeyFile { device: None, key: trainer.verifying_key() }.to_text()).unwrap();
-    assert!(nocturne(&["sync", "trust", "--state-dir", state, trainer_pub.to_str().unwrap()], None).status.success());
     // A chat runs and has answered once: it holds the journal.
     let mut chat = Command::new(env!("CARGO_BIN_EXE_nocturne"))
         .args(["chat", "--state-dir", state, "--max-new-tokens", "3"])
@@ -488,7 +490,7 @@ fn an_adapter_installs_while_a_chat_holds_the_journal_and_the_chat_uses_it() {
     writeln!(input, "Hi").unwrap();
     wait_for("interaction");
     // The host's adapter arrives: installed without the journal's lock.
-    let pack = nocturne::weights::ModelPack::open(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache/smollm2-135m-instruct/int8")).unwrap();
+    let pack = smollm2_pack();
     let usb = tmp.path().join("usb");
     let bundle = support::adapter::random_adapter(&usb, &pack, &trainer, 4, &[Target::Q], 0.01, 12);
     let id = bundle.file_stem().unwrap().to_string_lossy().to_string();
