@@ -238,7 +238,7 @@ pub fn write_adapter_bundle(
         }
         let weights = tmp.join(ADAPTER_WEIGHTS_FILE);
         safetensors::serialize_to_file(views, None, &weights).map_err(|e| FileError::invalid(&weights, e.to_string()))?;
-        let sha = sha256_file(&weights).map_err(FileError::io(&weights))?;
+        let sha = sha256_file(&weights)?;
         let manifest = AdapterManifest {
             format: ADAPTER_FORMAT,
             adapter: AdapterId(sha[..16].try_into().expect("16 bytes")),
@@ -327,7 +327,7 @@ impl LoraAdapter {
             targets.push(Target::from_name(name).ok_or_else(|| FileError::invalid(&manifest_path, format!("unknown target `{name}`")))?);
         }
         let path = dir.join(ADAPTER_WEIGHTS_FILE);
-        if sha256_file(&path).map_err(FileError::io(&path))? != manifest.weights_sha256 {
+        if sha256_file(&path)? != manifest.weights_sha256 {
             return Err(FileError::invalid(&path, "does not match the SHA-256 in the manifest"));
         }
         let file = open_regular(&path)?;

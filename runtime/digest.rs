@@ -8,16 +8,19 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-/// SHA-256 of a file's content, read in 1 MiB pieces.
+use crate::file_error::FileError;
+
+/// SHA-256 of a regular file's content, read in 1 MiB pieces.
 ///
 /// # Errors
-/// The file cannot be opened or read.
-pub fn sha256_file(path: &Path) -> std::io::Result<[u8; 32]> {
-    let mut file = crate::file_read::open_regular(path).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+/// A [`FileError`] naming the file: it cannot be opened or read, or it is
+/// not a regular file ([`crate::file_read::open_regular`]).
+pub fn sha256_file(path: &Path) -> Result<[u8; 32], FileError> {
+    let mut file = crate::file_read::open_regular(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf)?;
+        let n = file.read(&mut buf).map_err(FileError::io(path))?;
         if n == 0 {
             return Ok(hasher.finalize().into());
         }

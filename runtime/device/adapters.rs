@@ -27,9 +27,10 @@
 //! `chat`, the server) holds it, adapter events are queued in
 //! `adapters/pending-events` (JSON lines, replaced whole) and journaled by
 //! whichever process next holds the journal ([`journal_pending_events`]:
-//! the running session at its next request, or the next to open it). An
-//! event is never dropped; a crash between journaling the queue and removing
-//! it journals it twice.
+//! the running session at its next request, or the next to open it). As for
+//! a journaled event, a process killed between switching `ACTIVE` and
+//! recording the event loses that event (the switch itself stands); a crash
+//! between journaling the queue and removing it journals it twice.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -26,7 +26,7 @@ use crate::journal::reader::list_segments;
 use bundle::LostRange;
 use crate::ids::DeviceId;
 use crate::journal::directory::read_host_ack;
-use crate::journal::reader::read_segment;
+use crate::journal::reader::{read_segment, SegmentReport};
 use crate::journal::record::now_ms;
 use crate::journal::{Journal, JournalError};
 
@@ -81,43 +81,52 @@ pub struct Exportable {
 }
 
 /// The sealed, unacknowledged segments `cursor+1..=through` of `device` in
-/// `dir`: those that can be exported intact, and ranges that cannot (a
-/// missing file, a file of another device or unreadable, damage found in a
-/// sealed segment), with the reason.
+/// `dir`, read and sorted by [`classify`].
 ///
 /// # Errors
 /// The directory cannot be listed or a segment cannot be read.
 pub fn exportable(dir: &Path, device: DeviceId, cursor: u64, through: u64) -> Result<Exportable, SyncError> {
-    let mut segments = Vec::new();
+    let mut reports = Vec::new();
+    for (seq, path) in list_segments(dir)? {
+        if seq > cursor && seq <= through {
+            reports.push(read_segment(&path, seq, Some(device), &mut |_| {})?);
+        }
+    }
+    Ok(classify(&reports, cursor, through))
+}
+
+/// Which of the segments `cursor+1..=through` (`segments`: the reports of
+/// those present, by sequence; others are ignored) can be exported intact,
+/// and which ranges cannot, with the reason: a missing file, a file of
+/// another device or unreadable, damage found in a sealed segment.
+pub fn classify(segments: &[SegmentReport], cursor: u64, through: u64) -> Exportable {
+    let mut intact = Vec::new();
     let mut lost: Vec<LostRange> = Vec::new();
     let mut lose = |first: u64, last: u64, reason: String| match lost.last_mut() {
         Some(l) if l.last + 1 == first && l.reason == reason => l.last = last,
         _ => lost.push(LostRange { first, last, reason }),
     };
     let mut next = cursor + 1;
-    for (seq, path) in list_segments(dir)? {
-        if seq <= cursor || seq > through {
-            continue;
-        }
+    for report in segments.iter().filter(|r| r.seq > cursor && r.seq <= through) {
+        let seq = report.seq;
         if seq > next {
             lose(next, seq - 1, "missing from the journal directory".into());
         }
         next = seq + 1;
-        let report = read_segment(&path, seq, Some(device), &mut |_| {})?;
-        if let Some(problem) = report.problem {
-            lose(seq, seq, problem);
+        if let Some(problem) = &report.problem {
+            lose(seq, seq, problem.clone());
         } else if let Some(d) = report.damage.first() {
             lose(seq, seq, format!("damaged after sealing: bytes {}..{} ({})", d.range.start, d.range.end, d.reason));
-        } else if let Some(tail) = report.tail {
+        } else if let Some(tail) = &report.tail {
             lose(seq, seq, format!("damaged after sealing: {} bytes cut or zeroed at its end", tail.range.end - tail.range.start));
         } else {
-            segments.push((seq, path));
+            intact.push((seq, report.path.clone()));
         }
     }
     if next <= through {
         lose(next, through, "missing from the journal directory".into());
     }
-    Ok(Exportable { segments, lost })
+    Exportable { segments: intact, lost }
 }
 
 /// Seals the journal's current segment (if it holds records) and writes a

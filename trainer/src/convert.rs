@@ -239,7 +239,7 @@ fn write_pack(
         let weights = tmp.join(WEIGHTS_FILE);
         safetensors::serialize_to_file(views, metadata, &weights)
             .with_context(|| format!("cannot write {}", weights.display()))?;
-        let digest = nocturne::digest::sha256_file(&weights).with_context(|| format!("cannot read {}", weights.display()))?;
+        let digest = nocturne::digest::sha256_file(&weights)?;
         std::fs::write(tmp.join(DIGEST_FILE), nocturne::digest::digest_line(&digest, WEIGHTS_FILE))
             .with_context(|| format!("cannot write {}", tmp.join(DIGEST_FILE).display()))?;
         Ok::<_, anyhow::Error>(name)

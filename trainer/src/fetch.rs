@@ -83,7 +83,7 @@ pub enum FetchOutcome {
 /// # Errors
 /// When the file cannot be read.
 pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let digest = nocturne::digest::sha256_file(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let digest = nocturne::digest::sha256_file(path)?;
     Ok(nocturne::digest::hex(&digest))
 }
 

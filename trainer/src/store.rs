@@ -159,7 +159,7 @@ impl Store {
             let target = dir.join(&entry.name);
             if !target.exists() {
                 new.push(entry);
-            } else if sha256_file(&target).with_context(|| format!("cannot read {}", target.display()))? == entry.sha256 {
+            } else if sha256_file(&target).map_err(anyhow::Error::from)? == entry.sha256 {
                 duplicates.push(entry.seq);
             } else {
                 return Err(reject(Rejection::Conflict { device: manifest.device, seq: entry.seq }));
@@ -171,7 +171,7 @@ impl Store {
             let source = bundle.join(&entry.name);
             let tmp = dir.join(format!("{}.tmp", entry.name));
             std::fs::copy(&source, &tmp).with_context(|| format!("cannot copy {} to {}", source.display(), tmp.display()))?;
-            if sha256_file(&tmp).with_context(|| format!("cannot read {}", tmp.display()))? != entry.sha256 {
+            if sha256_file(&tmp).map_err(anyhow::Error::from)? != entry.sha256 {
                 std::fs::remove_file(&tmp).ok();
                 return Err(reject(Rejection::Changed(entry.name.clone())));
             }

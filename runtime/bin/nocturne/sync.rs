@@ -9,10 +9,9 @@ use nocturne::device::{StateDir, DEVICE_PUBLIC_FILE};
 use nocturne::journal::read_journal;
 use nocturne::journal::directory::read_host_ack;
 use nocturne::device::adapters::{adapter_bundles, install, installed_manifest, ActiveAdapters, InstallOutcome, Unpublished};
-use nocturne::journal::reader::list_segments;
 use nocturne::journal::JournalError;
 use nocturne::sync::ack::ack_file_name;
-use nocturne::sync::{export, exportable, import_acks, last_ack, AckOutcome};
+use nocturne::sync::{classify, export, import_acks, last_ack, AckOutcome};
 
 use crate::journal::StateArgs;
 use crate::args::ModelArgs;
@@ -156,12 +155,17 @@ fn status(state: &StateDir) -> anyhow::Result<()> {
     }
     let dir = state.journal_dir();
     let acked = if dir.exists() { read_host_ack(&dir)? } else { 0 };
-    let (mut records, mut bytes) = (0u64, 0u64);
+    let (mut records, mut bytes, mut lost) = (0u64, 0u64, Vec::new());
     if dir.exists() {
         let report = read_journal(&dir, Some(device), &mut |_| {})?;
         for s in report.segments.iter().filter(|s| s.seq > acked) {
             records += s.records;
             bytes += s.bytes;
+        }
+        // Sealed segments (all but the newest) that the next export could not send intact.
+        let newest = report.segments.last().map_or(0, |s| s.seq);
+        if newest > acked + 1 {
+            lost = classify(&report.segments, acked, newest - 1).lost;
         }
     }
     println!("not yet synced     {records} records, {bytes} bytes (segments after {acked})");
@@ -183,9 +187,6 @@ fn status(state: &StateDir) -> anyhow::Result<()> {
     };
     println!("active adapter     {}", describe(adapters.active));
     println!("previous adapter   {}", describe(adapters.previous));
-    // Sealed segments (all but the newest) that the next export could not send intact.
-    let newest = if dir.exists() { list_segments(&dir)?.last().map_or(0, |(seq, _)| *seq) } else { 0 };
-    let lost = if newest > acked + 1 { exportable(&dir, device, acked, newest - 1)?.lost } else { Vec::new() };
     for l in &lost {
         println!("cannot export      segments {}-{}: {}", l.first, l.last, l.reason);
     }
