@@ -61,13 +61,18 @@ pub struct PlanSettings {
     /// Rows of logits kept: 1 (the last token) or `prefill_block` (every
     /// token of a block, for perplexity).
     pub logit_rows: usize,
+    /// With an int8 pack, quantize each product's input to int8 blocks and
+    /// multiply in integers (faster; see `decoder`); otherwise products
+    /// read f32 activations, the reference.
+    pub int8_activations: bool,
 }
 
 impl PlanSettings {
     /// The device's settings for a model with `config`: a context of
     /// `context_tokens` capped by the model's `max_position_embeddings`,
-    /// [`PREFILL_BLOCK`], `threads` workers (at least 1), an f16 KV cache and
-    /// one row of logits. Other uses change fields of the result.
+    /// [`PREFILL_BLOCK`], `threads` workers (at least 1), an f16 KV cache,
+    /// one row of logits and f32 activations. Other uses change fields of
+    /// the result.
     pub fn new(config: &ModelConfig, context_tokens: usize, threads: usize) -> PlanSettings {
         PlanSettings {
             context_tokens: context_tokens.min(config.max_position_embeddings),
@@ -75,6 +80,7 @@ impl PlanSettings {
             threads: threads.max(1),
             kv: KvPrecision::F16,
             logit_rows: 1,
+            int8_activations: false,
         }
     }
 }
@@ -95,9 +101,15 @@ pub struct DecoderBuffers {
     pub mlp: usize,
     /// The adapter's `A x`, `prefill_block × MAX_LORA_RANK` f32.
     pub lora: usize,
+    /// A product input quantized to int8 blocks (with `int8_activations`,
+    /// else 0), `prefill_block × max(hidden, q width, intermediate)` i8.
+    pub quantized: usize,
+    /// Its block scales, `quantized / 32` f32.
+    pub quantized_scales: usize,
     /// Attention scores, `threads × context` f32.
     pub scores: usize,
-    /// Dequantized weight-row tiles, `threads × ROW_TILE × max(hidden, q width, intermediate)` f32.
+    /// Dequantized weight-row tiles (an int8 tile's widened scales take
+    /// less), `threads × ROW_TILE × max(hidden, q width, intermediate)` f32.
     pub rows: usize,
     /// `logit_rows × vocab` f32.
     pub logits: usize,
@@ -122,6 +134,8 @@ impl DecoderBuffers {
             kv: block * kv,
             mlp: block * ff,
             lora: block * MAX_LORA_RANK,
+            quantized: if settings.int8_activations { block * h.max(q).max(ff) } else { 0 },
+            quantized_scales: if settings.int8_activations { block * h.max(q).max(ff) / INT8_BLOCK } else { 0 },
             scores: threads * ctx,
             rows: threads * ROW_TILE * h.max(q).max(ff),
             logits: settings.logit_rows * config.vocab_size,
@@ -138,7 +152,8 @@ pub struct MemoryPlan {
     pub kv_cache: usize,
     /// Activations of one prefill block: residual, normed input, q, k, v,
     /// attention output, MLP gate and up, the adapter's `A x`
-    /// (`prefill_block ×` their widths, f32).
+    /// (`prefill_block ×` their widths, f32), and the int8 copy of a
+    /// product's input with its block scales.
     pub activations: usize,
     /// Per thread: attention scores (`context` f32) and a tile of dequantized
     /// weight rows (`ROW_TILE × max(hidden, q width, intermediate)` f32).
@@ -185,7 +200,7 @@ impl MemoryPlan {
         let b = DecoderBuffers::new(config, settings);
         MemoryPlan {
             kv_cache: b.kv_cache * settings.kv.bytes(),
-            activations: (2 * b.residual + 2 * b.q + 2 * b.kv + 2 * b.mlp + b.lora) * F32,
+            activations: (2 * b.residual + 2 * b.q + 2 * b.kv + 2 * b.mlp + b.lora + b.quantized_scales) * F32 + b.quantized,
             thread_scratch: (b.scores + b.rows) * F32,
             adapter_scales: b.adapter_scales * F32,
             logits: b.logits * F32,

@@ -64,12 +64,14 @@ pub struct SessionOptions {
     pub kv: KvPrecision,
     /// Keep logits of every prefill token (for perplexity).
     pub all_logits: bool,
+    /// Products of an int8 pack in int8 × int8 ([`PlanSettings::int8_activations`]; default off).
+    pub int8_activations: bool,
 }
 
 impl SessionOptions {
     /// The device defaults under `profile`.
     pub fn for_profile(profile: &Profile) -> SessionOptions {
-        SessionOptions { threads: worker_threads(profile), kv: KvPrecision::F16, all_logits: false }
+        SessionOptions { threads: worker_threads(profile), kv: KvPrecision::F16, all_logits: false, int8_activations: false }
     }
 }
 
@@ -182,7 +184,7 @@ impl<'m> Session<'m> {
     ) -> (PlanSettings, TokenTable, MemoryPlan) {
         let base = PlanSettings::new(pack.config(), profile.max_context_tokens as usize, options.threads);
         let logit_rows = if options.all_logits { base.prefill_block } else { 1 };
-        let settings = PlanSettings { kv: options.kv, logit_rows, ..base };
+        let settings = PlanSettings { kv: options.kv, logit_rows, int8_activations: options.int8_activations, ..base };
         let table = tokenizer.token_table();
         let reply_bytes = profile.max_new_tokens as usize * table.longest();
         let plan = MemoryPlan::new(pack.config(), &settings, table.allocated(), reply_bytes);

@@ -150,6 +150,7 @@ fn check_against_reference(with_adapter: bool) {
                 threads,
                 kv: KvPrecision::F32,
                 logit_rows: PREFILL_BLOCK,
+                int8_activations: false,
             };
             let mut decoder = Decoder::new(&pack, settings);
             decoder.set_adapter(adapter.clone());
@@ -178,7 +179,7 @@ fn decoder_rejects_bad_input_without_changing_state() {
     let tmp = tempfile::tempdir().unwrap();
     write_pack(tmp.path(), &tiny_config(64, 1, Precision::Int8));
     let pack = ModelPack::open(tmp.path()).unwrap();
-    let settings = PlanSettings { context_tokens: 16, prefill_block: 8, threads: 1, kv: KvPrecision::F16, logit_rows: 1 };
+    let settings = PlanSettings { context_tokens: 16, prefill_block: 8, threads: 1, kv: KvPrecision::F16, logit_rows: 1, int8_activations: false };
     let mut decoder = Decoder::new(&pack, settings);
     decoder.forward(&[1, 2, 3]).unwrap();
     assert!(matches!(decoder.forward(&[]), Err(nocturne::decoder::DecodeError::Empty)));

@@ -68,7 +68,21 @@ fn a_budget_too_small_for_the_kv_cache_refuses_to_start() {
 fn decoding_allocates_nothing_per_token() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (pack, tokenizer) = model();
-    check_no_allocation_per_token(&pack, &tokenizer, None);
+    check_no_allocation_per_token(&pack, &tokenizer, None, SessionOptions::for_profile(&ACTIVE));
+}
+
+#[test]
+fn int8_activations_are_planned_and_allocate_nothing_per_token() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (pack, tokenizer) = model();
+    let options = SessionOptions { int8_activations: true, ..SessionOptions::for_profile(&ACTIVE) };
+    let session = Session::start(&pack, &tokenizer, &ACTIVE, options).unwrap();
+    assert_eq!(session.allocated(), *session.memory_plan());
+    let plain = Session::start(&pack, &tokenizer, &ACTIVE, SessionOptions::for_profile(&ACTIVE)).unwrap();
+    // 32 tokens x 1536 (the widest product input) int8 values and 48 f32 scales each.
+    assert_eq!(session.memory_plan().activations - plain.memory_plan().activations, 32 * 1536 + 32 * 48 * 4);
+    drop((session, plain));
+    check_no_allocation_per_token(&pack, &tokenizer, None, options);
 }
 
 #[test]
@@ -80,11 +94,11 @@ fn decoding_with_an_adapter_allocates_nothing_per_token() {
     let targets = [Target::Q, Target::K, Target::V, Target::O];
     let bundle = support::adapter::random_adapter(tmp.path(), &pack, &trainer, 8, &targets, 0.01, 11);
     let adapter = Arc::new(LoraAdapter::open(&bundle, &pack, &trainer.verifying_key()).unwrap());
-    check_no_allocation_per_token(&pack, &tokenizer, Some(adapter));
+    check_no_allocation_per_token(&pack, &tokenizer, Some(adapter), SessionOptions::for_profile(&ACTIVE));
 }
 
-fn check_no_allocation_per_token(pack: &ModelPack, tokenizer: &Tokenizer, adapter: Option<Arc<LoraAdapter>>) {
-    let mut session = Session::start(pack, tokenizer, &ACTIVE, SessionOptions::for_profile(&ACTIVE)).unwrap();
+fn check_no_allocation_per_token(pack: &ModelPack, tokenizer: &Tokenizer, adapter: Option<Arc<LoraAdapter>>, options: SessionOptions) {
+    let mut session = Session::start(pack, tokenizer, &ACTIVE, options).unwrap();
     session.set_adapter(adapter);
     let ids = prompt(tokenizer, "Tell me a long story about a lighthouse.");
     // Decoder and sampler, 64 steps after the first.

@@ -109,6 +109,30 @@ struct Activations {
     up: Vec<f32>,
     /// `A x` of the active adapter, `prefill_block × MAX_LORA_RANK`.
     lora: Vec<f32>,
+    /// A product input as int8 blocks (int8 packs), and its block scales.
+    xq: Vec<i8>,
+    xq_scales: Vec<f32>,
+}
+
+/// A product's input rows: f32, and for an int8 pack the same rows
+/// quantized to int8 blocks (values, one f32 scale per 32-block), made once
+/// for every product that reads them.
+#[derive(Clone, Copy)]
+struct Input<'a> {
+    f32: &'a [f32],
+    i8: Option<(&'a [i8], &'a [f32])>,
+}
+
+impl<'a> Input<'a> {
+    /// `x`, quantized into `values` and `scales` when `int8`.
+    fn new(k: &Kernels, int8: bool, x: &'a [f32], values: &'a mut [i8], scales: &'a mut [f32]) -> Input<'a> {
+        let i8 = int8.then(|| {
+            let (values, scales) = (&mut values[..x.len()], &mut scales[..x.len() / INT8_BLOCK]);
+            (k.quantize_i8)(x, values, scales);
+            (&*values, &*scales)
+        });
+        Input { f32: x, i8 }
+    }
 }
 
 /// A decoding session's model state: KV cache, buffers, worker pool.
@@ -204,11 +228,12 @@ struct Projections<'a> {
 
 impl Projections<'_> {
     /// `out = m · input` for the block's tokens, plus the adapter's
-    /// `scale · B (A x)` when it targets `target` in `layer` (`A x` goes to
-    /// `lora`; `rows` is the workers' tile scratch).
+    /// `scale · B (A x)` when it targets `target` in `layer` (`A x`, from
+    /// the f32 input, goes to `lora`; `rows` is the workers' tile scratch).
     #[allow(clippy::too_many_arguments)]
-    fn apply(&self, layer: usize, target: Target, m: &Matrix<'_>, input: &[f32], out: &mut [f32], lora: &mut [f32], rows: &mut [f32]) {
+    fn apply(&self, layer: usize, target: Target, m: &Matrix<'_>, input: Input<'_>, out: &mut [f32], lora: &mut [f32], rows: &mut [f32]) {
         let term = self.adapter.and_then(|adapter| {
+            let input = input.f32;
             let (a, b) = adapter.projection(layer, target)?;
             let (rank, cols) = a.shape();
             for i in 0..self.n {
@@ -253,6 +278,8 @@ impl<'m> Decoder<'m> {
                 gate: zeros(buffers.mlp),
                 up: zeros(buffers.mlp),
                 lora: zeros(buffers.lora),
+                xq: vec![0; buffers.quantized],
+                xq_scales: zeros(buffers.quantized_scales),
             },
             scores: zeros(buffers.scores),
             rows: zeros(buffers.rows),
@@ -295,7 +322,9 @@ impl<'m> Decoder<'m> {
         let a = &self.act;
         MemoryPlan {
             kv_cache: self.kv.bytes(),
-            activations: f(&a.x) + f(&a.xb) + f(&a.q) + f(&a.k) + f(&a.v) + f(&a.att) + f(&a.gate) + f(&a.up) + f(&a.lora),
+            activations: f(&a.x) + f(&a.xb) + f(&a.q) + f(&a.k) + f(&a.v) + f(&a.att) + f(&a.gate) + f(&a.up) + f(&a.lora)
+                + f(&a.xq_scales)
+                + a.xq.capacity(),
             thread_scratch: f(&self.scores) + f(&self.rows),
             adapter_scales: f(&self.adapter_scales),
             logits: f(&self.logits),
@@ -392,6 +421,7 @@ impl<'m> Decoder<'m> {
         let c = self.pack.config();
         let (h, qw, kw, ff, d) = (c.hidden_size, c.q_width(), c.kv_width(), c.intermediate_size, c.head_dim);
         let (n, pos0, eps, k) = (tokens.len(), self.pos, c.rms_norm_eps, self.kernels);
+        let int8 = self.settings.int8_activations && self.pack.precision() == crate::profile::Precision::Int8;
         let a = &mut self.act;
         let p = Projections {
             pool: &self.pool,
@@ -410,7 +440,7 @@ impl<'m> Decoder<'m> {
             for i in 0..n {
                 rms_norm(&k, &a.x[i * h..(i + 1) * h], w.input_norm, eps, &mut a.xb[i * h..(i + 1) * h]);
             }
-            let input = &a.xb[..n * h];
+            let input = Input::new(&k, int8, &a.xb[..n * h], &mut a.xq, &mut a.xq_scales);
             p.apply(layer, Target::Q, &w.q_proj, input, &mut a.q, &mut a.lora, &mut self.rows);
             p.apply(layer, Target::K, &w.k_proj, input, &mut a.k, &mut a.lora, &mut self.rows);
             p.apply(layer, Target::V, &w.v_proj, input, &mut a.v, &mut a.lora, &mut self.rows);
@@ -423,16 +453,18 @@ impl<'m> Decoder<'m> {
                 KvCache::F16(cache) => attend::<f16>(&self.pool, &k, cache, layer, a, n, pos0, &shape, &mut self.scores),
                 KvCache::F32(cache) => attend::<f32>(&self.pool, &k, cache, layer, a, n, pos0, &shape, &mut self.scores),
             }
-            p.apply(layer, Target::O, &w.o_proj, &a.att[..n * qw], &mut a.xb, &mut a.lora, &mut self.rows);
+            let input = Input::new(&k, int8, &a.att[..n * qw], &mut a.xq, &mut a.xq_scales);
+            p.apply(layer, Target::O, &w.o_proj, input, &mut a.xb, &mut a.lora, &mut self.rows);
             add(&mut a.x[..n * h], &a.xb[..n * h]);
             for i in 0..n {
                 rms_norm(&k, &a.x[i * h..(i + 1) * h], w.post_attention_norm, eps, &mut a.xb[i * h..(i + 1) * h]);
             }
-            let input = &a.xb[..n * h];
+            let input = Input::new(&k, int8, &a.xb[..n * h], &mut a.xq, &mut a.xq_scales);
             p.apply(layer, Target::Gate, &w.gate_proj, input, &mut a.gate, &mut a.lora, &mut self.rows);
             p.apply(layer, Target::Up, &w.up_proj, input, &mut a.up, &mut a.lora, &mut self.rows);
             silu_mul(&mut a.gate[..n * ff], &a.up[..n * ff]);
-            p.apply(layer, Target::Down, &w.down_proj, &a.gate[..n * ff], &mut a.xb, &mut a.lora, &mut self.rows);
+            let input = Input::new(&k, int8, &a.gate[..n * ff], &mut a.xq, &mut a.xq_scales);
+            p.apply(layer, Target::Down, &w.down_proj, input, &mut a.xb, &mut a.lora, &mut self.rows);
             add(&mut a.x[..n * h], &a.xb[..n * h]);
         }
         let first = if all_logits { 0 } else { n - 1 };
@@ -440,7 +472,8 @@ impl<'m> Decoder<'m> {
             rms_norm(&k, &a.x[i * h..(i + 1) * h], self.pack.final_norm(), eps, &mut a.xb[j * h..(j + 1) * h]);
         }
         let rows = n - first;
-        matmul(&self.pool, &k, &self.pack.lm_head(), &a.xb[..rows * h], rows, &mut self.logits, &mut self.rows, None);
+        let input = Input::new(&k, int8, &a.xb[..rows * h], &mut a.xq, &mut a.xq_scales);
+        matmul(&self.pool, &k, &self.pack.lm_head(), input, rows, &mut self.logits, &mut self.rows, None);
         self.pos += n;
     }
 }
@@ -451,14 +484,18 @@ fn add(x: &mut [f32], y: &[f32]) {
 
 /// `out[i × rows + r] = m[r] · input[i × cols ..]` (plus the adapter's
 /// `scale · B[r] · t_i` when `lora` is given) for `i < n`, rows split over
-/// the pool. With `n > 1` each worker dequantizes [`ROW_TILE`] weight rows at
-/// a time into its slice of `scratch` and dots them with all `n` inputs.
+/// the pool. An int8 matrix with an int8 input takes the integer path
+/// ([`Kernels::dot_i8_i8`]); anything else dots f32 activations. With
+/// `n > 1` each worker takes [`ROW_TILE`] weight rows at a time and applies
+/// them to all `n` inputs while they sit in cache: int8 rows directly (their
+/// scales widened into the worker's slice of `scratch`), other rows
+/// dequantized into it first.
 #[allow(clippy::too_many_arguments)]
 fn matmul(
     pool: &WorkerPool,
     k: &Kernels,
     m: &Matrix<'_>,
-    input: &[f32],
+    input: Input<'_>,
     n: usize,
     out: &mut [f32],
     scratch: &mut [f32],
@@ -471,10 +508,14 @@ fn matmul(
     pool.run(&|w, workers| {
         let mine = share(rows, w, workers);
         if n == 1 {
-            // SAFETY: worker w writes only rows in its share.
+            // SAFETY: worker w writes only the rows of its share.
             let out = unsafe { out.slice(mine.start, mine.len()) };
             for (o, r) in out.iter_mut().zip(mine) {
-                *o = k.row_dot(m, r, input) + extra(0, r);
+                let dot = match input.i8 {
+                    Some((xq, xs)) => k.row_dot_i8(m, r, xq, xs),
+                    None => None,
+                };
+                *o = dot.unwrap_or_else(|| k.row_dot(m, r, input.f32)) + extra(0, r);
             }
             return;
         }
@@ -482,22 +523,50 @@ fn matmul(
         // SAFETY: worker w owns scratch[w × stride ..][..stride], and the tile fits in it (asserted).
         let tile = unsafe { scratch.slice(w * stride, ROW_TILE * cols) };
         // SAFETY: element (i, r) belongs to the worker that owns row r.
-        let put = |i: usize, r: usize, v: f32| unsafe { out.slice(i * rows + r, 1)[0] = v };
-        let mut r0 = mine.start;
-        while r0 + ROW_TILE <= mine.end {
-            for t in 0..ROW_TILE {
-                k.dequant_row(m, r0 + t, &mut tile[t * cols..(t + 1) * cols]);
+        let put = |i: usize, r: usize, v: f32| unsafe { out.slice(i * rows + r, 1)[0] = v + extra(i, r) };
+        match (*m, input.i8) {
+            (Matrix::Int8 { values, scales, .. }, Some((xq, xs))) => {
+                let blocks = cols / INT8_BLOCK;
+                let x = |i: usize| (&xq[i * cols..(i + 1) * cols], &xs[i * blocks..(i + 1) * blocks]);
+                let mut r0 = mine.start;
+                while r0 + ROW_TILE <= mine.end {
+                    let tile_scales = &mut tile[..ROW_TILE * blocks];
+                    (k.dequant_f16)(&scales[r0 * blocks..(r0 + ROW_TILE) * blocks], tile_scales);
+                    let tile_values = &values[r0 * cols..(r0 + ROW_TILE) * cols];
+                    for i in 0..n {
+                        let (xq, xs) = x(i);
+                        let dots = (k.dot4_i8_i8)(tile_values, tile_scales, xq, xs);
+                        dots.iter().enumerate().for_each(|(t, &v)| put(i, r0 + t, v));
+                    }
+                    r0 += ROW_TILE;
+                }
+                for r in r0..mine.end {
+                    let (row, row_scales) = (&values[r * cols..(r + 1) * cols], &scales[r * blocks..(r + 1) * blocks]);
+                    for i in 0..n {
+                        let (xq, xs) = x(i);
+                        put(i, r, (k.dot_i8_i8)(row, row_scales, xq, xs));
+                    }
+                }
             }
-            for i in 0..n {
-                let dots = (k.dot4_f32)(tile, &input[i * cols..(i + 1) * cols]);
-                dots.iter().enumerate().for_each(|(t, &v)| put(i, r0 + t, v + extra(i, r0 + t)));
-            }
-            r0 += ROW_TILE;
-        }
-        for r in r0..mine.end {
-            k.dequant_row(m, r, &mut tile[..cols]);
-            for i in 0..n {
-                put(i, r, (k.dot_f32)(&tile[..cols], &input[i * cols..(i + 1) * cols]) + extra(i, r));
+            _ => {
+                let x = |i: usize| &input.f32[i * cols..(i + 1) * cols];
+                let mut r0 = mine.start;
+                while r0 + ROW_TILE <= mine.end {
+                    for t in 0..ROW_TILE {
+                        k.dequant_row(m, r0 + t, &mut tile[t * cols..(t + 1) * cols]);
+                    }
+                    for i in 0..n {
+                        let dots = (k.dot4_f32)(tile, x(i));
+                        dots.iter().enumerate().for_each(|(t, &v)| put(i, r0 + t, v));
+                    }
+                    r0 += ROW_TILE;
+                }
+                for r in r0..mine.end {
+                    k.dequant_row(m, r, &mut tile[..cols]);
+                    for i in 0..n {
+                        put(i, r, (k.dot_f32)(&tile[..cols], x(i)));
+                    }
+                }
             }
         }
     });
@@ -552,4 +621,46 @@ fn attend<E: KvElement>(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The integer path of every product (tiles of [`ROW_TILE`] rows and the
+    /// rows left over, one token and several, one worker and two) equals the
+    /// f32 path on the same quantized activations.
+    #[test]
+    fn int8_products_equal_f32_products_on_the_quantized_input() {
+        for (rows, cols, n) in [(19, 96, 5), (64, 64, 32), (96, 64, 9), (32, 128, 32)] {
+            products_agree(rows, cols, n);
+        }
+    }
+
+    fn products_agree(rows: usize, cols: usize, n: usize) {
+        let noise = |i: usize, m: usize| ((i * 7919 + 13) % m) as i64 - (m / 2) as i64;
+        let values: Vec<i8> = (0..rows * cols).map(|i| noise(i, 256) as i8).collect();
+        let scales: Vec<f16> = (0..rows * cols / 32).map(|i| f16::from_f32(0.01 + 0.001 * (i % 7) as f32)).collect();
+        let m = Matrix::Int8 { rows, cols, values: &values, scales: &scales };
+        let x: Vec<f32> = (0..n * cols).map(|i| noise(i * 31, 1001) as f32 / 100.0).collect();
+        for k in [Kernels::SCALAR, Kernels::detect()] {
+            let (mut xq, mut xs) = (vec![0i8; n * cols], vec![0f32; n * cols / 32]);
+            let (xq, xs) = Input::new(&k, true, &x, &mut xq, &mut xs).i8.unwrap();
+            let dequantized: Vec<f32> = (0..n * cols).map(|i| f32::from(xq[i]) * xs[i / 32]).collect();
+            for threads in [1, 2] {
+                let pool = WorkerPool::new(threads);
+                let mut scratch = vec![0.0; threads * ROW_TILE * cols];
+                for tokens in [1, n] {
+                    let (mut got, mut want) = (vec![0.0; tokens * rows], vec![0.0; tokens * rows]);
+                    let int8_input = Input { f32: &x[..tokens * cols], i8: Some((&xq[..tokens * cols], &xs[..tokens * cols / 32])) };
+                    matmul(&pool, &k, &m, int8_input, tokens, &mut got, &mut scratch, None);
+                    let f32_input = Input { f32: &dequantized[..tokens * cols], i8: None };
+                    matmul(&pool, &k, &m, f32_input, tokens, &mut want, &mut scratch, None);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{}: {g} != {w} ({tokens} tokens, {threads} threads)", k.isa.name());
+                    }
+                }
+            }
+        }
+    }
 }

@@ -17,9 +17,10 @@ use half::f16;
 use super::scalar::contract;
 use crate::config::INT8_BLOCK;
 
+/// The sum of the eight lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn hsum(v: __m256) -> f32 {
+pub(super) fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -282,5 +283,42 @@ pub fn to_f16(x: &[f32], out: &mut [f16]) {
     }
     for j in i..n {
         out[j] = f16::from_f32(x[j]);
+    }
+}
+
+/// The largest of the eight lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hmax(v: __m256) -> f32 {
+    let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    _mm_cvtss_f32(m)
+}
+
+/// One activation row to int8 blocks, exactly as [`super::scalar::quantize_i8`]
+/// (the same f32 operations; `cvtps` rounds ties to even under the default
+/// MXCSR rounding mode, which Rust code never changes).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (slice lengths are asserted, not assumed).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub fn quantize_i8(x: &[f32], values: &mut [i8], scales: &mut [f32]) {
+    contract::int8_row("quantize_i8", values.len(), scales.len(), x.len());
+    let sign = _mm256_set1_ps(-0.0);
+    // packs interleaves the two 128-bit lanes; this puts the dwords back in order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (b, d) in scales.iter_mut().enumerate() {
+        let at = b * INT8_BLOCK;
+        // SAFETY: at + 32 <= scales.len() × 32 == x.len() (contract).
+        let v: [__m256; 4] = std::array::from_fn(|k| unsafe { _mm256_loadu_ps(x.as_ptr().add(at + 8 * k)) });
+        let amax = v.iter().fold(_mm256_setzero_ps(), |m, v| _mm256_max_ps(m, _mm256_andnot_ps(sign, *v)));
+        *d = hmax(amax) / 127.0;
+        let inv = _mm256_set1_ps(if *d > 0.0 { 1.0 / *d } else { 0.0 });
+        let q = v.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, inv)));
+        let q16 = [_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])];
+        let q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16[0], q16[1]), order);
+        // SAFETY: at + 32 <= values.len() (contract); storeu is unaligned.
+        unsafe { _mm256_storeu_si256(values.as_mut_ptr().add(at) as *mut __m256i, q8) };
     }
 }

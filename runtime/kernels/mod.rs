@@ -16,6 +16,13 @@
 //! RMSNorm reuses the f32 dot; RoPE, softmax and SiLU are scalar (they touch
 //! O(hidden) values per token against O(hidden²) for the products).
 //!
+//! int8 × int8: [`Kernels::quantize_i8`] turns an activation row into int8
+//! blocks of 32 with an f32 scale, [`Kernels::dot_i8_i8`] dots an int8
+//! weight row with it and [`Kernels::dot4_i8_i8`] four rows at once (the
+//! prefill tile), summing each block's byte products exactly in i32 and
+//! scaling once per block, after llama.cpp's Q8_0 × Q8_0 path
+//! ([`x86_int8`] has the SIMD versions and the sign trick they use).
+//!
 //! Not here yet: NEON kernels for aarch64 (this machine has no aarch64
 //! toolchain to build or test them); aarch64 uses the scalar kernels.
 //!
@@ -28,6 +35,8 @@
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_int8;
 
 use half::f16;
 
@@ -38,8 +47,12 @@ use crate::weights::Matrix;
 pub enum Isa {
     /// Portable Rust.
     Scalar,
-    /// x86-64 AVX2 + FMA + F16C.
+    /// x86-64 AVX2 + FMA + F16C; int8 products with `vpmaddubsw`.
     Avx2,
+    /// As [`Isa::Avx2`], int8 products with AVX-512 VNNI's `vpdpbusd`.
+    Avx2Avx512Vnni,
+    /// As [`Isa::Avx2`], int8 products with AVX-VNNI's `vpdpbusd`.
+    Avx2AvxVnni,
 }
 
 impl Isa {
@@ -48,6 +61,8 @@ impl Isa {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2+fma+f16c",
+            Isa::Avx2Avx512Vnni => "avx2+fma+f16c, int8: avx512vnni",
+            Isa::Avx2AvxVnni => "avx2+fma+f16c, int8: avxvnni",
         }
     }
 }
@@ -78,6 +93,13 @@ pub struct Kernels {
     pub dequant_f16: fn(&[f16], &mut [f32]),
     /// `out = x` narrowed to f16.
     pub to_f16: fn(&[f32], &mut [f16]),
+    /// One activation row to int8 blocks: `(x, values, scales)`.
+    pub quantize_i8: fn(&[f32], &mut [i8], &mut [f32]),
+    /// int8 weight row (f16 block scales) · int8 activation row (f32 block scales).
+    pub dot_i8_i8: fn(&[i8], &[f16], &[i8], &[f32]) -> f32,
+    /// Four int8 weight rows (back to back, f32 block scales back to back) ·
+    /// one int8 activation row.
+    pub dot4_i8_i8: fn(&[i8], &[f32], &[i8], &[f32]) -> [f32; 4],
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -126,6 +148,10 @@ mod avx2_safe {
         // SAFETY: as for `dot_i8`.
         unsafe { avx2::to_f16(x, o) }
     }
+    pub fn quantize_i8(x: &[f32], v: &mut [i8], s: &mut [f32]) {
+        // SAFETY: as for `dot_i8`.
+        unsafe { avx2::quantize_i8(x, v, s) }
+    }
 }
 
 impl Kernels {
@@ -141,6 +167,9 @@ impl Kernels {
         dequant_i8: scalar::dequant_i8,
         dequant_f16: scalar::dequant_f16,
         to_f16: scalar::to_f16,
+        quantize_i8: scalar::quantize_i8,
+        dot_i8_i8: scalar::dot_i8_i8,
+        dot4_i8_i8: scalar::dot4_i8_i8,
     };
 
     #[cfg(target_arch = "x86_64")]
@@ -155,6 +184,9 @@ impl Kernels {
         dequant_i8: avx2_safe::dequant_i8,
         dequant_f16: avx2_safe::dequant_f16,
         to_f16: avx2_safe::to_f16,
+        quantize_i8: avx2_safe::quantize_i8,
+        dot_i8_i8: x86_int8::avx2::safe::dot_i8_i8,
+        dot4_i8_i8: x86_int8::avx2::safe::dot4_i8_i8,
     };
 
     /// The fastest kernels this CPU supports. `NOCTURNE_KERNELS=scalar` in the
@@ -166,12 +198,29 @@ impl Kernels {
         Self::best()
     }
 
+    /// On x86-64: AVX2 + FMA + F16C, with the best int8 product the CPU has
+    /// (AVX-512 VNNI with VL, then AVX-VNNI, then AVX2 alone).
     #[cfg(target_arch = "x86_64")]
     fn best() -> Kernels {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
-            Kernels::AVX2
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")) {
+            return Kernels::SCALAR;
+        }
+        if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+            Kernels {
+                isa: Isa::Avx2Avx512Vnni,
+                dot_i8_i8: x86_int8::avx512vnni::safe::dot_i8_i8,
+                dot4_i8_i8: x86_int8::avx512vnni::safe::dot4_i8_i8,
+                ..Kernels::AVX2
+            }
+        } else if is_x86_feature_detected!("avxvnni") {
+            Kernels {
+                isa: Isa::Avx2AvxVnni,
+                dot_i8_i8: x86_int8::avxvnni::safe::dot_i8_i8,
+                dot4_i8_i8: x86_int8::avxvnni::safe::dot4_i8_i8,
+                ..Kernels::AVX2
+            }
         } else {
-            Kernels::SCALAR
+            Kernels::AVX2
         }
     }
 
@@ -189,6 +238,20 @@ impl Kernels {
                 (self.dot_i8)(&values[row * cols..(row + 1) * cols], &scales[row * blocks..(row + 1) * blocks], x)
             }
             Matrix::F16 { cols, values, .. } => (self.dot_f16)(&values[row * cols..(row + 1) * cols], x),
+        }
+    }
+
+    /// Dot product of row `row` of an int8 `m` with an int8 activation row
+    /// (`x.len() == cols`, one scale per 32-block; panics otherwise), or
+    /// `None` when `m` is not int8.
+    #[inline]
+    pub fn row_dot_i8(&self, m: &Matrix<'_>, row: usize, x: &[i8], x_scales: &[f32]) -> Option<f32> {
+        match *m {
+            Matrix::Int8 { cols, values, scales, .. } => {
+                let blocks = cols / crate::config::INT8_BLOCK;
+                Some((self.dot_i8_i8)(&values[row * cols..(row + 1) * cols], &scales[row * blocks..(row + 1) * blocks], x, x_scales))
+            }
+            Matrix::F16 { .. } => None,
         }
     }
 
@@ -309,9 +372,42 @@ mod tests {
         let k = Kernels::best();
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
-            assert_eq!(k.isa, Isa::Avx2, "AVX2 CPU must get the AVX2 kernels");
+            assert_ne!(k.isa, Isa::Scalar, "AVX2 CPU must get the AVX2 kernels");
         }
         k
+    }
+
+    /// Every int8-product table this CPU can run (the best one and each
+    /// fallback below it), so the fallbacks are tested on a CPU that would
+    /// never pick them.
+    fn int8_tables() -> Vec<Kernels> {
+        #[allow(unused_mut)]
+        let mut tables = vec![Kernels::SCALAR, best()];
+        #[cfg(target_arch = "x86_64")]
+        if best().isa != Isa::Scalar {
+            tables.push(Kernels::AVX2);
+            if is_x86_feature_detected!("avxvnni") {
+                tables.push(Kernels { isa: Isa::Avx2AvxVnni, dot_i8_i8: x86_int8::avxvnni::safe::dot_i8_i8, dot4_i8_i8: x86_int8::avxvnni::safe::dot4_i8_i8, ..Kernels::AVX2 });
+            }
+        }
+        tables
+    }
+
+    /// An int8 activation row as the decoder makes it: quantized f32.
+    fn activations(x: &[f32]) -> (Vec<i8>, Vec<f32>) {
+        let (mut v, mut s) = (vec![0; x.len()], vec![0.0; x.len() / 32]);
+        scalar::quantize_i8(x, &mut v, &mut s);
+        (v, s)
+    }
+
+    fn int8_rows(rows: usize, max_blocks: usize) -> impl Strategy<Value = (Vec<i8>, Vec<f16>, Vec<f32>)> {
+        (1..=max_blocks).prop_flat_map(move |b| {
+            (
+                prop::collection::vec(any::<i8>(), rows * b * 32),
+                prop::collection::vec((0.0f32..0.1).prop_map(f16::from_f32), rows * b),
+                prop::collection::vec(-4.0f32..4.0, b * 32),
+            )
+        })
     }
 
     proptest! {
@@ -319,6 +415,52 @@ mod tests {
         fn dot_i8_matches_scalar((q, s, x) in blocks(40)) {
             let scale: f32 = q.iter().zip(&x).map(|(q, x)| (f32::from(*q) * x * 0.1).abs()).sum();
             prop_assert!(close((best().dot_i8)(&q, &s, &x), scalar::dot_i8(&q, &s, &x), scale));
+        }
+
+        #[test]
+        fn quantize_i8_matches_scalar_exactly((_q, _s, x) in blocks(40), zero_block in any::<bool>()) {
+            let mut x = x;
+            if zero_block { x[..32].fill(0.0); }
+            let (want_v, want_s) = activations(&x);
+            for k in int8_tables() {
+                let (mut v, mut s) = (vec![0; x.len()], vec![0.0; x.len() / 32]);
+                (k.quantize_i8)(&x, &mut v, &mut s);
+                prop_assert_eq!(&v, &want_v, "{}", k.isa.name());
+                prop_assert_eq!(&s, &want_s, "{}", k.isa.name());
+            }
+            // Within half a step of the input.
+            for (i, (v, x)) in want_v.iter().zip(&x).enumerate() {
+                prop_assert!((f32::from(*v) * want_s[i / 32] - x).abs() <= want_s[i / 32] * 0.5 + 1e-6);
+            }
+        }
+
+        #[test]
+        fn dot_i8_i8_matches_scalar((w, ws, x) in int8_rows(1, 41)) {
+            let (xq, xs) = activations(&x);
+            let want = scalar::dot_i8_i8(&w, &ws, &xq, &xs);
+            let scale: f32 = w.iter().zip(&x).map(|(w, x)| (f32::from(*w) * x * 0.1).abs()).sum();
+            for k in int8_tables() {
+                prop_assert!(close((k.dot_i8_i8)(&w, &ws, &xq, &xs), want, scale), "{}", k.isa.name());
+            }
+        }
+
+        #[test]
+        fn dot4_i8_i8_matches_scalar((w, ws, x) in int8_rows(4, 41)) {
+            let (xq, xs) = activations(&x);
+            let ws: Vec<f32> = ws.iter().map(|s| s.to_f32()).collect();
+            let want = scalar::dot4_i8_i8(&w, &ws, &xq, &xs);
+            // Each row equals the single-row kernel on it.
+            let (n, blocks) = (x.len(), xs.len());
+            let halves: Vec<f16> = ws.iter().map(|&s| f16::from_f32(s)).collect();
+            for r in 0..4 {
+                let one = scalar::dot_i8_i8(&w[r * n..(r + 1) * n], &halves[r * blocks..(r + 1) * blocks], &xq, &xs);
+                prop_assert!(close(one, want[r], 1.0));
+            }
+            let scale: f32 = w.iter().map(|w| f32::from(*w).abs() * 4.0 * 0.1).sum();
+            for k in int8_tables() {
+                let got = (k.dot4_i8_i8)(&w, &ws, &xq, &xs);
+                for r in 0..4 { prop_assert!(close(got[r], want[r], scale), "{}", k.isa.name()); }
+            }
         }
 
         #[test]
@@ -389,6 +531,13 @@ mod tests {
             ("dequant_i8 short scales", Box::new(move || (k.dequant_i8)(&[1; 64], &[f16::ONE; 1], &mut [0.0; 64]))),
             ("dequant_f16 short out", Box::new(move || (k.dequant_f16)(&[f16::ONE; 16], &mut [0.0; 8]))),
             ("to_f16 short out", Box::new(move || (k.to_f16)(&[1.0; 16], &mut [f16::ZERO; 9]))),
+            ("quantize_i8 short values", Box::new(move || (k.quantize_i8)(&[1.0; 64], &mut [0; 32], &mut [0.0; 2]))),
+            ("quantize_i8 short scales", Box::new(move || (k.quantize_i8)(&[1.0; 64], &mut [0; 64], &mut [0.0; 1]))),
+            ("dot_i8_i8 short x", Box::new(move || { let _ = (k.dot_i8_i8)(&[1; 64], &[f16::ONE; 2], &[1; 32], &[1.0; 2]); })),
+            ("dot_i8_i8 short x scales", Box::new(move || { let _ = (k.dot_i8_i8)(&[1; 64], &[f16::ONE; 2], &[1; 64], &[1.0; 1]); })),
+            ("dot_i8_i8 partial block", Box::new(move || { let _ = (k.dot_i8_i8)(&[1; 40], &[f16::ONE; 2], &[1; 40], &[1.0; 2]); })),
+            ("dot4_i8_i8 three rows", Box::new(move || { let _ = (k.dot4_i8_i8)(&[1; 96], &[1.0; 3], &[1; 32], &[1.0; 1]); })),
+            ("dot4_i8_i8 short scales", Box::new(move || { let _ = (k.dot4_i8_i8)(&[1; 128], &[1.0; 3], &[1; 32], &[1.0; 1]); })),
         ];
         for (name, call) in cases {
             let outcome = catch_unwind(AssertUnwindSafe(&call));
@@ -398,8 +547,9 @@ mod tests {
 
     #[test]
     fn every_kernel_panics_on_slices_that_break_its_contract() {
-        assert_contracts_panic(Kernels::SCALAR);
-        assert_contracts_panic(best());
+        for k in int8_tables() {
+            assert_contracts_panic(k);
+        }
     }
 
     #[test]

@@ -35,6 +35,22 @@ pub mod contract {
     pub fn four_rows(kernel: &str, rows: usize, x: usize) {
         assert!(rows / 4 == x && rows.is_multiple_of(4), "{kernel}: {rows} row elements are not four rows of {x}");
     }
+
+    /// `rows` int8 weight rows back to back (`weights` values, one scale per
+    /// 32-block in `weight_scales`) against one int8 activation row of `x`
+    /// values with one scale per 32-block in `x_scales`.
+    #[inline]
+    pub fn int8_rows(kernel: &str, rows: usize, weights: usize, weight_scales: usize, x: usize, x_scales: usize) {
+        assert!(
+            x.is_multiple_of(INT8_BLOCK)
+                && x_scales == x / INT8_BLOCK
+                && weights == rows * x
+                && weight_scales == rows * x_scales,
+            "{kernel}: {rows} row(s) of {weights} int8 values with {weight_scales} scales against {x} values \
+             with {x_scales} scales; need {rows} × {x} values, {rows} × {} scales",
+            x / INT8_BLOCK
+        );
+    }
 }
 
 /// `Σ values[i] × scales[i / 32] × x[i]`; `values.len() == x.len()`, a
@@ -47,6 +63,56 @@ pub fn dot_i8(values: &[i8], scales: &[f16], x: &[f32]) -> f32 {
         .zip(scales)
         .map(|((q, x), s)| s.to_f32() * q.iter().zip(x).map(|(&q, &x)| f32::from(q) * x).sum::<f32>())
         .sum()
+}
+
+/// Quantizes one activation row to int8 blocks, as llama.cpp's Q8_0
+/// activations (`quantize_row_q8_0_ref` in ggml-quants.c) but with an f32
+/// scale: per 32-block, `d = max|x| / 127`, `values = round(x / d)` (ties
+/// to even, as the SIMD conversions round; computed as `x × (1 / d)`, 0 for
+/// an all-zero block), `scales = d`. `x.len()` a multiple of 32, `values` as
+/// long, one scale per block.
+pub fn quantize_i8(x: &[f32], values: &mut [i8], scales: &mut [f32]) {
+    contract::int8_row("quantize_i8", values.len(), scales.len(), x.len());
+    for ((x, q), d) in x.chunks_exact(INT8_BLOCK).zip(values.chunks_exact_mut(INT8_BLOCK)).zip(scales) {
+        let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        *d = amax / 127.0;
+        let inv = if *d > 0.0 { 1.0 / *d } else { 0.0 };
+        q.iter_mut().zip(x).for_each(|(q, x)| *q = (x * inv).round_ties_even().clamp(-127.0, 127.0) as i8);
+    }
+}
+
+/// One int8 weight row against one int8 activation row (llama.cpp's
+/// `ggml_vec_dot_q8_0_q8_0`): `Σ_b w_scales[b] × x_scales[b] × Σ_{i in b}
+/// w[i] × x[i]`, the inner sums exact in i32 (contract
+/// [`contract::int8_rows`] with one row).
+pub fn dot_i8_i8(w: &[i8], w_scales: &[f16], x: &[i8], x_scales: &[f32]) -> f32 {
+    contract::int8_rows("dot_i8_i8", 1, w.len(), w_scales.len(), x.len(), x_scales.len());
+    w.chunks_exact(INT8_BLOCK)
+        .zip(x.chunks_exact(INT8_BLOCK))
+        .zip(w_scales.iter().zip(x_scales))
+        .map(|((w, x), (ws, xs))| ws.to_f32() * xs * block_sum(w, x) as f32)
+        .sum()
+}
+
+/// Four int8 weight rows (back to back, their scales already widened to f32,
+/// also back to back) against one int8 activation row: the prefill tile's
+/// kernel (contract [`contract::int8_rows`] with four rows).
+pub fn dot4_i8_i8(w: &[i8], w_scales: &[f32], x: &[i8], x_scales: &[f32]) -> [f32; 4] {
+    contract::int8_rows("dot4_i8_i8", 4, w.len(), w_scales.len(), x.len(), x_scales.len());
+    let (n, blocks) = (x.len(), x_scales.len());
+    std::array::from_fn(|r| {
+        let (w, ws) = (&w[r * n..(r + 1) * n], &w_scales[r * blocks..(r + 1) * blocks]);
+        w.chunks_exact(INT8_BLOCK)
+            .zip(x.chunks_exact(INT8_BLOCK))
+            .zip(ws.iter().zip(x_scales))
+            .map(|((w, x), (ws, xs))| ws * xs * block_sum(w, x) as f32)
+            .sum()
+    })
+}
+
+/// `Σ w[i] × x[i]` of one block, exact.
+fn block_sum(w: &[i8], x: &[i8]) -> i32 {
+    w.iter().zip(x).map(|(&w, &x)| i32::from(w) * i32::from(x)).sum()
 }
 
 /// `Σ a[i] × b[i]` with `a` in f16; equal lengths.

@@ -28,7 +28,7 @@ fn tiny_packs(dir: &Path) {
 }
 
 fn decoder_logits(pack: &ModelPack, ids: &[u32], adapter: Option<Arc<LoraAdapter>>) -> Vec<Vec<f32>> {
-    let settings = PlanSettings { context_tokens: 64, prefill_block: 32, threads: 1, kv: KvPrecision::F32, logit_rows: 32 };
+    let settings = PlanSettings { context_tokens: 64, prefill_block: 32, threads: 1, kv: KvPrecision::F32, logit_rows: 32, int8_activations: false };
     let mut decoder = Decoder::new(pack, settings);
     decoder.set_adapter(adapter);
     let mut out = Vec::new();

@@ -24,6 +24,11 @@ pub struct ModelArgs {
     /// Worker threads; default: the profile's, capped by the cores found.
     #[arg(long)]
     threads: Option<usize>,
+    /// With an int8 pack, multiply int8 weights by int8-quantized activations
+    /// (llama.cpp's Q8_0 scheme): prefill about 1.5× faster, answers may
+    /// differ where the model's top two tokens are nearly tied.
+    #[arg(long)]
+    int8_activations: bool,
 }
 
 impl ModelArgs {
@@ -59,6 +64,7 @@ impl ModelArgs {
         if let Some(t) = self.threads {
             options.threads = t.max(1);
         }
+        options.int8_activations = self.int8_activations;
         options
     }
 }

@@ -2,7 +2,9 @@
 //! one thread and at the profile's threads, time from process start to the
 //! first token and peak RSS (measured on a child `nocturne generate`), and
 //! the weight-streaming bandwidth of decode next to the machine's measured
-//! memory read bandwidth. With `--journal`: decode speed with the journal
+//! memory read bandwidth (`--bandwidth-bytes 0` skips that). The int8 pack
+//! runs twice: with f32 activations, and with `--int8-activations` (int8 ×
+//! int8 products). `--json` prints the rows as JSON lines. With `--journal`: decode speed with the journal
 //! off and on, in both durability modes; with `--lora-rank R`: decode speed
 //! without and with an unmerged LoRA adapter.
 
@@ -51,6 +53,10 @@ pub struct BenchArgs {
     /// Rounds of the journal or adapter comparison (each round runs every mode once).
     #[arg(long, default_value_t = 15)]
     rounds: usize,
+    /// Print one JSON object per table row instead of the table (for scripts;
+    /// `--bandwidth-bytes 0` skips the bandwidth columns).
+    #[arg(long)]
+    json: bool,
 }
 
 const TEXT: &str = "The lighthouse keeper climbed the spiral stairs each evening, counting the steps \
@@ -101,10 +107,11 @@ fn read_bandwidth(bytes: usize, threads: usize) -> f64 {
 /// time from spawning it to its first byte of output, and its peak RSS in
 /// MiB as the child reports it (`VmHWM`; a parent's `wait4` figure would
 /// include the parent's own pages, inherited across fork and exec).
-fn child_first_token(precision: &str, threads: usize, prompt: &str, new_tokens: usize) -> anyhow::Result<(f64, f64)> {
+fn child_first_token(mode: &Mode, threads: usize, prompt: &str, new_tokens: usize) -> anyhow::Result<(f64, f64)> {
     let started = Instant::now();
     let mut child = Command::new(std::env::current_exe()?)
-        .args(["generate", "--raw", "--no-journal", "--precision", precision, "--threads", &threads.to_string()])
+        .args(["generate", "--raw", "--no-journal", "--precision", mode.precision, "--threads", &threads.to_string()])
+        .args(mode.int8_activations.then_some("--int8-activations"))
         .args(["--max-new-tokens", &new_tokens.to_string(), prompt])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -280,6 +287,20 @@ fn adapter_overhead(args: &BenchArgs, rank: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A pack and how its products run.
+struct Mode {
+    /// Row label.
+    name: &'static str,
+    precision: &'static str,
+    int8_activations: bool,
+}
+
+const MODES: [Mode; 3] = [
+    Mode { name: "int8", precision: "int8", int8_activations: false },
+    Mode { name: "int8, int8 activations", precision: "int8", int8_activations: true },
+    Mode { name: "fp16", precision: "fp16", int8_activations: false },
+];
+
 /// Runs the benchmark and prints its table.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.journal {
@@ -291,34 +312,50 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let profile_threads = worker_threads(&ACTIVE);
     let mut thread_counts = vec![1, profile_threads];
     thread_counts.dedup();
-    println!("measuring memory read bandwidth ({} MiB)...", args.bandwidth_bytes >> 20);
-    let bandwidth: Vec<(usize, f64)> = thread_counts.iter().map(|&t| (t, read_bandwidth(args.bandwidth_bytes, t))).collect();
-    for (t, bw) in &bandwidth {
-        println!("memory read bandwidth, {t} thread(s): {:.2} GB/s", bw / 1e9);
+    let measure = args.bandwidth_bytes > 0;
+    let bandwidth: Vec<(usize, f64)> = thread_counts
+        .iter()
+        .map(|&t| (t, if measure { read_bandwidth(args.bandwidth_bytes, t) } else { f64::NAN }))
+        .collect();
+    if !args.json {
+        for (t, bw) in bandwidth.iter().filter(|_| measure) {
+            println!("memory read bandwidth ({} MiB), {t} thread(s): {:.2} GB/s", args.bandwidth_bytes >> 20, bw / 1e9);
+        }
+        println!(
+            "\n| pack | threads | prefill tok/s ({} tokens) | decode tok/s ({} tokens) | start to first token ms | peak RSS MiB | weight MB/token | streaming GB/s | % of read bandwidth |",
+            args.prompt_tokens, args.new_tokens
+        );
+        println!("|---|---|---|---|---|---|---|---|---|");
     }
-    println!(
-        "\n| pack | threads | prefill tok/s ({} tokens) | decode tok/s ({} tokens) | start to first token ms | peak RSS MiB | weight MB/token | streaming GB/s | % of read bandwidth |",
-        args.prompt_tokens, args.new_tokens
-    );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for precision in ["int8", "fp16"] {
-        let (pack, tokenizer, ids) = open_pack(args, precision)?;
+    for mode in &MODES {
+        let (pack, tokenizer, ids) = open_pack(args, mode.precision)?;
         let prompt_text = tokenizer.decode(&ids)?;
         let per_token = weight_bytes_per_token(&pack);
         for &(threads, read_bw) in &bandwidth {
             let mut options = SessionOptions::for_profile(&ACTIVE);
             options.threads = threads;
+            options.int8_activations = mode.int8_activations;
             let mut session = Session::start(&pack, &tokenizer, &ACTIVE, options)?;
             prefill_decode(&mut session, &ids[..8], 0)?; // warm-up: fault in the pages, wake the pool
             let (prefill, decode) = prefill_decode(&mut session, &ids, args.new_tokens)?;
-            let (ttft, rss) = child_first_token(precision, threads, &prompt_text, args.new_tokens)?;
+            let (ttft, rss) = child_first_token(mode, threads, &prompt_text, args.new_tokens)?;
             let streaming = per_token as f64 * decode;
+            if args.json {
+                let row = serde_json::json!({
+                    "pack": mode.precision, "int8_activations": mode.int8_activations, "threads": threads,
+                    "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
+                    "first_token_s": ttft, "peak_rss_mib": rss,
+                });
+                println!("{row}");
+                continue;
+            }
             println!(
-                "| {precision} | {threads} | {prefill:.1} | {decode:.1} | {:.0} | {rss:.1} | {:.1} | {:.2} | {:.0}% |",
+                "| {} | {threads} | {prefill:.1} | {decode:.1} | {:.0} | {rss:.1} | {:.1} | {:.2} | {} |",
+                mode.name,
                 ttft * 1e3,
                 per_token as f64 / 1e6,
                 streaming / 1e9,
-                100.0 * streaming / read_bw
+                if measure { format!("{:.0}%", 100.0 * streaming / read_bw) } else { "-".into() }
             );
         }
     }
