@@ -96,11 +96,17 @@ pub struct Kernels {
     /// One activation row to int8 blocks: `(x, values, scales)`.
     pub quantize_i8: fn(&[f32], &mut [i8], &mut [f32]),
     /// int8 weight row (f16 block scales) · int8 activation row (f32 block scales).
-    pub dot_i8_i8: fn(&[i8], &[f16], &[i8], &[f32]) -> f32,
+    pub dot_i8_i8: DotI8I8,
     /// Four int8 weight rows (back to back, f32 block scales back to back) ·
     /// one int8 activation row.
-    pub dot4_i8_i8: fn(&[i8], &[f32], &[i8], &[f32]) -> [f32; 4],
+    pub dot4_i8_i8: Dot4I8I8,
 }
+
+/// `(weights, weight scales, x, x scales) → Σ` of one int8 row pair ([`scalar::dot_i8_i8`]).
+pub type DotI8I8 = fn(&[i8], &[f16], &[i8], &[f32]) -> f32;
+
+/// `(four weight rows, their scales as f32, x, x scales) → four sums` ([`scalar::dot4_i8_i8`]).
+pub type Dot4I8I8 = fn(&[i8], &[f32], &[i8], &[f32]) -> [f32; 4];
 
 #[cfg(target_arch = "x86_64")]
 mod avx2_safe {
