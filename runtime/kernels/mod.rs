@@ -23,8 +23,9 @@
 //! scaling once per block, after llama.cpp's Q8_0 × Q8_0 path
 //! ([`x86_int8`] has the SIMD versions and the sign trick they use).
 //!
-//! Not here yet: NEON kernels for aarch64 (this machine has no aarch64
-//! toolchain to build or test them); aarch64 uses the scalar kernels.
+//! On aarch64 every primitive has a NEON version ([`neon`]); the int8
+//! products use `sdot` where the CPU has the dot-product extension and
+//! `smull` + `sadalp` otherwise.
 //!
 //! Invariants: no kernel allocates; a SIMD kernel agrees with its scalar
 //! reference up to float reassociation (property tests below); every kernel
@@ -37,6 +38,8 @@ pub mod scalar;
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_int8;
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
 
 use half::f16;
 
@@ -53,6 +56,10 @@ pub enum Isa {
     Avx2Avx512Vnni,
     /// As [`Isa::Avx2`], int8 products with AVX-VNNI's `vpdpbusd`.
     Avx2AvxVnni,
+    /// aarch64 NEON; int8 products with `smull` + `sadalp`.
+    Neon,
+    /// aarch64 NEON; int8 products with the dot-product extension's `sdot`.
+    NeonDotprod,
 }
 
 impl Isa {
@@ -63,6 +70,8 @@ impl Isa {
             Isa::Avx2 => "avx2+fma+f16c",
             Isa::Avx2Avx512Vnni => "avx2+fma+f16c, int8: avx512vnni",
             Isa::Avx2AvxVnni => "avx2+fma+f16c, int8: avxvnni",
+            Isa::Neon => "neon",
+            Isa::NeonDotprod => "neon, int8: dotprod",
         }
     }
 }
@@ -160,6 +169,61 @@ mod avx2_safe {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+mod neon_safe {
+    //! Safe entry points to the NEON kernels. NEON is in the baseline of
+    //! every aarch64 target this crate builds for (asserted at compile time
+    //! below), so calling them is sound; each asserts its slice contract.
+    use super::neon;
+    use half::f16;
+
+    const _: () = assert!(cfg!(target_feature = "neon"), "the aarch64 kernels need NEON in the build's baseline");
+
+    macro_rules! wrap {
+        ($($name:ident = $kernel:path, ($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {$(
+            #[allow(clippy::unused_unit)]
+            pub fn $name($($arg: $ty),*) -> $ret {
+                // SAFETY: NEON is enabled for the whole build (module doc).
+                unsafe { $kernel($($arg),*) }
+            }
+        )*};
+    }
+
+    wrap! {
+        dot_i8 = neon::dot_i8, (v: &[i8], s: &[f16], x: &[f32]) -> f32;
+        dot_f16 = neon::dot_f16, (a: &[f16], b: &[f32]) -> f32;
+        dot_f32 = neon::dot_f32, (a: &[f32], b: &[f32]) -> f32;
+        dot4_f32 = neon::dot4_f32, (rows: &[f32], x: &[f32]) -> [f32; 4];
+        axpy_f16 = neon::axpy_f16, (a: f32, x: &[f16], y: &mut [f32]) -> ();
+        axpy_f32 = neon::axpy_f32, (a: f32, x: &[f32], y: &mut [f32]) -> ();
+        dequant_i8 = neon::dequant_i8, (v: &[i8], s: &[f16], o: &mut [f32]) -> ();
+        dequant_f16 = neon::dequant_f16, (v: &[f16], o: &mut [f32]) -> ();
+        to_f16 = neon::to_f16, (x: &[f32], o: &mut [f16]) -> ();
+        quantize_i8 = neon::quantize_i8, (x: &[f32], v: &mut [i8], s: &mut [f32]) -> ();
+        dot_i8_i8 = neon::widening::dot_i8_i8, (w: &[i8], ws: &[f16], x: &[i8], xs: &[f32]) -> f32;
+        dot4_i8_i8 = neon::widening::dot4_i8_i8, (w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> [f32; 4];
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod dotprod_safe {
+    //! Safe entry points to the `sdot` kernels, reachable only through the
+    //! table `Kernels::best` builds after `is_aarch64_feature_detected!`
+    //! confirmed the dot-product extension, so the calls below are sound
+    //! (lengths are asserted inside).
+    use super::neon::dotprod;
+    use half::f16;
+
+    pub fn dot_i8_i8(w: &[i8], w_scales: &[f16], x: &[i8], x_scales: &[f32]) -> f32 {
+        // SAFETY: dotprod was detected (module doc).
+        unsafe { dotprod::dot_i8_i8(w, w_scales, x, x_scales) }
+    }
+    pub fn dot4_i8_i8(w: &[i8], w_scales: &[f32], x: &[i8], x_scales: &[f32]) -> [f32; 4] {
+        // SAFETY: dotprod was detected (module doc).
+        unsafe { dotprod::dot4_i8_i8(w, w_scales, x, x_scales) }
+    }
+}
+
 impl Kernels {
     /// The scalar reference kernels.
     pub const SCALAR: Kernels = Kernels {
@@ -230,7 +294,40 @@ impl Kernels {
         }
     }
 
-    #[cfg(not(target_arch = "x86_64"))]
+    /// The NEON kernels (every aarch64 core has NEON), with `sdot` for the
+    /// int8 products where the CPU has the dot-product extension.
+    #[cfg(target_arch = "aarch64")]
+    const NEON: Kernels = Kernels {
+        isa: Isa::Neon,
+        dot_i8: neon_safe::dot_i8,
+        dot_f16: neon_safe::dot_f16,
+        dot_f32: neon_safe::dot_f32,
+        dot4_f32: neon_safe::dot4_f32,
+        axpy_f16: neon_safe::axpy_f16,
+        axpy_f32: neon_safe::axpy_f32,
+        dequant_i8: neon_safe::dequant_i8,
+        dequant_f16: neon_safe::dequant_f16,
+        to_f16: neon_safe::to_f16,
+        quantize_i8: neon_safe::quantize_i8,
+        dot_i8_i8: neon_safe::dot_i8_i8,
+        dot4_i8_i8: neon_safe::dot4_i8_i8,
+    };
+
+    #[cfg(target_arch = "aarch64")]
+    fn best() -> Kernels {
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            Kernels {
+                isa: Isa::NeonDotprod,
+                dot_i8_i8: dotprod_safe::dot_i8_i8,
+                dot4_i8_i8: dotprod_safe::dot4_i8_i8,
+                ..Kernels::NEON
+            }
+        } else {
+            Kernels::NEON
+        }
+    }
+
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     fn best() -> Kernels {
         Kernels::SCALAR
     }
@@ -380,6 +477,11 @@ mod tests {
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
             assert_ne!(k.isa, Isa::Scalar, "AVX2 CPU must get the AVX2 kernels");
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            let dotprod = std::arch::is_aarch64_feature_detected!("dotprod");
+            assert_eq!(k.isa, if dotprod { Isa::NeonDotprod } else { Isa::Neon }, "aarch64 must get the NEON kernels");
+        }
         k
     }
 
@@ -396,6 +498,8 @@ mod tests {
                 tables.push(Kernels { isa: Isa::Avx2AvxVnni, dot_i8_i8: x86_int8::avxvnni::safe::dot_i8_i8, dot4_i8_i8: x86_int8::avxvnni::safe::dot4_i8_i8, ..Kernels::AVX2 });
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        tables.push(Kernels::NEON);
         tables
     }
 
