@@ -37,6 +37,8 @@ pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
+pub mod avx512;
+#[cfg(target_arch = "x86_64")]
 pub mod x86_int8;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
@@ -52,10 +54,13 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C; int8 products with `vpmaddubsw`.
     Avx2,
-    /// As [`Isa::Avx2`], int8 products with AVX-512 VNNI's `vpdpbusd`.
-    Avx2Avx512Vnni,
     /// As [`Isa::Avx2`], int8 products with AVX-VNNI's `vpdpbusd`.
     Avx2AvxVnni,
+    /// As [`Isa::Avx2`], with the f32-activation dots and dequantization on
+    /// AVX-512F's 16 lanes.
+    Avx512,
+    /// As [`Isa::Avx512`], int8 products with AVX-512 VNNI's `vpdpbusd`.
+    Avx512Vnni,
     /// aarch64 NEON; int8 products with `smull` + `sadalp`.
     Neon,
     /// aarch64 NEON; int8 products with the dot-product extension's `sdot`.
@@ -68,8 +73,9 @@ impl Isa {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2+fma+f16c",
-            Isa::Avx2Avx512Vnni => "avx2+fma+f16c, int8: avx512vnni",
             Isa::Avx2AvxVnni => "avx2+fma+f16c, int8: avxvnni",
+            Isa::Avx512 => "avx512f+avx2+fma+f16c",
+            Isa::Avx512Vnni => "avx512f+avx2+fma+f16c, int8: avx512vnni",
             Isa::Neon => "neon",
             Isa::NeonDotprod => "neon, int8: dotprod",
         }
@@ -169,6 +175,37 @@ mod avx2_safe {
     }
 }
 
+/// Safe functions calling `#[target_feature]` kernels: `name = kernel,
+/// (args) -> ret;` each. The invoking module's documentation says why the
+/// CPU features are present whenever the wrappers can be reached.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+macro_rules! safe_wrappers {
+    ($($name:ident = $kernel:path, ($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {$(
+        #[allow(clippy::unused_unit)]
+        pub fn $name($($arg: $ty),*) -> $ret {
+            // SAFETY: the module's features are present (module doc); lengths are asserted inside.
+            unsafe { $kernel($($arg),*) }
+        }
+    )*};
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512_safe {
+    //! Safe entry points to the AVX-512F kernels, reachable only through the
+    //! tables `Kernels::best` hands out after `is_x86_feature_detected!`
+    //! confirmed AVX-512F, AVX2, FMA and F16C.
+    use super::avx512;
+    use half::f16;
+
+    safe_wrappers! {
+        dot_f16 = avx512::dot_f16, (a: &[f16], b: &[f32]) -> f32;
+        dot_f32 = avx512::dot_f32, (a: &[f32], b: &[f32]) -> f32;
+        dot4_f32 = avx512::dot4_f32, (rows: &[f32], x: &[f32]) -> [f32; 4];
+        dequant_i8 = avx512::dequant_i8, (v: &[i8], s: &[f16], o: &mut [f32]) -> ();
+        dequant_f16 = avx512::dequant_f16, (v: &[f16], o: &mut [f32]) -> ();
+    }
+}
+
 #[cfg(target_arch = "aarch64")]
 mod neon_safe {
     //! Safe entry points to the NEON kernels. NEON is in the baseline of
@@ -179,17 +216,7 @@ mod neon_safe {
 
     const _: () = assert!(cfg!(target_feature = "neon"), "the aarch64 kernels need NEON in the build's baseline");
 
-    macro_rules! wrap {
-        ($($name:ident = $kernel:path, ($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {$(
-            #[allow(clippy::unused_unit)]
-            pub fn $name($($arg: $ty),*) -> $ret {
-                // SAFETY: NEON is enabled for the whole build (module doc).
-                unsafe { $kernel($($arg),*) }
-            }
-        )*};
-    }
-
-    wrap! {
+    safe_wrappers! {
         dot_i8 = neon::dot_i8, (v: &[i8], s: &[f16], x: &[f32]) -> f32;
         dot_f16 = neon::dot_f16, (a: &[f16], b: &[f32]) -> f32;
         dot_f32 = neon::dot_f32, (a: &[f32], b: &[f32]) -> f32;
@@ -268,27 +295,48 @@ impl Kernels {
         Self::best()
     }
 
-    /// On x86-64: AVX2 + FMA + F16C, with the best int8 product the CPU has
+    #[cfg(target_arch = "x86_64")]
+    const AVX2_AVXVNNI: Kernels = Kernels {
+        isa: Isa::Avx2AvxVnni,
+        dot_i8_i8: x86_int8::avxvnni::safe::dot_i8_i8,
+        dot4_i8_i8: x86_int8::avxvnni::safe::dot4_i8_i8,
+        ..Kernels::AVX2
+    };
+
+    #[cfg(target_arch = "x86_64")]
+    const AVX512: Kernels = Kernels {
+        isa: Isa::Avx512,
+        dot_f16: avx512_safe::dot_f16,
+        dot_f32: avx512_safe::dot_f32,
+        dot4_f32: avx512_safe::dot4_f32,
+        dequant_i8: avx512_safe::dequant_i8,
+        dequant_f16: avx512_safe::dequant_f16,
+        ..Kernels::AVX2
+    };
+
+    #[cfg(target_arch = "x86_64")]
+    const AVX512_VNNI: Kernels = Kernels {
+        isa: Isa::Avx512Vnni,
+        dot_i8_i8: x86_int8::avx512vnni::safe::dot_i8_i8,
+        dot4_i8_i8: x86_int8::avx512vnni::safe::dot4_i8_i8,
+        ..Kernels::AVX512
+    };
+
+    /// On x86-64: AVX2 + FMA + F16C at least; AVX-512F's 16 lanes for the
+    /// f32-activation dots where the CPU has them; the best int8 product
     /// (AVX-512 VNNI with VL, then AVX-VNNI, then AVX2 alone).
     #[cfg(target_arch = "x86_64")]
     fn best() -> Kernels {
         if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")) {
             return Kernels::SCALAR;
         }
-        if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
-            Kernels {
-                isa: Isa::Avx2Avx512Vnni,
-                dot_i8_i8: x86_int8::avx512vnni::safe::dot_i8_i8,
-                dot4_i8_i8: x86_int8::avx512vnni::safe::dot4_i8_i8,
-                ..Kernels::AVX2
-            }
+        let avx512 = is_x86_feature_detected!("avx512f");
+        if avx512 && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+            Kernels::AVX512_VNNI
+        } else if avx512 {
+            Kernels::AVX512
         } else if is_x86_feature_detected!("avxvnni") {
-            Kernels {
-                isa: Isa::Avx2AvxVnni,
-                dot_i8_i8: x86_int8::avxvnni::safe::dot_i8_i8,
-                dot4_i8_i8: x86_int8::avxvnni::safe::dot4_i8_i8,
-                ..Kernels::AVX2
-            }
+            Kernels::AVX2_AVXVNNI
         } else {
             Kernels::AVX2
         }
@@ -485,17 +533,19 @@ mod tests {
         k
     }
 
-    /// Every int8-product table this CPU can run (the best one and each
-    /// fallback below it), so the fallbacks are tested on a CPU that would
-    /// never pick them.
-    fn int8_tables() -> Vec<Kernels> {
+    /// Every table this CPU can run (the best one and each fallback below
+    /// it), so the fallbacks are tested on a CPU that would never pick them.
+    fn tables() -> Vec<Kernels> {
         #[allow(unused_mut)]
         let mut tables = vec![Kernels::SCALAR, best()];
         #[cfg(target_arch = "x86_64")]
         if best().isa != Isa::Scalar {
             tables.push(Kernels::AVX2);
             if is_x86_feature_detected!("avxvnni") {
-                tables.push(Kernels { isa: Isa::Avx2AvxVnni, dot_i8_i8: x86_int8::avxvnni::safe::dot_i8_i8, dot4_i8_i8: x86_int8::avxvnni::safe::dot4_i8_i8, ..Kernels::AVX2 });
+                tables.push(Kernels::AVX2_AVXVNNI);
+            }
+            if is_x86_feature_detected!("avx512f") {
+                tables.push(Kernels::AVX512);
             }
         }
         #[cfg(target_arch = "aarch64")]
@@ -524,7 +574,9 @@ mod tests {
         #[test]
         fn dot_i8_matches_scalar((q, s, x) in blocks(40)) {
             let scale: f32 = q.iter().zip(&x).map(|(q, x)| (f32::from(*q) * x * 0.1).abs()).sum();
-            prop_assert!(close((best().dot_i8)(&q, &s, &x), scalar::dot_i8(&q, &s, &x), scale));
+            for k in tables() {
+                prop_assert!(close((k.dot_i8)(&q, &s, &x), scalar::dot_i8(&q, &s, &x), scale), "{}", k.isa.name());
+            }
         }
 
         #[test]
@@ -532,7 +584,7 @@ mod tests {
             let mut x = x;
             if zero_block { x[..32].fill(0.0); }
             let (want_v, want_s) = activations(&x);
-            for k in int8_tables() {
+            for k in tables() {
                 let (mut v, mut s) = (vec![0; x.len()], vec![0.0; x.len() / 32]);
                 (k.quantize_i8)(&x, &mut v, &mut s);
                 prop_assert_eq!(&v, &want_v, "{}", k.isa.name());
@@ -549,7 +601,7 @@ mod tests {
             let (xq, xs) = activations(&x);
             let want = scalar::dot_i8_i8(&w, &ws, &xq, &xs);
             let scale: f32 = w.iter().zip(&x).map(|(w, x)| (f32::from(*w) * x * 0.1).abs()).sum();
-            for k in int8_tables() {
+            for k in tables() {
                 prop_assert!(close((k.dot_i8_i8)(&w, &ws, &xq, &xs), want, scale), "{}", k.isa.name());
             }
         }
@@ -567,7 +619,7 @@ mod tests {
                 prop_assert!(close(one, want[r], 1.0));
             }
             let scale: f32 = w.iter().map(|w| f32::from(*w).abs() * 4.0 * 0.1).sum();
-            for k in int8_tables() {
+            for k in tables() {
                 let got = (k.dot4_i8_i8)(&w, &ws, &xq, &xs);
                 for r in 0..4 { prop_assert!(close(got[r], want[r], scale), "{}", k.isa.name()); }
             }
@@ -575,51 +627,65 @@ mod tests {
 
         #[test]
         fn dequant_i8_matches_scalar((q, s, _x) in blocks(20)) {
-            let (mut a, mut b) = (vec![0.0; q.len()], vec![0.0; q.len()]);
-            (best().dequant_i8)(&q, &s, &mut a);
-            scalar::dequant_i8(&q, &s, &mut b);
-            prop_assert_eq!(a, b);
+            let mut want = vec![0.0; q.len()];
+            scalar::dequant_i8(&q, &s, &mut want);
+            for k in tables() {
+                let mut got = vec![0.0; q.len()];
+                (k.dequant_i8)(&q, &s, &mut got);
+                prop_assert_eq!(&got, &want, "{}", k.isa.name());
+            }
         }
 
         #[test]
         fn dot_f16_and_f32_match_scalar((a, b) in vecs(300)) {
             let scale: f32 = a.iter().zip(&b).map(|(a, b)| (a * b).abs()).sum();
             let ah = halves(&a);
-            prop_assert!(close((best().dot_f16)(&ah, &b), scalar::dot_f16(&ah, &b), scale));
-            prop_assert!(close((best().dot_f32)(&a, &b), scalar::dot_f32(&a, &b), scale));
+            for k in tables() {
+                prop_assert!(close((k.dot_f16)(&ah, &b), scalar::dot_f16(&ah, &b), scale), "{}", k.isa.name());
+                prop_assert!(close((k.dot_f32)(&a, &b), scalar::dot_f32(&a, &b), scale), "{}", k.isa.name());
+            }
         }
 
         #[test]
         fn dot4_matches_scalar((rows, x) in (0usize..200).prop_flat_map(|n| (
             prop::collection::vec(-4.0f32..4.0, 4 * n), prop::collection::vec(-4.0f32..4.0, n)))) {
             let scale: f32 = rows.iter().map(|r| r.abs() * 4.0).sum();
-            let (a, b) = ((best().dot4_f32)(&rows, &x), scalar::dot4_f32(&rows, &x));
-            for r in 0..4 { prop_assert!(close(a[r], b[r], scale)); }
+            let want = scalar::dot4_f32(&rows, &x);
+            for k in tables() {
+                let got = (k.dot4_f32)(&rows, &x);
+                for r in 0..4 { prop_assert!(close(got[r], want[r], scale), "{}", k.isa.name()); }
+            }
         }
 
         #[test]
         fn axpy_matches_scalar((x, y) in vecs(300), alpha in -2.0f32..2.0) {
             let xh = halves(&x);
-            let (mut a, mut b) = (y.clone(), y.clone());
-            (best().axpy_f16)(alpha, &xh, &mut a);
-            scalar::axpy_f16(alpha, &xh, &mut b);
-            for (a, b) in a.iter().zip(&b) { prop_assert!(close(*a, *b, 8.0)); }
-            let (mut a, mut b) = (y.clone(), y);
-            (best().axpy_f32)(alpha, &x, &mut a);
-            scalar::axpy_f32(alpha, &x, &mut b);
-            for (a, b) in a.iter().zip(&b) { prop_assert!(close(*a, *b, 8.0)); }
+            for k in tables() {
+                let (mut a, mut b) = (y.clone(), y.clone());
+                (k.axpy_f16)(alpha, &xh, &mut a);
+                scalar::axpy_f16(alpha, &xh, &mut b);
+                for (a, b) in a.iter().zip(&b) { prop_assert!(close(*a, *b, 8.0), "{}", k.isa.name()); }
+                let (mut a, mut b) = (y.clone(), y.clone());
+                (k.axpy_f32)(alpha, &x, &mut a);
+                scalar::axpy_f32(alpha, &x, &mut b);
+                for (a, b) in a.iter().zip(&b) { prop_assert!(close(*a, *b, 8.0), "{}", k.isa.name()); }
+            }
         }
 
         #[test]
         fn f16_conversions_match_scalar((x, _) in vecs(300)) {
-            let (mut a, mut b) = (vec![f16::ZERO; x.len()], vec![f16::ZERO; x.len()]);
-            (best().to_f16)(&x, &mut a);
-            scalar::to_f16(&x, &mut b);
-            prop_assert_eq!(&a, &b);
-            let (mut c, mut d) = (vec![0.0; x.len()], vec![0.0; x.len()]);
-            (best().dequant_f16)(&a, &mut c);
-            scalar::dequant_f16(&a, &mut d);
-            prop_assert_eq!(c, d);
+            let mut halves = vec![f16::ZERO; x.len()];
+            scalar::to_f16(&x, &mut halves);
+            let mut widened = vec![0.0; x.len()];
+            scalar::dequant_f16(&halves, &mut widened);
+            for k in tables() {
+                let mut a = vec![f16::ZERO; x.len()];
+                (k.to_f16)(&x, &mut a);
+                prop_assert_eq!(&a, &halves, "{}", k.isa.name());
+                let mut c = vec![0.0; x.len()];
+                (k.dequant_f16)(&halves, &mut c);
+                prop_assert_eq!(&c, &widened, "{}", k.isa.name());
+            }
         }
     }
 
@@ -657,7 +723,7 @@ mod tests {
 
     #[test]
     fn every_kernel_panics_on_slices_that_break_its_contract() {
-        for k in int8_tables() {
+        for k in tables() {
             assert_contracts_panic(k);
         }
     }
