@@ -46,6 +46,33 @@ fn allocations_match_the_memory_plan_exactly() {
     assert_eq!(session.memory_plan().kv_cache, 47_185_920);
 }
 
+/// Resident bytes of this process (`/proc/self/statm`, Linux).
+fn resident_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+#[test]
+fn the_kv_cache_is_not_resident_until_positions_are_written() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (pack, tokenizer) = model();
+    let before = resident_bytes();
+    let mut session = Session::start(&pack, &tokenizer, &ACTIVE, SessionOptions::for_profile(&ACTIVE)).unwrap();
+    let started = resident_bytes();
+    let kv = session.memory_plan().kv_cache;
+    // The whole plan is allocated, but the 45 MiB cache is zeroed by the allocator, not written.
+    assert!(started - before < kv / 4, "start made {} bytes resident; the KV cache is {kv}", started - before);
+    // Positions become resident as they are written (the first request also
+    // faults in the weights, so it is measured from after a warm-up).
+    session.decoder().forward(&[100]).unwrap();
+    let warm = resident_bytes();
+    let ids: Vec<u32> = (0..256).map(|i| 100 + i).collect();
+    session.decoder().forward(&ids).unwrap();
+    let per_position = kv / session.decoder().capacity();
+    assert!(resident_bytes() - warm >= 200 * per_position, "256 positions written, {} bytes became resident", resident_bytes() - warm);
+}
+
 #[test]
 fn a_budget_too_small_for_the_kv_cache_refuses_to_start() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

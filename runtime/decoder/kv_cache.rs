@@ -4,8 +4,9 @@
 //!
 //! Layout: for each layer, keys `[context × kv_heads × head_dim]` then values
 //! of the same shape, contiguous; element type f16 (device default) or f32.
-//! Invariants: allocated once at full context length; writing position `p`
-//! never touches another position.
+//! Invariants: allocated once at full context length, zeroed by the
+//! allocator without being written; writing position `p` never touches
+//! another position.
 
 use half::f16;
 
@@ -13,7 +14,7 @@ use crate::budget::KvPrecision;
 use crate::kernels::Kernels;
 
 /// An element type the cache can hold, with the kernels attention needs.
-pub trait KvElement: Copy + Default + Send + Sync + 'static {
+pub trait KvElement: Copy + bytemuck::Zeroable + Send + Sync + 'static {
     /// `Σ a[i] × b[i]`.
     fn dot(k: &Kernels, a: &[Self], b: &[f32]) -> f32;
     /// `y += alpha × x`.
@@ -55,7 +56,11 @@ pub struct Cache<E> {
 
 impl<E: KvElement> Cache<E> {
     fn new(layers: usize, context: usize, width: usize) -> Cache<E> {
-        Cache { data: vec![E::default(); 2 * layers * context * width], context, width }
+        // Zeroed by the allocator (calloc, or fresh zero pages for a large
+        // cache), never written here: the pages of positions a session does
+        // not reach are not resident, so a short request does not pay for
+        // the whole context in RSS or start-up time.
+        Cache { data: bytemuck::zeroed_vec(2 * layers * context * width), context, width }
     }
 
     fn layer_span(&self) -> usize {
