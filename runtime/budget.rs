@@ -3,7 +3,7 @@
 //!
 //! Principal types: [`MemoryPlan`], [`PlanSettings`], [`DecoderBuffers`],
 //! [`KvPrecision`], [`BudgetError`]; the sizing constants [`ROW_TILE`],
-//! [`PREFILL_BLOCK`], [`MAX_LORA_RANK`].
+//! [`PREFILL_BLOCK`], [`MAX_LORA_RANK`], [`FUSED_PRODUCTS`].
 //!
 //! Invariants: the plan is a leaf: it knows the model config and nothing of
 //! the code that allocates (decoder, session, adapters), which sizes its
@@ -27,6 +27,10 @@ pub const PREFILL_BLOCK: usize = 32;
 /// Largest LoRA rank an adapter may have: the decoder's `A x` scratch and the
 /// adapter-scale buffer are planned for it.
 pub const MAX_LORA_RANK: usize = 64;
+
+/// Most projections of one input the decoder runs as one parallel job (q,
+/// k and v); each has its own slice of the adapter's `A x` scratch.
+pub const FUSED_PRODUCTS: usize = 3;
 
 /// Element type of the KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,7 +103,7 @@ pub struct DecoderBuffers {
     pub kv: usize,
     /// MLP gate and up, each `prefill_block × intermediate` f32.
     pub mlp: usize,
-    /// The adapter's `A x`, `prefill_block × MAX_LORA_RANK` f32.
+    /// The adapter's `A x`, `FUSED_PRODUCTS × prefill_block × MAX_LORA_RANK` f32.
     pub lora: usize,
     /// A product input quantized to int8 blocks (with `int8_activations`,
     /// else 0), `prefill_block × max(hidden, q width, intermediate)` i8.
@@ -133,7 +137,7 @@ impl DecoderBuffers {
             q: block * q,
             kv: block * kv,
             mlp: block * ff,
-            lora: block * MAX_LORA_RANK,
+            lora: FUSED_PRODUCTS * block * MAX_LORA_RANK,
             quantized: if settings.int8_activations { block * h.max(q).max(ff) } else { 0 },
             quantized_scales: if settings.int8_activations { block * h.max(q).max(ff) / INT8_BLOCK } else { 0 },
             scores: threads * ctx,

@@ -49,6 +49,22 @@ pub struct WorkerPool {
     shared: Arc<Shared>,
     handles: Vec<JoinHandle<()>>,
     workers: usize,
+    /// Jobs run, and nanoseconds the caller waited for the other workers
+    /// after finishing its own share (see [`PoolStats`]).
+    jobs: AtomicU64,
+    wait_ns: AtomicU64,
+}
+
+/// What the pool's joins cost so far: `jobs` parallel jobs (`run` calls
+/// with more than one worker), and `caller_wait_ns`, the time the caller
+/// spent at the join after its own share was done — load imbalance plus
+/// the workers' wake-up and hand-back latency.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Parallel jobs run.
+    pub jobs: u64,
+    /// Nanoseconds the caller waited at their joins.
+    pub caller_wait_ns: u64,
 }
 
 impl WorkerPool {
@@ -75,7 +91,12 @@ impl WorkerPool {
                     .expect("cannot spawn a worker thread")
             })
             .collect();
-        WorkerPool { shared, handles, workers }
+        WorkerPool { shared, handles, workers, jobs: AtomicU64::new(0), wait_ns: AtomicU64::new(0) }
+    }
+
+    /// Joins so far and the caller's time waiting at them.
+    pub fn stats(&self) -> PoolStats {
+        PoolStats { jobs: self.jobs.load(Ordering::Relaxed), caller_wait_ns: self.wait_ns.load(Ordering::Relaxed) }
     }
 
     /// Number of workers, the caller included.
@@ -109,7 +130,10 @@ impl WorkerPool {
             self.shared.wake.notify_all();
         }
         job(0, self.workers);
+        let own_share_done = std::time::Instant::now();
         drop(waiter);
+        self.jobs.fetch_add(1, Ordering::Relaxed);
+        self.wait_ns.fetch_add(own_share_done.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if let Some(payload) = lock(&self.shared.panic).take() {
             resume_unwind(payload);
         }
@@ -197,6 +221,18 @@ pub fn share(n: usize, worker: usize, workers: usize) -> std::ops::Range<usize> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stats_count_every_parallel_join() {
+        let pool = WorkerPool::new(2);
+        for _ in 0..3 {
+            pool.run(&|_, _| {});
+        }
+        assert_eq!(pool.stats().jobs, 3);
+        let single = WorkerPool::new(1);
+        single.run(&|_, _| {});
+        assert_eq!(single.stats(), PoolStats::default(), "one worker never joins");
+    }
 
     #[test]
     fn every_worker_runs_each_job_once() {

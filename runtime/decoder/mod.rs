@@ -227,28 +227,47 @@ struct Projections<'a> {
 }
 
 impl Projections<'_> {
-    /// `out = m · input` for the block's tokens, plus the adapter's
-    /// `scale · B (A x)` when it targets `target` in `layer` (`A x`, from
-    /// the f32 input, goes to `lora`; `rows` is the workers' tile scratch).
-    #[allow(clippy::too_many_arguments)]
-    fn apply(&self, layer: usize, target: Target, m: &Matrix<'_>, input: Input<'_>, out: &mut [f32], lora: &mut [f32], rows: &mut [f32]) {
-        let term = self.adapter.and_then(|adapter| {
-            let input = input.f32;
-            let (a, b) = adapter.projection(layer, target)?;
-            let (rank, cols) = a.shape();
-            for i in 0..self.n {
-                for j in 0..rank {
-                    lora[i * rank + j] = self.k.row_dot(&a, j, &input[i * cols..(i + 1) * cols]);
+    /// For each `(target, m, out)`: `out = m · input` for the block's
+    /// tokens, plus the adapter's `scale · B (A x)` when it targets `target`
+    /// in `layer` (`A x`, from the f32 input, goes to the product's slice of
+    /// `lora`); all products of the same input run as one parallel job, so
+    /// q, k and v (and gate and up) cost one join, not three (two). `rows`
+    /// is the workers' tile scratch.
+    fn apply(&self, layer: usize, products: heapless::Vec<(Target, &Matrix<'_>, &mut [f32]), FUSED>, input: Input<'_>, lora: &mut [f32], rows: &mut [f32]) {
+        let mut jobs: heapless::Vec<Product<'_>, FUSED> = heapless::Vec::new();
+        for ((target, m, out), lora) in products.into_iter().zip(lora.chunks_exact_mut(lora.len() / FUSED)) {
+            let term = self.adapter.and_then(|adapter| {
+                let input = input.f32;
+                let (a, b) = adapter.projection(layer, target)?;
+                let (rank, cols) = a.shape();
+                for i in 0..self.n {
+                    for j in 0..rank {
+                        lora[i * rank + j] = self.k.row_dot(&a, j, &input[i * cols..(i + 1) * cols]);
+                    }
                 }
-            }
-            let b_scales = match b {
-                Matrix::Int8 { scales, .. } => &self.adapter_scales[self.scale_layout.span(layer, target, scales.len())],
-                Matrix::F16 { .. } => &[],
-            };
-            Some(LoraTerm { b, b_scales, t: &lora[..self.n * rank], rank, scale: adapter.scale() })
-        });
-        matmul(self.pool, &self.k, m, input, self.n, out, rows, term);
+                let b_scales = match b {
+                    Matrix::Int8 { scales, .. } => &self.adapter_scales[self.scale_layout.span(layer, target, scales.len())],
+                    Matrix::F16 { .. } => &[],
+                };
+                Some(LoraTerm { b, b_scales, t: &lora[..self.n * rank], rank, scale: adapter.scale() })
+            });
+            let rows = m.shape().0;
+            // `jobs` holds as many products as `products` does, so the push cannot fail.
+            let _ = jobs.push(Product { m: *m, out: SharedOut::new(&mut out[..self.n * rows]), lora: term });
+        }
+        matmul(self.pool, &self.k, &jobs, input, self.n, rows);
     }
+}
+
+/// Most products one job runs (q, k and v).
+const FUSED: usize = crate::budget::FUSED_PRODUCTS;
+
+/// One product of a parallel job: `out = m · input` (`[n × rows]`), plus
+/// the adapter's term.
+struct Product<'a> {
+    m: Matrix<'a>,
+    out: SharedOut,
+    lora: Option<LoraTerm<'a>>,
 }
 
 impl<'m> Decoder<'m> {
@@ -348,6 +367,11 @@ impl<'m> Decoder<'m> {
         self.pool.workers()
     }
 
+    /// The worker pool's joins so far and the time spent waiting at them.
+    pub fn pool_stats(&self) -> crate::pool::PoolStats {
+        self.pool.stats()
+    }
+
     /// The pack being decoded.
     pub fn pack(&self) -> &'m ModelPack {
         self.pack
@@ -441,9 +465,8 @@ impl<'m> Decoder<'m> {
                 rms_norm(&k, &a.x[i * h..(i + 1) * h], w.input_norm, eps, &mut a.xb[i * h..(i + 1) * h]);
             }
             let input = Input::new(&k, int8, &a.xb[..n * h], &mut a.xq, &mut a.xq_scales);
-            p.apply(layer, Target::Q, &w.q_proj, input, &mut a.q, &mut a.lora, &mut self.rows);
-            p.apply(layer, Target::K, &w.k_proj, input, &mut a.k, &mut a.lora, &mut self.rows);
-            p.apply(layer, Target::V, &w.v_proj, input, &mut a.v, &mut a.lora, &mut self.rows);
+            let qkv = [(Target::Q, &w.q_proj, &mut a.q[..]), (Target::K, &w.k_proj, &mut a.k[..]), (Target::V, &w.v_proj, &mut a.v[..])];
+            p.apply(layer, heapless::Vec::from_iter(qkv), input, &mut a.lora, &mut self.rows);
             for i in 0..n {
                 rope(&mut a.q[i * qw..(i + 1) * qw], d, pos0 + i, &self.rope);
                 rope(&mut a.k[i * kw..(i + 1) * kw], d, pos0 + i, &self.rope);
@@ -454,17 +477,17 @@ impl<'m> Decoder<'m> {
                 KvCache::F32(cache) => attend::<f32>(&self.pool, &k, cache, layer, a, n, pos0, &shape, &mut self.scores),
             }
             let input = Input::new(&k, int8, &a.att[..n * qw], &mut a.xq, &mut a.xq_scales);
-            p.apply(layer, Target::O, &w.o_proj, input, &mut a.xb, &mut a.lora, &mut self.rows);
+            p.apply(layer, heapless::Vec::from_iter([(Target::O, &w.o_proj, &mut a.xb[..])]), input, &mut a.lora, &mut self.rows);
             add(&mut a.x[..n * h], &a.xb[..n * h]);
             for i in 0..n {
                 rms_norm(&k, &a.x[i * h..(i + 1) * h], w.post_attention_norm, eps, &mut a.xb[i * h..(i + 1) * h]);
             }
             let input = Input::new(&k, int8, &a.xb[..n * h], &mut a.xq, &mut a.xq_scales);
-            p.apply(layer, Target::Gate, &w.gate_proj, input, &mut a.gate, &mut a.lora, &mut self.rows);
-            p.apply(layer, Target::Up, &w.up_proj, input, &mut a.up, &mut a.lora, &mut self.rows);
+            let gate_up = [(Target::Gate, &w.gate_proj, &mut a.gate[..]), (Target::Up, &w.up_proj, &mut a.up[..])];
+            p.apply(layer, heapless::Vec::from_iter(gate_up), input, &mut a.lora, &mut self.rows);
             silu_mul(&mut a.gate[..n * ff], &a.up[..n * ff]);
             let input = Input::new(&k, int8, &a.gate[..n * ff], &mut a.xq, &mut a.xq_scales);
-            p.apply(layer, Target::Down, &w.down_proj, input, &mut a.xb, &mut a.lora, &mut self.rows);
+            p.apply(layer, heapless::Vec::from_iter([(Target::Down, &w.down_proj, &mut a.xb[..])]), input, &mut a.lora, &mut self.rows);
             add(&mut a.x[..n * h], &a.xb[..n * h]);
         }
         let first = if all_logits { 0 } else { n - 1 };
@@ -473,7 +496,9 @@ impl<'m> Decoder<'m> {
         }
         let rows = n - first;
         let input = Input::new(&k, int8, &a.xb[..rows * h], &mut a.xq, &mut a.xq_scales);
-        matmul(&self.pool, &k, &self.pack.lm_head(), input, rows, &mut self.logits, &mut self.rows, None);
+        let vocab = self.pack.config().vocab_size;
+        let lm_head = Product { m: self.pack.lm_head(), out: SharedOut::new(&mut self.logits[..rows * vocab]), lora: None };
+        matmul(&self.pool, &k, &[lm_head], input, rows, &mut self.rows);
         self.pos += n;
     }
 }
@@ -482,94 +507,95 @@ fn add(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
 }
 
-/// `out[i × rows + r] = m[r] · input[i × cols ..]` (plus the adapter's
-/// `scale · B[r] · t_i` when `lora` is given) for `i < n`, rows split over
-/// the pool. An int8 matrix with an int8 input takes the integer path
-/// ([`Kernels::dot_i8_i8`]); anything else dots f32 activations. With
-/// `n > 1` each worker takes [`ROW_TILE`] weight rows at a time and applies
-/// them to all `n` inputs while they sit in cache: int8 rows directly (their
-/// scales widened into the worker's slice of `scratch`), other rows
-/// dequantized into it first.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    pool: &WorkerPool,
-    k: &Kernels,
-    m: &Matrix<'_>,
-    input: Input<'_>,
-    n: usize,
-    out: &mut [f32],
-    scratch: &mut [f32],
-    lora: Option<LoraTerm<'_>>,
-) {
-    let (rows, cols) = m.shape();
+/// For each product: `out[i × rows + r] = m[r] · input[i × cols ..]` (plus
+/// the adapter's `scale · B[r] · t_i`) for `i < n`, every product's rows
+/// split over the pool in one job. An int8 matrix with an int8 input takes
+/// the integer path ([`Kernels::dot_i8_i8`]); anything else dots f32
+/// activations. With `n > 1` each worker takes [`ROW_TILE`] weight rows at
+/// a time and applies them to all `n` inputs while they sit in cache: int8
+/// rows directly (their scales widened into the worker's slice of
+/// `scratch`), other rows dequantized into it first.
+fn matmul(pool: &WorkerPool, k: &Kernels, products: &[Product<'_>], input: Input<'_>, n: usize, scratch: &mut [f32]) {
     let stride = scratch.len() / pool.workers();
-    let (out, scratch) = (SharedOut::new(&mut out[..n * rows]), SharedOut::new(scratch));
-    let extra = |i: usize, r: usize| lora.as_ref().map_or(0.0, |l| l.output(k, i, r));
+    let scratch = SharedOut::new(scratch);
+    for p in products {
+        assert_eq!(p.out.len, n * p.m.shape().0, "a product's output holds n rows of its outputs");
+    }
     pool.run(&|w, workers| {
-        let mine = share(rows, w, workers);
-        if n == 1 {
-            // SAFETY: worker w writes only the rows of its share.
-            let out = unsafe { out.slice(mine.start, mine.len()) };
-            for (o, r) in out.iter_mut().zip(mine) {
-                let dot = match input.i8 {
-                    Some((xq, xs)) => k.row_dot_i8(m, r, xq, xs),
-                    None => None,
-                };
-                *o = dot.unwrap_or_else(|| k.row_dot(m, r, input.f32)) + extra(0, r);
-            }
-            return;
-        }
-        assert!(ROW_TILE * cols <= stride, "a worker's tile fits its share of the scratch");
-        // SAFETY: worker w owns scratch[w × stride ..][..stride], and the tile fits in it (asserted).
-        let tile = unsafe { scratch.slice(w * stride, ROW_TILE * cols) };
-        // SAFETY: element (i, r) belongs to the worker that owns row r.
-        let put = |i: usize, r: usize, v: f32| unsafe { out.slice(i * rows + r, 1)[0] = v + extra(i, r) };
-        match (*m, input.i8) {
-            (Matrix::Int8 { values, scales, .. }, Some((xq, xs))) => {
-                let blocks = cols / INT8_BLOCK;
-                let x = |i: usize| (&xq[i * cols..(i + 1) * cols], &xs[i * blocks..(i + 1) * blocks]);
-                let mut r0 = mine.start;
-                while r0 + ROW_TILE <= mine.end {
-                    let tile_scales = &mut tile[..ROW_TILE * blocks];
-                    (k.dequant_f16)(&scales[r0 * blocks..(r0 + ROW_TILE) * blocks], tile_scales);
-                    let tile_values = &values[r0 * cols..(r0 + ROW_TILE) * cols];
-                    for i in 0..n {
-                        let (xq, xs) = x(i);
-                        let dots = (k.dot4_i8_i8)(tile_values, tile_scales, xq, xs);
-                        dots.iter().enumerate().for_each(|(t, &v)| put(i, r0 + t, v));
-                    }
-                    r0 += ROW_TILE;
-                }
-                for r in r0..mine.end {
-                    let (row, row_scales) = (&values[r * cols..(r + 1) * cols], &scales[r * blocks..(r + 1) * blocks]);
-                    for i in 0..n {
-                        let (xq, xs) = x(i);
-                        put(i, r, (k.dot_i8_i8)(row, row_scales, xq, xs));
-                    }
-                }
-            }
-            _ => {
-                let x = |i: usize| &input.f32[i * cols..(i + 1) * cols];
-                let mut r0 = mine.start;
-                while r0 + ROW_TILE <= mine.end {
-                    for t in 0..ROW_TILE {
-                        k.dequant_row(m, r0 + t, &mut tile[t * cols..(t + 1) * cols]);
-                    }
-                    for i in 0..n {
-                        let dots = (k.dot4_f32)(tile, x(i));
-                        dots.iter().enumerate().for_each(|(t, &v)| put(i, r0 + t, v));
-                    }
-                    r0 += ROW_TILE;
-                }
-                for r in r0..mine.end {
-                    k.dequant_row(m, r, &mut tile[..cols]);
-                    for i in 0..n {
-                        put(i, r, (k.dot_f32)(&tile[..cols], x(i)));
-                    }
-                }
-            }
+        // SAFETY: worker w owns scratch[w × stride ..][..stride].
+        let tile = unsafe { scratch.slice(w * stride, stride) };
+        for p in products {
+            product_share(k, p, input, n, share(p.m.shape().0, w, workers), tile);
         }
     });
+}
+
+/// Worker's share `mine` of the rows of one product (see [`matmul`]);
+/// `tile` is the worker's scratch.
+fn product_share(k: &Kernels, p: &Product<'_>, input: Input<'_>, n: usize, mine: std::ops::Range<usize>, tile: &mut [f32]) {
+    let (m, (rows, cols)) = (&p.m, p.m.shape());
+    let extra = |i: usize, r: usize| p.lora.as_ref().map_or(0.0, |l| l.output(k, i, r));
+    if n == 1 {
+        // SAFETY: this worker writes only the rows of its share.
+        let out = unsafe { p.out.slice(mine.start, mine.len()) };
+        for (o, r) in out.iter_mut().zip(mine) {
+            let dot = match input.i8 {
+                Some((xq, xs)) => k.row_dot_i8(m, r, xq, xs),
+                None => None,
+            };
+            *o = dot.unwrap_or_else(|| k.row_dot(m, r, input.f32)) + extra(0, r);
+        }
+        return;
+    }
+    assert!(ROW_TILE * cols <= tile.len(), "a worker's tile fits its share of the scratch");
+    // SAFETY: element (i, r) belongs to the worker that owns row r.
+    let put = |i: usize, r: usize, v: f32| unsafe { p.out.slice(i * rows + r, 1)[0] = v + extra(i, r) };
+    match (*m, input.i8) {
+        (Matrix::Int8 { values, scales, .. }, Some((xq, xs))) => {
+            let blocks = cols / INT8_BLOCK;
+            let x = |i: usize| (&xq[i * cols..(i + 1) * cols], &xs[i * blocks..(i + 1) * blocks]);
+            let mut r0 = mine.start;
+            while r0 + ROW_TILE <= mine.end {
+                let tile_scales = &mut tile[..ROW_TILE * blocks];
+                (k.dequant_f16)(&scales[r0 * blocks..(r0 + ROW_TILE) * blocks], tile_scales);
+                let tile_values = &values[r0 * cols..(r0 + ROW_TILE) * cols];
+                for i in 0..n {
+                    let (xq, xs) = x(i);
+                    let dots = (k.dot4_i8_i8)(tile_values, tile_scales, xq, xs);
+                    dots.iter().enumerate().for_each(|(t, &v)| put(i, r0 + t, v));
+                }
+                r0 += ROW_TILE;
+            }
+            for r in r0..mine.end {
+                let (row, row_scales) = (&values[r * cols..(r + 1) * cols], &scales[r * blocks..(r + 1) * blocks]);
+                for i in 0..n {
+                    let (xq, xs) = x(i);
+                    put(i, r, (k.dot_i8_i8)(row, row_scales, xq, xs));
+                }
+            }
+        }
+        _ => {
+            let x = |i: usize| &input.f32[i * cols..(i + 1) * cols];
+            let tile = &mut tile[..ROW_TILE * cols];
+            let mut r0 = mine.start;
+            while r0 + ROW_TILE <= mine.end {
+                for t in 0..ROW_TILE {
+                    k.dequant_row(m, r0 + t, &mut tile[t * cols..(t + 1) * cols]);
+                }
+                for i in 0..n {
+                    let dots = (k.dot4_f32)(tile, x(i));
+                    dots.iter().enumerate().for_each(|(t, &v)| put(i, r0 + t, v));
+                }
+                r0 += ROW_TILE;
+            }
+            for r in r0..mine.end {
+                k.dequant_row(m, r, &mut tile[..cols]);
+                for i in 0..n {
+                    put(i, r, (k.dot_f32)(&tile[..cols], x(i)));
+                }
+            }
+        }
+    }
 }
 
 struct AttentionShape {
@@ -653,9 +679,10 @@ mod tests {
                 for tokens in [1, n] {
                     let (mut got, mut want) = (vec![0.0; tokens * rows], vec![0.0; tokens * rows]);
                     let int8_input = Input { f32: &x[..tokens * cols], i8: Some((&xq[..tokens * cols], &xs[..tokens * cols / 32])) };
-                    matmul(&pool, &k, &m, int8_input, tokens, &mut got, &mut scratch, None);
+                    let product = |out: &mut [f32]| Product { m, out: SharedOut::new(out), lora: None };
+                    matmul(&pool, &k, &[product(&mut got)], int8_input, tokens, &mut scratch);
                     let f32_input = Input { f32: &dequantized[..tokens * cols], i8: None };
-                    matmul(&pool, &k, &m, f32_input, tokens, &mut want, &mut scratch, None);
+                    matmul(&pool, &k, &[product(&mut want)], f32_input, tokens, &mut scratch);
                     for (g, w) in got.iter().zip(&want) {
                         assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{}: {g} != {w} ({tokens} tokens, {threads} threads)", k.isa.name());
                     }

@@ -4,7 +4,9 @@
 //! the weight-streaming bandwidth of decode next to the machine's measured
 //! memory read bandwidth (`--bandwidth-bytes 0` skips that). The int8 pack
 //! runs twice: with f32 activations, and with `--int8-activations` (int8 ×
-//! int8 products). `--json` prints the rows as JSON lines. With `--journal`: decode speed with the journal
+//! int8 products). Per decoded token it also reports the worker pool's
+//! joins and the time the calling thread waited at them after finishing its
+//! own share. `--json` prints the rows as JSON lines. With `--journal`: decode speed with the journal
 //! off and on, in both durability modes; with `--lora-rank R`: decode speed
 //! without and with an unmerged LoRA adapter.
 
@@ -20,7 +22,7 @@ use clap::Args;
 use nocturne::adapter::{write_adapter_bundle, AdapterSpec, AdapterTensor, LoraAdapter, Target};
 use nocturne::journal::{Body, Feedback, Interaction, Journal, JournalConfig};
 use nocturne::ids::DeviceId;
-use nocturne::pool::{share, WorkerPool};
+use nocturne::pool::{share, PoolStats, WorkerPool};
 use nocturne::profile::{worker_threads, Durability, ACTIVE};
 use nocturne::sampler::argmax;
 use nocturne::session::{Session, SessionOptions};
@@ -147,18 +149,23 @@ fn open_pack(args: &BenchArgs, precision: &str) -> anyhow::Result<(ModelPack, To
     Ok((pack, tokenizer, ids))
 }
 
-/// Prefills `ids` and decodes `new_tokens` greedily; returns (prefill, decode) tokens/s.
-fn prefill_decode(session: &mut Session<'_>, ids: &[u32], new_tokens: usize) -> anyhow::Result<(f64, f64)> {
+/// Prefills `ids` and decodes `new_tokens` greedily; returns (prefill,
+/// decode) tokens/s and the pool's joins and join wait during decode.
+fn prefill_decode(session: &mut Session<'_>, ids: &[u32], new_tokens: usize) -> anyhow::Result<(f64, f64, PoolStats)> {
     let decoder = session.decoder();
     decoder.truncate(0);
     let started = Instant::now();
     let mut next = argmax(decoder.forward(ids)?);
     let prefill = ids.len() as f64 / started.elapsed().as_secs_f64();
+    let before = decoder.pool_stats();
     let started = Instant::now();
     for _ in 0..new_tokens {
         next = argmax(decoder.forward(&[next])?);
     }
-    Ok((prefill, new_tokens as f64 / started.elapsed().as_secs_f64()))
+    let decode = new_tokens as f64 / started.elapsed().as_secs_f64();
+    let after = decoder.pool_stats();
+    let joins = PoolStats { jobs: after.jobs - before.jobs, caller_wait_ns: after.caller_wait_ns - before.caller_wait_ns };
+    Ok((prefill, decode, joins))
 }
 
 /// Decode tokens/s with the journal off, and on in each durability mode:
@@ -181,7 +188,7 @@ fn journal_overhead(args: &BenchArgs) -> anyhow::Result<()> {
     let mut speeds = vec![Vec::new(); modes.len()];
     for _ in 0..args.rounds {
         for ((_, journal), speeds) in modes.iter_mut().zip(&mut speeds) {
-            let (_, decode) = prefill_decode(&mut session, &ids, args.new_tokens)?;
+            let (_, decode, _) = prefill_decode(&mut session, &ids, args.new_tokens)?;
             speeds.push(decode);
             if let Some(journal) = journal {
                 let interaction = Interaction {
@@ -322,10 +329,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             println!("memory read bandwidth ({} MiB), {t} thread(s): {:.2} GB/s", args.bandwidth_bytes >> 20, bw / 1e9);
         }
         println!(
-            "\n| pack | threads | prefill tok/s ({} tokens) | decode tok/s ({} tokens) | start to first token ms | peak RSS MiB | weight MB/token | streaming GB/s | % of read bandwidth |",
+            "\n| pack | threads | prefill tok/s ({} tokens) | decode tok/s ({} tokens) | decode joins/token | join wait µs/token | start to first token ms | peak RSS MiB | weight MB/token | streaming GB/s | % of read bandwidth |",
             args.prompt_tokens, args.new_tokens
         );
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
     }
     for mode in &MODES {
         let (pack, tokenizer, ids) = open_pack(args, mode.precision)?;
@@ -337,7 +344,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             options.int8_activations = mode.int8_activations;
             let mut session = Session::start(&pack, &tokenizer, &ACTIVE, options)?;
             prefill_decode(&mut session, &ids[..8], 0)?; // warm-up: fault in the pages, wake the pool
-            let (prefill, decode) = prefill_decode(&mut session, &ids, args.new_tokens)?;
+            let (prefill, decode, joins) = prefill_decode(&mut session, &ids, args.new_tokens)?;
+            let each_token = |v: u64| v as f64 / args.new_tokens.max(1) as f64;
+            let (joins_per_token, wait_us) = (each_token(joins.jobs), each_token(joins.caller_wait_ns) / 1e3);
             let (ttft, rss) = child_first_token(mode, threads, &prompt_text, args.new_tokens)?;
             let streaming = per_token as f64 * decode;
             if args.json {
@@ -345,12 +354,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                     "pack": mode.precision, "int8_activations": mode.int8_activations, "threads": threads,
                     "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
                     "first_token_s": ttft, "peak_rss_mib": rss,
+                    "decode_joins_per_token": joins_per_token, "decode_join_wait_us_per_token": wait_us,
                 });
                 println!("{row}");
                 continue;
             }
             println!(
-                "| {} | {threads} | {prefill:.1} | {decode:.1} | {:.0} | {rss:.1} | {:.1} | {:.2} | {} |",
+                "| {} | {threads} | {prefill:.1} | {decode:.1} | {joins_per_token:.0} | {wait_us:.0} | {:.0} | {rss:.1} | {:.1} | {:.2} | {} |",
                 mode.name,
                 ttft * 1e3,
                 per_token as f64 / 1e6,
