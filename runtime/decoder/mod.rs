@@ -514,7 +514,8 @@ fn add(x: &mut [f32], y: &[f32]) {
 /// activations. With `n > 1` each worker takes [`ROW_TILE`] weight rows at
 /// a time and applies them to all `n` inputs while they sit in cache: int8
 /// rows directly (their scales widened into the worker's slice of
-/// `scratch`), other rows dequantized into it first.
+/// `scratch`), other rows dequantized into it first and then applied three
+/// tokens at a time ([`Kernels::dot4x3_f32`], a 4 × 3 register tile).
 fn matmul(pool: &WorkerPool, k: &Kernels, products: &[Product<'_>], input: Input<'_>, n: usize, scratch: &mut [f32]) {
     let stride = scratch.len() / pool.workers();
     let scratch = SharedOut::new(scratch);
@@ -582,7 +583,15 @@ fn product_share(k: &Kernels, p: &Product<'_>, input: Input<'_>, n: usize, mine:
                 for t in 0..ROW_TILE {
                     k.dequant_row(m, r0 + t, &mut tile[t * cols..(t + 1) * cols]);
                 }
-                for i in 0..n {
+                let mut i = 0;
+                while i + 3 <= n {
+                    let dots = (k.dot4x3_f32)(tile, &input.f32[i * cols..(i + 3) * cols]);
+                    for (j, dots) in dots.iter().enumerate() {
+                        dots.iter().enumerate().for_each(|(t, &v)| put(i + j, r0 + t, v));
+                    }
+                    i += 3;
+                }
+                for i in i..n {
                     let dots = (k.dot4_f32)(tile, x(i));
                     dots.iter().enumerate().for_each(|(t, &v)| put(i, r0 + t, v));
                 }

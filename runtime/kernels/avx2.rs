@@ -322,3 +322,38 @@ pub fn quantize_i8(x: &[f32], values: &mut [i8], scales: &mut [f32]) {
         unsafe { _mm256_storeu_si256(values.as_mut_ptr().add(at) as *mut __m256i, q8) };
     }
 }
+
+/// A 4 × 3 tile: four rows (back to back) × three activation rows (back to
+/// back), contract [`contract::four_rows_three_tokens`].
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (lengths are asserted, not assumed).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub fn dot4x3_f32(rows: &[f32], x: &[f32]) -> [[f32; 4]; 3] {
+    contract::four_rows_three_tokens("dot4x3_f32", rows.len(), x.len());
+    let n = rows.len() / 4;
+    let (rp, xp) = (rows.as_ptr(), x.as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); 4]; 3];
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: r·n + i + 8 <= 4n == rows.len() (contract).
+        let w: [__m256; 4] = std::array::from_fn(|r| unsafe { _mm256_loadu_ps(rp.add(r * n + i)) });
+        for (t, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: t·n + i + 8 <= 3n == x.len() (contract).
+            let xv = unsafe { _mm256_loadu_ps(xp.add(t * n + i)) };
+            for (acc, w) in acc.iter_mut().zip(w) {
+                *acc = _mm256_fmadd_ps(w, xv, *acc);
+            }
+        }
+        i += 8;
+    }
+    let mut out = acc.map(|a| a.map(|v| hsum(v)));
+    for j in i..n {
+        for (t, out) in out.iter_mut().enumerate() {
+            for (r, o) in out.iter_mut().enumerate() {
+                *o += rows[r * n + j] * x[t * n + j];
+            }
+        }
+    }
+    out
+}

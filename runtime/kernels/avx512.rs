@@ -188,3 +188,38 @@ pub fn dequant_f16(values: &[f16], out: &mut [f32]) {
         out[j] = values[j].to_f32();
     }
 }
+
+/// A 4 × 3 tile: four rows (back to back) × three activation rows (back to
+/// back), contract [`contract::four_rows_three_tokens`].
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX2, FMA and F16C (lengths are asserted, not assumed).
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub fn dot4x3_f32(rows: &[f32], x: &[f32]) -> [[f32; 4]; 3] {
+    contract::four_rows_three_tokens("dot4x3_f32", rows.len(), x.len());
+    let n = rows.len() / 4;
+    let (rp, xp) = (rows.as_ptr(), x.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); 4]; 3];
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: r·n + i + 16 <= 4n == rows.len() (contract).
+        let w: [__m512; 4] = std::array::from_fn(|r| unsafe { _mm512_loadu_ps(rp.add(r * n + i)) });
+        for (t, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: t·n + i + 16 <= 3n == x.len() (contract).
+            let xv = unsafe { _mm512_loadu_ps(xp.add(t * n + i)) };
+            for (acc, w) in acc.iter_mut().zip(w) {
+                *acc = _mm512_fmadd_ps(w, xv, *acc);
+            }
+        }
+        i += 16;
+    }
+    let mut out = acc.map(|a| a.map(|v| _mm512_reduce_add_ps(v)));
+    for j in i..n {
+        for (t, out) in out.iter_mut().enumerate() {
+            for (r, o) in out.iter_mut().enumerate() {
+                *o += rows[r * n + j] * x[t * n + j];
+            }
+        }
+    }
+    out
+}

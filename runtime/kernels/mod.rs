@@ -98,6 +98,8 @@ pub struct Kernels {
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
     /// Four rows (back to back in the first slice) dotted with one vector.
     pub dot4_f32: fn(&[f32], &[f32]) -> [f32; 4],
+    /// Four rows dotted with three vectors (back to back): the prefill tile.
+    pub dot4x3_f32: Dot4x3,
     /// `y += alpha × x`, `x` in f16.
     pub axpy_f16: fn(f32, &[f16], &mut [f32]),
     /// `y += alpha × x`.
@@ -116,6 +118,9 @@ pub struct Kernels {
     /// one int8 activation row.
     pub dot4_i8_i8: Dot4I8I8,
 }
+
+/// `(four rows, three activation rows) → out[token][row]` ([`scalar::dot4x3_f32`]).
+pub type Dot4x3 = fn(&[f32], &[f32]) -> [[f32; 4]; 3];
 
 /// `(weights, weight scales, x, x scales) → Σ` of one int8 row pair ([`scalar::dot_i8_i8`]).
 pub type DotI8I8 = fn(&[i8], &[f16], &[i8], &[f32]) -> f32;
@@ -148,6 +153,10 @@ mod avx2_safe {
     pub fn dot4_f32(rows: &[f32], x: &[f32]) -> [f32; 4] {
         // SAFETY: as for `dot_i8`.
         unsafe { avx2::dot4_f32(rows, x) }
+    }
+    pub fn dot4x3_f32(rows: &[f32], x: &[f32]) -> [[f32; 4]; 3] {
+        // SAFETY: as for `dot_i8`.
+        unsafe { avx2::dot4x3_f32(rows, x) }
     }
     pub fn axpy_f16(a: f32, x: &[f16], y: &mut [f32]) {
         // SAFETY: as for `dot_i8`.
@@ -201,6 +210,7 @@ mod avx512_safe {
         dot_f16 = avx512::dot_f16, (a: &[f16], b: &[f32]) -> f32;
         dot_f32 = avx512::dot_f32, (a: &[f32], b: &[f32]) -> f32;
         dot4_f32 = avx512::dot4_f32, (rows: &[f32], x: &[f32]) -> [f32; 4];
+        dot4x3_f32 = avx512::dot4x3_f32, (rows: &[f32], x: &[f32]) -> [[f32; 4]; 3];
         dequant_i8 = avx512::dequant_i8, (v: &[i8], s: &[f16], o: &mut [f32]) -> ();
         dequant_f16 = avx512::dequant_f16, (v: &[f16], o: &mut [f32]) -> ();
     }
@@ -221,6 +231,7 @@ mod neon_safe {
         dot_f16 = neon::dot_f16, (a: &[f16], b: &[f32]) -> f32;
         dot_f32 = neon::dot_f32, (a: &[f32], b: &[f32]) -> f32;
         dot4_f32 = neon::dot4_f32, (rows: &[f32], x: &[f32]) -> [f32; 4];
+        dot4x3_f32 = neon::dot4x3_f32, (rows: &[f32], x: &[f32]) -> [[f32; 4]; 3];
         axpy_f16 = neon::axpy_f16, (a: f32, x: &[f16], y: &mut [f32]) -> ();
         axpy_f32 = neon::axpy_f32, (a: f32, x: &[f32], y: &mut [f32]) -> ();
         dequant_i8 = neon::dequant_i8, (v: &[i8], s: &[f16], o: &mut [f32]) -> ();
@@ -259,6 +270,7 @@ impl Kernels {
         dot_f16: scalar::dot_f16,
         dot_f32: scalar::dot_f32,
         dot4_f32: scalar::dot4_f32,
+        dot4x3_f32: scalar::dot4x3_f32,
         axpy_f16: scalar::axpy_f16,
         axpy_f32: scalar::axpy_f32,
         dequant_i8: scalar::dequant_i8,
@@ -276,6 +288,7 @@ impl Kernels {
         dot_f16: avx2_safe::dot_f16,
         dot_f32: avx2_safe::dot_f32,
         dot4_f32: avx2_safe::dot4_f32,
+        dot4x3_f32: avx2_safe::dot4x3_f32,
         axpy_f16: avx2_safe::axpy_f16,
         axpy_f32: avx2_safe::axpy_f32,
         dequant_i8: avx2_safe::dequant_i8,
@@ -309,6 +322,7 @@ impl Kernels {
         dot_f16: avx512_safe::dot_f16,
         dot_f32: avx512_safe::dot_f32,
         dot4_f32: avx512_safe::dot4_f32,
+        dot4x3_f32: avx512_safe::dot4x3_f32,
         dequant_i8: avx512_safe::dequant_i8,
         dequant_f16: avx512_safe::dequant_f16,
         ..Kernels::AVX2
@@ -351,6 +365,7 @@ impl Kernels {
         dot_f16: neon_safe::dot_f16,
         dot_f32: neon_safe::dot_f32,
         dot4_f32: neon_safe::dot4_f32,
+        dot4x3_f32: neon_safe::dot4x3_f32,
         axpy_f16: neon_safe::axpy_f16,
         axpy_f32: neon_safe::axpy_f32,
         dequant_i8: neon_safe::dequant_i8,
@@ -658,6 +673,24 @@ mod tests {
         }
 
         #[test]
+        fn dot4x3_matches_scalar((rows, x) in (0usize..200).prop_flat_map(|n| (
+            prop::collection::vec(-4.0f32..4.0, 4 * n), prop::collection::vec(-4.0f32..4.0, 3 * n)))) {
+            let n = rows.len() / 4;
+            let want = scalar::dot4x3_f32(&rows, &x);
+            // The reference is three four-row dots.
+            for t in 0..3 {
+                prop_assert_eq!(want[t], scalar::dot4_f32(&rows, &x[t * n..(t + 1) * n]));
+            }
+            let scale: f32 = rows.iter().map(|r| r.abs() * 4.0).sum();
+            for k in tables() {
+                let got = (k.dot4x3_f32)(&rows, &x);
+                for t in 0..3 {
+                    for r in 0..4 { prop_assert!(close(got[t][r], want[t][r], scale), "{}", k.isa.name()); }
+                }
+            }
+        }
+
+        #[test]
         fn axpy_matches_scalar((x, y) in vecs(300), alpha in -2.0f32..2.0) {
             let xh = halves(&x);
             for k in tables() {
@@ -701,6 +734,8 @@ mod tests {
             ("dot_f16 short", Box::new(move || { let _ = (k.dot_f16)(&[f16::ONE; 17], &[1.0; 16]); })),
             ("dot_f32 short", Box::new(move || { let _ = (k.dot_f32)(&[1.0; 16], &[1.0; 17]); })),
             ("dot4_f32 short rows", Box::new(move || { let _ = (k.dot4_f32)(&[1.0; 63], &[1.0; 16]); })),
+            ("dot4x3_f32 short x", Box::new(move || { let _ = (k.dot4x3_f32)(&[1.0; 64], &[1.0; 47]); })),
+            ("dot4x3_f32 two tokens", Box::new(move || { let _ = (k.dot4x3_f32)(&[1.0; 64], &[1.0; 32]); })),
             ("axpy_f16 short y", Box::new(move || (k.axpy_f16)(1.0, &[f16::ONE; 16], &mut [0.0; 15]))),
             ("axpy_f32 short x", Box::new(move || (k.axpy_f32)(1.0, &[1.0; 15], &mut [0.0; 16]))),
             ("dequant_i8 short out", Box::new(move || (k.dequant_i8)(&[1; 64], &[f16::ONE; 2], &mut [0.0; 32]))),

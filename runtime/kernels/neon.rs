@@ -294,6 +294,39 @@ pub fn quantize_i8(x: &[f32], values: &mut [i8], scales: &mut [f32]) {
     }
 }
 
+/// A 4 × 3 tile: four rows (back to back) × three activation rows (back to
+/// back), contract [`contract::four_rows_three_tokens`].
+
+#[target_feature(enable = "neon")]
+pub fn dot4x3_f32(rows: &[f32], x: &[f32]) -> [[f32; 4]; 3] {
+    contract::four_rows_three_tokens("dot4x3_f32", rows.len(), x.len());
+    let n = rows.len() / 4;
+    let (rp, xp) = (rows.as_ptr(), x.as_ptr());
+    let mut acc = [[vdupq_n_f32(0.0); 4]; 3];
+    let mut i = 0;
+    while i + 4 <= n {
+        // SAFETY: r·n + i + 4 <= 4n == rows.len() (contract).
+        let w: [float32x4_t; 4] = std::array::from_fn(|r| unsafe { vld1q_f32(rp.add(r * n + i)) });
+        for (t, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: t·n + i + 4 <= 3n == x.len() (contract).
+            let xv = unsafe { vld1q_f32(xp.add(t * n + i)) };
+            for (acc, w) in acc.iter_mut().zip(w) {
+                *acc = vfmaq_f32(*acc, w, xv);
+            }
+        }
+        i += 4;
+    }
+    let mut out = acc.map(|a| a.map(|v| vaddvq_f32(v)));
+    for j in i..n {
+        for (t, out) in out.iter_mut().enumerate() {
+            for (r, o) in out.iter_mut().enumerate() {
+                *o += rows[r * n + j] * x[t * n + j];
+            }
+        }
+    }
+    out
+}
+
 /// Generates the int8 × int8 dots for one way of summing a block's 32 byte
 /// products into four i32 lanes.
 macro_rules! int8_dots {

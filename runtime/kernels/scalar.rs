@@ -36,6 +36,16 @@ pub mod contract {
         assert!(rows / 4 == x && rows.is_multiple_of(4), "{kernel}: {rows} row elements are not four rows of {x}");
     }
 
+    /// Four rows of `n` elements and three activation rows of `n`, each
+    /// set back to back.
+    #[inline]
+    pub fn four_rows_three_tokens(kernel: &str, rows: usize, x: usize) {
+        assert!(
+            rows.is_multiple_of(4) && x == rows / 4 * 3,
+            "{kernel}: {rows} row elements and {x} activations are not four rows and three tokens of one width"
+        );
+    }
+
     /// `rows` int8 weight rows back to back (`weights` values, one scale per
     /// 32-block in `weight_scales`) against one int8 activation row of `x`
     /// values with one scale per 32-block in `x_scales`.
@@ -134,6 +144,15 @@ pub fn dot4_f32(rows: &[f32], x: &[f32]) -> [f32; 4] {
     contract::four_rows("dot4_f32", rows.len(), x.len());
     let n = x.len();
     std::array::from_fn(|r| dot_f32(&rows[r * n..(r + 1) * n], x))
+}
+
+/// A 4 × 3 register tile of the prefill product: `rows` holds four rows of
+/// `n` values back to back, `x` three activation rows of `n` back to back;
+/// `out[t][r] = rows[r] · x[t]`. Each loaded weight serves three tokens.
+pub fn dot4x3_f32(rows: &[f32], x: &[f32]) -> [[f32; 4]; 3] {
+    contract::four_rows_three_tokens("dot4x3_f32", rows.len(), x.len());
+    let n = rows.len() / 4;
+    std::array::from_fn(|t| dot4_f32(rows, &x[t * n..(t + 1) * n]))
 }
 
 /// `y[i] += alpha × x[i]` with `x` in f16; equal lengths.
