@@ -25,8 +25,8 @@ pub struct ModelArgs {
     #[arg(long)]
     threads: Option<usize>,
     /// With an int8 pack, multiply int8 weights by int8-quantized activations
-    /// (llama.cpp's Q8_0 scheme): prefill about 1.5× faster, answers may
-    /// differ where the model's top two tokens are nearly tied.
+    /// (llama.cpp's Q8_0 scheme); answers may differ where the model's top
+    /// two tokens are nearly tied.
     #[arg(long)]
     int8_activations: bool,
 }
