@@ -128,62 +128,6 @@ pub type DotI8I8 = fn(&[i8], &[f16], &[i8], &[f32]) -> f32;
 /// `(four weight rows, their scales as f32, x, x scales) → four sums` ([`scalar::dot4_i8_i8`]).
 pub type Dot4I8I8 = fn(&[i8], &[f32], &[i8], &[f32]) -> [f32; 4];
 
-#[cfg(target_arch = "x86_64")]
-mod avx2_safe {
-    //! Safe entry points to the AVX2 kernels. Each [`super::avx2`] function
-    //! asserts its slice contract itself; what it cannot check is the CPU.
-    //! These wrappers are reachable only through `Kernels::AVX2`, which
-    //! `Kernels::best` hands out only after `is_x86_feature_detected!`
-    //! confirmed AVX2, FMA and F16C, so the calls below are sound.
-    use super::avx2;
-    use half::f16;
-
-    pub fn dot_i8(v: &[i8], s: &[f16], x: &[f32]) -> f32 {
-        // SAFETY: AVX2, FMA and F16C were detected (module doc); bounds are asserted inside.
-        unsafe { avx2::dot_i8(v, s, x) }
-    }
-    pub fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
-        // SAFETY: as for `dot_i8`.
-        unsafe { avx2::dot_f16(a, b) }
-    }
-    pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-        // SAFETY: as for `dot_i8`.
-        unsafe { avx2::dot_f32(a, b) }
-    }
-    pub fn dot4_f32(rows: &[f32], x: &[f32]) -> [f32; 4] {
-        // SAFETY: as for `dot_i8`.
-        unsafe { avx2::dot4_f32(rows, x) }
-    }
-    pub fn dot4x3_f32(rows: &[f32], x: &[f32]) -> [[f32; 4]; 3] {
-        // SAFETY: as for `dot_i8`.
-        unsafe { avx2::dot4x3_f32(rows, x) }
-    }
-    pub fn axpy_f16(a: f32, x: &[f16], y: &mut [f32]) {
-        // SAFETY: as for `dot_i8`.
-        unsafe { avx2::axpy_f16(a, x, y) }
-    }
-    pub fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
-        // SAFETY: as for `dot_i8`.
-        unsafe { avx2::axpy_f32(a, x, y) }
-    }
-    pub fn dequant_i8(v: &[i8], s: &[f16], o: &mut [f32]) {
-        // SAFETY: as for `dot_i8`.
-        unsafe { avx2::dequant_i8(v, s, o) }
-    }
-    pub fn dequant_f16(v: &[f16], o: &mut [f32]) {
-        // SAFETY: as for `dot_i8`.
-        unsafe { avx2::dequant_f16(v, o) }
-    }
-    pub fn to_f16(x: &[f32], o: &mut [f16]) {
-        // SAFETY: as for `dot_i8`.
-        unsafe { avx2::to_f16(x, o) }
-    }
-    pub fn quantize_i8(x: &[f32], v: &mut [i8], s: &mut [f32]) {
-        // SAFETY: as for `dot_i8`.
-        unsafe { avx2::quantize_i8(x, v, s) }
-    }
-}
-
 /// Safe functions calling `#[target_feature]` kernels: `name = kernel,
 /// (args) -> ret;` each. The invoking module's documentation says why the
 /// CPU features are present whenever the wrappers can be reached.
@@ -196,6 +140,31 @@ macro_rules! safe_wrappers {
             unsafe { $kernel($($arg),*) }
         }
     )*};
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2_safe {
+    //! Safe entry points to the AVX2 kernels. Each [`super::avx2`] function
+    //! asserts its slice contract itself; what it cannot check is the CPU.
+    //! These wrappers are reachable only through `Kernels::AVX2`, which
+    //! `Kernels::best` hands out only after `is_x86_feature_detected!`
+    //! confirmed AVX2, FMA and F16C, so the calls below are sound.
+    use super::avx2;
+    use half::f16;
+
+    safe_wrappers! {
+        dot_i8 = avx2::dot_i8, (v: &[i8], s: &[f16], x: &[f32]) -> f32;
+        dot_f16 = avx2::dot_f16, (a: &[f16], b: &[f32]) -> f32;
+        dot_f32 = avx2::dot_f32, (a: &[f32], b: &[f32]) -> f32;
+        dot4_f32 = avx2::dot4_f32, (rows: &[f32], x: &[f32]) -> [f32; 4];
+        dot4x3_f32 = avx2::dot4x3_f32, (rows: &[f32], x: &[f32]) -> [[f32; 4]; 3];
+        axpy_f16 = avx2::axpy_f16, (a: f32, x: &[f16], y: &mut [f32]) -> ();
+        axpy_f32 = avx2::axpy_f32, (a: f32, x: &[f32], y: &mut [f32]) -> ();
+        dequant_i8 = avx2::dequant_i8, (v: &[i8], s: &[f16], o: &mut [f32]) -> ();
+        dequant_f16 = avx2::dequant_f16, (v: &[f16], o: &mut [f32]) -> ();
+        to_f16 = avx2::to_f16, (x: &[f32], o: &mut [f16]) -> ();
+        quantize_i8 = avx2::quantize_i8, (x: &[f32], v: &mut [i8], s: &mut [f32]) -> ();
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -252,13 +221,9 @@ mod dotprod_safe {
     use super::neon::dotprod;
     use half::f16;
 
-    pub fn dot_i8_i8(w: &[i8], w_scales: &[f16], x: &[i8], x_scales: &[f32]) -> f32 {
-        // SAFETY: dotprod was detected (module doc).
-        unsafe { dotprod::dot_i8_i8(w, w_scales, x, x_scales) }
-    }
-    pub fn dot4_i8_i8(w: &[i8], w_scales: &[f32], x: &[i8], x_scales: &[f32]) -> [f32; 4] {
-        // SAFETY: dotprod was detected (module doc).
-        unsafe { dotprod::dot4_i8_i8(w, w_scales, x, x_scales) }
+    safe_wrappers! {
+        dot_i8_i8 = dotprod::dot_i8_i8, (w: &[i8], ws: &[f16], x: &[i8], xs: &[f32]) -> f32;
+        dot4_i8_i8 = dotprod::dot4_i8_i8, (w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> [f32; 4];
     }
 }
 
