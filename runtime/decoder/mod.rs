@@ -512,10 +512,11 @@ fn add(x: &mut [f32], y: &[f32]) {
 /// split over the pool in one job. An int8 matrix with an int8 input takes
 /// the integer path ([`Kernels::dot_i8_i8`]); anything else dots f32
 /// activations. With `n > 1` each worker takes [`ROW_TILE`] weight rows at
-/// a time and applies them to all `n` inputs while they sit in cache: int8
-/// rows directly (their scales widened into the worker's slice of
-/// `scratch`), other rows dequantized into it first and then applied three
-/// tokens at a time ([`Kernels::dot4x3_f32`], a 4 × 3 register tile).
+/// a time and applies them to all `n` inputs while they sit in cache, three
+/// tokens at a time (4 × 3 register tiles): int8 rows directly
+/// ([`Kernels::dot4x3_i8_i8`], their scales widened into the worker's slice
+/// of `scratch`), other rows dequantized into it first
+/// ([`Kernels::dot4x3_f32`]).
 fn matmul(pool: &WorkerPool, k: &Kernels, products: &[Product<'_>], input: Input<'_>, n: usize, scratch: &mut [f32]) {
     let stride = scratch.len() / pool.workers();
     let scratch = SharedOut::new(scratch);
@@ -560,9 +561,18 @@ fn product_share(k: &Kernels, p: &Product<'_>, input: Input<'_>, n: usize, mine:
                 let tile_scales = &mut tile[..ROW_TILE * blocks];
                 (k.dequant_f16)(&scales[r0 * blocks..(r0 + ROW_TILE) * blocks], tile_scales);
                 let tile_values = &values[r0 * cols..(r0 + ROW_TILE) * cols];
-                for i in 0..n {
+                let mut i = 0;
+                while i + 3 <= n {
+                    let (xq, xs) = (&xq[i * cols..(i + 3) * cols], &xs[i * blocks..(i + 3) * blocks]);
+                    let dots = (k.dot4x3_i8_i8)(tile_values, tile_scales, xq, xs);
+                    for (j, dots) in dots.iter().enumerate() {
+                        dots.iter().enumerate().for_each(|(t, &v)| put(i + j, r0 + t, v));
+                    }
+                    i += 3;
+                }
+                for i in i..n {
                     let (xq, xs) = x(i);
-                    let dots = (k.dot4_i8_i8)(tile_values, tile_scales, xq, xs);
+                    let [dots] = (k.dot4x1_i8_i8)(tile_values, tile_scales, xq, xs);
                     dots.iter().enumerate().for_each(|(t, &v)| put(i, r0 + t, v));
                 }
                 r0 += ROW_TILE;

@@ -18,8 +18,9 @@
 //!
 //! int8 × int8: [`Kernels::quantize_i8`] turns an activation row into int8
 //! blocks of 32 with an f32 scale, [`Kernels::dot_i8_i8`] dots an int8
-//! weight row with it and [`Kernels::dot4_i8_i8`] four rows at once (the
-//! prefill tile), summing each block's byte products exactly in i32 and
+//! weight row with it and [`Kernels::dot4x3_i8_i8`] four rows with three
+//! tokens at once (the prefill tile; [`Kernels::dot4x1_i8_i8`] for the
+//! block's last tokens), summing each block's byte products exactly in i32 and
 //! scaling once per block, after llama.cpp's Q8_0 × Q8_0 path
 //! ([`x86_int8`] has the SIMD versions and the sign trick they use).
 //!
@@ -116,7 +117,10 @@ pub struct Kernels {
     pub dot_i8_i8: DotI8I8,
     /// Four int8 weight rows (back to back, f32 block scales back to back) ·
     /// one int8 activation row.
-    pub dot4_i8_i8: Dot4I8I8,
+    pub dot4x1_i8_i8: Dot4xTI8I8<1>,
+    /// Four int8 weight rows · three int8 activation rows (back to back):
+    /// the integer prefill tile.
+    pub dot4x3_i8_i8: Dot4xTI8I8<3>,
 }
 
 /// `(four rows, three activation rows) → out[token][row]` ([`scalar::dot4x3_f32`]).
@@ -125,8 +129,9 @@ pub type Dot4x3 = fn(&[f32], &[f32]) -> [[f32; 4]; 3];
 /// `(weights, weight scales, x, x scales) → Σ` of one int8 row pair ([`scalar::dot_i8_i8`]).
 pub type DotI8I8 = fn(&[i8], &[f16], &[i8], &[f32]) -> f32;
 
-/// `(four weight rows, their scales as f32, x, x scales) → four sums` ([`scalar::dot4_i8_i8`]).
-pub type Dot4I8I8 = fn(&[i8], &[f32], &[i8], &[f32]) -> [f32; 4];
+/// `(four weight rows, their scales as f32, T activation rows, their
+/// scales) → out[token][row]` ([`scalar::dot4xt_i8_i8`]).
+pub type Dot4xTI8I8<const T: usize> = fn(&[i8], &[f32], &[i8], &[f32]) -> [[f32; 4]; T];
 
 /// Safe functions calling `#[target_feature]` kernels: `name = kernel,
 /// (args) -> ret;` each. The invoking module's documentation says why the
@@ -208,7 +213,8 @@ mod neon_safe {
         to_f16 = neon::to_f16, (x: &[f32], o: &mut [f16]) -> ();
         quantize_i8 = neon::quantize_i8, (x: &[f32], v: &mut [i8], s: &mut [f32]) -> ();
         dot_i8_i8 = neon::widening::dot_i8_i8, (w: &[i8], ws: &[f16], x: &[i8], xs: &[f32]) -> f32;
-        dot4_i8_i8 = neon::widening::dot4_i8_i8, (w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> [f32; 4];
+        dot4x1_i8_i8 = neon::widening::dot4xt_i8_i8::<1>, (w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> [[f32; 4]; 1];
+        dot4x3_i8_i8 = neon::widening::dot4xt_i8_i8::<3>, (w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> [[f32; 4]; 3];
     }
 }
 
@@ -223,7 +229,8 @@ mod dotprod_safe {
 
     safe_wrappers! {
         dot_i8_i8 = dotprod::dot_i8_i8, (w: &[i8], ws: &[f16], x: &[i8], xs: &[f32]) -> f32;
-        dot4_i8_i8 = dotprod::dot4_i8_i8, (w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> [f32; 4];
+        dot4x1_i8_i8 = dotprod::dot4xt_i8_i8::<1>, (w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> [[f32; 4]; 1];
+        dot4x3_i8_i8 = dotprod::dot4xt_i8_i8::<3>, (w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> [[f32; 4]; 3];
     }
 }
 
@@ -243,7 +250,8 @@ impl Kernels {
         to_f16: scalar::to_f16,
         quantize_i8: scalar::quantize_i8,
         dot_i8_i8: scalar::dot_i8_i8,
-        dot4_i8_i8: scalar::dot4_i8_i8,
+        dot4x1_i8_i8: scalar::dot4xt_i8_i8::<1>,
+        dot4x3_i8_i8: scalar::dot4xt_i8_i8::<3>,
     };
 
     #[cfg(target_arch = "x86_64")]
@@ -261,7 +269,8 @@ impl Kernels {
         to_f16: avx2_safe::to_f16,
         quantize_i8: avx2_safe::quantize_i8,
         dot_i8_i8: x86_int8::avx2::safe::dot_i8_i8,
-        dot4_i8_i8: x86_int8::avx2::safe::dot4_i8_i8,
+        dot4x1_i8_i8: x86_int8::avx2::safe::dot4xt_i8_i8::<1>,
+        dot4x3_i8_i8: x86_int8::avx2::safe::dot4xt_i8_i8::<3>,
     };
 
     /// The fastest kernels this CPU supports. `NOCTURNE_KERNELS=scalar` in the
@@ -277,7 +286,8 @@ impl Kernels {
     const AVX2_AVXVNNI: Kernels = Kernels {
         isa: Isa::Avx2AvxVnni,
         dot_i8_i8: x86_int8::avxvnni::safe::dot_i8_i8,
-        dot4_i8_i8: x86_int8::avxvnni::safe::dot4_i8_i8,
+        dot4x1_i8_i8: x86_int8::avxvnni::safe::dot4xt_i8_i8::<1>,
+        dot4x3_i8_i8: x86_int8::avxvnni::safe::dot4xt_i8_i8::<3>,
         ..Kernels::AVX2
     };
 
@@ -297,7 +307,8 @@ impl Kernels {
     const AVX512_VNNI: Kernels = Kernels {
         isa: Isa::Avx512Vnni,
         dot_i8_i8: x86_int8::avx512vnni::safe::dot_i8_i8,
-        dot4_i8_i8: x86_int8::avx512vnni::safe::dot4_i8_i8,
+        dot4x1_i8_i8: x86_int8::avx512vnni::safe::dot4xt_i8_i8::<1>,
+        dot4x3_i8_i8: x86_int8::avx512vnni::safe::dot4xt_i8_i8::<3>,
         ..Kernels::AVX512
     };
 
@@ -338,7 +349,8 @@ impl Kernels {
         to_f16: neon_safe::to_f16,
         quantize_i8: neon_safe::quantize_i8,
         dot_i8_i8: neon_safe::dot_i8_i8,
-        dot4_i8_i8: neon_safe::dot4_i8_i8,
+        dot4x1_i8_i8: neon_safe::dot4x1_i8_i8,
+        dot4x3_i8_i8: neon_safe::dot4x3_i8_i8,
     };
 
     #[cfg(target_arch = "aarch64")]
@@ -347,7 +359,8 @@ impl Kernels {
             Kernels {
                 isa: Isa::NeonDotprod,
                 dot_i8_i8: dotprod_safe::dot_i8_i8,
-                dot4_i8_i8: dotprod_safe::dot4_i8_i8,
+                dot4x1_i8_i8: dotprod_safe::dot4x1_i8_i8,
+                dot4x3_i8_i8: dotprod_safe::dot4x3_i8_i8,
                 ..Kernels::NEON
             }
         } else {
@@ -587,21 +600,33 @@ mod tests {
         }
 
         #[test]
-        fn dot4_i8_i8_matches_scalar((w, ws, x) in int8_rows(4, 41)) {
-            let (xq, xs) = activations(&x);
+        fn dot4xt_i8_i8_match_scalar((w, ws, x) in int8_rows(4, 41), x_more in prop::collection::vec(-4.0f32..4.0, 2 * 41 * 32)) {
+            // Three tokens: x, then two more rows of its width.
+            let n = x.len();
+            let tokens: Vec<f32> = x.iter().chain(&x_more[..2 * n]).copied().collect();
+            let (xq, xs) = activations(&tokens);
             let ws: Vec<f32> = ws.iter().map(|s| s.to_f32()).collect();
-            let want = scalar::dot4_i8_i8(&w, &ws, &xq, &xs);
-            // Each row equals the single-row kernel on it.
-            let (n, blocks) = (x.len(), xs.len());
+            let want = scalar::dot4xt_i8_i8::<3>(&w, &ws, &xq, &xs);
+            // Each (row, token) equals the single-row kernel on it, and the
+            // one-token tile equals the first token of the three-token one.
+            let blocks = n / 32;
             let halves: Vec<f16> = ws.iter().map(|&s| f16::from_f32(s)).collect();
-            for r in 0..4 {
-                let one = scalar::dot_i8_i8(&w[r * n..(r + 1) * n], &halves[r * blocks..(r + 1) * blocks], &xq, &xs);
-                prop_assert!(close(one, want[r], 1.0));
+            for (t, want) in want.iter().enumerate() {
+                let (xq, xs) = (&xq[t * n..(t + 1) * n], &xs[t * blocks..(t + 1) * blocks]);
+                for (r, want) in want.iter().enumerate() {
+                    let one = scalar::dot_i8_i8(&w[r * n..(r + 1) * n], &halves[r * blocks..(r + 1) * blocks], xq, xs);
+                    prop_assert!(close(one, *want, 1.0));
+                }
             }
+            prop_assert_eq!(scalar::dot4xt_i8_i8::<1>(&w, &ws, &xq[..n], &xs[..blocks])[0], want[0]);
             let scale: f32 = w.iter().map(|w| f32::from(*w).abs() * 4.0 * 0.1).sum();
             for k in tables() {
-                let got = (k.dot4_i8_i8)(&w, &ws, &xq, &xs);
-                for r in 0..4 { prop_assert!(close(got[r], want[r], scale), "{}", k.isa.name()); }
+                let got = (k.dot4x3_i8_i8)(&w, &ws, &xq, &xs);
+                let first = (k.dot4x1_i8_i8)(&w, &ws, &xq[..n], &xs[..blocks]);
+                for t in 0..3 {
+                    for r in 0..4 { prop_assert!(close(got[t][r], want[t][r], scale), "{}", k.isa.name()); }
+                }
+                for r in 0..4 { prop_assert!(close(first[0][r], want[0][r], scale), "{}", k.isa.name()); }
             }
         }
 
@@ -712,8 +737,11 @@ mod tests {
             ("dot_i8_i8 short x", Box::new(move || { let _ = (k.dot_i8_i8)(&[1; 64], &[f16::ONE; 2], &[1; 32], &[1.0; 2]); })),
             ("dot_i8_i8 short x scales", Box::new(move || { let _ = (k.dot_i8_i8)(&[1; 64], &[f16::ONE; 2], &[1; 64], &[1.0; 1]); })),
             ("dot_i8_i8 partial block", Box::new(move || { let _ = (k.dot_i8_i8)(&[1; 40], &[f16::ONE; 2], &[1; 40], &[1.0; 2]); })),
-            ("dot4_i8_i8 three rows", Box::new(move || { let _ = (k.dot4_i8_i8)(&[1; 96], &[1.0; 3], &[1; 32], &[1.0; 1]); })),
-            ("dot4_i8_i8 short scales", Box::new(move || { let _ = (k.dot4_i8_i8)(&[1; 128], &[1.0; 3], &[1; 32], &[1.0; 1]); })),
+            ("dot4x1_i8_i8 three rows", Box::new(move || { let _ = (k.dot4x1_i8_i8)(&[1; 96], &[1.0; 3], &[1; 32], &[1.0; 1]); })),
+            ("dot4x1_i8_i8 short scales", Box::new(move || { let _ = (k.dot4x1_i8_i8)(&[1; 128], &[1.0; 3], &[1; 32], &[1.0; 1]); })),
+            ("dot4x3_i8_i8 two tokens", Box::new(move || { let _ = (k.dot4x3_i8_i8)(&[1; 128], &[1.0; 4], &[1; 64], &[1.0; 2]); })),
+            ("dot4x3_i8_i8 short x scales", Box::new(move || { let _ = (k.dot4x3_i8_i8)(&[1; 128], &[1.0; 4], &[1; 96], &[1.0; 2]); })),
+            ("dot4x3_i8_i8 partial block", Box::new(move || { let _ = (k.dot4x3_i8_i8)(&[1; 160], &[1.0; 8], &[1; 120], &[1.0; 6]); })),
         ];
         for (name, call) in cases {
             let outcome = catch_unwind(AssertUnwindSafe(&call));

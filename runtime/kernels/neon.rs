@@ -364,7 +364,7 @@ macro_rules! int8_dots {
             /// (contract: [`contract::int8_rows`], one row).
             #[target_feature(enable = $features)]
             pub fn dot_i8_i8(w: &[i8], w_scales: &[f16], x: &[i8], x_scales: &[f32]) -> f32 {
-                contract::int8_rows("dot_i8_i8", 1, w.len(), w_scales.len(), x.len(), x_scales.len());
+                contract::int8_rows("dot_i8_i8", 1, 1, w.len(), w_scales.len(), x.len(), x_scales.len());
                 let mut acc = [vdupq_n_f32(0.0); 2];
                 for (b, (ws, xs)) in w_scales.iter().zip(x_scales).enumerate() {
                     // SAFETY: (b + 1) × 32 <= x_scales.len() × 32 == w.len() == x.len() (contract).
@@ -376,24 +376,37 @@ macro_rules! int8_dots {
             }
 
             /// Four weight rows (back to back; their scales widened to f32,
-            /// back to back) against one activation row
-            /// (contract: [`contract::int8_rows`], four rows).
+            /// back to back) against `T` activation rows (back to back):
+            /// each weight block is loaded once for the `T` tokens
+            /// (contract: [`contract::int8_rows`], four rows, `T` tokens).
             #[target_feature(enable = $features)]
-            pub fn dot4_i8_i8(w: &[i8], w_scales: &[f32], x: &[i8], x_scales: &[f32]) -> [f32; 4] {
-                contract::int8_rows("dot4_i8_i8", 4, w.len(), w_scales.len(), x.len(), x_scales.len());
-                let (n, blocks) = (x.len(), x_scales.len());
-                let mut acc = [vdupq_n_f32(0.0); 4];
-                for (b, xs) in x_scales.iter().enumerate() {
-                    // SAFETY: (b + 1) × 32 <= n == x.len() (contract).
-                    let xv = unsafe { load32(x.as_ptr().add(b * INT8_BLOCK)) };
-                    for (r, acc) in acc.iter_mut().enumerate() {
+            pub fn dot4xt_i8_i8<const T: usize>(w: &[i8], w_scales: &[f32], x: &[i8], x_scales: &[f32]) -> [[f32; 4]; T] {
+                contract::int8_rows("dot4xt_i8_i8", 4, T, w.len(), w_scales.len(), x.len(), x_scales.len());
+                let (n, blocks) = (x.len() / T, x_scales.len() / T);
+                let mut acc = [[vdupq_n_f32(0.0); 4]; T];
+                for b in 0..blocks {
+                    let mut wv = [[vdupq_n_s8(0); 2]; 4];
+                    for (r, wv) in wv.iter_mut().enumerate() {
                         // SAFETY: r × n + (b + 1) × 32 <= 4n == w.len() (contract).
-                        let wv = unsafe { load32(w.as_ptr().add(r * n + b * INT8_BLOCK)) };
-                        let sum = vcvtq_f32_s32(block_dot(wv, xv));
-                        *acc = vfmaq_n_f32(*acc, sum, w_scales[r * blocks + b] * xs);
+                        *wv = unsafe { load32(w.as_ptr().add(r * n + b * INT8_BLOCK)) };
+                    }
+                    for (t, acc) in acc.iter_mut().enumerate() {
+                        // SAFETY: t × n + (b + 1) × 32 <= T × n == x.len() (contract).
+                        let xv = unsafe { load32(x.as_ptr().add(t * n + b * INT8_BLOCK)) };
+                        let xs = x_scales[t * blocks + b];
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let sum = vcvtq_f32_s32(block_dot(wv[r], xv));
+                            *acc = vfmaq_n_f32(*acc, sum, w_scales[r * blocks + b] * xs);
+                        }
                     }
                 }
-                acc.map(|v| vaddvq_f32(v))
+                let mut out = [[0.0; 4]; T];
+                for (out, acc) in out.iter_mut().zip(&acc) {
+                    for (o, a) in out.iter_mut().zip(acc) {
+                        *o = vaddvq_f32(*a);
+                    }
+                }
+                out
             }
         }
     };

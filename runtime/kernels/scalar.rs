@@ -47,18 +47,21 @@ pub mod contract {
     }
 
     /// `rows` int8 weight rows back to back (`weights` values, one scale per
-    /// 32-block in `weight_scales`) against one int8 activation row of `x`
-    /// values with one scale per 32-block in `x_scales`.
+    /// 32-block in `weight_scales`) against `tokens` int8 activation rows of
+    /// the same width, back to back (`x` values, one scale per 32-block in
+    /// `x_scales`).
     #[inline]
-    pub fn int8_rows(kernel: &str, rows: usize, weights: usize, weight_scales: usize, x: usize, x_scales: usize) {
+    pub fn int8_rows(kernel: &str, rows: usize, tokens: usize, weights: usize, weight_scales: usize, x: usize, x_scales: usize) {
+        let width = x / tokens;
         assert!(
-            x.is_multiple_of(INT8_BLOCK)
+            width.is_multiple_of(INT8_BLOCK)
+                && x == tokens * width
                 && x_scales == x / INT8_BLOCK
-                && weights == rows * x
-                && weight_scales == rows * x_scales,
-            "{kernel}: {rows} row(s) of {weights} int8 values with {weight_scales} scales against {x} values \
-             with {x_scales} scales; need {rows} × {x} values, {rows} × {} scales",
-            x / INT8_BLOCK
+                && weights == rows * width
+                && weight_scales == rows * (width / INT8_BLOCK),
+            "{kernel}: {rows} row(s) of {weights} int8 values with {weight_scales} scales against {tokens} \
+             token(s) of {x} values with {x_scales} scales; need {rows} and {tokens} rows of one width, a \
+             multiple of {INT8_BLOCK}, and one scale per {INT8_BLOCK}-block"
         );
     }
 }
@@ -96,7 +99,7 @@ pub fn quantize_i8(x: &[f32], values: &mut [i8], scales: &mut [f32]) {
 /// w[i] × x[i]`, the inner sums exact in i32 (contract
 /// [`contract::int8_rows`] with one row).
 pub fn dot_i8_i8(w: &[i8], w_scales: &[f16], x: &[i8], x_scales: &[f32]) -> f32 {
-    contract::int8_rows("dot_i8_i8", 1, w.len(), w_scales.len(), x.len(), x_scales.len());
+    contract::int8_rows("dot_i8_i8", 1, 1, w.len(), w_scales.len(), x.len(), x_scales.len());
     w.chunks_exact(INT8_BLOCK)
         .zip(x.chunks_exact(INT8_BLOCK))
         .zip(w_scales.iter().zip(x_scales))
@@ -104,19 +107,24 @@ pub fn dot_i8_i8(w: &[i8], w_scales: &[f16], x: &[i8], x_scales: &[f32]) -> f32 
         .sum()
 }
 
-/// Four int8 weight rows (back to back, their scales already widened to f32,
-/// also back to back) against one int8 activation row: the prefill tile's
-/// kernel (contract [`contract::int8_rows`] with four rows).
-pub fn dot4_i8_i8(w: &[i8], w_scales: &[f32], x: &[i8], x_scales: &[f32]) -> [f32; 4] {
-    contract::int8_rows("dot4_i8_i8", 4, w.len(), w_scales.len(), x.len(), x_scales.len());
-    let (n, blocks) = (x.len(), x_scales.len());
-    std::array::from_fn(|r| {
-        let (w, ws) = (&w[r * n..(r + 1) * n], &w_scales[r * blocks..(r + 1) * blocks]);
-        w.chunks_exact(INT8_BLOCK)
-            .zip(x.chunks_exact(INT8_BLOCK))
-            .zip(ws.iter().zip(x_scales))
-            .map(|((w, x), (ws, xs))| ws * xs * block_sum(w, x) as f32)
-            .sum()
+/// A 4 × `T` register tile of the integer prefill product: four int8
+/// weight rows (back to back, their scales already widened to f32, also
+/// back to back) against `T` int8 activation rows (back to back, scales
+/// likewise); `out[t][r]` is [`dot_i8_i8`] of row `r` and token `t`
+/// (contract [`contract::int8_rows`] with four rows and `T` tokens).
+pub fn dot4xt_i8_i8<const T: usize>(w: &[i8], w_scales: &[f32], x: &[i8], x_scales: &[f32]) -> [[f32; 4]; T] {
+    contract::int8_rows("dot4xt_i8_i8", 4, T, w.len(), w_scales.len(), x.len(), x_scales.len());
+    let (n, blocks) = (x.len() / T, x_scales.len() / T);
+    std::array::from_fn(|t| {
+        let (x, xs) = (&x[t * n..(t + 1) * n], &x_scales[t * blocks..(t + 1) * blocks]);
+        std::array::from_fn(|r| {
+            let (w, ws) = (&w[r * n..(r + 1) * n], &w_scales[r * blocks..(r + 1) * blocks]);
+            w.chunks_exact(INT8_BLOCK)
+                .zip(x.chunks_exact(INT8_BLOCK))
+                .zip(ws.iter().zip(xs))
+                .map(|((w, x), (ws, xs))| ws * xs * block_sum(w, x) as f32)
+                .sum()
+        })
     })
 }
 

@@ -16,14 +16,34 @@
 //! - [`avx512vnni`]: `vpdpbusd` on 256-bit registers (AVX-512 VNNI + VL);
 //! - [`avxvnni`]: the VEX-encoded `vpdpbusd` (AVX-VNNI, e.g. Alder Lake).
 //!
+//! The prefill tile (`dot4xt_i8_i8`: four weight rows × `T` tokens) loads
+//! each weight block once for `T` tokens, and the `vpdpbusd` modules use
+//! the offset trick there instead of the sign trick: the activation byte
+//! goes to the unsigned side as `x + 128` (one `vpxor` per token and block),
+//! `Σ (x + 128) w = Σ x w + 128 Σ w`, and the accumulator starts at
+//! `-128 Σ w` (one `vpdpbusd` per weight block, shared by the `T` tokens),
+//! so a (row, token) pair costs one `vpdpbusd` per block. `vpmaddubsw`
+//! saturates i16 pairs (2 × 255 × 128 > 32767), so [`avx2`] keeps the sign
+//! trick in the tile too. Block scales are multiplied eight blocks at a time
+//! into a small table and broadcast from it.
+//!
 //! Each function keeps [`contract::int8_rows`] and asserts it before any
 //! load. They are `#[target_feature]` functions: calling one needs the CPU
 //! to have its module's features, which `Kernels::best` establishes before
 //! it hands out the `safe` wrappers.
 
 /// Generates one module of kernels for a way of summing byte products.
+///
+/// `block_dot` sums one block's byte products (unsigned `u` × signed `s`);
+/// the tile's pair product is `pair(prepare_weight(w), w, prepare_x(x))`.
 macro_rules! int8_kernels {
-    ($name:ident, $features:literal, $doc:literal, |$u:ident, $s:ident| $block_dot:expr) => {
+    (
+        $name:ident, $features:literal, $doc:literal,
+        block_dot: |$u:ident, $s:ident| $block_dot:expr,
+        prepare_weight: |$pw:ident| $prepare_weight:expr,
+        prepare_x: |$px:ident| $prepare_x:expr,
+        pair: |$pp:ident, $pwv:ident, $pxv:ident| $pair:expr $(,)?
+    ) => {
         #[doc = $doc]
         pub mod $name {
             use std::arch::x86_64::*;
@@ -39,6 +59,27 @@ macro_rules! int8_kernels {
             #[target_feature(enable = $features)]
             fn block_dot($u: __m256i, $s: __m256i) -> __m256i {
                 $block_dot
+            }
+
+            /// Per weight block of the tile, shared by its tokens.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn prepare_weight($pw: __m256i) -> __m256i {
+                $prepare_weight
+            }
+
+            /// Per activation block of the tile, shared by its four rows.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn prepare_x($px: __m256i) -> __m256i {
+                $prepare_x
+            }
+
+            /// Exact i32 lane sums of one (weight row, token) block pair.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn pair($pp: __m256i, $pwv: __m256i, $pxv: __m256i) -> __m256i {
+                $pair
             }
 
             /// 32 bytes at `p`.
@@ -59,7 +100,7 @@ macro_rules! int8_kernels {
             /// The CPU must have this module's features (lengths are asserted, not assumed).
             #[target_feature(enable = $features)]
             pub fn dot_i8_i8(w: &[i8], w_scales: &[f16], x: &[i8], x_scales: &[f32]) -> f32 {
-                contract::int8_rows("dot_i8_i8", 1, w.len(), w_scales.len(), x.len(), x_scales.len());
+                contract::int8_rows("dot_i8_i8", 1, 1, w.len(), w_scales.len(), x.len(), x_scales.len());
                 let blocks = x_scales.len();
                 let mut acc = [_mm256_setzero_ps(); 2];
                 let mut scale = [0.0f32; 8];
@@ -88,28 +129,62 @@ macro_rules! int8_kernels {
             }
 
             /// Four weight rows (back to back; their scales widened to f32,
-            /// back to back) against one activation row
-            /// (contract: [`contract::int8_rows`], four rows).
+            /// back to back) against `T` activation rows (back to back)
+            /// (contract: [`contract::int8_rows`], four rows, `T` tokens).
             ///
             /// # Safety
             /// The CPU must have this module's features (lengths are asserted, not assumed).
             #[target_feature(enable = $features)]
-            pub fn dot4_i8_i8(w: &[i8], w_scales: &[f32], x: &[i8], x_scales: &[f32]) -> [f32; 4] {
-                contract::int8_rows("dot4_i8_i8", 4, w.len(), w_scales.len(), x.len(), x_scales.len());
-                let (n, blocks) = (x.len(), x_scales.len());
-                let mut acc = [_mm256_setzero_ps(); 4];
+            pub fn dot4xt_i8_i8<const T: usize>(w: &[i8], w_scales: &[f32], x: &[i8], x_scales: &[f32]) -> [[f32; 4]; T] {
+                contract::int8_rows("dot4xt_i8_i8", 4, T, w.len(), w_scales.len(), x.len(), x_scales.len());
+                let (n, blocks) = (x.len() / T, x_scales.len() / T);
+                let mut acc = [[_mm256_setzero_ps(); 4]; T];
+                // scale[t][r][j]: the product of the two scales of block b + j, b a multiple of 8.
+                let mut scale = [[[0.0f32; 8]; 4]; T];
                 for b in 0..blocks {
-                    // SAFETY: (b + 1) × 32 <= n == x.len() (contract).
-                    let xv = unsafe { load32(x.as_ptr().add(b * INT8_BLOCK)) };
-                    for (r, acc) in acc.iter_mut().enumerate() {
+                    if b % 8 == 0 {
+                        for t in 0..T {
+                            for r in 0..4 {
+                                if b + 8 <= blocks {
+                                    // SAFETY: b + 8 <= blocks, so the eight f32 at r × blocks + b
+                                    // (< 4 × blocks == w_scales.len()) and at t × blocks + b
+                                    // (< T × blocks == x_scales.len(), contract) are in bounds.
+                                    unsafe {
+                                        let ws = _mm256_loadu_ps(w_scales.as_ptr().add(r * blocks + b));
+                                        let xs = _mm256_loadu_ps(x_scales.as_ptr().add(t * blocks + b));
+                                        _mm256_storeu_ps(scale[t][r].as_mut_ptr(), _mm256_mul_ps(ws, xs));
+                                    }
+                                } else {
+                                    for (j, s) in scale[t][r].iter_mut().enumerate().take(blocks - b) {
+                                        *s = w_scales[r * blocks + b + j] * x_scales[t * blocks + b + j];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    let mut wv = [_mm256_setzero_si256(); 4];
+                    let mut pw = [_mm256_setzero_si256(); 4];
+                    for r in 0..4 {
                         // SAFETY: r × n + (b + 1) × 32 <= 4n == w.len() (contract).
-                        let wv = unsafe { load32(w.as_ptr().add(r * n + b * INT8_BLOCK)) };
-                        let sum = block_dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-                        let scale = _mm256_set1_ps(w_scales[r * blocks + b] * x_scales[b]);
-                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, *acc);
+                        wv[r] = unsafe { load32(w.as_ptr().add(r * n + b * INT8_BLOCK)) };
+                        pw[r] = prepare_weight(wv[r]);
+                    }
+                    for t in 0..T {
+                        // SAFETY: t × n + (b + 1) × 32 <= T × n == x.len() (contract).
+                        let xv = prepare_x(unsafe { load32(x.as_ptr().add(t * n + b * INT8_BLOCK)) });
+                        for r in 0..4 {
+                            let sum = pair(pw[r], wv[r], xv);
+                            acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(scale[t][r][b % 8]), acc[t][r]);
+                        }
                     }
                 }
-                acc.map(|a| hsum(a))
+                let mut out = [[0.0; 4]; T];
+                for t in 0..T {
+                    for r in 0..4 {
+                        out[t][r] = hsum(acc[t][r]);
+                    }
+                }
+                out
             }
 
             /// Safe entry points, reachable only through the kernel table
@@ -124,10 +199,10 @@ macro_rules! int8_kernels {
                     unsafe { super::dot_i8_i8(w, w_scales, x, x_scales) }
                 }
 
-                /// See [`super::dot4_i8_i8`].
-                pub fn dot4_i8_i8(w: &[i8], w_scales: &[f32], x: &[i8], x_scales: &[f32]) -> [f32; 4] {
+                /// See [`super::dot4xt_i8_i8`].
+                pub fn dot4xt_i8_i8<const T: usize>(w: &[i8], w_scales: &[f32], x: &[i8], x_scales: &[f32]) -> [[f32; 4]; T] {
                     // SAFETY: the CPU features were detected (module doc).
-                    unsafe { super::dot4_i8_i8(w, w_scales, x, x_scales) }
+                    unsafe { super::dot4xt_i8_i8::<T>(w, w_scales, x, x_scales) }
                 }
             }
         }
@@ -138,19 +213,28 @@ int8_kernels!(
     avx2,
     "avx2,fma,f16c",
     "AVX2: `vpmaddubsw` to i16 pairs, `vpmaddwd` by ones to i32.",
-    |u, s| _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    block_dot: |u, s| _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)),
+    prepare_weight: |w| _mm256_sign_epi8(w, w),
+    prepare_x: |x| x,
+    pair: |abs_w, w, x| block_dot(abs_w, _mm256_sign_epi8(x, w)),
 );
 
 int8_kernels!(
     avx512vnni,
     "avx2,fma,f16c,avx512vnni,avx512vl",
     "AVX-512 VNNI on 256-bit registers: one `vpdpbusd` per block.",
-    |u, s| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+    block_dot: |u, s| _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s),
+    prepare_weight: |w| _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(-128), w)),
+    prepare_x: |x| _mm256_xor_si256(x, _mm256_set1_epi8(-128)),
+    pair: |start, w, x_offset| _mm256_dpbusd_epi32(start, x_offset, w),
 );
 
 int8_kernels!(
     avxvnni,
     "avx2,fma,f16c,avxvnni",
     "AVX-VNNI: one VEX-encoded `vpdpbusd` per block.",
-    |u, s| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
+    block_dot: |u, s| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s),
+    prepare_weight: |w| _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(-128), w)),
+    prepare_x: |x| _mm256_xor_si256(x, _mm256_set1_epi8(-128)),
+    pair: |start, w, x_offset| _mm256_dpbusd_avx_epi32(start, x_offset, w),
 );
