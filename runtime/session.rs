@@ -86,6 +86,10 @@ pub struct RequestOptions {
     pub stop: Vec<String>,
     /// Sampling.
     pub sampler: SamplerConfig,
+    /// Set by another thread to end the request early (a client that went
+    /// away); checked after every token like the deadline, and the request
+    /// then ends with [`StopReason::Deadline`].
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl RequestOptions {
@@ -96,6 +100,7 @@ impl RequestOptions {
             deadline: Duration::from_millis(profile.deadline_ms.into()),
             stop: Vec::new(),
             sampler: SamplerConfig::default(),
+            cancel: None,
         }
     }
 }
@@ -298,7 +303,8 @@ impl<'m> Session<'m> {
             if new_tokens >= max_new {
                 break StopReason::MaxTokens;
             }
-            if now.duration_since(started) >= options.deadline {
+            let cancelled = options.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed));
+            if cancelled || now.duration_since(started) >= options.deadline {
                 break StopReason::Deadline;
             }
             if self.decoder.position() + 1 > capacity {

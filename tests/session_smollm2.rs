@@ -150,6 +150,7 @@ fn check_no_allocation_per_token(pack: &ModelPack, tokenizer: &Tokenizer, adapte
             deadline: Duration::from_secs(600),
             stop: vec!["THE END".into()],
             sampler: SamplerConfig { temperature: 0.8, seed: 5, ..SamplerConfig::default() },
+            cancel: None,
         };
         let before = ALLOCATIONS.load(Ordering::SeqCst);
         let stats = session.generate(&ids, &options, &mut |_| {}).unwrap();
@@ -189,6 +190,21 @@ fn every_stop_reason_is_reported() {
     let stats = session.generate(&ids, &RequestOptions { deadline: Duration::ZERO, ..base.clone() }, &mut |_| {}).unwrap();
     assert_eq!(stats.stop_reason, StopReason::Deadline);
     assert!(stats.new_tokens <= 1, "{} tokens after the deadline", stats.new_tokens);
+
+    // Cancelled from outside (a client that went away) after its second token.
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let options = RequestOptions { max_new_tokens: 32, cancel: Some(cancel.clone()), ..base.clone() };
+    let mut pieces = 0;
+    let stats = session
+        .generate(&ids, &options, &mut |_| {
+            pieces += 1;
+            if pieces == 2 {
+                cancel.store(true, Ordering::Relaxed);
+            }
+        })
+        .unwrap();
+    assert_eq!(stats.stop_reason, StopReason::Deadline);
+    assert_eq!(stats.new_tokens, 2, "a cancelled request stops within one token");
 }
 
 #[test]

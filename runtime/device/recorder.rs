@@ -136,6 +136,24 @@ impl Recorder {
         self.turn = 0;
     }
 
+    /// The next interaction is turn `turn` of conversation `conversation`
+    /// (a front end that receives whole conversations per request, like the
+    /// local API, says where each request stands).
+    pub fn set_position(&mut self, conversation: u64, turn: u32) {
+        (self.conversation, self.turn) = (conversation, turn);
+    }
+
+    /// The LSN the next record will get (`None` when journaling is off): the
+    /// interactions stored so far are numbered below it.
+    pub fn next_lsn(&self) -> Option<u64> {
+        self.journal.as_ref().map(|j| j.next_lsn())
+    }
+
+    /// Records not yet acknowledged as durable (0 when journaling is off).
+    pub fn unsynced_records(&self) -> u64 {
+        self.journal.as_ref().map_or(0, |j| (j.next_lsn() - 1).saturating_sub(j.durable_lsn()))
+    }
+
     /// The next interaction replaces the last one (a retry): same turn.
     pub fn replace_last_turn(&mut self) {
         self.turn = self.turn.saturating_sub(1);

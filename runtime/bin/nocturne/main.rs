@@ -5,7 +5,7 @@
 //! script, `journal` reads the journal, `sync` carries it to the host and
 //! applies acknowledgements, `info` prints the profile, the pack
 //! and the memory plan, `perplexity` scores a text, `bench` measures prefill,
-//! decode, start-up and bandwidth.
+//! decode, start-up and bandwidth, `serve` answers apps over the local API.
 
 mod args;
 mod bench;
@@ -14,6 +14,7 @@ mod generate;
 mod info;
 mod journal;
 mod perplexity;
+mod serve;
 mod sync;
 
 use std::path::PathBuf;
@@ -88,6 +89,8 @@ enum Command {
     },
     /// Benchmark prefill, decode, start-up, peak RSS and weight-streaming bandwidth.
     Bench(bench::BenchArgs),
+    /// Serve the local API (OpenAI-compatible chat completions, plus feedback) until SIGTERM.
+    Serve(serve::ServeArgs),
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -102,6 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Info { model, plan } => info::run(&model, plan),
         Command::Perplexity { file, tokens, model } => perplexity::run(&file, tokens, &model),
         Command::Bench(args) => bench::run(&args),
+        Command::Serve(args) => serve::run(&args),
     }
     .map(|()| ExitCode::SUCCESS)
 }

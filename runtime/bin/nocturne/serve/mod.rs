@@ -1,0 +1,417 @@
+//! `nocturne serve`: the local API apps on the device talk to, compatible
+//! with OpenAI's chat completions (as llama.cpp's `llama-server` and Ollama
+//! are), plus `POST /v1/feedback`, our extension. axum on a one-thread tokio
+//! runtime takes the HTTP side; the model runs on the slot thread
+//! ([`slot`]), fed through a bounded queue: a full queue answers 429 with
+//! `Retry-After`. The listener is bound before the model loads, so
+//! `GET /health` answers 503 while loading and 200 after.
+//!
+//! Endpoints: `POST /v1/chat/completions` (streamed as server-sent events
+//! when asked), `GET /v1/models`, `GET /health`, `POST /v1/feedback`. Every
+//! completion is journaled as an interaction once its reply is complete; its
+//! number comes back as the completion id (`chatcmpl-N`), in the
+//! `x-nocturne-interaction` header, and (streamed) as `interaction` in the
+//! last chunk. A client that goes away stops its generation within one token,
+//! and that reply is not journaled.
+
+mod api;
+mod slot;
+
+use std::convert::Infallible;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use clap::Args;
+use futures_util::stream::{self, Stream};
+use nocturne::journal::{Feedback, ImplicitSignals, Thumbs};
+use nocturne::profile::ACTIVE;
+use nocturne::sampler::SamplerConfig;
+use nocturne::session::{RequestOptions, Session};
+use nocturne::tokenizer::{ChatMessage, Tokenizer, DEFAULT_SYSTEM_PROMPT};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+
+use self::api::{ApiError, ChatRequest, FeedbackRequest, Stop, Usage, COMPLETION_PREFIX};
+use self::slot::{Completion, Event, SlotState, Work};
+use crate::args::ModelArgs;
+use crate::journal::RecordArgs;
+
+/// Largest request body accepted, bytes (a larger one gets 413).
+const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Options of `nocturne serve`.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on (loopback by default: apps on the device only).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// A file holding the API key clients must send as `Authorization: Bearer KEY` (`/health` stays open).
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// Requests that may wait for the slot; one more gets 429.
+    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    queue: usize,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    record: RecordArgs,
+}
+
+/// What every handler shares.
+struct App {
+    /// Set once the model is loaded and the session allocated.
+    loaded: OnceLock<Loaded>,
+    queue: crossbeam_channel::Sender<Work>,
+    slot: Arc<SlotState>,
+    model: String,
+    api_key: Option<String>,
+}
+
+/// What loading gives the HTTP side.
+struct Loaded {
+    tokenizer: Arc<Tokenizer>,
+    context_tokens: usize,
+}
+
+type Shared = State<Arc<App>>;
+
+/// Runs the server until SIGTERM or Ctrl-C, then finishes the queued
+/// requests, syncs the journal and returns.
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("NOCTURNE_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let api_key = match &args.api_key_file {
+        Some(path) => {
+            let key = std::fs::read_to_string(path).with_context(|| format!("cannot read the API key file {}", path.display()))?;
+            let key = key.trim().to_string();
+            if key.is_empty() {
+                bail!("the API key file {} is empty", path.display());
+            }
+            Some(key)
+        }
+        None => None,
+    };
+    let dir = args.model.dir();
+    let model = dir.iter().rev().take(2).collect::<Vec<_>>().into_iter().rev().map(|c| c.to_string_lossy()).collect::<Vec<_>>().join("-");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the tokio runtime")?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(args.listen))
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener.local_addr().context("the listening socket has no address")?;
+    tracing::info!(listen = %address, model = %model, "listening; loading the model");
+
+    let (queue, work) = crossbeam_channel::bounded(args.queue);
+    let app = Arc::new(App { loaded: OnceLock::new(), queue, slot: Arc::new(SlotState::default()), model, api_key });
+    let (failed, failure) = oneshot::channel::<anyhow::Error>();
+    let slot_thread = {
+        let (app, model_args, record) = (app.clone(), args.model.clone(), args.record.clone());
+        std::thread::Builder::new().name("nocturne-slot".into()).spawn(move || {
+            let loaded = (|| -> anyhow::Result<_> {
+                let (pack, tokenizer) = model_args.open()?;
+                // The pack lives as long as the process: the slot's session borrows it.
+                let pack: &'static _ = Box::leak(Box::new(pack));
+                let recorder = record.recorder()?;
+                let session = Session::start(pack, &tokenizer, &ACTIVE, model_args.session_options())?;
+                Ok((pack, Arc::new(tokenizer), recorder, session))
+            })();
+            match loaded {
+                Ok((pack, tokenizer, recorder, session)) => {
+                    let context_tokens = session.decoder_ref().capacity();
+                    tracing::info!(plan_bytes = session.memory_plan().total(), context_tokens, "model loaded; ready");
+                    let _ = app.loaded.set(Loaded { tokenizer, context_tokens });
+                    slot::run(session, pack, recorder, work, app.slot.clone());
+                }
+                Err(e) => {
+                    let _ = failed.send(e);
+                }
+            }
+        })?
+    };
+    let router = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/v1/feedback", post(feedback))
+        .route_layer(axum::middleware::from_fn_with_state(app.clone(), authorize))
+        .route("/health", get(health))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(app);
+    let load_error = runtime.block_on(async {
+        let (stop, stopped) = oneshot::channel();
+        let shutdown = async move {
+            tokio::select! {
+                () = shutdown_signal() => {}
+                Ok(e) = failure => { let _ = stop.send(e); }
+            }
+        };
+        axum::serve(listener, router).with_graceful_shutdown(shutdown).await.context("the server failed")?;
+        anyhow::Ok(stopped.await.ok())
+    })?;
+    drop(runtime);
+    if let Some(e) = load_error {
+        return Err(e.context("the model could not be loaded"));
+    }
+    tracing::info!("shutting down: finishing queued requests and syncing the journal");
+    slot_thread.join().map_err(|_| anyhow::anyhow!("the slot thread panicked"))?;
+    Ok(())
+}
+
+/// SIGTERM (systemd's stop) or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+    }
+}
+
+/// Refuses requests without the API key, when one is set.
+async fn authorize(State(app): Shared, request: Request, next: Next) -> Response {
+    if let Some(key) = &app.api_key {
+        let sent = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if sent != Some(key.as_str()) {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong API key (send Authorization: Bearer KEY)").into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn health(State(app): Shared) -> Response {
+    if app.loaded.get().is_some() {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "loading"}))).into_response()
+    }
+}
+
+async fn models(State(app): Shared) -> Response {
+    Json(json!({"object": "list", "data": [{"id": app.model, "object": "model", "created": 0, "owned_by": "nocturne"}]})).into_response()
+}
+
+fn now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The body as JSON of type `T`, or a 4xx naming what is wrong.
+fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::invalid(None, format!("the request body is not valid: {e}")))
+}
+
+/// A checked completion request, ready for the slot.
+struct Prepared {
+    prompt: Vec<u32>,
+    options: RequestOptions,
+    texts: (String, String),
+    position: (u64, u32),
+    stream: bool,
+    include_usage: bool,
+}
+
+fn prepare(app: &App, loaded: &Loaded, request: ChatRequest) -> Result<Prepared, ApiError> {
+    if let Some(model) = &request.model {
+        if *model != app.model {
+            return Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: format!("the model `{model}` does not exist; this server has `{}`", app.model),
+                param: Some("model"),
+                retry_after: None,
+            });
+        }
+    }
+    let mut system = None;
+    let mut messages = Vec::new();
+    for (i, m) in request.messages.iter().enumerate() {
+        let text = m.content.text().map_err(|e| ApiError::invalid(Some("messages"), format!("messages[{i}]: {e}")))?;
+        match m.role.as_str() {
+            "system" | "developer" if messages.is_empty() => system = Some(text),
+            "user" | "assistant" => messages.push(ChatMessage::new(&m.role, &text)),
+            role => return Err(ApiError::invalid(Some("messages"), format!("messages[{i}]: role `{role}` is not served here (system first, then user and assistant)"))),
+        }
+    }
+    let Some(last) = messages.last().filter(|m| m.role == "user") else {
+        return Err(ApiError::invalid(Some("messages"), "the last message must be the user's"));
+    };
+    let user = last.content.clone();
+    let system = system.unwrap_or_else(|| DEFAULT_SYSTEM_PROMPT.to_string());
+    let turn = messages.iter().filter(|m| m.role == "assistant").count();
+    let mut hasher = DefaultHasher::new();
+    (&system, &messages[0].content).hash(&mut hasher);
+    messages.insert(0, ChatMessage::new("system", &system));
+    let prompt = loaded.tokenizer.encode_chat(&messages, true).map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
+
+    let max_new_tokens = match request.max_completion_tokens.or(request.max_tokens) {
+        Some(0) => return Err(ApiError::invalid(Some("max_tokens"), "max_tokens must be at least 1")),
+        Some(n) if n > ACTIVE.max_new_tokens => {
+            return Err(ApiError::invalid(Some("max_tokens"), format!("max_tokens is {n}, over this device's limit of {}", ACTIVE.max_new_tokens)))
+        }
+        Some(n) => n as usize,
+        None => ACTIVE.max_new_tokens as usize,
+    };
+    if prompt.len() + 1 > loaded.context_tokens {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("the messages take {} tokens; the context holds {} and a reply needs at least one more", prompt.len(), loaded.context_tokens),
+            param: Some("messages"),
+            retry_after: None,
+        });
+    }
+    let temperature = nocturne::sampler::temperature(request.temperature.unwrap_or(1.0)).map_err(|e| ApiError::invalid(Some("temperature"), e.to_string()))?;
+    let top_p = nocturne::sampler::top_p(request.top_p.unwrap_or(1.0)).map_err(|e| ApiError::invalid(Some("top_p"), e.to_string()))?;
+    let stop = match request.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) if v.len() <= 4 => v,
+        Some(Stop::Many(v)) => return Err(ApiError::invalid(Some("stop"), format!("{} stop strings; at most 4", v.len()))),
+    };
+    let options = RequestOptions {
+        max_new_tokens,
+        stop,
+        sampler: SamplerConfig { temperature, top_k: 0, top_p, repetition_penalty: 1.0, seed: request.seed.unwrap_or(0) },
+        ..RequestOptions::for_profile(&ACTIVE)
+    };
+    let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
+    Ok(Prepared { prompt, options, texts: (system, user), position: (hasher.finish(), turn as u32), stream: request.stream, include_usage })
+}
+
+/// Queues `work`, or answers 429 (queue full) or 503 (shutting down).
+fn enqueue(app: &App, work: Work) -> Result<(), ApiError> {
+    app.queue.try_send(work).map_err(|e| match e {
+        crossbeam_channel::TrySendError::Full(_) => ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: format!("the request queue is full ({} waiting); retry later", app.queue.len()),
+            param: None,
+            retry_after: Some(1),
+        },
+        crossbeam_channel::TrySendError::Disconnected(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down"),
+    })
+}
+
+fn completion_id(interaction: Option<u64>) -> String {
+    match interaction {
+        Some(lsn) => format!("{COMPLETION_PREFIX}{lsn}"),
+        None => format!("{COMPLETION_PREFIX}unrecorded-{:x}", rand_u64()),
+    }
+}
+
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+async fn chat_completions(State(app): Shared, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let Some(loaded) = app.loaded.get() else {
+        return Err(ApiError { retry_after: Some(5), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the model is loading") });
+    };
+    let p = prepare(&app, loaded, parse(body)?)?;
+    let (events, mut replies) = mpsc::unbounded_channel();
+    let (stream, include_usage) = (p.stream, p.include_usage);
+    enqueue(&app, Work::Completion(Completion { prompt: p.prompt, options: p.options, texts: p.texts, position: p.position, events }))?;
+    let created = now_s();
+    if stream {
+        return Ok(Sse::new(sse_stream(app.model.clone(), created, replies, include_usage)).into_response());
+    }
+    while let Some(event) = replies.recv().await {
+        match event {
+            Event::Text(_) => {}
+            Event::Refused(message) => return Err(ApiError::invalid(None, message)),
+            Event::Done { reply, stats, interaction } => {
+                let id = completion_id(interaction);
+                let usage = Usage::new(stats.prompt_tokens, stats.new_tokens);
+                let mut response = Json(api::completion(&id, created, &app.model, &reply, stats.stop_reason, usage)).into_response();
+                if let Some(lsn) = interaction {
+                    response.headers_mut().insert("x-nocturne-interaction", HeaderValue::from(lsn));
+                }
+                return Ok(response);
+            }
+        }
+    }
+    Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the slot ended the request without a reply"))
+}
+
+/// The server-sent events of a streamed completion: a first chunk with the
+/// role, one chunk per piece of text, a last chunk with `finish_reason`
+/// (and our `interaction`), the usage chunk when asked, then `[DONE]`.
+fn sse_stream(model: String, created: u64, replies: mpsc::UnboundedReceiver<Event>, include_usage: bool) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let id = format!("{COMPLETION_PREFIX}stream-{:x}", rand_u64());
+    let first = api::chunk(&id, created, &model, json!({"role": "assistant", "content": ""}), None, None);
+    let head = stream::iter([stream::iter(vec![Ok(SseEvent::default().data(first.to_string()))])]);
+    let body = stream::unfold(Some(replies), move |replies| {
+        let (id, model) = (id.clone(), model.clone());
+        async move {
+            let mut replies = replies?;
+            let events: Vec<SseEvent> = match replies.recv().await? {
+                Event::Text(text) => {
+                    let chunk = api::chunk(&id, created, &model, json!({"content": text}), None, None);
+                    return Some((stream::iter(vec![Ok(SseEvent::default().data(chunk.to_string()))]), Some(replies)));
+                }
+                Event::Refused(message) => {
+                    vec![SseEvent::default().data(json!({"error": {"message": message, "type": "invalid_request_error"}}).to_string())]
+                }
+                Event::Done { stats, interaction, .. } => {
+                    let mut last = api::chunk(&id, created, &model, json!({}), Some(api::finish_reason(stats.stop_reason)), None);
+                    last["interaction"] = json!(interaction);
+                    let mut events = vec![SseEvent::default().data(last.to_string())];
+                    if include_usage {
+                        let usage = api::chunk(&id, created, &model, json!({}), None, Some(Usage::new(stats.prompt_tokens, stats.new_tokens)));
+                        events.push(SseEvent::default().data(usage.to_string()));
+                    }
+                    events
+                }
+            };
+            let mut events: Vec<_> = events.into_iter().map(Ok).collect();
+            events.push(Ok(SseEvent::default().data("[DONE]")));
+            Some((stream::iter(events), None))
+        }
+    });
+    futures_util::StreamExt::flatten(futures_util::StreamExt::chain(head, body))
+}
+
+async fn feedback(State(app): Shared, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let request: FeedbackRequest = parse(body)?;
+    let interaction = request.interaction.lsn().map_err(|e| ApiError::invalid(Some("interaction"), e))?;
+    if let Some(r) = request.rating.filter(|r| !(1..=5).contains(r)) {
+        return Err(ApiError::invalid(Some("rating"), format!("rating is {r}; it must be 1 to 5")));
+    }
+    let thumbs = match request.thumbs.as_deref() {
+        None => None,
+        Some("up") => Some(Thumbs::Up),
+        Some("down") => Some(Thumbs::Down),
+        Some(t) => return Err(ApiError::invalid(Some("thumbs"), format!("thumbs is `{t}`; it must be `up` or `down`"))),
+    };
+    let correction = request.correction.filter(|c| !c.trim().is_empty()).map(std::borrow::Cow::Owned);
+    let implicit = ImplicitSignals {
+        regenerated: request.regenerated,
+        copied: request.copied,
+        edited: request.edited,
+        abandoned: request.abandoned,
+        follow_up_s: request.follow_up_s,
+    };
+    let feedback = Feedback { interaction, rating: request.rating, thumbs, correction, implicit };
+    if feedback.rating.is_none() && feedback.thumbs.is_none() && feedback.correction.is_none() && feedback.implicit.is_empty() {
+        return Err(ApiError::invalid(None, "the feedback carries nothing: give a rating, thumbs, a correction or an implicit signal"));
+    }
+    let (answer, recorded) = oneshot::channel();
+    enqueue(&app, Work::Feedback(feedback, answer))?;
+    match tokio::time::timeout(Duration::from_secs(600), recorded).await {
+        Ok(Ok(Ok(lsn))) => Ok(Json(json!({"object": "feedback", "id": lsn, "interaction": interaction})).into_response()),
+        Ok(Ok(Err(message))) => Err(ApiError::invalid(Some("interaction"), message)),
+        _ => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the feedback was not recorded in time")),
+    }
+}
