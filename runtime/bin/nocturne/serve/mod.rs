@@ -73,7 +73,7 @@ pub struct ServeArgs {
 /// What every handler shares.
 struct App {
     /// Set once the model is loaded and the session allocated.
-    loaded: OnceLock<Loaded>,
+    loaded: Arc<OnceLock<Loaded>>,
     queue: crossbeam_channel::Sender<Work>,
     slot: Arc<SlotState>,
     model: String,
@@ -117,10 +117,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     tracing::info!(listen = %address, model = %model, "listening; loading the model");
 
     let (queue, work) = crossbeam_channel::bounded(args.queue);
-    let app = Arc::new(App { loaded: OnceLock::new(), queue, slot: Arc::new(SlotState::default()), model, api_key });
+    let app = Arc::new(App { loaded: Arc::new(OnceLock::new()), queue, slot: Arc::new(SlotState::default()), model, api_key });
     let (failed, failure) = oneshot::channel::<anyhow::Error>();
     let slot_thread = {
-        let (app, model_args, record) = (app.clone(), args.model.clone(), args.record.clone());
+        // Not the App: it holds the queue's sender, and the slot ends when every sender is gone.
+        let (loaded_cell, slot, model_args, record) = (app.loaded.clone(), app.slot.clone(), args.model.clone(), args.record.clone());
         std::thread::Builder::new().name("nocturne-slot".into()).spawn(move || {
             let loaded = (|| -> anyhow::Result<_> {
                 let (pack, tokenizer) = model_args.open()?;
@@ -134,8 +135,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
                 Ok((pack, tokenizer, recorder, session)) => {
                     let context_tokens = session.decoder_ref().capacity();
                     tracing::info!(plan_bytes = session.memory_plan().total(), context_tokens, "model loaded; ready");
-                    let _ = app.loaded.set(Loaded { tokenizer, context_tokens });
-                    slot::run(session, pack, recorder, work, app.slot.clone());
+                    let _ = loaded_cell.set(Loaded { tokenizer, context_tokens });
+                    slot::run(session, pack, recorder, work, slot);
                 }
                 Err(e) => {
                     let _ = failed.send(e);

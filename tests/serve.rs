@@ -1,0 +1,237 @@
+//! `nocturne serve` end to end, over real sockets: OpenAI's own Python
+//! client (the pinned `openai` package, installed by `scripts/python-openai`)
+//! against the server, then the journal holding what it was told; every bad
+//! request answered with a 4xx and an OpenAI error object, the next good
+//! request still answered; a client leaving mid-stream frees the slot and is
+//! not journaled; a full queue answers 429; the API key. Needs the
+//! converted model: run `models/fetch` first.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// A running server with its own state directory.
+struct Server {
+    child: Child,
+    address: String,
+    state: tempfile::TempDir,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let state = tempfile::tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nocturne"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state.path())
+            .args(extra)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (found, address) = std::sync::mpsc::channel();
+        let (stderr, sink) = (child.stderr.take().unwrap(), log.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listen=").nth(1) {
+                    let _ = found.send(rest.split_whitespace().next().unwrap_or_default().to_string());
+                }
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let address = address.recv_timeout(Duration::from_secs(60)).expect("the server printed its address");
+        let server = Server { child, address, state, log };
+        let started = Instant::now();
+        while server.request("GET", "/health", &[], "").0 != 200 {
+            assert!(started.elapsed() < Duration::from_secs(60), "not ready: {}", server.log.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    /// One HTTP/1.1 request; returns status, head and body.
+    fn request(&self, method: &str, path: &str, headers: &[&str], body: &str) -> (u16, String, String) {
+        let Ok(mut stream) = TcpStream::connect(&self.address) else {
+            return (0, String::new(), String::new());
+        };
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n", self.address, body.len());
+        for h in headers {
+            head += &format!("{h}\r\n");
+        }
+        stream.write_all(format!("{head}\r\n").as_bytes()).unwrap();
+        // A server may answer (413) and close before reading a large body.
+        let _ = stream.write_all(body.as_bytes());
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, head.to_string(), body.to_string())
+    }
+
+    fn json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, _, body) = self.request("POST", path, &[], &body.to_string());
+        (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}")))
+    }
+
+    /// SIGTERM, then the journal as dumped.
+    fn stop(mut self) -> Vec<Value> {
+        // SAFETY: kill has no memory preconditions; the pid is our live child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "server exit {status}: {}", self.log.lock().unwrap());
+        let out = Command::new(env!("CARGO_BIN_EXE_nocturne")).args(["journal", "dump", "--state-dir"]).arg(self.state.path()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+}
+
+fn kinds(records: &[Value], kind: &str) -> Vec<Value> {
+    records.iter().filter(|r| r["kind"] == kind).cloned().collect()
+}
+
+fn question(max_tokens: u32) -> Value {
+    json!({"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0, "max_tokens": max_tokens})
+}
+
+#[test]
+fn openai_python_client_completes_streams_lists_and_sends_feedback() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let python = Command::new(format!("{root}/scripts/python-openai")).output().unwrap();
+    assert!(python.status.success(), "{}", String::from_utf8_lossy(&python.stderr));
+    let python = String::from_utf8(python.stdout).unwrap();
+    let server = Server::start(&[]);
+    let out = Command::new(python.trim()).arg(format!("{root}/tests/serve_openai.py")).arg(format!("http://{}/v1", server.address)).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), server.log.lock().unwrap());
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["models"], json!(["smollm2-135m-instruct-int8"]));
+    assert!(seen["text"].as_str().unwrap().contains("Paris"), "{seen}");
+    assert_eq!(seen["streamed"], seen["text"], "streamed chunks reassemble to the greedy reply");
+    assert_eq!((&seen["finish_reason"], &seen["stream_finish_reason"]), (&json!("stop"), &json!("stop")));
+    assert_eq!(seen["completion_tokens"], seen["stream_completion_tokens"]);
+    assert_eq!((&seen["id"], &seen["header_interaction"]), (&json!("chatcmpl-1"), &json!("1")));
+    assert_eq!(seen["stream_interaction"], 2);
+    assert_eq!((&seen["feedback_status"], &seen["feedback"]["interaction"]), (&json!(200), &json!(1)));
+
+    let journal = server.stop();
+    let interactions = kinds(&journal, "interaction");
+    assert_eq!(interactions.len(), 2, "each completion journaled once: {journal:?}");
+    assert_eq!(interactions[0]["lsn"], 1);
+    assert_eq!(interactions[0]["prompt"], "What is the capital of France?");
+    assert_eq!(interactions[0]["reply"], seen["text"]);
+    let feedback = kinds(&journal, "feedback");
+    assert_eq!(feedback.len(), 1, "{journal:?}");
+    assert_eq!((&feedback[0]["interaction"], &feedback[0]["correction"]), (&json!(1), &json!("Paris, on the Seine.")));
+}
+
+#[test]
+fn bad_requests_get_an_error_object_and_the_next_request_is_answered() {
+    let server = Server::start(&[]);
+    let user = |content: &str| json!([{"role": "user", "content": content}]);
+    let long = "word ".repeat(3000);
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("malformed JSON", r#"{"messages": ["#.into(), 400, "not valid"),
+        ("wrong type", json!({"messages": user("hi"), "temperature": "hot"}).to_string(), 400, "invalid type"),
+        ("no messages field", json!({"model": "x"}).to_string(), 400, "messages"),
+        ("unknown model", json!({"model": "gpt-9", "messages": user("hi")}).to_string(), 404, "does not exist"),
+        ("over max tokens", json!({"messages": user("hi"), "max_tokens": 100000}).to_string(), 400, "limit"),
+        ("over the context", json!({"messages": user(&long)}).to_string(), 400, "context holds"),
+        ("temperature out of range", json!({"messages": user("hi"), "temperature": -1}).to_string(), 400, "temperature"),
+        ("last message not the user's", json!({"messages": [{"role": "assistant", "content": "hi"}]}).to_string(), 400, "user"),
+        ("unknown role", json!({"messages": [{"role": "tool", "content": "x"}, {"role": "user", "content": "hi"}]}).to_string(), 400, "tool"),
+        ("body over the size limit", json!({"messages": user(&"x".repeat(2 << 20))}).to_string(), 413, "length limit"),
+    ];
+    for (name, body, status, said) in cases {
+        let (got, head, text) = server.request("POST", "/v1/chat/completions", &[], &body);
+        assert_eq!(got, status, "{name}: {head}\n{text}");
+        let error: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}: {text}"));
+        let message = error["error"]["message"].as_str().unwrap_or_else(|| panic!("{name}: no error object: {text}"));
+        assert!(message.contains(said), "{name}: `{message}` does not say `{said}`");
+        let (ok, reply) = server.json("/v1/chat/completions", &question(2));
+        assert_eq!(ok, 200, "after {name}: {reply}");
+    }
+    for (name, body, said) in [
+        ("feedback on no interaction", json!({"interaction": 999, "thumbs": "up"}), "no interaction 999"),
+        ("rating out of range", json!({"interaction": 1, "rating": 9}), "1 to 5"),
+        ("empty feedback", json!({"interaction": 1}), "carries nothing"),
+        ("not an id", json!({"interaction": "abc", "rating": 3}), "not an interaction id"),
+    ] {
+        let (status, error) = server.json("/v1/feedback", &body);
+        assert_eq!(status, 400, "{name}: {error}");
+        assert!(error["error"]["message"].as_str().unwrap().contains(said), "{name}: {error}");
+    }
+    let journal = server.stop();
+    assert_eq!(kinds(&journal, "interaction").len(), 10, "only the good requests are journaled");
+    assert!(kinds(&journal, "feedback").is_empty());
+}
+
+/// Opens a streamed completion and reads until `events` data lines arrived.
+fn open_stream(server: &Server, events: usize) -> TcpStream {
+    let body = json!({"messages": [{"role": "user", "content": "Write a very long story about a dragon who learns to sing."}],
+                      "temperature": 0, "max_tokens": 500, "stream": true})
+    .to_string();
+    let mut stream = TcpStream::connect(&server.address).unwrap();
+    let head = format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
+    stream.write_all((head + &body).as_bytes()).unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while seen.matches("data: ").count() < events {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "stream closed early: {seen}");
+        seen += &String::from_utf8_lossy(&buf[..n]);
+    }
+    stream
+}
+
+#[test]
+fn a_client_leaving_mid_stream_frees_the_slot_and_is_not_journaled() {
+    let server = Server::start(&[]);
+    drop(open_stream(&server, 3));
+    let (status, reply) = server.json("/v1/chat/completions", &question(8));
+    assert_eq!(status, 200, "{reply}");
+    let log = server.log.lock().unwrap().clone();
+    let journal = server.stop();
+    let interactions = kinds(&journal, "interaction");
+    assert_eq!(interactions.len(), 1, "only the finished request: {journal:?}");
+    assert_eq!(interactions[0]["prompt"], "What is the capital of France?");
+    assert!(log.contains("client went away"), "{log}");
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    let server = Arc::new(Server::start(&["--queue", "1"]));
+    let running = open_stream(&server, 2);
+    let queued = {
+        let server = server.clone();
+        std::thread::spawn(move || server.json("/v1/chat/completions", &question(4)))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, head, body) = server.request("POST", "/v1/chat/completions", &[], &question(4).to_string());
+    assert_eq!(status, 429, "{head}\n{body}");
+    assert!(head.to_ascii_lowercase().contains("retry-after: 1"), "{head}");
+    assert!(body.contains("queue is full"), "{body}");
+    drop(running);
+    let (status, reply) = queued.join().unwrap();
+    assert_eq!(status, 200, "the queued request is answered once the slot frees: {reply}");
+    let server = Arc::into_inner(server).unwrap();
+    assert_eq!(kinds(&server.stop(), "interaction").len(), 1);
+}
+
+#[test]
+fn the_api_key_is_required_except_for_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "s3cret\n").unwrap();
+    let server = Server::start(&["--api-key-file", key.to_str().unwrap()]);
+    assert_eq!(server.request("GET", "/v1/models", &[], "").0, 401);
+    assert_eq!(server.request("GET", "/v1/models", &["Authorization: Bearer wrong"], "").0, 401);
+    let (status, _, body) = server.request("GET", "/v1/models", &["Authorization: Bearer s3cret"], "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(server.request("GET", "/health", &[], "").0, 200);
+    server.stop();
+}
