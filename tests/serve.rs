@@ -195,6 +195,11 @@ fn a_client_leaving_mid_stream_frees_the_slot_and_is_not_journaled() {
     let (status, reply) = server.json("/v1/chat/completions", &question(8));
     assert_eq!(status, 200, "{reply}");
     let log = server.log.lock().unwrap().clone();
+    let (status, _, metrics) = server.request("GET", "/metrics", &[], "");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("nocturne_slots_busy 0"), "no slot leaked: {metrics}");
+    assert!(metrics.contains("nocturne_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"} 2"), "{metrics}");
+    assert!(metrics.contains("nocturne_time_to_first_token_seconds_bucket"), "{metrics}");
     let journal = server.stop();
     let interactions = kinds(&journal, "interaction");
     assert_eq!(interactions.len(), 1, "only the finished request: {journal:?}");

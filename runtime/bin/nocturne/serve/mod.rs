@@ -7,7 +7,8 @@
 //! `GET /health` answers 503 while loading and 200 after.
 //!
 //! Endpoints: `POST /v1/chat/completions` (streamed as server-sent events
-//! when asked), `GET /v1/models`, `GET /health`, `POST /v1/feedback`. Every
+//! when asked), `GET /v1/models`, `GET /health`, `GET /metrics`
+//! (Prometheus), `POST /v1/feedback`. Every
 //! completion is journaled as an interaction once its reply is complete; its
 //! number comes back as the completion id (`chatcmpl-N`), in the
 //! `x-nocturne-interaction` header, and (streamed) as `interaction` in the
@@ -16,6 +17,7 @@
 
 mod api;
 mod slot;
+mod telemetry;
 
 use std::convert::Infallible;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -78,12 +80,14 @@ struct App {
     slot: Arc<SlotState>,
     model: String,
     api_key: Option<String>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 /// What loading gives the HTTP side.
 struct Loaded {
     tokenizer: Arc<Tokenizer>,
     context_tokens: usize,
+    plan_bytes: usize,
 }
 
 type Shared = State<Arc<App>>;
@@ -117,7 +121,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     tracing::info!(listen = %address, model = %model, "listening; loading the model");
 
     let (queue, work) = crossbeam_channel::bounded(args.queue);
-    let app = Arc::new(App { loaded: Arc::new(OnceLock::new()), queue, slot: Arc::new(SlotState::default()), model, api_key });
+    let metrics = telemetry::install()?;
+    let app = Arc::new(App { loaded: Arc::new(OnceLock::new()), queue, slot: Arc::new(SlotState::default()), model, api_key, metrics });
     let (failed, failure) = oneshot::channel::<anyhow::Error>();
     let slot_thread = {
         // Not the App: it holds the queue's sender, and the slot ends when every sender is gone.
@@ -133,9 +138,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             })();
             match loaded {
                 Ok((pack, tokenizer, recorder, session)) => {
-                    let context_tokens = session.decoder_ref().capacity();
-                    tracing::info!(plan_bytes = session.memory_plan().total(), context_tokens, "model loaded; ready");
-                    let _ = loaded_cell.set(Loaded { tokenizer, context_tokens });
+                    let (context_tokens, plan_bytes) = (session.decoder_ref().capacity(), session.memory_plan().total());
+                    tracing::info!(plan_bytes, context_tokens, "model loaded; ready");
+                    let _ = loaded_cell.set(Loaded { tokenizer, context_tokens, plan_bytes });
                     slot::run(session, pack, recorder, work, slot);
                 }
                 Err(e) => {
@@ -148,8 +153,10 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/v1/feedback", post(feedback))
+        .route("/metrics", get(render_metrics))
         .route_layer(axum::middleware::from_fn_with_state(app.clone(), authorize))
         .route("/health", get(health))
+        .layer(axum::middleware::from_fn(count))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app);
     let load_error = runtime.block_on(async {
@@ -190,6 +197,27 @@ async fn authorize(State(app): Shared, request: Request, next: Next) -> Response
         }
     }
     next.run(request).await
+}
+
+/// Counts every answered request by endpoint and status.
+async fn count(request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    let endpoint = match path.as_str() {
+        "/v1/chat/completions" | "/v1/models" | "/v1/feedback" | "/health" | "/metrics" => path,
+        _ => "other".to_string(),
+    };
+    metrics::counter!(telemetry::REQUESTS, "endpoint" => endpoint, "status" => response.status().as_u16().to_string()).increment(1);
+    response
+}
+
+async fn render_metrics(State(app): Shared) -> Response {
+    metrics::gauge!(telemetry::QUEUE_DEPTH).set(app.queue.len() as f64);
+    metrics::gauge!(telemetry::SLOTS).set(1.0);
+    metrics::gauge!(telemetry::SLOTS_BUSY).set(f64::from(u8::from(app.slot.busy.load(std::sync::atomic::Ordering::Relaxed))));
+    metrics::gauge!(telemetry::UNSYNCED).set(app.slot.unsynced.load(std::sync::atomic::Ordering::Relaxed) as f64);
+    metrics::gauge!(telemetry::MEMORY_PLAN).set(app.loaded.get().map_or(0.0, |l| l.plan_bytes as f64));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
 }
 
 async fn health(State(app): Shared) -> Response {

@@ -47,24 +47,19 @@ pub enum Work {
     Feedback(Feedback<'static>, oneshot::Sender<Result<u64, String>>),
 }
 
-/// Figures the HTTP side reads for `/metrics` and `/health`.
+/// Figures the HTTP side reads for `/metrics`.
 #[derive(Default)]
 pub struct SlotState {
     /// A completion is running.
     pub busy: AtomicBool,
     /// Journal records not yet acknowledged as durable.
     pub unsynced: AtomicU64,
-    /// The LSN the next record gets (0: journaling off).
-    pub next_lsn: AtomicU64,
 }
 
 /// Runs work from `queue` until every sender is gone, then closes the
 /// journal (syncing it).
 pub fn run(mut session: Session<'_>, pack: &ModelPack, mut recorder: Recorder, queue: crossbeam_channel::Receiver<Work>, state: Arc<SlotState>) {
-    let publish = |recorder: &Recorder| {
-        state.unsynced.store(recorder.unsynced_records(), Ordering::Relaxed);
-        state.next_lsn.store(recorder.next_lsn().unwrap_or(0), Ordering::Relaxed);
-    };
+    let publish = |recorder: &Recorder| state.unsynced.store(recorder.unsynced_records(), Ordering::Relaxed);
     publish(&recorder);
     for work in queue {
         match work {
@@ -135,5 +130,11 @@ fn complete(session: &mut Session<'_>, pack: &ModelPack, recorder: &mut Recorder
             None
         }
     };
+    metrics::counter!(super::telemetry::PROMPT_TOKENS).increment(stats.prompt_tokens as u64);
+    metrics::counter!(super::telemetry::COMPLETION_TOKENS).increment(stats.new_tokens as u64);
+    metrics::histogram!(super::telemetry::TIME_TO_FIRST_TOKEN).record(stats.time_to_first_token.as_secs_f64());
+    if stats.new_tokens > 1 {
+        metrics::histogram!(super::telemetry::DECODE_SPEED).record(stats.decode_tokens_per_second());
+    }
     let _ = events.send(Event::Done { reply, stats, interaction });
 }
