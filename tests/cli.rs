@@ -134,11 +134,12 @@ fn generate_records_the_interaction_and_feedback_refers_to_it() {
 fn chat_commands_record_explicit_and_implicit_feedback() {
     let state = tempfile::tempdir().unwrap();
     let dir = state.path().to_str().unwrap();
-    let script = "What is 2+2?\n/rate 4\n/fix Four.\n/retry\nthanks\n/rate 9\n/reset\n/exit\n";
+    let script = "/help\nWhat is 2+2?\n/rate 4\n/fix Four.\n/retry\nthanks\n/rate 9\n/reset\n/exit\n";
     let out = nocturne(&["chat", "--state-dir", dir, "--max-new-tokens", "16"], Some(script.as_bytes()));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("/rate takes a number from 1 to 5, not `9`"), "{stderr}");
+    assert_eq!(stderr.matches("/help shows this").count(), 2, "the banner and /help list the commands: {stderr}");
     let records = json_lines(&nocturne(&["journal", "dump", "--state-dir", dir], None));
     let summary: Vec<String> = records
         .iter()

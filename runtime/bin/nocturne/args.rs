@@ -15,7 +15,7 @@ use nocturne::weights::{ModelPack, TOKENIZER_FILE};
 /// Which model pack to serve.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// Model directory; default: models/cache/smollm2-135m-instruct/<precision>.
+    /// Model directory; default: smollm2-135m-instruct/<precision> under $NOCTURNE_MODELS, else ./models/cache, else $XDG_DATA_HOME/nocturne/models.
     #[arg(long, env = "NOCTURNE_MODEL")]
     pub model: Option<PathBuf>,
     /// Pack precision when --model is not given; default: the profile's.
@@ -43,7 +43,7 @@ impl ModelArgs {
     /// The model directory these arguments name.
     pub fn dir(&self) -> PathBuf {
         self.model.clone().unwrap_or_else(|| {
-            PathBuf::from("models/cache/smollm2-135m-instruct").join(self.precision().name())
+            crate::paths::models_root().join("smollm2-135m-instruct").join(self.precision().name())
         })
     }
 
@@ -51,7 +51,11 @@ impl ModelArgs {
     pub fn open(&self) -> anyhow::Result<(ModelPack, Tokenizer)> {
         let dir = self.dir();
         if !dir.is_dir() {
-            bail!("model directory {} does not exist (run `models/fetch` to create the default one)", dir.display());
+            bail!(
+                "model directory {} does not exist (run `models/fetch` in the nocturne checkout to create the default one; \
+                 with NOCTURNE_MODELS=DIR it installs into DIR)",
+                dir.display()
+            );
         }
         let pack = ModelPack::open(&dir)?;
         let tokenizer = Tokenizer::from_file(&dir.join(TOKENIZER_FILE))?;

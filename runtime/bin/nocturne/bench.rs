@@ -33,9 +33,9 @@ use nocturne::weights::{ModelPack, TOKENIZER_FILE};
 /// Benchmark settings.
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Directory holding the int8/ and fp16/ packs.
-    #[arg(long, default_value = "models/cache/smollm2-135m-instruct")]
-    packs: PathBuf,
+    /// Directory holding the int8/ and fp16/ packs; default: smollm2-135m-instruct in the models directory (see `--model` of generate).
+    #[arg(long)]
+    packs: Option<PathBuf>,
     /// Prompt length for prefill.
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
@@ -140,7 +140,8 @@ fn child_first_token(mode: &Mode, threads: usize, prompt: &str, new_tokens: usiz
 
 /// The profile's pack, its tokenizer, and the benchmark prompt's tokens.
 fn open_pack(args: &BenchArgs, precision: &str) -> anyhow::Result<(ModelPack, Tokenizer, Vec<u32>)> {
-    let dir = args.packs.join(precision);
+    let packs = args.packs.clone().unwrap_or_else(|| crate::paths::models_root().join("smollm2-135m-instruct"));
+    let dir = packs.join(precision);
     let pack = ModelPack::open(&dir)?;
     let tokenizer = Tokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
     // The text is over 40 tokens, so this many copies always suffice.

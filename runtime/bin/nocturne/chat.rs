@@ -21,7 +21,7 @@ use nocturne::device::recorder::Recorder;
 use crate::journal::{follow_active_adapter, record_interaction, RecordArgs};
 use crate::args::{ModelArgs, RequestArgs};
 
-const HELP: &str = "/rate 1-5, /good, /bad, /fix <answer>, /retry rate the last reply; /reset clears the conversation, /exit leaves.";
+const HELP: &str = "/rate 1-5, /good, /bad, /fix <answer>, /retry rate the last reply; /reset clears the conversation, /help shows this, /exit leaves.";
 
 /// Lowest temperature of a `/retry`: greedy decoding would give the same reply again.
 const RETRY_TEMPERATURE: f32 = 0.7;
@@ -41,6 +41,7 @@ enum Input<'a> {
     Retry,
     Reset,
     Exit,
+    Help,
     Invalid(String),
 }
 
@@ -49,6 +50,7 @@ fn parse(line: &str) -> Input<'_> {
     let feedback = |f: Feedback<'static>, said: &str| Input::Feedback(f, said.to_string());
     match command {
         "/exit" | "/quit" => Input::Exit,
+        "/help" | "/?" => Input::Help,
         "/reset" => Input::Reset,
         "/retry" => Input::Retry,
         "/good" => feedback(Feedback { thumbs: Some(Thumbs::Up), ..Feedback::default() }, "thumbs up"),
@@ -135,6 +137,7 @@ impl Chat<'_> {
         match input {
             Input::Exit => return Ok(false),
             Input::Invalid(message) => eprintln!("{message}"),
+            Input::Help => eprintln!("{HELP}"),
             Input::Reset => {
                 if self.last.as_ref().is_some_and(|l| !l.answered) {
                     self.implicit(ImplicitSignals { abandoned: true, ..ImplicitSignals::default() });

@@ -23,15 +23,15 @@ use nocturne::weights::ModelPack;
 /// Where the device keeps its state.
 #[derive(Args, Clone)]
 pub struct StateArgs {
-    /// The device's state directory (device id, journal).
-    #[arg(long, env = "NOCTURNE_STATE_DIR", default_value = "state")]
-    state_dir: PathBuf,
+    /// The device's state directory (device id, journal); default: $XDG_STATE_HOME/nocturne (~/.local/state/nocturne).
+    #[arg(long, env = "NOCTURNE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 impl StateArgs {
     /// The state directory.
     pub fn state(&self) -> StateDir {
-        StateDir::new(&self.state_dir)
+        StateDir::new(self.state_dir.clone().unwrap_or_else(crate::paths::default_state_dir))
     }
 
     /// Opens the device's journal for appending, saying on stderr what

@@ -13,6 +13,7 @@ mod chat;
 mod generate;
 mod info;
 mod journal;
+mod paths;
 mod perplexity;
 mod serve;
 mod sync;
