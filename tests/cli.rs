@@ -51,6 +51,18 @@ fn capital_of_france_is_paris_with_both_packs() {
 }
 
 #[test]
+fn a_persona_is_the_journaled_system_prompt() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().to_str().unwrap();
+    let out = nocturne(&["generate", "--state-dir", dir, "--persona", "formal", "--max-new-tokens", "4", "Hello"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let records = json_lines(&nocturne(&["journal", "dump", "--state-dir", dir], None));
+    assert!(records[0]["system"].as_str().unwrap().starts_with("You are a courteous, formal assistant."), "{records:?}");
+    let out = nocturne(&["generate", "--state-dir", dir, "--persona", "pirate", "Hello"], None);
+    assert!(failure(&out).contains("no persona `pirate`; there are: casual, formal, technical"));
+}
+
+#[test]
 fn prompt_on_stdin_streams_the_reply() {
     let out = nocturne(&["generate", "--max-new-tokens", "200"], Some(b"What is the capital of France?\n"));
     assert!(out.status.success());

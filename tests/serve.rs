@@ -144,6 +144,7 @@ fn bad_requests_get_an_error_object_and_the_next_request_is_answered() {
         ("temperature out of range", json!({"messages": user("hi"), "temperature": -1}).to_string(), 400, "temperature"),
         ("last message not the user's", json!({"messages": [{"role": "assistant", "content": "hi"}]}).to_string(), 400, "user"),
         ("unknown role", json!({"messages": [{"role": "tool", "content": "x"}, {"role": "user", "content": "hi"}]}).to_string(), 400, "tool"),
+        ("unknown persona", json!({"messages": user("hi"), "persona": "pirate"}).to_string(), 400, "no persona `pirate`"),
         ("body over the size limit", json!({"messages": user(&"x".repeat(2 << 20))}).to_string(), 413, "length limit"),
     ];
     for (name, body, status, said) in cases {
@@ -166,7 +167,7 @@ fn bad_requests_get_an_error_object_and_the_next_request_is_answered() {
         assert!(error["error"]["message"].as_str().unwrap().contains(said), "{name}: {error}");
     }
     let journal = server.stop();
-    assert_eq!(kinds(&journal, "interaction").len(), 10, "only the good requests are journaled");
+    assert_eq!(kinds(&journal, "interaction").len(), 11, "only the good requests are journaled");
     assert!(kinds(&journal, "feedback").is_empty());
 }
 
@@ -239,4 +240,23 @@ fn the_api_key_is_required_except_for_health() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(server.request("GET", "/health", &[], "").0, 200);
     server.stop();
+}
+
+#[test]
+fn a_persona_sets_the_system_prompt_unless_a_system_message_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("personas.toml");
+    std::fs::write(&file, "[terse]\nsystem = \"Answer in one word.\"\n").unwrap();
+    let server = Server::start(&["--personas", file.to_str().unwrap()]);
+    let mut request = question(4);
+    request["persona"] = json!("terse");
+    assert_eq!(server.json("/v1/chat/completions", &request).0, 200);
+    request["messages"] = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]);
+    assert_eq!(server.json("/v1/chat/completions", &request).0, 200);
+    request["persona"] = json!("formal");
+    let (status, error) = server.json("/v1/chat/completions", &request);
+    assert_eq!(status, 400, "only the file's personas: {error}");
+    assert_eq!(error["error"]["param"], "persona");
+    let systems: Vec<Value> = kinds(&server.stop(), "interaction").iter().map(|r| r["system"].clone()).collect();
+    assert_eq!(systems, [json!("Answer in one word."), json!("Be brief.")]);
 }

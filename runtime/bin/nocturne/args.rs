@@ -12,6 +12,8 @@ use nocturne::session::{RequestOptions, SessionOptions};
 use nocturne::tokenizer::{Tokenizer, DEFAULT_SYSTEM_PROMPT};
 use nocturne::weights::{ModelPack, TOKENIZER_FILE};
 
+use crate::personas::PersonaArgs;
+
 /// Which model pack to serve.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
@@ -109,12 +111,30 @@ pub struct RequestArgs {
     /// A string that ends the reply (repeatable).
     #[arg(long)]
     stop: Vec<String>,
-    /// System prompt.
-    #[arg(long, default_value = DEFAULT_SYSTEM_PROMPT)]
-    pub system: String,
+    /// System prompt (default: the model's, "You are a helpful AI assistant named SmolLM, …").
+    #[arg(long, conflicts_with = "persona")]
+    system: Option<String>,
+    /// A persona's system prompt instead (technical, casual, formal, or one of --personas).
+    #[arg(long)]
+    persona: Option<String>,
+    #[command(flatten)]
+    personas: PersonaArgs,
 }
 
 impl RequestArgs {
+    /// The system prompt: `--system`, else the `--persona`'s (personas from
+    /// `state_dir` or `--personas`), else the model's default.
+    ///
+    /// # Errors
+    /// An unknown persona, or a personas file that cannot be read.
+    pub fn system_prompt(&self, state_dir: &std::path::Path) -> anyhow::Result<String> {
+        match (&self.system, &self.persona) {
+            (Some(system), _) => Ok(system.clone()),
+            (None, Some(name)) => Ok(self.personas.load(state_dir)?.system(name)?.to_string()),
+            (None, None) => Ok(DEFAULT_SYSTEM_PROMPT.to_string()),
+        }
+    }
+
     /// The request options these arguments describe.
     pub fn options(&self) -> RequestOptions {
         let mut options = RequestOptions::for_profile(&ACTIVE);

@@ -202,7 +202,7 @@ pub fn run(model: &ModelArgs, request: &RequestArgs, record: &RecordArgs) -> any
         tokenizer: &tokenizer,
         pack: &pack,
         options: request.options(),
-        messages: vec![ChatMessage::new("system", &request.system)],
+        messages: vec![ChatMessage::new("system", &request.system_prompt(record.state.state().root())?)],
         recorder,
         last: None,
         retries: 0,

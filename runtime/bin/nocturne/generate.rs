@@ -40,6 +40,7 @@ fn read_prompt(prompt: Option<String>) -> anyhow::Result<String> {
 /// Answers `prompt` (standard input when `None`).
 pub fn run(prompt: Option<String>, model: &ModelArgs, request: &RequestArgs, Output { raw, json }: Output, record: &RecordArgs) -> anyhow::Result<()> {
     let prompt = read_prompt(prompt)?;
+    let system = request.system_prompt(record.state.state().root())?;
     let (pack, tokenizer) = model.open()?;
     let mut recorder = record.recorder()?;
     let mut session = Session::start(&pack, &tokenizer, &ACTIVE, model.session_options())?;
@@ -47,7 +48,7 @@ pub fn run(prompt: Option<String>, model: &ModelArgs, request: &RequestArgs, Out
     let ids = if raw {
         tokenizer.encode(&prompt)?
     } else {
-        tokenizer.encode_chat(&[ChatMessage::new("system", &request.system), ChatMessage::new("user", prompt.trim_end())], true)?
+        tokenizer.encode_chat(&[ChatMessage::new("system", &system), ChatMessage::new("user", prompt.trim_end())], true)?
     };
     let options = request.options();
     let stats = if json {
@@ -62,7 +63,7 @@ pub fn run(prompt: Option<String>, model: &ModelArgs, request: &RequestArgs, Out
         let _ = writeln!(out);
         stats
     };
-    let system = if raw { "" } else { request.system.as_str() };
+    let system = if raw { "" } else { system.as_str() };
     let reply = session.reply_text().into_owned();
     let interaction = record_interaction(&mut recorder, &session, (system, prompt.trim_end(), &reply), &stats);
     // The id is only given out once the interaction is stored.

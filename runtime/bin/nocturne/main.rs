@@ -15,6 +15,7 @@ mod info;
 mod journal;
 mod paths;
 mod perplexity;
+mod personas;
 mod serve;
 mod sync;
 

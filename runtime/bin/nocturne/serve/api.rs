@@ -36,6 +36,8 @@ pub struct ChatRequest {
     pub stream: bool,
     /// `include_usage`: a last chunk with the token counts.
     pub stream_options: Option<StreamOptions>,
+    /// Our extension: a persona's system prompt (a system message wins).
+    pub persona: Option<String>,
 }
 
 /// `stop`: a string or a list of strings.

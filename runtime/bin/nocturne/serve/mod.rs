@@ -50,6 +50,7 @@ use self::api::{ApiError, ChatRequest, FeedbackRequest, Stop, Usage, COMPLETION_
 use self::slot::{Completion, Event, SlotState, Work};
 use crate::args::ModelArgs;
 use crate::journal::RecordArgs;
+use crate::personas::{PersonaArgs, Personas};
 
 /// Largest request body accepted, bytes (a larger one gets 413).
 const MAX_BODY_BYTES: usize = 1 << 20;
@@ -70,6 +71,8 @@ pub struct ServeArgs {
     model: ModelArgs,
     #[command(flatten)]
     record: RecordArgs,
+    #[command(flatten)]
+    personas: PersonaArgs,
 }
 
 /// What every handler shares.
@@ -81,6 +84,7 @@ struct App {
     model: String,
     api_key: Option<String>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+    personas: Personas,
 }
 
 /// What loading gives the HTTP side.
@@ -111,6 +115,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let personas = args.personas.load(args.record.state.state().root())?;
     let dir = args.model.dir();
     let model = dir.iter().rev().take(2).collect::<Vec<_>>().into_iter().rev().map(|c| c.to_string_lossy()).collect::<Vec<_>>().join("-");
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the tokio runtime")?;
@@ -122,7 +127,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
 
     let (queue, work) = crossbeam_channel::bounded(args.queue);
     let metrics = telemetry::install()?;
-    let app = Arc::new(App { loaded: Arc::new(OnceLock::new()), queue, slot: Arc::new(SlotState::default()), model, api_key, metrics });
+    let app = Arc::new(App { loaded: Arc::new(OnceLock::new()), queue, slot: Arc::new(SlotState::default()), model, api_key, metrics, personas });
     let (failed, failure) = oneshot::channel::<anyhow::Error>();
     let slot_thread = {
         // Not the App: it holds the queue's sender, and the slot ends when every sender is gone.
@@ -277,7 +282,12 @@ fn prepare(app: &App, loaded: &Loaded, request: ChatRequest) -> Result<Prepared,
         return Err(ApiError::invalid(Some("messages"), "the last message must be the user's"));
     };
     let user = last.content.clone();
-    let system = system.unwrap_or_else(|| DEFAULT_SYSTEM_PROMPT.to_string());
+    // An unknown persona is an error even where a system message wins over it.
+    let persona = match &request.persona {
+        Some(name) => Some(app.personas.system(name).map_err(|e| ApiError::invalid(Some("persona"), e.to_string()))?),
+        None => None,
+    };
+    let system = system.or(persona.map(str::to_string)).unwrap_or_else(|| DEFAULT_SYSTEM_PROMPT.to_string());
     let turn = messages.iter().filter(|m| m.role == "assistant").count();
     let mut hasher = DefaultHasher::new();
     (&system, &messages[0].content).hash(&mut hasher);
