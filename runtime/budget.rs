@@ -220,6 +220,21 @@ impl MemoryPlan {
         self.items().iter().map(|(_, bytes)| bytes).sum()
     }
 
+    /// The plan of `n` sessions side by side (a server's slots): every item `n` times.
+    pub fn times(&self, n: usize) -> MemoryPlan {
+        MemoryPlan {
+            kv_cache: self.kv_cache * n,
+            activations: self.activations * n,
+            thread_scratch: self.thread_scratch * n,
+            adapter_scales: self.adapter_scales * n,
+            logits: self.logits * n,
+            rope_table: self.rope_table * n,
+            sampler: self.sampler * n,
+            token_table: self.token_table * n,
+            request: self.request * n,
+        }
+    }
+
     /// Checks the plan against a profile's budget.
     ///
     /// # Errors

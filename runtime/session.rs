@@ -179,6 +179,24 @@ impl<'m> Session<'m> {
         Ok(session)
     }
 
+    /// `slots` sessions answering requests side by side (a server's), after
+    /// checking their plans together against the budget; each gets
+    /// `options`, so the caller divides the threads among them.
+    ///
+    /// # Errors
+    /// [`SessionError::Budget`] when `slots` plans do not fit.
+    pub fn start_slots(
+        pack: &'m ModelPack,
+        tokenizer: &Tokenizer,
+        profile: &Profile,
+        options: SessionOptions,
+        slots: usize,
+    ) -> Result<Vec<Session<'m>>, SessionError> {
+        let (_, _, plan) = Session::plan(pack, tokenizer, profile, options);
+        plan.times(slots).check(&profile.name, profile.memory_budget_bytes)?;
+        (0..slots).map(|_| Session::start(pack, tokenizer, profile, options)).collect()
+    }
+
     /// The plan a session for `pack` under `profile` would allocate, with the
     /// settings it derives from them and the token table it needs.
     pub fn plan(

@@ -260,3 +260,17 @@ fn a_persona_sets_the_system_prompt_unless_a_system_message_is_given() {
     let systems: Vec<Value> = kinds(&server.stop(), "interaction").iter().map(|r| r["system"].clone()).collect();
     assert_eq!(systems, [json!("Answer in one word."), json!("Be brief.")]);
 }
+
+#[test]
+fn two_slots_answer_two_requests_at_once() {
+    let server = Server::start(&["--slots", "2"]);
+    let (first, second) = (open_stream(&server, 2), open_stream(&server, 2));
+    let (_, _, metrics) = server.request("GET", "/metrics", &[], "");
+    assert!(metrics.contains("nocturne_slots 2") && metrics.contains("nocturne_slots_busy 2"), "{metrics}");
+    drop((first, second));
+    let (status, reply) = server.json("/v1/chat/completions", &question(4));
+    assert_eq!(status, 200, "{reply}");
+    let (_, _, metrics) = server.request("GET", "/metrics", &[], "");
+    assert!(metrics.contains("nocturne_slots_busy 0"), "{metrics}");
+    assert_eq!(kinds(&server.stop(), "interaction").len(), 1, "the two cancelled streams are not journaled");
+}

@@ -92,6 +92,26 @@ fn a_budget_too_small_for_the_kv_cache_refuses_to_start() {
 }
 
 #[test]
+fn server_slots_are_planned_together_against_the_budget() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (pack, tokenizer) = model();
+    let options = SessionOptions { threads: 1, ..SessionOptions::for_profile(&ACTIVE) };
+    let one = *Session::start(&pack, &tokenizer, &ACTIVE, options).unwrap().memory_plan();
+    let mut profile = ACTIVE;
+    // Room for one plan and a half: one slot starts, two do not.
+    profile.memory_budget_bytes = (one.total() + one.total() / 2) as u64;
+    let slots = Session::start_slots(&pack, &tokenizer, &profile, options, 1).unwrap();
+    assert_eq!(slots[0].allocated(), one);
+    let err = match Session::start_slots(&pack, &tokenizer, &profile, options, 2) {
+        Err(SessionError::Budget(e)) => e,
+        Err(other) => panic!("expected a budget error, got {other}"),
+        Ok(_) => panic!("two plans of {} bytes do not fit in {}", one.total(), profile.memory_budget_bytes),
+    };
+    assert_eq!(err.needed, 2 * one.total());
+    assert!(err.to_string().contains(&format!("KV cache {}", 2 * one.kv_cache)), "{err}");
+}
+
+#[test]
 fn decoding_allocates_nothing_per_token() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (pack, tokenizer) = model();

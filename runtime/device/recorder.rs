@@ -19,7 +19,7 @@ use super::adapters::{journal_pending_events, load_active, AdapterError, Adapter
 use super::StateDir;
 use crate::adapter::LoraAdapter;
 use crate::ids::{AdapterId, ModelId};
-use crate::journal::{Body, Feedback, Interaction, Journal, JournalError};
+use crate::journal::{Acknowledgements, Body, Feedback, Interaction, Journal, JournalError};
 use crate::session::{ReplyStats, Session};
 use crate::weights::ModelPack;
 
@@ -88,6 +88,8 @@ pub struct Recorder {
     journal: Option<Journal>,
     state: StateDir,
     watch: Option<AdapterWatch>,
+    /// The adapter the last switch went to (sessions sharing this recorder catch up to it).
+    active: Option<Arc<LoraAdapter>>,
     conversation: u64,
     turn: u32,
 }
@@ -101,7 +103,7 @@ impl Recorder {
     pub fn new(state: StateDir, journal: Option<Journal>) -> Result<Recorder, RecorderError> {
         let mut id = [0u8; 8];
         getrandom::fill(&mut id).map_err(|e| RecorderError::Random(e.to_string()))?;
-        Ok(Recorder { journal, state, watch: None, conversation: u64::from_le_bytes(id), turn: 0 })
+        Ok(Recorder { journal, state, watch: None, active: None, conversation: u64::from_le_bytes(id), turn: 0 })
     }
 
     /// Puts `session` on the device's active adapter: at the first call, and
@@ -126,8 +128,22 @@ impl Recorder {
         };
         if let Some(adapter) = &switched {
             session.set_adapter(adapter.clone());
+            self.active = adapter.clone();
         }
         Ok(switched)
+    }
+
+    /// The adapter the device's active one was when last followed (`None`:
+    /// the base model). A front end with several sessions sharing this
+    /// recorder puts each of them on it, since a switch is reported once.
+    pub fn active_adapter(&self) -> Option<Arc<LoraAdapter>> {
+        self.active.clone()
+    }
+
+    /// A handle to wait for acknowledgements without holding the recorder
+    /// (`None` when journaling is off).
+    pub fn acknowledgements(&self) -> Option<Acknowledgements> {
+        self.journal.as_ref().map(Journal::acknowledgements)
     }
 
     /// Starts a new conversation.

@@ -115,7 +115,7 @@ pub use record::{
     StopReason, Thumbs,
 };
 pub use recovery::Recovery;
-pub use writer::{Journal, JournalConfig};
+pub use writer::{Acknowledgements, Journal, JournalConfig};
 pub use writer_thread::WriterError;
 
 /// Why a journal operation failed.

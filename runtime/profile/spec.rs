@@ -10,8 +10,9 @@
 //!
 //! Invariants of a valid profile: every field is present and known; `threads`,
 //! `max_context_tokens`, `max_new_tokens`, `deadline_ms` and the journal sizes
-//! are non-zero; `max_new_tokens < max_context_tokens`; the f16 KV cache of the
-//! profile's own context for its sizing model fits in `memory_budget_bytes`;
+//! and `server.slots`/`server.queue` are non-zero; `max_new_tokens <
+//! max_context_tokens`; the f16 KV caches of the profile's own context for
+//! its sizing model, one per server slot, fit in `memory_budget_bytes`;
 //! a journal segment fits in the journal quota. The file format is documented
 //! in `firmware-profiles/README.md`.
 
@@ -77,6 +78,17 @@ pub struct JournalSpec {
     pub disk_quota_bytes: u64,
 }
 
+/// The local API's (`nocturne serve`) settings.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSpec {
+    /// Sessions answering requests at once, each with its own KV cache and
+    /// buffers from the memory plan (the budget holds all of them).
+    pub slots: u32,
+    /// Requests that may wait for a slot; one more is refused (429).
+    pub queue: u32,
+}
+
 /// Optional parts compiled into the runtime.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -110,6 +122,8 @@ pub struct Profile {
     pub sizing: Sizing,
     /// Journal settings.
     pub journal: JournalSpec,
+    /// Local API settings.
+    pub server: ServerSpec,
     /// Optional parts.
     pub parts: Parts,
 }
@@ -165,7 +179,7 @@ impl Profile {
     /// [`ProfileError::Invalid`] naming the first field that breaks one.
     pub fn validate(&self) -> Result<(), ProfileError> {
         let invalid = |field: &'static str, reason: String| Err(ProfileError::Invalid { field, reason });
-        let nonzero: [(&'static str, u64); 9] = [
+        let nonzero: [(&'static str, u64); 11] = [
             ("threads", self.threads.into()),
             ("memory_budget_bytes", self.memory_budget_bytes),
             ("max_context_tokens", self.max_context_tokens.into()),
@@ -175,6 +189,8 @@ impl Profile {
             ("sizing.kv_heads", self.sizing.kv_heads.into()),
             ("sizing.head_dim", self.sizing.head_dim.into()),
             ("journal.segment_bytes", self.journal.segment_bytes),
+            ("server.slots", self.server.slots.into()),
+            ("server.queue", self.server.queue.into()),
         ];
         for (field, value) in nonzero {
             if value == 0 {
@@ -193,13 +209,13 @@ impl Profile {
                 ),
             );
         }
-        let kv_bytes = self.kv_bytes_per_token() * u64::from(self.max_context_tokens);
+        let kv_bytes = self.kv_bytes_per_token() * u64::from(self.max_context_tokens) * u64::from(self.server.slots);
         if kv_bytes > self.memory_budget_bytes {
             return invalid(
                 "memory_budget_bytes",
                 format!(
-                    "{} bytes cannot hold the f16 KV cache of max_context_tokens = {} for the sizing model ({} bytes)",
-                    self.memory_budget_bytes, self.max_context_tokens, kv_bytes
+                    "{} bytes cannot hold the f16 KV caches of max_context_tokens = {} for the sizing model in {} slot(s) ({} bytes)",
+                    self.memory_budget_bytes, self.max_context_tokens, self.server.slots, kv_bytes
                 ),
             );
         }
@@ -224,6 +240,7 @@ impl Profile {
              max_new_tokens: {}, deadline_ms: {}, \
              sizing: Sizing {{ layers: {}, kv_heads: {}, head_dim: {} }}, \
              journal: JournalSpec {{ durability: Durability::{:?}, group_commit_ms: {}, segment_bytes: {}, disk_quota_bytes: {} }}, \
+             server: ServerSpec {{ slots: {}, queue: {} }}, \
              parts: Parts {{ recall: {} }} }}",
             self.name,
             self.target_class,
@@ -240,6 +257,8 @@ impl Profile {
             self.journal.group_commit_ms,
             self.journal.segment_bytes,
             self.journal.disk_quota_bytes,
+            self.server.slots,
+            self.server.queue,
             self.parts.recall,
         )
     }

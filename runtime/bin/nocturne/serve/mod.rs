@@ -1,8 +1,9 @@
 //! `nocturne serve`: the local API apps on the device talk to, compatible
 //! with OpenAI's chat completions (as llama.cpp's `llama-server` and Ollama
 //! are), plus `POST /v1/feedback`, our extension. axum on a one-thread tokio
-//! runtime takes the HTTP side; the model runs on the slot thread
-//! ([`slot`]), fed through a bounded queue: a full queue answers 429 with
+//! runtime takes the HTTP side; the model runs on the slot threads
+//! ([`slot`], the profile's `[server] slots`, each with its own session),
+//! fed through one bounded queue (`[server] queue`): a full queue answers 429 with
 //! `Retry-After`. The listener is bound before the model loads, so
 //! `GET /health` answers 503 while loading and 200 after.
 //!
@@ -23,7 +24,7 @@ use std::convert::Infallible;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
@@ -64,9 +65,12 @@ pub struct ServeArgs {
     /// A file holding the API key clients must send as `Authorization: Bearer KEY` (`/health` stays open).
     #[arg(long)]
     api_key_file: Option<PathBuf>,
-    /// Requests that may wait for the slot; one more gets 429.
-    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
-    queue: usize,
+    /// Requests that may wait for a slot; one more gets 429 (default: the profile's `[server] queue`).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    queue: Option<usize>,
+    /// Sessions answering at once, the threads divided among them (default: the profile's `[server] slots`).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    slots: Option<usize>,
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
@@ -85,6 +89,7 @@ struct App {
     api_key: Option<String>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     personas: Personas,
+    slots: usize,
 }
 
 /// What loading gives the HTTP side.
@@ -125,32 +130,54 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let address = listener.local_addr().context("the listening socket has no address")?;
     tracing::info!(listen = %address, model = %model, "listening; loading the model");
 
-    let (queue, work) = crossbeam_channel::bounded(args.queue);
+    let queue_length = args.queue.unwrap_or(ACTIVE.server.queue as usize);
+    let slots = args.slots.unwrap_or(ACTIVE.server.slots as usize);
+    let (queue, work) = crossbeam_channel::bounded(queue_length);
     let metrics = telemetry::install()?;
-    let app = Arc::new(App { loaded: Arc::new(OnceLock::new()), queue, slot: Arc::new(SlotState::default()), model, api_key, metrics, personas });
+    let app = Arc::new(App { loaded: Arc::new(OnceLock::new()), queue, slot: Arc::new(SlotState::default()), model, api_key, metrics, personas, slots });
     let (failed, failure) = oneshot::channel::<anyhow::Error>();
-    let slot_thread = {
-        // Not the App: it holds the queue's sender, and the slot ends when every sender is gone.
-        let (loaded_cell, slot, model_args, record) = (app.loaded.clone(), app.slot.clone(), args.model.clone(), args.record.clone());
-        std::thread::Builder::new().name("nocturne-slot".into()).spawn(move || {
-            let loaded = (|| -> anyhow::Result<_> {
+    let loader = {
+        // Not the App: it holds the queue's sender, and the slots end when every sender is gone.
+        let (loaded_cell, state, model_args, record) = (app.loaded.clone(), app.slot.clone(), args.model.clone(), args.record.clone());
+        std::thread::Builder::new().name("nocturne-load".into()).spawn(move || {
+            let opened = (|| -> anyhow::Result<_> {
                 let (pack, tokenizer) = model_args.open()?;
-                // The pack lives as long as the process: the slot's session borrows it.
-                let pack: &'static _ = Box::leak(Box::new(pack));
                 let recorder = record.recorder()?;
-                let session = Session::start(pack, &tokenizer, &ACTIVE, model_args.session_options())?;
-                Ok((pack, Arc::new(tokenizer), recorder, session))
+                Ok((pack, tokenizer, recorder))
             })();
-            match loaded {
-                Ok((pack, tokenizer, recorder, session)) => {
-                    let (context_tokens, plan_bytes) = (session.decoder_ref().capacity(), session.memory_plan().total());
-                    tracing::info!(plan_bytes, context_tokens, "model loaded; ready");
-                    let _ = loaded_cell.set(Loaded { tokenizer, context_tokens, plan_bytes });
-                    slot::run(session, pack, recorder, work, slot);
-                }
+            let (pack, tokenizer, recorder) = match opened {
+                Ok(opened) => opened,
                 Err(e) => {
                     let _ = failed.send(e);
+                    return;
                 }
+            };
+            let mut options = model_args.session_options();
+            options.threads = (options.threads / slots).max(1);
+            let sessions = match Session::start_slots(&pack, &tokenizer, &ACTIVE, options, slots) {
+                Ok(sessions) => sessions,
+                Err(e) => {
+                    let _ = failed.send(e.into());
+                    return;
+                }
+            };
+            let context_tokens = sessions[0].decoder_ref().capacity();
+            let plan_bytes = sessions.iter().map(|s| s.memory_plan().total()).sum();
+            tracing::info!(slots, threads_per_slot = options.threads, plan_bytes, context_tokens, "model loaded; ready");
+            let shared = slot::Shared { pack: &pack, acknowledgements: recorder.acknowledgements(), recorder: Mutex::new(recorder), state };
+            let _ = loaded_cell.set(Loaded { tokenizer: Arc::new(tokenizer), context_tokens, plan_bytes });
+            std::thread::scope(|scope| {
+                for (i, session) in sessions.into_iter().enumerate() {
+                    let (shared, work) = (&shared, work.clone());
+                    let spawned = std::thread::Builder::new().name(format!("nocturne-slot-{i}")).spawn_scoped(scope, move || slot::run(session, shared, work));
+                    if let Err(e) = spawned {
+                        tracing::error!(slot = i, error = %e, "cannot start the slot thread; serving with fewer slots");
+                    }
+                }
+            });
+            let recorder = shared.recorder.into_inner().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = recorder.close() {
+                tracing::error!(error = %e, "the journal's final sync failed");
             }
         })?
     };
@@ -180,7 +207,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         return Err(e.context("the model could not be loaded"));
     }
     tracing::info!("shutting down: finishing queued requests and syncing the journal");
-    slot_thread.join().map_err(|_| anyhow::anyhow!("the slot thread panicked"))?;
+    loader.join().map_err(|_| anyhow::anyhow!("a slot thread panicked"))?;
     Ok(())
 }
 
@@ -218,8 +245,8 @@ async fn count(request: Request, next: Next) -> Response {
 
 async fn render_metrics(State(app): Shared) -> Response {
     metrics::gauge!(telemetry::QUEUE_DEPTH).set(app.queue.len() as f64);
-    metrics::gauge!(telemetry::SLOTS).set(1.0);
-    metrics::gauge!(telemetry::SLOTS_BUSY).set(f64::from(u8::from(app.slot.busy.load(std::sync::atomic::Ordering::Relaxed))));
+    metrics::gauge!(telemetry::SLOTS).set(app.slots as f64);
+    metrics::gauge!(telemetry::SLOTS_BUSY).set(app.slot.busy.load(std::sync::atomic::Ordering::Relaxed) as f64);
     metrics::gauge!(telemetry::UNSYNCED).set(app.slot.unsynced.load(std::sync::atomic::Ordering::Relaxed) as f64);
     metrics::gauge!(telemetry::MEMORY_PLAN).set(app.loaded.get().map_or(0.0, |l| l.plan_bytes as f64));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()

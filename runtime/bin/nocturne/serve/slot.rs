@@ -1,18 +1,22 @@
-//! The slot: one thread that owns a [`Session`] (its KV cache allocated once
-//! from the memory plan) and the [`Recorder`], and runs the queued work one
-//! item at a time: completions (streamed back as events, then journaled) and
-//! feedback. Being the only writer of the journal, it needs no lock; the
-//! session keeps the previous request's tokens, so a conversation's next
-//! turn reuses its KV prefix.
+//! The slots: one thread per [`Session`] (its KV cache allocated once from
+//! the memory plan), each taking work from the shared queue one item at a
+//! time: completions (streamed back as events, then journaled) and
+//! feedback. The slots share the device's [`Recorder`] behind a mutex held
+//! only to follow the active adapter and to append; waiting for a record's
+//! acknowledgement happens outside it. A session keeps its previous
+//! request's tokens, so a conversation's next turn reuses its KV prefix when
+//! it lands on the same slot.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use nocturne::device::recorder::Recorder;
-use nocturne::journal::Feedback;
+use nocturne::journal::{Acknowledgements, Feedback};
 use nocturne::session::{ReplyStats, RequestOptions, Session};
 use nocturne::weights::ModelPack;
 use tokio::sync::{mpsc, oneshot};
+
+use super::telemetry;
 
 /// A completion to run.
 pub struct Completion {
@@ -39,7 +43,7 @@ pub enum Event {
     Refused(String),
 }
 
-/// Work for the slot.
+/// Work for a slot.
 pub enum Work {
     /// A chat completion.
     Completion(Completion),
@@ -50,25 +54,47 @@ pub enum Work {
 /// Figures the HTTP side reads for `/metrics`.
 #[derive(Default)]
 pub struct SlotState {
-    /// A completion is running.
-    pub busy: AtomicBool,
+    /// Slots running a completion.
+    pub busy: AtomicUsize,
     /// Journal records not yet acknowledged as durable.
     pub unsynced: AtomicU64,
 }
 
-/// Runs work from `queue` until every sender is gone, then closes the
-/// journal (syncing it).
-pub fn run(mut session: Session<'_>, pack: &ModelPack, mut recorder: Recorder, queue: crossbeam_channel::Receiver<Work>, state: Arc<SlotState>) {
-    let publish = |recorder: &Recorder| state.unsynced.store(recorder.unsynced_records(), Ordering::Relaxed);
-    publish(&recorder);
+/// What every slot shares.
+pub struct Shared<'a> {
+    /// The mapped pack the sessions read.
+    pub pack: &'a ModelPack,
+    /// The device's recorder (the journal's only writer in the process).
+    pub recorder: Mutex<Recorder>,
+    /// Acknowledgements, waited on without the recorder's lock.
+    pub acknowledgements: Option<Acknowledgements>,
+    /// The figures `/metrics` shows.
+    pub state: Arc<SlotState>,
+}
+
+impl Shared<'_> {
+    fn recorder(&self) -> MutexGuard<'_, Recorder> {
+        // A slot that panicked while holding it leaves the recorder usable: every
+        // recorder operation is one journal call.
+        self.recorder.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, recorder: &Recorder) {
+        self.state.unsynced.store(recorder.unsynced_records(), Ordering::Relaxed);
+    }
+}
+
+/// Runs work from `queue` on `session` until every sender is gone.
+pub fn run(mut session: Session<'_>, shared: &Shared<'_>, queue: crossbeam_channel::Receiver<Work>) {
     for work in queue {
         match work {
             Work::Completion(c) => {
-                state.busy.store(true, Ordering::Relaxed);
-                complete(&mut session, pack, &mut recorder, c);
-                state.busy.store(false, Ordering::Relaxed);
+                shared.state.busy.fetch_add(1, Ordering::Relaxed);
+                complete(&mut session, shared, c);
+                shared.state.busy.fetch_sub(1, Ordering::Relaxed);
             }
             Work::Feedback(feedback, answer) => {
+                let mut recorder = shared.recorder();
                 let result = match recorder.next_lsn() {
                     None => Err("journaling is off (--no-journal): feedback has nowhere to go".to_string()),
                     Some(next) if feedback.interaction == 0 || feedback.interaction >= next => Err(format!(
@@ -78,23 +104,32 @@ pub fn run(mut session: Session<'_>, pack: &ModelPack, mut recorder: Recorder, q
                     )),
                     Some(_) => recorder.feedback(feedback).map_err(|e| e.to_string()),
                 };
+                shared.publish(&recorder);
                 let _ = answer.send(result);
             }
         }
-        publish(&recorder);
-    }
-    if let Err(e) = recorder.close() {
-        tracing::error!(error = %e, "the journal's final sync failed");
     }
 }
 
-/// Runs one completion and journals it unless the client went away.
-fn complete(session: &mut Session<'_>, pack: &ModelPack, recorder: &mut Recorder, c: Completion) {
-    match recorder.follow_active_adapter(session, pack) {
+/// Puts `session` on the device's active adapter (an install by `nocturne
+/// sync import` switches it between requests).
+fn follow_active_adapter(session: &mut Session<'_>, shared: &Shared<'_>) {
+    let mut recorder = shared.recorder();
+    match recorder.follow_active_adapter(session, shared.pack) {
         Ok(Some(adapter)) => tracing::info!(adapter = ?adapter.map(|a| a.id().to_string()), "adapter switched"),
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "adapter not switched"),
     }
+    // Another slot may have seen the switch; a switch is reported once.
+    let active = recorder.active_adapter();
+    if session.decoder_ref().adapter().map(|a| a.id()) != active.as_ref().map(|a| a.id()) {
+        session.set_adapter(active);
+    }
+}
+
+/// Runs one completion and journals it unless the client went away.
+fn complete(session: &mut Session<'_>, shared: &Shared<'_>, c: Completion) {
+    follow_active_adapter(session, shared);
     let cancel = c.options.cancel.clone().unwrap_or_else(|| Arc::new(AtomicBool::new(false)));
     let options = RequestOptions { cancel: Some(cancel.clone()), ..c.options };
     let events = &c.events;
@@ -115,26 +150,32 @@ fn complete(session: &mut Session<'_>, pack: &ModelPack, recorder: &mut Recorder
         return;
     }
     let reply = session.reply_text().into_owned();
-    recorder.set_position(c.position.0, c.position.1);
-    let interaction = match recorder.interaction(session, (&c.texts.0, &c.texts.1, &reply), &stats) {
-        Ok(Some(lsn)) => match recorder.wait(lsn) {
+    let queued = {
+        let mut recorder = shared.recorder();
+        recorder.set_position(c.position.0, c.position.1);
+        let queued = recorder.interaction(session, (&c.texts.0, &c.texts.1, &reply), &stats);
+        shared.publish(&recorder);
+        queued
+    };
+    let interaction = match (queued, &shared.acknowledgements) {
+        (Ok(Some(lsn)), Some(acks)) => match acks.wait_durable(lsn) {
             Ok(()) => Some(lsn),
             Err(e) => {
                 tracing::error!(error = %e, "the interaction was not acknowledged");
                 None
             }
         },
-        Ok(None) => None,
-        Err(e) => {
+        (Ok(_), _) => None,
+        (Err(e), _) => {
             tracing::error!(error = %e, "the interaction was not recorded");
             None
         }
     };
-    metrics::counter!(super::telemetry::PROMPT_TOKENS).increment(stats.prompt_tokens as u64);
-    metrics::counter!(super::telemetry::COMPLETION_TOKENS).increment(stats.new_tokens as u64);
-    metrics::histogram!(super::telemetry::TIME_TO_FIRST_TOKEN).record(stats.time_to_first_token.as_secs_f64());
+    metrics::counter!(telemetry::PROMPT_TOKENS).increment(stats.prompt_tokens as u64);
+    metrics::counter!(telemetry::COMPLETION_TOKENS).increment(stats.new_tokens as u64);
+    metrics::histogram!(telemetry::TIME_TO_FIRST_TOKEN).record(stats.time_to_first_token.as_secs_f64());
     if stats.new_tokens > 1 {
-        metrics::histogram!(super::telemetry::DECODE_SPEED).record(stats.decode_tokens_per_second());
+        metrics::histogram!(telemetry::DECODE_SPEED).record(stats.decode_tokens_per_second());
     }
     let _ = events.send(Event::Done { reply, stats, interaction });
 }
