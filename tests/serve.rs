@@ -274,3 +274,28 @@ fn two_slots_answer_two_requests_at_once() {
     assert!(metrics.contains("nocturne_slots_busy 0"), "{metrics}");
     assert_eq!(kinds(&server.stop(), "interaction").len(), 1, "the two cancelled streams are not journaled");
 }
+
+#[test]
+fn load_from_16_clients_journals_every_completed_response_once_and_leaks_no_slot() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new(env!("CARGO_BIN_EXE_nocturne"))
+        .args(["bench", "--serve", "--requests", "200", "--clients", "16", "--max-tokens", "8", "--seed", "7"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let count = |k: &str| report[k].as_u64().unwrap_or_else(|| panic!("{k}: {report}"));
+    assert_eq!(count("completed") + count("cancelled"), 200, "every request completed or was dropped by its client: {report}");
+    assert!(count("cancelled") > 0 && count("completed") > 150, "{report}");
+    assert_eq!(report["completed_journaled_once"], true, "{report}");
+    // A dropped stream may still finish before the server notices; none is journaled twice.
+    let journaled = count("journal_interactions");
+    assert!(journaled >= count("completed") && journaled <= 200, "{report}");
+    assert_eq!((&report["slots_busy_at_end"], &report["clean_exit"]), (&json!(0.0), &json!(true)), "{report}");
+    // Resident memory: the plan, the mapped int8 pack, and 32 MiB for the rest
+    // (code, tokenizer, HTTP runtime, thread stacks).
+    let pack = std::fs::metadata(format!("{root}/models/cache/smollm2-135m-instruct/int8/model.safetensors")).unwrap().len();
+    let bound = report["memory_plan_bytes"].as_f64().unwrap() as u64 + pack + (32 << 20);
+    assert!(count("peak_rss_bytes") <= bound, "peak RSS {} over plan + pack + 32 MiB = {bound}", count("peak_rss_bytes"));
+}

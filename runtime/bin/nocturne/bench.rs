@@ -8,7 +8,8 @@
 //! joins and the time the calling thread waited at them after finishing its
 //! own share. `--json` prints the rows as JSON lines. With `--journal`: decode speed with the journal
 //! off and on, in both durability modes; with `--lora-rank R`: decode speed
-//! without and with an unmerged LoRA adapter.
+//! without and with an unmerged LoRA adapter; with `--serve`: a load test of
+//! the local API (`serve_load.rs`).
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -52,6 +53,26 @@ pub struct BenchArgs {
     /// of this rank on q, k, v and o (zero weights: speed does not depend on them).
     #[arg(long)]
     lora_rank: Option<usize>,
+    /// Instead of the table: a load test of `nocturne serve` on loopback (JSON
+    /// report: requests/s, first-token p50/p99, decode tok/s, peak RSS, and
+    /// that every completed response was journaled once).
+    #[arg(long)]
+    serve: bool,
+    /// With --serve: concurrent clients.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// With --serve: requests in all.
+    #[arg(long, default_value_t = 1000)]
+    requests: usize,
+    /// With --serve: the server's slots (default: the profile's).
+    #[arg(long)]
+    slots: Option<usize>,
+    /// With --serve: new tokens per request at most.
+    #[arg(long, default_value_t = 16)]
+    max_tokens: usize,
+    /// With --serve: seed of the request mix.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
     /// Rounds of the journal or adapter comparison (each round runs every mode once).
     #[arg(long, default_value_t = 15)]
     rounds: usize,
@@ -311,6 +332,17 @@ const MODES: [Mode; 3] = [
 
 /// Runs the benchmark and prints its table.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.serve {
+        let load = crate::serve_load::Load {
+            clients: args.clients.max(1),
+            requests: args.requests,
+            slots: args.slots,
+            max_tokens: args.max_tokens.max(1),
+            seed: args.seed,
+        };
+        println!("{}", crate::serve_load::run(&load)?);
+        return Ok(());
+    }
     if args.journal {
         return journal_overhead(args);
     }

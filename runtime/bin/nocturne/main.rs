@@ -17,6 +17,7 @@ mod paths;
 mod perplexity;
 mod personas;
 mod serve;
+mod serve_load;
 mod sync;
 
 use std::path::PathBuf;
