@@ -8,26 +8,38 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-/// A running server with its own state directory.
+mod support;
+
+/// A running server.
 struct Server {
     child: Child,
     address: String,
-    state: tempfile::TempDir,
+    state: PathBuf,
+    /// The state directory when the server made its own.
+    _temporary: Option<tempfile::TempDir>,
     log: Arc<Mutex<String>>,
 }
 
 impl Server {
+    /// A server with a state directory of its own.
     fn start(extra: &[&str]) -> Server {
-        let state = tempfile::tempdir().unwrap();
+        let temporary = tempfile::tempdir().unwrap();
+        let mut server = Server::start_in(temporary.path(), extra);
+        server._temporary = Some(temporary);
+        server
+    }
+
+    fn start_in(state: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_nocturne"))
             .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
-            .arg(state.path())
+            .arg(state)
             .args(extra)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .stdout(Stdio::null())
@@ -46,7 +58,7 @@ impl Server {
             }
         });
         let address = address.recv_timeout(Duration::from_secs(60)).expect("the server printed its address");
-        let server = Server { child, address, state, log };
+        let server = Server { child, address, state: state.to_path_buf(), _temporary: None, log };
         let started = Instant::now();
         while server.request("GET", "/health", &[], "").0 != 200 {
             assert!(started.elapsed() < Duration::from_secs(60), "not ready: {}", server.log.lock().unwrap());
@@ -57,21 +69,7 @@ impl Server {
 
     /// One HTTP/1.1 request; returns status, head and body.
     fn request(&self, method: &str, path: &str, headers: &[&str], body: &str) -> (u16, String, String) {
-        let Ok(mut stream) = TcpStream::connect(&self.address) else {
-            return (0, String::new(), String::new());
-        };
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n", self.address, body.len());
-        for h in headers {
-            head += &format!("{h}\r\n");
-        }
-        stream.write_all(format!("{head}\r\n").as_bytes()).unwrap();
-        // A server may answer (413) and close before reading a large body.
-        let _ = stream.write_all(body.as_bytes());
-        let mut response = String::new();
-        let _ = stream.read_to_string(&mut response);
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        (status, head.to_string(), body.to_string())
+        http(&self.address, method, path, headers, body)
     }
 
     fn json(&self, path: &str, body: &Value) -> (u16, Value) {
@@ -85,10 +83,36 @@ impl Server {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let status = self.child.wait().unwrap();
         assert!(status.success(), "server exit {status}: {}", self.log.lock().unwrap());
-        let out = Command::new(env!("CARGO_BIN_EXE_nocturne")).args(["journal", "dump", "--state-dir"]).arg(self.state.path()).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        dump(&self.state)
     }
+}
+
+/// One HTTP/1.1 request to `address`; returns status, head and body.
+fn http(address: &str, method: &str, path: &str, headers: &[&str], body: &str) -> (u16, String, String) {
+    let Ok(mut stream) = TcpStream::connect(address) else {
+        return (0, String::new(), String::new());
+    };
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n", address, body.len());
+    for h in headers {
+        head += &format!("{h}\r\n");
+    }
+    if stream.write_all(format!("{head}\r\n").as_bytes()).is_err() {
+        return (0, String::new(), String::new());
+    }
+    // A server may answer (413) and close before reading a large body.
+    let _ = stream.write_all(body.as_bytes());
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.to_string(), body.to_string())
+}
+
+/// The journal of the state directory `state`, as `journal dump` prints it.
+fn dump(state: &Path) -> Vec<Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_nocturne")).args(["journal", "dump", "--state-dir"]).arg(state).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 fn kinds(records: &[Value], kind: &str) -> Vec<Value> {
@@ -298,4 +322,100 @@ fn load_from_16_clients_journals_every_completed_response_once_and_leaks_no_slot
     let pack = std::fs::metadata(format!("{root}/models/cache/smollm2-135m-instruct/int8/model.safetensors")).unwrap().len();
     let bound = report["memory_plan_bytes"].as_f64().unwrap() as u64 + pack + (32 << 20);
     assert!(count("peak_rss_bytes") <= bound, "peak RSS {} over plan + pack + 32 MiB = {bound}", count("peak_rss_bytes"));
+}
+
+#[test]
+fn sigkill_during_load_loses_no_interaction_a_client_received() {
+    let state = tempfile::tempdir().unwrap();
+    let mut rng: u64 = 0x5eed_c0de;
+    let mut received = Vec::new();
+    for _ in 0..50 {
+        let mut server = Server::start_in(state.path(), &[]);
+        let address = server.address.clone();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let kill_after = Duration::from_millis(100 + rng % 800);
+        let ids: Vec<u64> = std::thread::scope(|scope| {
+            let clients: Vec<_> = (0..4)
+                .map(|c| {
+                    let (address, stop) = (&address, &stop);
+                    scope.spawn(move || {
+                        let mut ids = Vec::new();
+                        let mut body = question(3 + c);
+                        body["stream"] = json!(c % 2 == 1);
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            let (status, head, text) = http(address, "POST", "/v1/chat/completions", &[], &body.to_string());
+                            // Only a response that reached the client in full counts.
+                            let complete = if c % 2 == 1 { text.contains("data: [DONE]") } else { serde_json::from_str::<Value>(&text).is_ok() };
+                            if status == 200 && complete {
+                                let id = head.lines().find_map(|l| l.strip_prefix("x-nocturne-interaction: ")).map(str::to_string).or_else(|| {
+                                    text.split("\"interaction\":").nth(1).map(|t| t.chars().take_while(char::is_ascii_digit).collect())
+                                });
+                                ids.push(id.and_then(|id| id.parse().ok()).unwrap_or_else(|| panic!("no interaction id: {head}\n{text}")));
+                            }
+                        }
+                        ids
+                    })
+                })
+                .collect();
+            std::thread::sleep(kill_after);
+            server.child.kill().unwrap();
+            server.child.wait().unwrap();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            clients.into_iter().flat_map(|c| c.join().unwrap()).collect()
+        });
+        received.extend(ids);
+    }
+    let verify = Command::new(env!("CARGO_BIN_EXE_nocturne")).args(["journal", "verify", "--state-dir"]).arg(state.path()).output().unwrap();
+    assert!(verify.status.success(), "{}{}", String::from_utf8_lossy(&verify.stdout), String::from_utf8_lossy(&verify.stderr));
+    let journaled: std::collections::HashSet<u64> =
+        kinds(&dump(state.path()), "interaction").iter().map(|r| r["lsn"].as_u64().unwrap()).collect();
+    assert!(received.len() > 50, "only {} replies reached clients in 50 rounds", received.len());
+    let missing: Vec<_> = received.iter().filter(|id| !journaled.contains(id)).collect();
+    assert!(missing.is_empty(), "interactions clients received but the journal lost: {missing:?}");
+}
+
+#[test]
+fn an_adapter_installed_under_load_is_used_by_later_requests_without_a_failed_one() {
+    use nocturne::signing::{self, PublicKeyFile};
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let trainer = signing::generate().unwrap();
+    let trainer_pub = tmp.path().join("trainer.pub");
+    std::fs::write(&trainer_pub, PublicKeyFile { device: None, key: trainer.verifying_key() }.to_text()).unwrap();
+    let nocturne = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_nocturne")).args(args).arg("--state-dir").arg(&state).output().unwrap();
+    assert!(nocturne(&["sync", "trust", trainer_pub.to_str().unwrap()]).status.success());
+    let server = Server::start_in(&state, &["--slots", "2"]);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..3)
+            .map(|_| {
+                let (server, stop) = (&server, &stop);
+                scope.spawn(move || {
+                    let mut statuses = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        statuses.push(server.json("/v1/chat/completions", &question(3)).0);
+                    }
+                    statuses
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        let pack = nocturne::weights::ModelPack::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache/smollm2-135m-instruct/int8")).unwrap();
+        let usb = tmp.path().join("usb");
+        let bundle = support::adapter::random_adapter(&usb, &pack, &trainer, 4, &[nocturne::adapter::Target::Q], 0.01, 12);
+        let out = nocturne(&["sync", "import", "--from", usb.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&*bundle.file_stem().unwrap().to_string_lossy()));
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        clients.into_iter().flat_map(|c| c.join().unwrap()).collect()
+    });
+    assert!(statuses.len() > 10 && statuses.iter().all(|&s| s == 200), "every request answered: {statuses:?}");
+    let adapters: Vec<Value> = kinds(&server.stop(), "interaction").iter().map(|r| r["adapter"].clone()).collect();
+    let first_adapted = adapters.iter().position(|a| !a.is_null()).expect("later requests use the installed adapter");
+    assert!(first_adapted > 0, "earlier requests ran on the base model: {adapters:?}");
+    assert!(adapters[first_adapted..].iter().all(|a| *a == adapters[first_adapted]), "once switched, every slot stays on it: {adapters:?}");
 }

@@ -229,10 +229,20 @@ fn run_in(load: &Load, state: &PathBuf) -> anyhow::Result<serde_json::Value> {
     let elapsed = started.elapsed().as_secs_f64();
     let outcomes = outcomes.into_inner().unwrap_or_else(|e| e.into_inner());
 
-    let metrics = get("/metrics")?;
-    let gauge = |name: &str| -> Option<f64> {
+    // A stream its client just dropped ends within a token of the server
+    // noticing; a leaked slot stays busy. Wait up to ten seconds for idle.
+    let gauge = |metrics: &str, name: &str| -> Option<f64> {
         metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
     };
+    let settle = Instant::now();
+    let metrics = loop {
+        let metrics = get("/metrics")?;
+        if gauge(&metrics, "nocturne_slots_busy") == Some(0.0) || settle.elapsed() > Duration::from_secs(10) {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let gauge = |name: &str| gauge(&metrics, name);
     let (busy, plan) = (gauge("nocturne_slots_busy"), gauge("nocturne_memory_plan_bytes"));
     let peak_rss = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
         .ok()

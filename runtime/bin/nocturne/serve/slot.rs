@@ -90,8 +90,13 @@ pub fn run(mut session: Session<'_>, shared: &Shared<'_>, queue: crossbeam_chann
         match work {
             Work::Completion(c) => {
                 shared.state.busy.fetch_add(1, Ordering::Relaxed);
-                complete(&mut session, shared, c);
+                let events = c.events.clone();
+                let last = complete(&mut session, shared, c);
+                // Free before the client hears the end, so it never sees its own slot busy.
                 shared.state.busy.fetch_sub(1, Ordering::Relaxed);
+                if let Some(last) = last {
+                    let _ = events.send(last);
+                }
             }
             Work::Feedback(feedback, answer) => {
                 let mut recorder = shared.recorder();
@@ -127,8 +132,9 @@ fn follow_active_adapter(session: &mut Session<'_>, shared: &Shared<'_>) {
     }
 }
 
-/// Runs one completion and journals it unless the client went away.
-fn complete(session: &mut Session<'_>, shared: &Shared<'_>, c: Completion) {
+/// Runs one completion and journals it unless the client went away;
+/// returns the event that ends it (`None` when the client is gone).
+fn complete(session: &mut Session<'_>, shared: &Shared<'_>, c: Completion) -> Option<Event> {
     follow_active_adapter(session, shared);
     let cancel = c.options.cancel.clone().unwrap_or_else(|| Arc::new(AtomicBool::new(false)));
     let options = RequestOptions { cancel: Some(cancel.clone()), ..c.options };
@@ -140,14 +146,11 @@ fn complete(session: &mut Session<'_>, shared: &Shared<'_>, c: Completion) {
     });
     let stats = match result {
         Ok(stats) => stats,
-        Err(e) => {
-            let _ = events.send(Event::Refused(e.to_string()));
-            return;
-        }
+        Err(e) => return Some(Event::Refused(e.to_string())),
     };
     if cancel.load(Ordering::Relaxed) || events.is_closed() {
         tracing::info!(new_tokens = stats.new_tokens, "client went away; reply not journaled");
-        return;
+        return None;
     }
     let reply = session.reply_text().into_owned();
     let queued = {
@@ -177,5 +180,5 @@ fn complete(session: &mut Session<'_>, shared: &Shared<'_>, c: Completion) {
     if stats.new_tokens > 1 {
         metrics::histogram!(telemetry::DECODE_SPEED).record(stats.decode_tokens_per_second());
     }
-    let _ = events.send(Event::Done { reply, stats, interaction });
+    Some(Event::Done { reply, stats, interaction })
 }
