@@ -19,6 +19,39 @@ pub struct ChatRequest {
     pub model: Option<String>,
     /// The conversation so far; the last message is the user's.
     pub messages: Vec<Message>,
+    /// Our extension: a persona's system prompt (a system message wins).
+    pub persona: Option<String>,
+    /// Sampling, limits and streaming.
+    #[serde(flatten)]
+    pub limits: Limits,
+}
+
+/// `POST /v1/completions` body (OpenAI's legacy text completions): the
+/// prompt is completed as raw text, without the chat template.
+#[derive(Debug, Deserialize)]
+pub struct TextRequest {
+    /// Must name the served model when present.
+    pub model: Option<String>,
+    /// The text to continue: a string, or a list holding one string.
+    pub prompt: Prompt,
+    /// Sampling, limits and streaming.
+    #[serde(flatten)]
+    pub limits: Limits,
+}
+
+/// A text completion's prompt.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    /// One prompt.
+    One(String),
+    /// A list of prompts (one is served).
+    Many(Vec<String>),
+}
+
+/// The sampling, limit and streaming fields both completion requests share.
+#[derive(Debug, Deserialize)]
+pub struct Limits {
     /// Sampling temperature, 0 = greedy (default 1, as OpenAI's).
     pub temperature: Option<f32>,
     /// Nucleus sampling mass, in (0, 1].
@@ -36,8 +69,6 @@ pub struct ChatRequest {
     pub stream: bool,
     /// `include_usage`: a last chunk with the token counts.
     pub stream_options: Option<StreamOptions>,
-    /// Our extension: a persona's system prompt (a system message wins).
-    pub persona: Option<String>,
 }
 
 /// `stop`: a string or a list of strings.
@@ -139,7 +170,7 @@ pub struct FeedbackRequest {
 pub enum InteractionId {
     /// The journal LSN.
     Number(u64),
-    /// `chatcmpl-N`.
+    /// `chatcmpl-N` or `cmpl-N`.
     Completion(String),
 }
 
@@ -148,16 +179,62 @@ impl InteractionId {
     pub fn lsn(&self) -> Result<u64, String> {
         match self {
             InteractionId::Number(n) => Ok(*n),
-            InteractionId::Completion(id) => id
-                .strip_prefix(COMPLETION_PREFIX)
+            InteractionId::Completion(id) => [Endpoint::Chat, Endpoint::Text]
+                .iter()
+                .find_map(|e| id.strip_prefix(e.id_prefix()))
                 .and_then(|n| n.parse().ok())
-                .ok_or_else(|| format!("`{id}` is not an interaction id (a number or {COMPLETION_PREFIX}N)")),
+                .ok_or_else(|| format!("`{id}` is not an interaction id (a number, chatcmpl-N or cmpl-N)")),
         }
     }
 }
 
-/// Completion ids are this prefix and the interaction's LSN.
-pub const COMPLETION_PREFIX: &str = "chatcmpl-";
+/// Which completion API a request came through: they differ only in the
+/// objects' shapes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`.
+    Chat,
+    /// `POST /v1/completions`.
+    Text,
+}
+
+impl Endpoint {
+    /// Completion ids are this prefix and the interaction's LSN.
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chatcmpl-",
+            Endpoint::Text => "cmpl-",
+        }
+    }
+
+    /// A finished completion object.
+    pub fn completion(self, id: &str, created: u64, model: &str, reply: &str, reason: StopReason, usage: Usage) -> Value {
+        let (object, choice) = match self {
+            Endpoint::Chat => ("chat.completion", json!({"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": finish_reason(reason)})),
+            Endpoint::Text => ("text_completion", json!({"index": 0, "text": reply, "logprobs": null, "finish_reason": finish_reason(reason)})),
+        };
+        json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage})
+    }
+
+    /// A streamed chunk: `text` and `finish_reason` of choice 0 (`role`
+    /// marks a chat stream's first chunk), or no choice and `usage` (the
+    /// last chunk with `include_usage`).
+    pub fn chunk(self, id: &str, created: u64, model: &str, text: Option<&str>, finish: Option<&str>, usage: Option<Usage>) -> Value {
+        let (object, choice) = match self {
+            Endpoint::Chat => {
+                let delta = match (text, finish) {
+                    (Some(t), _) => json!({"content": t}),
+                    (None, None) => json!({"role": "assistant", "content": ""}),
+                    (None, Some(_)) => json!({}),
+                };
+                ("chat.completion.chunk", json!({"index": 0, "delta": delta, "finish_reason": finish}))
+            }
+            Endpoint::Text => ("text_completion", json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})),
+        };
+        let choices = if usage.is_some() { json!([]) } else { json!([choice]) };
+        json!({"id": id, "object": object, "created": created, "model": model, "choices": choices, "usage": usage})
+    }
+}
 
 /// OpenAI's `finish_reason` for our stop reason: the model or a stop string
 /// ended the reply → `stop`; a token limit, the context or the deadline cut
@@ -185,36 +262,6 @@ impl Usage {
     pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Usage {
         Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
     }
-}
-
-/// A chat completion object.
-pub fn completion(id: &str, created: u64, model: &str, reply: &str, reason: StopReason, usage: Usage) -> Value {
-    json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": reply},
-            "finish_reason": finish_reason(reason),
-        }],
-        "usage": usage,
-    })
-}
-
-/// A chat completion chunk: `delta` and `finish_reason` of choice 0, or no
-/// choice and `usage` (the last chunk with `include_usage`).
-pub fn chunk(id: &str, created: u64, model: &str, delta: Value, finish: Option<&str>, usage: Option<Usage>) -> Value {
-    let choices = if usage.is_some() { json!([]) } else { json!([{"index": 0, "delta": delta, "finish_reason": finish}]) };
-    json!({
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage,
-    })
 }
 
 /// An error answered as OpenAI does: a status and

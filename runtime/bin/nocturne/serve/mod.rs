@@ -7,11 +7,11 @@
 //! `Retry-After`. The listener is bound before the model loads, so
 //! `GET /health` answers 503 while loading and 200 after.
 //!
-//! Endpoints: `POST /v1/chat/completions` (streamed as server-sent events
-//! when asked), `GET /v1/models`, `GET /health`, `GET /metrics`
+//! Endpoints: `POST /v1/chat/completions` and `POST /v1/completions`
+//! (streamed as server-sent events when asked), `GET /v1/models`, `GET /health`, `GET /metrics`
 //! (Prometheus), `POST /v1/feedback`. Every
 //! completion is journaled as an interaction once its reply is complete; its
-//! number comes back as the completion id (`chatcmpl-N`), in the
+//! number comes back as the completion id (`chatcmpl-N`, `cmpl-N`), in the
 //! `x-nocturne-interaction` header, and (streamed) as `interaction` in the
 //! last chunk. A client that goes away stops its generation within one token,
 //! and that reply is not journaled.
@@ -47,7 +47,7 @@ use nocturne::tokenizer::{ChatMessage, Tokenizer, DEFAULT_SYSTEM_PROMPT};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
-use self::api::{ApiError, ChatRequest, FeedbackRequest, Stop, Usage, COMPLETION_PREFIX};
+use self::api::{ApiError, ChatRequest, Endpoint, FeedbackRequest, Limits, Prompt, Stop, TextRequest, Usage};
 use self::slot::{Completion, Event, SlotState, Work};
 use crate::args::ModelArgs;
 use crate::journal::RecordArgs;
@@ -183,6 +183,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     };
     let router = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(text_completions))
         .route("/v1/models", get(models))
         .route("/v1/feedback", post(feedback))
         .route("/metrics", get(render_metrics))
@@ -236,7 +237,7 @@ async fn count(request: Request, next: Next) -> Response {
     let path = request.uri().path().to_string();
     let response = next.run(request).await;
     let endpoint = match path.as_str() {
-        "/v1/chat/completions" | "/v1/models" | "/v1/feedback" | "/health" | "/metrics" => path,
+        "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/v1/feedback" | "/health" | "/metrics" => path,
         _ => "other".to_string(),
     };
     metrics::counter!(telemetry::REQUESTS, "endpoint" => endpoint, "status" => response.status().as_u16().to_string()).increment(1);
@@ -284,17 +285,58 @@ struct Prepared {
     include_usage: bool,
 }
 
-fn prepare(app: &App, loaded: &Loaded, request: ChatRequest) -> Result<Prepared, ApiError> {
-    if let Some(model) = &request.model {
-        if *model != app.model {
-            return Err(ApiError {
-                status: StatusCode::NOT_FOUND,
-                message: format!("the model `{model}` does not exist; this server has `{}`", app.model),
-                param: Some("model"),
-                retry_after: None,
-            });
-        }
+/// A 404 unless `model` is absent or the one served.
+fn check_model(app: &App, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(model) if model != app.model => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("the model `{model}` does not exist; this server has `{}`", app.model),
+            param: Some("model"),
+            retry_after: None,
+        }),
+        _ => Ok(()),
     }
+}
+
+/// A 400 unless a prompt of `tokens` leaves room for a reply.
+fn check_context(loaded: &Loaded, tokens: usize, param: &'static str) -> Result<(), ApiError> {
+    if tokens + 1 > loaded.context_tokens {
+        return Err(ApiError::invalid(
+            Some(param),
+            format!("the {param} take {tokens} tokens; the context holds {} and a reply needs at least one more", loaded.context_tokens),
+        ));
+    }
+    Ok(())
+}
+
+/// The request options `limits` ask for (`default_max_tokens` when they
+/// name none), checked against the profile.
+fn request_options(limits: &Limits, default_max_tokens: u32) -> Result<RequestOptions, ApiError> {
+    let max_new_tokens = match limits.max_completion_tokens.or(limits.max_tokens).unwrap_or(default_max_tokens) {
+        0 => return Err(ApiError::invalid(Some("max_tokens"), "max_tokens must be at least 1")),
+        n if n > ACTIVE.max_new_tokens => {
+            return Err(ApiError::invalid(Some("max_tokens"), format!("max_tokens is {n}, over this device's limit of {}", ACTIVE.max_new_tokens)))
+        }
+        n => n as usize,
+    };
+    let temperature = nocturne::sampler::temperature(limits.temperature.unwrap_or(1.0)).map_err(|e| ApiError::invalid(Some("temperature"), e.to_string()))?;
+    let top_p = nocturne::sampler::top_p(limits.top_p.unwrap_or(1.0)).map_err(|e| ApiError::invalid(Some("top_p"), e.to_string()))?;
+    let stop = match &limits.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) if v.len() <= 4 => v.clone(),
+        Some(Stop::Many(v)) => return Err(ApiError::invalid(Some("stop"), format!("{} stop strings; at most 4", v.len()))),
+    };
+    Ok(RequestOptions {
+        max_new_tokens,
+        stop,
+        sampler: SamplerConfig { temperature, top_k: 0, top_p, repetition_penalty: 1.0, seed: limits.seed.unwrap_or(0) },
+        ..RequestOptions::for_profile(&ACTIVE)
+    })
+}
+
+fn prepare_chat(app: &App, loaded: &Loaded, request: ChatRequest) -> Result<Prepared, ApiError> {
+    check_model(app, request.model.as_deref())?;
     let mut system = None;
     let mut messages = Vec::new();
     for (i, m) in request.messages.iter().enumerate() {
@@ -320,39 +362,30 @@ fn prepare(app: &App, loaded: &Loaded, request: ChatRequest) -> Result<Prepared,
     (&system, &messages[0].content).hash(&mut hasher);
     messages.insert(0, ChatMessage::new("system", &system));
     let prompt = loaded.tokenizer.encode_chat(&messages, true).map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
+    check_context(loaded, prompt.len(), "messages")?;
+    let options = request_options(&request.limits, ACTIVE.max_new_tokens)?;
+    let include_usage = request.limits.stream_options.is_some_and(|o| o.include_usage);
+    Ok(Prepared { prompt, options, texts: (system, user), position: (hasher.finish(), turn as u32), stream: request.limits.stream, include_usage })
+}
 
-    let max_new_tokens = match request.max_completion_tokens.or(request.max_tokens) {
-        Some(0) => return Err(ApiError::invalid(Some("max_tokens"), "max_tokens must be at least 1")),
-        Some(n) if n > ACTIVE.max_new_tokens => {
-            return Err(ApiError::invalid(Some("max_tokens"), format!("max_tokens is {n}, over this device's limit of {}", ACTIVE.max_new_tokens)))
-        }
-        Some(n) => n as usize,
-        None => ACTIVE.max_new_tokens as usize,
+/// OpenAI's default `max_tokens` of a text completion.
+const TEXT_DEFAULT_MAX_TOKENS: u32 = 16;
+
+fn prepare_text(app: &App, loaded: &Loaded, request: TextRequest) -> Result<Prepared, ApiError> {
+    check_model(app, request.model.as_deref())?;
+    let text = match request.prompt {
+        Prompt::One(text) => text,
+        Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
+        Prompt::Many(v) => return Err(ApiError::invalid(Some("prompt"), format!("{} prompts; one is served per request", v.len()))),
     };
-    if prompt.len() + 1 > loaded.context_tokens {
-        return Err(ApiError {
-            status: StatusCode::BAD_REQUEST,
-            message: format!("the messages take {} tokens; the context holds {} and a reply needs at least one more", prompt.len(), loaded.context_tokens),
-            param: Some("messages"),
-            retry_after: None,
-        });
+    if text.is_empty() {
+        return Err(ApiError::invalid(Some("prompt"), "the prompt is empty"));
     }
-    let temperature = nocturne::sampler::temperature(request.temperature.unwrap_or(1.0)).map_err(|e| ApiError::invalid(Some("temperature"), e.to_string()))?;
-    let top_p = nocturne::sampler::top_p(request.top_p.unwrap_or(1.0)).map_err(|e| ApiError::invalid(Some("top_p"), e.to_string()))?;
-    let stop = match request.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) if v.len() <= 4 => v,
-        Some(Stop::Many(v)) => return Err(ApiError::invalid(Some("stop"), format!("{} stop strings; at most 4", v.len()))),
-    };
-    let options = RequestOptions {
-        max_new_tokens,
-        stop,
-        sampler: SamplerConfig { temperature, top_k: 0, top_p, repetition_penalty: 1.0, seed: request.seed.unwrap_or(0) },
-        ..RequestOptions::for_profile(&ACTIVE)
-    };
-    let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
-    Ok(Prepared { prompt, options, texts: (system, user), position: (hasher.finish(), turn as u32), stream: request.stream, include_usage })
+    let prompt = loaded.tokenizer.encode(&text).map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))?;
+    check_context(loaded, prompt.len(), "prompt")?;
+    let options = request_options(&request.limits, TEXT_DEFAULT_MAX_TOKENS.min(ACTIVE.max_new_tokens))?;
+    let include_usage = request.limits.stream_options.is_some_and(|o| o.include_usage);
+    Ok(Prepared { prompt, options, texts: (String::new(), text), position: (rand_u64(), 0), stream: request.limits.stream, include_usage })
 }
 
 /// Queues `work`, or answers 429 (queue full) or 503 (shutting down).
@@ -368,10 +401,10 @@ fn enqueue(app: &App, work: Work) -> Result<(), ApiError> {
     })
 }
 
-fn completion_id(interaction: Option<u64>) -> String {
+fn completion_id(endpoint: Endpoint, interaction: Option<u64>) -> String {
     match interaction {
-        Some(lsn) => format!("{COMPLETION_PREFIX}{lsn}"),
-        None => format!("{COMPLETION_PREFIX}unrecorded-{:x}", rand_u64()),
+        Some(lsn) => format!("{}{lsn}", endpoint.id_prefix()),
+        None => format!("{}unrecorded-{:x}", endpoint.id_prefix(), rand_u64()),
     }
 }
 
@@ -382,25 +415,39 @@ fn rand_u64() -> u64 {
 }
 
 async fn chat_completions(State(app): Shared, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let Some(loaded) = app.loaded.get() else {
-        return Err(ApiError { retry_after: Some(5), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the model is loading") });
-    };
-    let p = prepare(&app, loaded, parse(body)?)?;
+    let loaded = loaded(&app)?;
+    let prepared = prepare_chat(&app, loaded, parse(body)?)?;
+    complete(&app, Endpoint::Chat, prepared).await
+}
+
+async fn text_completions(State(app): Shared, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let loaded = loaded(&app)?;
+    let prepared = prepare_text(&app, loaded, parse(body)?)?;
+    complete(&app, Endpoint::Text, prepared).await
+}
+
+/// What loading gave, or 503 while the model loads.
+fn loaded(app: &App) -> Result<&Loaded, ApiError> {
+    app.loaded.get().ok_or(ApiError { retry_after: Some(5), ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the model is loading") })
+}
+
+/// Queues a checked completion and answers it, whole or streamed.
+async fn complete(app: &App, endpoint: Endpoint, p: Prepared) -> Result<Response, ApiError> {
     let (events, mut replies) = mpsc::unbounded_channel();
     let (stream, include_usage) = (p.stream, p.include_usage);
-    enqueue(&app, Work::Completion(Completion { prompt: p.prompt, options: p.options, texts: p.texts, position: p.position, events }))?;
+    enqueue(app, Work::Completion(Completion { prompt: p.prompt, options: p.options, texts: p.texts, position: p.position, events }))?;
     let created = now_s();
     if stream {
-        return Ok(Sse::new(sse_stream(app.model.clone(), created, replies, include_usage)).into_response());
+        return Ok(Sse::new(sse_stream(endpoint, app.model.clone(), created, replies, include_usage)).into_response());
     }
     while let Some(event) = replies.recv().await {
         match event {
             Event::Text(_) => {}
             Event::Refused(message) => return Err(ApiError::invalid(None, message)),
             Event::Done { reply, stats, interaction } => {
-                let id = completion_id(interaction);
+                let id = completion_id(endpoint, interaction);
                 let usage = Usage::new(stats.prompt_tokens, stats.new_tokens);
-                let mut response = Json(api::completion(&id, created, &app.model, &reply, stats.stop_reason, usage)).into_response();
+                let mut response = Json(endpoint.completion(&id, created, &app.model, &reply, stats.stop_reason, usage)).into_response();
                 if let Some(lsn) = interaction {
                     response.headers_mut().insert("x-nocturne-interaction", HeaderValue::from(lsn));
                 }
@@ -411,37 +458,42 @@ async fn chat_completions(State(app): Shared, body: Result<Bytes, BytesRejection
     Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the slot ended the request without a reply"))
 }
 
-/// The server-sent events of a streamed completion: a first chunk with the
-/// role, one chunk per piece of text, a last chunk with `finish_reason`
-/// (and our `interaction`), the usage chunk when asked, then `[DONE]`.
-fn sse_stream(model: String, created: u64, replies: mpsc::UnboundedReceiver<Event>, include_usage: bool) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    let id = format!("{COMPLETION_PREFIX}stream-{:x}", rand_u64());
-    let first = api::chunk(&id, created, &model, json!({"role": "assistant", "content": ""}), None, None);
-    let head = stream::iter([stream::iter(vec![Ok(SseEvent::default().data(first.to_string()))])]);
+/// The server-sent events of a streamed completion: (chat) a first chunk
+/// with the role, one chunk per piece of text, a last chunk with
+/// `finish_reason` (and our `interaction`), the usage chunk when asked, then
+/// `[DONE]`.
+fn sse_stream(
+    endpoint: Endpoint,
+    model: String,
+    created: u64,
+    replies: mpsc::UnboundedReceiver<Event>,
+    include_usage: bool,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let id = format!("{}stream-{:x}", endpoint.id_prefix(), rand_u64());
+    let data = |value: serde_json::Value| Ok(SseEvent::default().data(value.to_string()));
+    let first = (endpoint == Endpoint::Chat).then(|| data(endpoint.chunk(&id, created, &model, None, None, None)));
+    let head = stream::iter([stream::iter(first.into_iter().collect::<Vec<_>>())]);
     let body = stream::unfold(Some(replies), move |replies| {
         let (id, model) = (id.clone(), model.clone());
         async move {
             let mut replies = replies?;
-            let events: Vec<SseEvent> = match replies.recv().await? {
+            let mut events = match replies.recv().await? {
                 Event::Text(text) => {
-                    let chunk = api::chunk(&id, created, &model, json!({"content": text}), None, None);
-                    return Some((stream::iter(vec![Ok(SseEvent::default().data(chunk.to_string()))]), Some(replies)));
+                    let chunk = endpoint.chunk(&id, created, &model, Some(&text), None, None);
+                    return Some((stream::iter(vec![data(chunk)]), Some(replies)));
                 }
-                Event::Refused(message) => {
-                    vec![SseEvent::default().data(json!({"error": {"message": message, "type": "invalid_request_error"}}).to_string())]
-                }
+                Event::Refused(message) => vec![data(json!({"error": {"message": message, "type": "invalid_request_error"}}))],
                 Event::Done { stats, interaction, .. } => {
-                    let mut last = api::chunk(&id, created, &model, json!({}), Some(api::finish_reason(stats.stop_reason)), None);
+                    let mut last = endpoint.chunk(&id, created, &model, None, Some(api::finish_reason(stats.stop_reason)), None);
                     last["interaction"] = json!(interaction);
-                    let mut events = vec![SseEvent::default().data(last.to_string())];
+                    let mut events = vec![data(last)];
                     if include_usage {
-                        let usage = api::chunk(&id, created, &model, json!({}), None, Some(Usage::new(stats.prompt_tokens, stats.new_tokens)));
-                        events.push(SseEvent::default().data(usage.to_string()));
+                        let usage = Usage::new(stats.prompt_tokens, stats.new_tokens);
+                        events.push(data(endpoint.chunk(&id, created, &model, None, None, Some(usage))));
                     }
                     events
                 }
             };
-            let mut events: Vec<_> = events.into_iter().map(Ok).collect();
             events.push(Ok(SseEvent::default().data("[DONE]")));
             Some((stream::iter(events), None))
         }
