@@ -58,6 +58,7 @@ fn a_persona_is_the_journaled_system_prompt() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let records = json_lines(&nocturne(&["journal", "dump", "--state-dir", dir], None));
     assert!(records[0]["system"].as_str().unwrap().starts_with("You are a courteous, formal assistant."), "{records:?}");
+    assert_eq!(records[0]["persona"], "formal");
     let out = nocturne(&["generate", "--state-dir", dir, "--persona", "pirate", "Hello"], None);
     assert!(failure(&out).contains("no persona `pirate`; there are: casual, formal, technical"));
 }

@@ -81,6 +81,7 @@ fn body() -> impl Strategy<Value = Body<'static>> {
                 decode_tokens_per_s: f32::from(d),
                 time_to_first_token_ms: f32::from(t),
                 peak_memory_bytes: mem,
+                persona: (turn % 3 == 0).then(|| "formal".into()),
             })
         });
     let feedback = (
@@ -468,6 +469,7 @@ fn append_makes_no_allocation_on_the_calling_thread() {
         decode_tokens_per_s: 60.0,
         time_to_first_token_ms: 210.0,
         peak_memory_bytes: 200 << 20,
+        persona: None,
     });
     // Warm-up: enough records to fill the queue once, so the channel has
     // registered this thread as a waiting sender (a one-time allocation).

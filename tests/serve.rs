@@ -281,8 +281,8 @@ fn a_persona_sets_the_system_prompt_unless_a_system_message_is_given() {
     let (status, error) = server.json("/v1/chat/completions", &request);
     assert_eq!(status, 400, "only the file's personas: {error}");
     assert_eq!(error["error"]["param"], "persona");
-    let systems: Vec<Value> = kinds(&server.stop(), "interaction").iter().map(|r| r["system"].clone()).collect();
-    assert_eq!(systems, [json!("Answer in one word."), json!("Be brief.")]);
+    let journaled: Vec<(Value, Value)> = kinds(&server.stop(), "interaction").iter().map(|r| (r["system"].clone(), r["persona"].clone())).collect();
+    assert_eq!(journaled, [(json!("Answer in one word."), json!("terse")), (json!("Be brief."), Value::Null)], "the persona is journaled when it gave the prompt");
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! `chat` and any other front end (the local API) journal through this, so
 //! none of them repeats how a record is made.
 //!
-//! Principal type: [`Recorder`]; [`interaction_record`], [`peak_rss_bytes`].
+//! Principal type: [`Recorder`]; [`Texts`], [`interaction_record`], [`peak_rss_bytes`].
 //!
 //! Invariants: a recorder never stops a conversation: every failure comes
 //! back as a value for the front end to report, and an answer the journal
@@ -42,10 +42,11 @@ pub enum RecorderError {
 pub fn interaction_record<'a>(
     (conversation, turn): (u64, u32),
     (base_model, adapter): (ModelId, Option<AdapterId>),
-    (system, prompt, reply): (&'a str, &'a str, &'a str),
+    texts: &Texts<'a>,
     stats: &ReplyStats,
     peak_memory_bytes: u64,
 ) -> Interaction<'a> {
+    let Texts { system, prompt, reply, persona } = *texts;
     let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     Interaction {
         conversation,
@@ -63,7 +64,21 @@ pub fn interaction_record<'a>(
         decode_tokens_per_s: stats.decode_tokens_per_second() as f32,
         time_to_first_token_ms: (stats.time_to_first_token.as_secs_f64() * 1e3) as f32,
         peak_memory_bytes,
+        persona: persona.map(Cow::Borrowed),
     }
+}
+
+/// The texts of an answered request, as journaled.
+#[derive(Clone, Copy, Debug)]
+pub struct Texts<'a> {
+    /// The system prompt ("" for a raw prompt).
+    pub system: &'a str,
+    /// The user's message.
+    pub prompt: &'a str,
+    /// The reply as shown.
+    pub reply: &'a str,
+    /// The persona that gave the system prompt, if one did.
+    pub persona: Option<&'a str>,
 }
 
 /// Peak resident set of this process (`VmHWM` of /proc/self/status), bytes;
@@ -181,7 +196,7 @@ impl Recorder {
     ///
     /// # Errors
     /// The journal refused the record (quota, a failed writer).
-    pub fn interaction(&mut self, session: &Session<'_>, texts: (&str, &str, &str), stats: &ReplyStats) -> Result<Option<u64>, JournalError> {
+    pub fn interaction(&mut self, session: &Session<'_>, texts: &Texts<'_>, stats: &ReplyStats) -> Result<Option<u64>, JournalError> {
         let position = (self.conversation, self.turn);
         self.turn += 1;
         let Some(journal) = self.journal.as_mut() else {

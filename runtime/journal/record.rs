@@ -9,7 +9,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 1 | kind: 1 interaction, 2 feedback, 3 metrics, 4 adapter event |
-//! | 1 | 1 | schema version of that kind (1 for every kind today) |
+//! | 1 | 1 | schema version of that kind ([`schema_version`]: interaction 2, the others 1) |
 //! | 2 | 8 | LSN (log sequence number), u64 little-endian, from 1, unique per device |
 //! | 10 | 8 | wall-clock time, milliseconds since the Unix epoch, u64 little-endian |
 //! | 18 | … | the kind's struct in postcard (<https://postcard.jamesmunns.com/wire-format>) |
@@ -55,8 +55,14 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Schema version written for every kind by this build.
-pub const SCHEMA_VERSION: u8 = 1;
+/// Schema version this build writes, and the newest it reads, for `kind`:
+/// interactions are at 2 (version 2 appended `persona`), the other kinds at 1.
+pub fn schema_version(kind: u8) -> u8 {
+    match kind {
+        kind::INTERACTION => 2,
+        _ => 1,
+    }
+}
 
 /// Why a request ended. Interaction records store it: variants are only
 /// ever appended, never reordered (the postcard encoding is the index).
@@ -121,6 +127,10 @@ pub struct Interaction<'a> {
     pub time_to_first_token_ms: f32,
     /// Peak resident memory of the session's process, bytes.
     pub peak_memory_bytes: u64,
+    /// The persona whose system prompt the request used, if one (schema
+    /// version 2; version 1 records decode with none).
+    #[serde(default)]
+    pub persona: Option<Cow<'a, str>>,
 }
 
 /// Thumbs up or down.
@@ -327,7 +337,7 @@ pub fn encode(out: &mut [u8], lsn: u64, time_ms: u64, body: &Body<'_>) -> Result
         return Err(RecordError::TooLarge);
     }
     out[0] = body.kind();
-    out[1] = SCHEMA_VERSION;
+    out[1] = schema_version(body.kind());
     out[2..10].copy_from_slice(&lsn.to_le_bytes());
     out[10..18].copy_from_slice(&time_ms.to_le_bytes());
     let rest = &mut out[RECORD_PREFIX..];
@@ -364,10 +374,12 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, RecordError> {
     let time_ms = u64::from_le_bytes(bytes[10..18].try_into().expect("8 bytes"));
     let rest = &bytes[RECORD_PREFIX..];
     let fail = |e: postcard::Error| RecordError::Body { kind: kind_name(kind), lsn, problem: e.to_string() };
-    if version > SCHEMA_VERSION || version == 0 {
+    if version > schema_version(kind) || version == 0 {
         return Ok(Decoded::Unknown { kind, version, lsn });
     }
     let body = match kind {
+        // Version 1 lacks the trailing `persona`: postcard's `None` is one zero byte.
+        kind::INTERACTION if version == 1 => Body::Interaction(postcard::from_bytes(&[rest, &[0]].concat()).map_err(fail)?),
         kind::INTERACTION => Body::Interaction(postcard::from_bytes(rest).map_err(fail)?),
         kind::FEEDBACK => Body::Feedback(postcard::from_bytes(rest).map_err(fail)?),
         kind::METRICS => Body::Metrics(postcard::from_bytes(rest).map_err(fail)?),
@@ -389,8 +401,40 @@ mod tests {
         buf[0] = 200;
         assert_eq!(decode(&buf[..n]), Ok(Decoded::Unknown { kind: 200, version: 1, lsn: 7 }));
         buf[0] = kind::METRICS;
-        buf[1] = SCHEMA_VERSION + 1;
+        buf[1] = schema_version(kind::METRICS) + 1;
         assert_eq!(decode(&buf[..n]), Ok(Decoded::Unknown { kind: kind::METRICS, version: 2, lsn: 7 }));
+    }
+
+    #[test]
+    fn a_version_1_interaction_decodes_without_a_persona() {
+        let interaction = |persona: Option<&'static str>| Interaction {
+            conversation: 3,
+            turn: 1,
+            base_model: ModelId([7; 32]),
+            adapter: None,
+            system: "s".into(),
+            prompt: "p".into(),
+            reply: "r".into(),
+            prompt_tokens: 10,
+            reused_tokens: 2,
+            new_tokens: 4,
+            stop_reason: StopReason::Eos,
+            prefill_tokens_per_s: 1.0,
+            decode_tokens_per_s: 2.0,
+            time_to_first_token_ms: 3.0,
+            peak_memory_bytes: 4,
+            persona: persona.map(Cow::Borrowed),
+        };
+        let mut buf = [0u8; 256];
+        let n = encode(&mut buf, 5, 9, &Body::Interaction(interaction(Some("formal")))).unwrap();
+        assert_eq!(buf[1], 2);
+        let Ok(Decoded::Known(record)) = decode(&buf[..n]) else { panic!("version 2 decodes") };
+        assert_eq!(record.body, Body::Interaction(interaction(Some("formal"))));
+        // What a version-1 build wrote: the same fields without the persona.
+        let n = encode(&mut buf, 5, 9, &Body::Interaction(interaction(None))).unwrap();
+        buf[1] = 1;
+        let Ok(Decoded::Known(record)) = decode(&buf[..n - 1]) else { panic!("version 1 decodes") };
+        assert_eq!(record.body, Body::Interaction(interaction(None)));
     }
 
     #[test]

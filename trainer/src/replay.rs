@@ -288,6 +288,7 @@ mod tests {
             decode_tokens_per_s: 1.0,
             time_to_first_token_ms: 1.0,
             peak_memory_bytes: 1,
+            persona: None,
         })
     }
 

@@ -46,6 +46,7 @@ fn corrected_journal(dir: &Path, base: ModelId) {
         decode_tokens_per_s: 1.0,
         time_to_first_token_ms: 1.0,
         peak_memory_bytes: 1,
+        persona: None,
     };
     let lsn = journal.append(&Body::Interaction(interaction)).unwrap();
     let fix = Feedback { interaction: lsn, correction: Some(Cow::Borrowed("This is the Harbour Station kiosk.")), ..Feedback::default() };

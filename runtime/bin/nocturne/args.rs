@@ -122,6 +122,12 @@ pub struct RequestArgs {
 }
 
 impl RequestArgs {
+    /// The persona named by `--persona` (it gives the system prompt, since
+    /// `--system` conflicts with it).
+    pub fn persona(&self) -> Option<&str> {
+        self.persona.as_deref()
+    }
+
     /// The system prompt: `--system`, else the `--persona`'s (personas from
     /// `state_dir` or `--personas`), else the model's default.
     ///

@@ -229,6 +229,7 @@ fn journal_overhead(args: &BenchArgs) -> anyhow::Result<()> {
                     decode_tokens_per_s: decode as f32,
                     time_to_first_token_ms: 0.0,
                     peak_memory_bytes: 0,
+                    persona: None,
                 };
                 let lsn = journal.append(&Body::Interaction(interaction))?;
                 let rating = Feedback { interaction: lsn, rating: Some(4), ..Feedback::default() };

@@ -16,7 +16,7 @@ use nocturne::profile::ACTIVE;
 use nocturne::session::{RequestOptions, Session};
 use nocturne::tokenizer::{ChatMessage, Tokenizer};
 
-use nocturne::device::recorder::Recorder;
+use nocturne::device::recorder::{Recorder, Texts};
 
 use crate::journal::{follow_active_adapter, record_interaction, RecordArgs};
 use crate::args::{ModelArgs, RequestArgs};
@@ -75,6 +75,8 @@ struct Chat<'a> {
     recorder: Recorder,
     last: Option<LastReply>,
     retries: u64,
+    /// The persona that gave the system prompt, journaled with each interaction.
+    persona: Option<String>,
 }
 
 impl Chat<'_> {
@@ -125,7 +127,8 @@ impl Chat<'_> {
         let reply = self.session.reply_text().into_owned();
         let system = &self.messages[0].content;
         let prompt = &self.messages[self.messages.len() - 1].content;
-        let interaction = record_interaction(&mut self.recorder, &self.session, (system, prompt, &reply), &stats);
+        let texts = Texts { system, prompt, reply: &reply, persona: self.persona.as_deref() };
+        let interaction = record_interaction(&mut self.recorder, &self.session, &texts, &stats);
         self.messages.push(ChatMessage::new("assistant", &reply));
         let recorded = interaction.map_or(String::new(), |id| format!("; interaction {id}"));
         eprintln!("[{}; {} new tokens, {:.1} tok/s{recorded}]", stats.stop_reason.name(), stats.new_tokens, stats.decode_tokens_per_second());
@@ -206,6 +209,7 @@ pub fn run(model: &ModelArgs, request: &RequestArgs, record: &RecordArgs) -> any
         recorder,
         last: None,
         retries: 0,
+        persona: request.persona().map(str::to_string),
     };
     eprintln!(
         "nocturne chat ({}, {} context tokens). {HELP}",

@@ -4,7 +4,7 @@
 use std::io::Read;
 
 use anyhow::{bail, Context};
-use nocturne::device::recorder::peak_rss_bytes;
+use nocturne::device::recorder::{peak_rss_bytes, Texts};
 use nocturne::profile::ACTIVE;
 use nocturne::session::Session;
 use nocturne::tokenizer::ChatMessage;
@@ -65,7 +65,8 @@ pub fn run(prompt: Option<String>, model: &ModelArgs, request: &RequestArgs, Out
     };
     let system = if raw { "" } else { system.as_str() };
     let reply = session.reply_text().into_owned();
-    let interaction = record_interaction(&mut recorder, &session, (system, prompt.trim_end(), &reply), &stats);
+    let texts = Texts { system, prompt: prompt.trim_end(), reply: &reply, persona: request.persona().filter(|_| !raw) };
+    let interaction = record_interaction(&mut recorder, &session, &texts, &stats);
     // The id is only given out once the interaction is stored.
     let interaction = match interaction.map(|lsn| recorder.wait(lsn).map(|()| lsn)) {
         Some(Err(e)) => {

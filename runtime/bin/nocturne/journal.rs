@@ -16,7 +16,7 @@ use nocturne::journal::{
     read_journal, Body, Feedback, ImplicitSignals, Journal, JournalConfig, JournalReport, Thumbs,
 };
 use nocturne::profile::ACTIVE;
-use nocturne::device::recorder::Recorder;
+use nocturne::device::recorder::{Recorder, Texts};
 use nocturne::session::{ReplyStats, Session};
 use nocturne::weights::ModelPack;
 
@@ -75,7 +75,7 @@ pub fn follow_active_adapter(recorder: &mut Recorder, session: &mut Session<'_>,
 
 /// Queues the interaction of the reply `session` just gave; returns its id,
 /// or `None` (with a warning on stderr) when it was not recorded.
-pub fn record_interaction(recorder: &mut Recorder, session: &Session<'_>, texts: (&str, &str, &str), stats: &ReplyStats) -> Option<u64> {
+pub fn record_interaction(recorder: &mut Recorder, session: &Session<'_>, texts: &Texts<'_>, stats: &ReplyStats) -> Option<u64> {
     recorder.interaction(session, texts, stats).unwrap_or_else(|e| {
         eprintln!("warning: the interaction was not recorded: {e}");
         None

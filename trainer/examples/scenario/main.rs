@@ -118,6 +118,7 @@ fn main() -> anyhow::Result<()> {
             decode_tokens_per_s: 0.0,
             time_to_first_token_ms: 0.0,
             peak_memory_bytes: 0,
+            persona: None,
         };
         let lsn = journal.append(&Body::Interaction(interaction))?;
         journal.append_durable(&Body::Feedback(Feedback { interaction: lsn, correction: Some(Cow::Borrowed(a)), ..Feedback::default() }))?;

@@ -279,7 +279,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) ->
 struct Prepared {
     prompt: Vec<u32>,
     options: RequestOptions,
-    texts: (String, String),
+    texts: (String, String, Option<String>),
     position: (u64, u32),
     stream: bool,
     include_usage: bool,
@@ -353,10 +353,15 @@ fn prepare_chat(app: &App, loaded: &Loaded, request: ChatRequest) -> Result<Prep
     let user = last.content.clone();
     // An unknown persona is an error even where a system message wins over it.
     let persona = match &request.persona {
-        Some(name) => Some(app.personas.system(name).map_err(|e| ApiError::invalid(Some("persona"), e.to_string()))?),
+        Some(name) => Some((name, app.personas.system(name).map_err(|e| ApiError::invalid(Some("persona"), e.to_string()))?)),
         None => None,
     };
-    let system = system.or(persona.map(str::to_string)).unwrap_or_else(|| DEFAULT_SYSTEM_PROMPT.to_string());
+    // The persona is journaled when it gave the system prompt.
+    let (system, persona) = match (system, persona) {
+        (Some(system), _) => (system, None),
+        (None, Some((name, prompt))) => (prompt.to_string(), Some(name.clone())),
+        (None, None) => (DEFAULT_SYSTEM_PROMPT.to_string(), None),
+    };
     let turn = messages.iter().filter(|m| m.role == "assistant").count();
     let mut hasher = DefaultHasher::new();
     (&system, &messages[0].content).hash(&mut hasher);
@@ -365,7 +370,7 @@ fn prepare_chat(app: &App, loaded: &Loaded, request: ChatRequest) -> Result<Prep
     check_context(loaded, prompt.len(), "messages")?;
     let options = request_options(&request.limits, ACTIVE.max_new_tokens)?;
     let include_usage = request.limits.stream_options.is_some_and(|o| o.include_usage);
-    Ok(Prepared { prompt, options, texts: (system, user), position: (hasher.finish(), turn as u32), stream: request.limits.stream, include_usage })
+    Ok(Prepared { prompt, options, texts: (system, user, persona), position: (hasher.finish(), turn as u32), stream: request.limits.stream, include_usage })
 }
 
 /// OpenAI's default `max_tokens` of a text completion.
@@ -385,7 +390,7 @@ fn prepare_text(app: &App, loaded: &Loaded, request: TextRequest) -> Result<Prep
     check_context(loaded, prompt.len(), "prompt")?;
     let options = request_options(&request.limits, TEXT_DEFAULT_MAX_TOKENS.min(ACTIVE.max_new_tokens))?;
     let include_usage = request.limits.stream_options.is_some_and(|o| o.include_usage);
-    Ok(Prepared { prompt, options, texts: (String::new(), text), position: (rand_u64(), 0), stream: request.limits.stream, include_usage })
+    Ok(Prepared { prompt, options, texts: (String::new(), text, None), position: (rand_u64(), 0), stream: request.limits.stream, include_usage })
 }
 
 /// Queues `work`, or answers 429 (queue full) or 503 (shutting down).

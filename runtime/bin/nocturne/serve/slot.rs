@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use nocturne::device::recorder::Recorder;
+use nocturne::device::recorder::{Recorder, Texts};
 use nocturne::journal::{Acknowledgements, Feedback};
 use nocturne::session::{ReplyStats, RequestOptions, Session};
 use nocturne::weights::ModelPack;
@@ -24,8 +24,9 @@ pub struct Completion {
     pub prompt: Vec<u32>,
     /// Limits and sampling; `cancel` is set when the client goes away.
     pub options: RequestOptions,
-    /// System prompt and last user message, as journaled.
-    pub texts: (String, String),
+    /// System prompt, last user message, and the persona that gave the
+    /// system prompt, as journaled.
+    pub texts: (String, String, Option<String>),
     /// Where this request stands in its conversation.
     pub position: (u64, u32),
     /// Streamed text, then the outcome.
@@ -156,7 +157,8 @@ fn complete(session: &mut Session<'_>, shared: &Shared<'_>, c: Completion) -> Op
     let queued = {
         let mut recorder = shared.recorder();
         recorder.set_position(c.position.0, c.position.1);
-        let queued = recorder.interaction(session, (&c.texts.0, &c.texts.1, &reply), &stats);
+        let texts = Texts { system: &c.texts.0, prompt: &c.texts.1, reply: &reply, persona: c.texts.2.as_deref() };
+        let queued = recorder.interaction(session, &texts, &stats);
         shared.publish(&recorder);
         queued
     };
