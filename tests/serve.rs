@@ -455,3 +455,22 @@ fn text_completions_continue_the_raw_prompt_whole_and_streamed() {
     assert_eq!((&interactions[0]["system"], &interactions[0]["prompt"]), (&json!(""), &json!("The capital of France is")));
     assert_eq!(kinds(&journal, "feedback")[0]["interaction"], 1);
 }
+
+#[test]
+fn with_no_journal_replies_are_unrecorded_and_feedback_is_refused() {
+    let server = Server::start(&["--no-journal"]);
+    let (status, head, body) = server.request("POST", "/v1/chat/completions", &[], &question(3).to_string());
+    assert_eq!(status, 200, "{body}");
+    assert!(!head.to_ascii_lowercase().contains("x-nocturne-interaction"), "{head}");
+    let reply: Value = serde_json::from_str(&body).unwrap();
+    assert!(reply["id"].as_str().unwrap().starts_with("chatcmpl-unrecorded-"), "{reply}");
+    let (status, error) = server.json("/v1/feedback", &json!({"interaction": 1, "rating": 4}));
+    assert_eq!(status, 400);
+    assert!(error["error"]["message"].as_str().unwrap().contains("journaling is off"), "{error}");
+    let state = server.state.clone();
+    let (mut child, _log) = (server.child, server.log);
+    // SAFETY: kill has no memory preconditions; the pid is our live child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    assert!(!state.join("journal").exists(), "nothing was written to the state directory's journal");
+}
