@@ -9,6 +9,7 @@
 //! it (formats and files first, then the engines of the day's data flow,
 //! then the device's state and sync).
 
+pub mod heap; // the counting global allocator: allocations, bytes, per-thread live and peak heap
 pub mod file_error; // FileError, the error of every on-disk format reader
 pub mod file_read; // regular files only, read with a size limit per kind
 pub mod digest; // SHA-256 of files, hex, the sha256sum line format
@@ -26,7 +27,11 @@ pub mod tokenizer; // tokenizer.json, the token table, the chat template
 pub mod kernels; // vector primitives (scalar reference, SIMD), RMSNorm, RoPE, softmax, SiLU
 pub mod pool; // the decoder's persistent worker threads
 pub mod decoder; // the Llama forward pass over the pack, with the KV cache and LoRA
+#[cfg(feature = "recall")]
+pub mod graph; // ONNX graphs run by tract-onnx, their heap measured into the memory plan
 pub mod sampler; // greedy, temperature, top-k, top-p, repetition penalty
 pub mod session; // a planned, allocated session answering requests to their stop reason
+#[cfg(feature = "recall")]
+pub mod recall; // recall memory: the sentence encoder, the index of taught answers
 pub mod device; // the state directory: identity, journal, recorder, installed adapters
 pub mod sync; // offline sync: segment bundles out, acknowledgements back

@@ -17,7 +17,7 @@ use nocturne::sync::ack::{Ack, ACK_DOMAIN};
 use nocturne::sync::bundle::{LostRange, Manifest, SegmentEntry, MANIFEST_DOMAIN};
 use nocturne::weights::TensorIndex;
 use proptest::prelude::*;
-use support::counting::{bytes_allocated_by, Counting};
+use nocturne::heap::{bytes_allocated_by, Counting};
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;

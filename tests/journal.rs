@@ -19,7 +19,7 @@ use nocturne::journal::{
 };
 use nocturne::profile::Durability;
 use proptest::prelude::*;
-use support::counting::{Counting, THREAD_ALLOCATIONS};
+use nocturne::heap::{Counting, THREAD_ALLOCATIONS};
 use support::journal::{config, feedback, feedback_id, DEVICE};
 
 #[global_allocator]

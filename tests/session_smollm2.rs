@@ -18,7 +18,7 @@ use nocturne::session::{RequestOptions, Session, SessionError, SessionOptions};
 use nocturne::journal::StopReason;
 use nocturne::tokenizer::{ChatMessage, Tokenizer};
 use nocturne::weights::ModelPack;
-use support::counting::{Counting, ALLOCATIONS};
+use nocturne::heap::{Counting, ALLOCATIONS};
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;

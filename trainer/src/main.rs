@@ -347,6 +347,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match fetch(&manifest, &cache, &python)? {
                 FetchOutcome::UpToDate(dir) => println!("{} is up to date in {}", manifest.name, dir.display()),
                 FetchOutcome::Converted(report) => print_report(&report, started),
+                FetchOutcome::EncoderConverted(graph, bytes) => {
+                    println!("{}: {} ({:.1} MB) in {:.1} s", manifest.name, graph.display(), bytes as f64 / 1e6, started.elapsed().as_secs_f64())
+                }
             }
         }
         Command::Convert { gguf, out } => print_report(&convert(&GgufFile::open(&gguf)?, &out)?, started),

@@ -12,7 +12,7 @@ use nocturne::profile::Precision;
 use nocturne::tokenizer::Tokenizer;
 use nocturne::weights::{Matrix, ModelPack};
 use nocturne_trainer::convert::{convert, gguf_name, unpermute_rows};
-use nocturne_trainer::fetch::{fetch, sha256_file, FetchOutcome, Manifest, Source};
+use nocturne_trainer::fetch::{fetch, sha256_file, FetchOutcome, Manifest, ModelKind, Source};
 use nocturne_trainer::gguf::GgufFile;
 use support::{gguf_bytes, tiny_llama, RawTensor};
 
@@ -152,13 +152,14 @@ fn manifest(sha: String) -> Manifest {
     Manifest {
         name: "tiny".into(),
         license: "Apache-2.0".into(),
+        kind: ModelKind::Decoder,
         source: Source {
             package: "tiny".into(),
             version: "1.0".into(),
             wheel: "tiny-1.0-py3-none-any.whl".into(),
             wheel_sha256: sha,
             file: "tiny/model.gguf".into(),
-            license_file: "tiny/LICENSE".into(),
+            license_file: Some("tiny/LICENSE".into()),
         },
     }
 }

@@ -6,10 +6,8 @@
 //! (default 500) sets the number of cases.
 
 mod support;
-#[path = "../../tests/support/counting.rs"]
-mod counting;
 
-use counting::{bytes_allocated_by, Counting};
+use nocturne::heap::{bytes_allocated_by, Counting};
 use nocturne_trainer::gguf::GgufFile;
 use proptest::prelude::*;
 

@@ -5,11 +5,14 @@
 //! script, `journal` reads the journal, `sync` carries it to the host and
 //! applies acknowledgements, `info` prints the profile, the pack
 //! and the memory plan, `perplexity` scores a text, `bench` measures prefill,
-//! decode, start-up and bandwidth, `serve` answers apps over the local API.
+//! decode, start-up and bandwidth, `serve` answers apps over the local API,
+//! `embed` prints the recall encoder's embeddings.
 
 mod args;
 mod bench;
 mod chat;
+#[cfg(feature = "recall")]
+mod embed;
 mod generate;
 mod info;
 mod journal;
@@ -27,6 +30,10 @@ use clap::{Parser, Subcommand};
 
 use crate::args::{ModelArgs, RequestArgs};
 use crate::journal::{FeedbackArgs, JournalCommand, RecordArgs};
+
+/// Counts heap use, so the memory plan can hold what the tract graphs measure.
+#[global_allocator]
+static GLOBAL: nocturne::heap::Counting = nocturne::heap::Counting;
 
 #[derive(Parser)]
 #[command(name = "nocturne", version, about = "On-device language-model runtime that learns while it sleeps", after_help = "Exit status: 0 when everything asked for was done; 1 when anything was not (an error, a rejected bundle or adapter, damage found by `journal verify`), with the reason on standard error; 2 for a usage error (an unknown or out-of-range option).")]
@@ -94,6 +101,14 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve the local API (OpenAI-compatible chat completions, plus feedback) until SIGTERM.
     Serve(serve::ServeArgs),
+    /// Print the recall encoder's embedding of each text as a JSON line (texts from the arguments, else stdin lines).
+    #[cfg(feature = "recall")]
+    Embed {
+        /// The texts.
+        texts: Vec<String>,
+        #[command(flatten)]
+        encoder: embed::EncoderArgs,
+    },
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -109,6 +124,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Perplexity { file, tokens, model } => perplexity::run(&file, tokens, &model),
         Command::Bench(args) => bench::run(&args),
         Command::Serve(args) => serve::run(&args),
+        #[cfg(feature = "recall")]
+        Command::Embed { texts, encoder } => embed::run(&texts, &encoder),
     }
     .map(|()| ExitCode::SUCCESS)
 }

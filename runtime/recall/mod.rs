@@ -1,0 +1,9 @@
+//! Recall memory: taught answers and document passages retrieved into the
+//! prompt by embedding similarity (DESIGN.md, "Recall memory").
+//!
+//! Principal items: [`encoder::SentenceEncoder`] (text → unit embedding
+//! through a tract-onnx graph).
+//!
+//! Compiled in with the `recall` cargo feature (on by default).
+
+pub mod encoder;
