@@ -3,19 +3,23 @@
 //!
 //! Principal type: [`StateDir`]; [`recorder::Recorder`] (what `generate`,
 //! `chat` and any other front end journal through), [`adapters`] (installed
-//! adapters: install, self-test, switch, roll back).
+//! adapters: install, self-test, switch, roll back), [`recall`] (the recall
+//! index file, topped up from the journal).
 //!
 //! Layout: `device-id` (32 hex digits and a newline, made once from the
 //! operating system's random source and never changed), `device.key` (its
 //! ed25519 private key, mode 0600) and `device.pub` (the public key file to
 //! enrol on the host), both made with the id; `trainer.pub` (the trainer's
 //! public key, set at provisioning); `last-ack` (the last host
-//! acknowledgement applied); `journal/` (see [`crate::journal`]).
+//! acknowledgement applied); `journal/` (see [`crate::journal`]);
+//! `recall.idx` (the recall index, see [`recall`]).
 //!
 //! Invariant: a device id and key, once written, are never replaced; a
 //! malformed one is an error, not a reason to make a new identity.
 
 pub mod adapters;
+#[cfg(feature = "recall")]
+pub mod recall;
 pub mod recorder;
 
 use std::path::{Path, PathBuf};

@@ -11,7 +11,7 @@ pub mod spec;
 
 use std::borrow::Cow;
 
-pub use spec::{Durability, JournalSpec, Parts, Precision, Profile, ProfileError, RecallSpec, ServerSpec, Sizing, MAX_RECALL_SEQUENCE};
+pub use spec::{Durability, EmbeddingPrecision, JournalSpec, Parts, Precision, Profile, ProfileError, RecallSpec, ServerSpec, Sizing, MAX_RECALL_SEQUENCE};
 
 include!(concat!(env!("OUT_DIR"), "/profile.rs"));
 

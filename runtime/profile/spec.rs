@@ -97,6 +97,31 @@ pub struct RecallSpec {
     /// text is truncated); its graph's heap is planned for this length.
     /// 1..=512, BERT's position table.
     pub max_sequence_tokens: u32,
+    /// Entries the recall index holds (taught answers and passages); its
+    /// embeddings are allocated once for all of them, in the memory plan.
+    pub capacity: u32,
+    /// How the index stores embeddings.
+    pub embedding_precision: EmbeddingPrecision,
+}
+
+/// Storage precision of recall embeddings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingPrecision {
+    /// 4 bytes per dimension.
+    F32,
+    /// 2 bytes per dimension (IEEE half); inner products within ~1e-3 of f32.
+    F16,
+}
+
+impl EmbeddingPrecision {
+    /// Bytes per stored dimension.
+    pub const fn bytes(self) -> usize {
+        match self {
+            EmbeddingPrecision::F32 => 4,
+            EmbeddingPrecision::F16 => 2,
+        }
+    }
 }
 
 /// Longest encoder input a profile may ask for: the position table of BERT
@@ -195,7 +220,7 @@ impl Profile {
     /// [`ProfileError::Invalid`] naming the first field that breaks one.
     pub fn validate(&self) -> Result<(), ProfileError> {
         let invalid = |field: &'static str, reason: String| Err(ProfileError::Invalid { field, reason });
-        let nonzero: [(&'static str, u64); 12] = [
+        let nonzero: [(&'static str, u64); 13] = [
             ("threads", self.threads.into()),
             ("memory_budget_bytes", self.memory_budget_bytes),
             ("max_context_tokens", self.max_context_tokens.into()),
@@ -208,6 +233,7 @@ impl Profile {
             ("server.slots", self.server.slots.into()),
             ("server.queue", self.server.queue.into()),
             ("recall.max_sequence_tokens", self.recall.max_sequence_tokens.into()),
+            ("recall.capacity", self.recall.capacity.into()),
         ];
         for (field, value) in nonzero {
             if value == 0 {
@@ -264,7 +290,7 @@ impl Profile {
              sizing: Sizing {{ layers: {}, kv_heads: {}, head_dim: {} }}, \
              journal: JournalSpec {{ durability: Durability::{:?}, group_commit_ms: {}, segment_bytes: {}, disk_quota_bytes: {} }}, \
              server: ServerSpec {{ slots: {}, queue: {} }}, \
-             recall: RecallSpec {{ max_sequence_tokens: {} }}, \
+             recall: RecallSpec {{ max_sequence_tokens: {}, capacity: {}, embedding_precision: EmbeddingPrecision::{:?} }}, \
              parts: Parts {{ recall: {} }} }}",
             self.name,
             self.target_class,
@@ -284,6 +310,8 @@ impl Profile {
             self.server.slots,
             self.server.queue,
             self.recall.max_sequence_tokens,
+            self.recall.capacity,
+            self.recall.embedding_precision,
             self.parts.recall,
         )
     }

@@ -2,8 +2,11 @@
 //! prompt by embedding similarity (DESIGN.md, "Recall memory").
 //!
 //! Principal items: [`encoder::SentenceEncoder`] (text → unit embedding
-//! through a tract-onnx graph).
+//! through a tract-onnx graph), [`index::RecallIndex`] (the fixed-capacity
+//! table of taught answers and passages, exact top-k search, its durable
+//! file).
 //!
 //! Compiled in with the `recall` cargo feature (on by default).
 
 pub mod encoder;
+pub mod index;

@@ -6,7 +6,8 @@
 //! applies acknowledgements, `info` prints the profile, the pack
 //! and the memory plan, `perplexity` scores a text, `bench` measures prefill,
 //! decode, start-up and bandwidth, `serve` answers apps over the local API,
-//! `embed` prints the recall encoder's embeddings.
+//! `recall` shows and searches the recall index, `embed` prints the recall
+//! encoder's embeddings.
 
 mod args;
 mod bench;
@@ -19,6 +20,8 @@ mod journal;
 mod paths;
 mod perplexity;
 mod personas;
+#[cfg(feature = "recall")]
+mod recall;
 mod serve;
 mod serve_load;
 mod sync;
@@ -102,6 +105,10 @@ enum Command {
     /// Serve the local API (OpenAI-compatible chat completions, plus feedback) until SIGTERM.
     Serve(serve::ServeArgs),
     /// Print the recall encoder's embedding of each text as a JSON line (texts from the arguments, else stdin lines).
+    /// Recall memory: stat, search, rebuild the index of taught answers.
+    #[cfg(feature = "recall")]
+    #[command(subcommand)]
+    Recall(recall::RecallCommand),
     #[cfg(feature = "recall")]
     Embed {
         /// The texts.
@@ -126,6 +133,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve::run(&args),
         #[cfg(feature = "recall")]
         Command::Embed { texts, encoder } => embed::run(&texts, &encoder),
+        #[cfg(feature = "recall")]
+        Command::Recall(command) => recall::run(&command),
     }
     .map(|()| ExitCode::SUCCESS)
 }

@@ -1,0 +1,237 @@
+//! The device's recall memory: the index file in the state directory
+//! (`recall.idx`, see [`crate::recall::index`]) kept in step with the journal.
+//!
+//! Principal items: [`RecallMemory`], [`OpenReport`], [`RECALL_INDEX_FILE`].
+//!
+//! At open the file is checked and topped up from the journal records after
+//! its last LSN: every feedback record with a correction becomes a taught
+//! entry (question: the corrected interaction's user message; answer: the
+//! correction), a later correction of the same interaction replacing the
+//! earlier one. A missing or damaged file is rebuilt from what the journal
+//! still holds, and the report says how many entries the damaged file had
+//! that could not be recovered; a file built with another encoder is embedded
+//! again from its own texts. Feedback whose interaction is not in the journal
+//! (reclaimed, or never written) is counted, not an error.
+//!
+//! Invariants: the journal is only read, never changed; the index file is
+//! replaced atomically, so a crash while writing leaves the old or the new
+//! file; entries outlive the journal segments they came from.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use sha2::{Digest, Sha256};
+
+use crate::durable_file::write_atomic;
+use crate::file_error::FileError;
+use crate::file_read::read_bounded;
+use crate::journal::{read_journal, Body, JournalError};
+use crate::kernels::Kernels;
+use crate::profile::RecallSpec;
+use crate::recall::encoder::{EncoderError, SentenceEncoder};
+use crate::recall::index::{Entry, Hit, IndexFileError, Origin, RecallIndex};
+
+use super::StateDir;
+
+/// Name of the recall index file in the state directory.
+pub const RECALL_INDEX_FILE: &str = "recall.idx";
+
+/// Largest index file read, bytes (1 GiB).
+const INDEX_FILE_LIMIT: u64 = 1 << 30;
+
+/// The text whose embedding fingerprints an encoder: two encoders that embed
+/// it identically are taken to be the same.
+const PROBE: &str = "nocturne recall probe: the quick brown fox jumps over the lazy dog";
+
+/// Opening or updating recall memory failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RecallError {
+    /// The encoder failed.
+    #[error(transparent)]
+    Encoder(#[from] EncoderError),
+    /// The journal could not be read.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The index file could not be written or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The index file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// What [`RecallMemory::open`] found and did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct OpenReport {
+    /// Entries read from the index file.
+    pub loaded: usize,
+    /// Why the file was not used as it was: `None` when it was.
+    pub rebuilt: Option<String>,
+    /// Entries the damaged file held that the journal no longer has (when
+    /// its header still said how many it held).
+    pub unrecovered: Option<usize>,
+    /// Taught entries added from journal records after the file's last LSN.
+    pub added: usize,
+    /// Feedback corrections whose interaction is not in the journal.
+    pub orphaned: usize,
+    /// Entries evicted because the index was full.
+    pub evicted: usize,
+}
+
+/// The recall index of one state directory, with the encoder that fills it.
+pub struct RecallMemory {
+    encoder: SentenceEncoder,
+    index: RecallIndex,
+    path: PathBuf,
+    kernels: Kernels,
+}
+
+impl RecallMemory {
+    /// Opens the index of `state` for `encoder`, sized by `spec`, and tops it
+    /// up from the journal (module docs). Writes the file when anything changed.
+    ///
+    /// # Errors
+    /// The encoder failing on a text, the journal directory unreadable, or the
+    /// index file unwritable. A damaged file is not an error: it is rebuilt.
+    pub fn open(state: &StateDir, encoder: SentenceEncoder, spec: &RecallSpec) -> Result<(RecallMemory, OpenReport), RecallError> {
+        let fingerprint = fingerprint(&encoder)?;
+        let (dimension, capacity) = (encoder.dimension(), spec.capacity as usize);
+        let path = state.root().join(RECALL_INDEX_FILE);
+        let mut report = OpenReport::default();
+        let fresh = || RecallIndex::new(fingerprint, dimension, capacity, spec.embedding_precision);
+        let mut index = match read_bounded(&path, INDEX_FILE_LIMIT) {
+            Err(FileError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => fresh(),
+            Err(e) => {
+                report.rebuilt = Some(format!("{e}"));
+                fresh()
+            }
+            Ok(bytes) => match RecallIndex::decode(&bytes, fingerprint, dimension, capacity, spec.embedding_precision) {
+                Ok(index) => {
+                    report.loaded = index.entries().len();
+                    index
+                }
+                Err(IndexFileError::Stale { entries, last_lsn }) => {
+                    report.rebuilt = Some("built with another encoder: embedded again".into());
+                    let mut index = fresh();
+                    for entry in entries {
+                        let embedding = encoder.embed(&entry.text)?;
+                        report.evicted += usize::from(index.add(entry, &embedding).is_some());
+                    }
+                    index.set_last_lsn(last_lsn);
+                    report.loaded = index.entries().len();
+                    index
+                }
+                Err(damaged @ IndexFileError::Damaged(_)) => {
+                    report.rebuilt = Some(damaged.to_string());
+                    report.unrecovered = RecallIndex::entry_count_of(&bytes);
+                    fresh()
+                }
+            },
+        };
+        let mut memory = RecallMemory { encoder, index: fresh(), path, kernels: Kernels::detect() };
+        std::mem::swap(&mut memory.index, &mut index);
+        let changed = memory.top_up(state, &mut report)? || report.rebuilt.is_some();
+        if let (Some(lost), true) = (report.unrecovered, report.rebuilt.is_some()) {
+            report.unrecovered = Some(lost.saturating_sub(memory.index.entries().len()));
+        }
+        if changed {
+            memory.save()?;
+        }
+        Ok((memory, report))
+    }
+
+    /// Adds the taught entries of the journal records after the index's last LSN.
+    fn top_up(&mut self, state: &StateDir, report: &mut OpenReport) -> Result<bool, RecallError> {
+        let after = self.index.last_lsn();
+        let mut questions: HashMap<u64, String> = HashMap::new();
+        let mut corrections: Vec<(u64, u64, String)> = Vec::new();
+        let mut last = after;
+        let journal = state.journal_dir();
+        if !journal.is_dir() {
+            return Ok(false);
+        }
+        read_journal(&journal, None, &mut |record| {
+            last = last.max(record.lsn);
+            match &record.body {
+                Body::Interaction(i) => {
+                    questions.insert(record.lsn, i.prompt.to_string());
+                }
+                Body::Feedback(f) if record.lsn > after => {
+                    if let Some(answer) = f.correction.as_deref().filter(|a| !a.trim().is_empty()) {
+                        corrections.push((f.interaction, record.lsn, answer.to_owned()));
+                    }
+                }
+                _ => {}
+            }
+        })?;
+        for (interaction, feedback, answer) in corrections {
+            let Some(question) = questions.get(&interaction) else {
+                report.orphaned += 1;
+                continue;
+            };
+            let evicted = self.teach(interaction, feedback, question, &answer)?;
+            report.added += 1;
+            report.evicted += usize::from(evicted.is_some());
+        }
+        let moved = last > after;
+        self.index.set_last_lsn(last);
+        Ok(moved)
+    }
+
+    /// Adds (or replaces) the taught entry for `interaction`: `question` was
+    /// answered with `answer` in the feedback record `feedback`. Returns the
+    /// entry evicted to make room, if one was. Does not write the file
+    /// ([`RecallMemory::save`]).
+    ///
+    /// # Errors
+    /// The encoder failing.
+    pub fn teach(&mut self, interaction: u64, feedback: u64, question: &str, answer: &str) -> Result<Option<Entry>, RecallError> {
+        let embedding = self.encoder.embed(question)?;
+        self.index.retain(|e| !matches!(e.origin, Origin::Taught { interaction: i, .. } if i == interaction));
+        let entry = Entry { origin: Origin::Taught { interaction, feedback }, text: question.to_owned(), answer: answer.to_owned(), learned_by: None };
+        let evicted = self.index.add(entry, &embedding);
+        self.index.set_last_lsn(feedback);
+        Ok(evicted)
+    }
+
+    /// The entries closest to `question`: at most `k`, each with a score of at
+    /// least `threshold`, best first.
+    ///
+    /// # Errors
+    /// The encoder failing.
+    pub fn search(&self, question: &str, k: usize, threshold: f32) -> Result<Vec<(&Entry, f32)>, RecallError> {
+        let query = self.encoder.embed(question)?;
+        let mut hits: Vec<Hit> = Vec::with_capacity(k);
+        self.index.search(&self.kernels, &query, k, threshold, &mut hits);
+        Ok(hits.iter().map(|h| (&self.index.entries()[h.slot], h.score)).collect())
+    }
+
+    /// The index.
+    pub fn index(&self) -> &RecallIndex {
+        &self.index
+    }
+
+    /// The encoder.
+    pub fn encoder(&self) -> &SentenceEncoder {
+        &self.encoder
+    }
+
+    /// Writes the index file atomically.
+    ///
+    /// # Errors
+    /// [`RecallError::Io`].
+    pub fn save(&self) -> Result<(), RecallError> {
+        write_atomic(&self.path, &self.index.encode()).map_err(|source| RecallError::Io { path: self.path.clone(), source })
+    }
+}
+
+/// SHA-256 of the encoder's dimension and its embedding of [`PROBE`].
+fn fingerprint(encoder: &SentenceEncoder) -> Result<[u8; 32], EncoderError> {
+    let probe = encoder.embed(PROBE)?;
+    let mut hash = Sha256::new();
+    hash.update((probe.len() as u64).to_le_bytes());
+    probe.iter().for_each(|v| hash.update(v.to_le_bytes()));
+    Ok(hash.finalize().into())
+}

@@ -1,0 +1,121 @@
+//! The device's recall memory on real journals with the real encoder: taught
+//! answers come from acknowledged corrections, the index file survives the
+//! journal, damage is rebuilt from what the journal holds, the journal is
+//! never changed, a full index evicts as documented.
+
+mod support;
+
+use std::path::Path;
+
+use nocturne::device::recall::{RecallMemory, RECALL_INDEX_FILE};
+use nocturne::device::StateDir;
+use nocturne::heap::Counting;
+use nocturne::journal::Journal;
+use nocturne::profile::{Durability, EmbeddingPrecision, RecallSpec};
+use nocturne::recall::encoder::SentenceEncoder;
+use support::journal::{config, correction, interaction, DEVICE};
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const SPEC: RecallSpec = RecallSpec { max_sequence_tokens: 64, capacity: 100, embedding_precision: EmbeddingPrecision::F16 };
+
+fn encoder() -> SentenceEncoder {
+    SentenceEncoder::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache/all-minilm-l6-v2"), 64).unwrap()
+}
+
+/// Every journal file's name and bytes.
+fn journal_bytes(state: &StateDir) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<_> = std::fs::read_dir(state.journal_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Journals three questions with corrections (the second corrected twice),
+/// and a correction naming no interaction.
+fn teach(state: &StateDir) {
+    let mut journal = Journal::open(&state.journal_dir(), DEVICE, config(Durability::FsyncEachRecord, 1 << 20, 1 << 30)).unwrap();
+    let france = journal.append_durable(&interaction("What is the capital of France?")).unwrap();
+    let spider = journal.append_durable(&interaction("How many legs does a spider have?")).unwrap();
+    let author = journal.append_durable(&interaction("Who wrote Pride and Prejudice?")).unwrap();
+    journal.append_durable(&correction(france, "Paris.")).unwrap();
+    journal.append_durable(&correction(spider, "Six.")).unwrap();
+    journal.append_durable(&correction(spider, "Eight.")).unwrap();
+    journal.append_durable(&correction(author, "Jane Austen.")).unwrap();
+    journal.append_durable(&correction(999, "An orphan.")).unwrap();
+    journal.close().unwrap();
+}
+
+#[test]
+fn corrections_in_the_journal_are_recalled_and_the_journal_is_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = StateDir::new(tmp.path());
+    teach(&state);
+    let before = journal_bytes(&state);
+    let (memory, report) = RecallMemory::open(&state, encoder(), &SPEC).unwrap();
+    assert_eq!((report.loaded, report.added, report.orphaned, report.rebuilt.clone()), (0, 4, 1, None), "{report:?}");
+    assert_eq!(memory.index().entries().len(), 3, "the later correction of the spider question replaced the earlier");
+    let hits = memory.search("spiders: how many legs?", 1, 0.5).unwrap();
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0].0.answer, "Eight.");
+    assert_eq!(memory.search("What is the boiling point of water?", 3, 0.5).unwrap().len(), 0, "nothing unrelated clears 0.5");
+    assert_eq!(journal_bytes(&state), before, "opening recall memory never changes the journal");
+    drop(memory);
+
+    // A second open reads the file and adds nothing.
+    let (memory, report) = RecallMemory::open(&state, encoder(), &SPEC).unwrap();
+    assert_eq!((report.loaded, report.added, report.rebuilt), (3, 0, None));
+    assert_eq!(memory.index().last_lsn(), 8);
+}
+
+#[test]
+fn the_index_outlives_the_journal_and_damage_is_rebuilt_from_what_remains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = StateDir::new(tmp.path());
+    teach(&state);
+    drop(RecallMemory::open(&state, encoder(), &SPEC).unwrap());
+    let index_file = tmp.path().join(RECALL_INDEX_FILE);
+    let intact = std::fs::read(&index_file).unwrap();
+
+    // Damaged while the journal still holds everything: rebuilt, nothing lost.
+    let mut bad = intact.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    std::fs::write(&index_file, &bad).unwrap();
+    let (memory, report) = RecallMemory::open(&state, encoder(), &SPEC).unwrap();
+    assert!(report.rebuilt.as_deref().unwrap().contains("checksum"), "{report:?}");
+    assert_eq!(report.unrecovered, Some(0));
+    assert_eq!(memory.index().entries().len(), 3);
+    drop(memory);
+
+    // The segments go (as the quota reclaims them after a host acknowledgement):
+    // the index file still answers.
+    std::fs::remove_dir_all(state.journal_dir()).unwrap();
+    std::fs::create_dir(state.journal_dir()).unwrap();
+    let (memory, report) = RecallMemory::open(&state, encoder(), &SPEC).unwrap();
+    assert_eq!((report.loaded, report.rebuilt.clone()), (3, None));
+    assert_eq!(memory.search("capital city of France", 1, 0.5).unwrap()[0].0.answer, "Paris.");
+    drop(memory);
+
+    // Damaged after the segments went: the report says what could not be recovered.
+    std::fs::write(&index_file, &bad).unwrap();
+    let (memory, report) = RecallMemory::open(&state, encoder(), &SPEC).unwrap();
+    assert_eq!(report.unrecovered, Some(3), "{report:?}");
+    assert!(memory.index().entries().is_empty());
+}
+
+#[test]
+fn a_full_index_evicts_the_oldest_entry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = StateDir::new(tmp.path());
+    teach(&state);
+    let small = RecallSpec { capacity: 2, ..SPEC };
+    let (memory, report) = RecallMemory::open(&state, encoder(), &small).unwrap();
+    assert_eq!(report.evicted, 1);
+    let texts: Vec<_> = memory.index().entries().iter().map(|e| e.text.as_str()).collect();
+    assert_eq!(texts, ["How many legs does a spider have?", "Who wrote Pride and Prejudice?"]);
+}
