@@ -523,3 +523,67 @@ fn an_adapter_installs_while_a_chat_holds_the_journal_and_the_chat_uses_it() {
     assert!(records.iter().any(|r| r["kind"] == "adapter" && r["action"] == "installed" && r["adapter"] == id.as_str()), "{records:?}");
     assert!(!dir.join("adapters/pending-events").exists());
 }
+
+/// A correction works from the next question on: taught with `feedback --fix`
+/// it is recalled for the question and a rephrasing, journaled as recalled,
+/// listed by `generate --json`, and `--no-recall` answers without it.
+#[test]
+fn a_correction_is_recalled_from_the_next_question_on() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().to_str().unwrap();
+    let taught = "My favourite colour is teal.";
+    let first = nocturne(&["generate", "--state-dir", dir, "--json", "--max-new-tokens", "16", "What is my favourite colour?"], None);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let first: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert!(!first["reply"].as_str().unwrap().contains("teal"), "{first}");
+    assert_eq!(first["recalled"], serde_json::json!([]));
+    let id = first["interaction"].as_u64().unwrap().to_string();
+    assert!(nocturne(&["feedback", "--state-dir", dir, "--interaction", &id, "--fix", taught], None).status.success());
+
+    for question in ["What is my favourite colour?", "Which colour is my favourite?"] {
+        let out = nocturne(&["generate", "--state-dir", dir, "--json", "--max-new-tokens", "16", question], None);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(reply["reply"].as_str().unwrap().starts_with(taught), "{question}: {reply}");
+        assert_eq!(reply["recalled"][0]["interaction"].as_u64(), Some(1), "{reply}");
+        assert_eq!(reply["recalled"][0]["answer"], taught);
+    }
+    let records = json_lines(&nocturne(&["journal", "dump", "--state-dir", dir], None));
+    let recalled: Vec<_> = records.iter().filter(|r| r["kind"] == "interaction").map(|r| r["recalled"].clone()).collect();
+    assert_eq!(recalled, [serde_json::json!([]), serde_json::json!([1]), serde_json::json!([1])]);
+
+    let out = nocturne(&["generate", "--state-dir", dir, "--json", "--no-recall", "--max-new-tokens", "16", "What is my favourite colour?"], None);
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["reply"], first["reply"], "--no-recall answers as before the correction");
+
+    // An unrelated question recalls nothing.
+    let out = nocturne(&["generate", "--state-dir", dir, "--json", "--max-new-tokens", "8", "What is the capital of France?"], None);
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["recalled"], serde_json::json!([]), "{reply}");
+}
+
+/// `/fix` in chat is recalled within the same conversation's next question.
+#[test]
+fn chat_fix_is_recalled_at_once() {
+    let input = b"Who is the mayor of Springfield?\n/fix The mayor of Springfield is Joe Quimby.\nTell me who the mayor of Springfield is.\n/exit\n";
+    let out = nocturne(&["chat", "--max-new-tokens", "24"], Some(input));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("(recalled, similarity"), "{stderr}");
+    let replies: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(replies.last().unwrap().starts_with("The mayor of Springfield is Joe Quimby."), "{stdout}");
+}
+
+/// A missing or broken encoder: said once, and the command still answers.
+#[test]
+fn a_broken_encoder_is_said_once_and_the_answer_still_comes() {
+    let encoder = tempfile::tempdir().unwrap();
+    std::fs::write(encoder.path().join("encoder.onnx"), b"not a graph").unwrap();
+    let out = nocturne(&["generate", "--encoder", encoder.path().to_str().unwrap(), "--max-new-tokens", "8", "What is the capital of France?"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
+    assert_eq!(stderr.matches("answering without recall memory").count(), 1, "{stderr}");
+    assert!(stderr.contains("tokenizer.json") || stderr.contains("encoder.onnx"), "the file is named: {stderr}");
+}

@@ -82,6 +82,7 @@ fn body() -> impl Strategy<Value = Body<'static>> {
                 time_to_first_token_ms: f32::from(t),
                 peak_memory_bytes: mem,
                 persona: (turn % 3 == 0).then(|| "formal".into()),
+                recalled: if turn % 2 == 0 { Cow::Borrowed(&[]) } else { Cow::Owned(vec![u64::from(turn), 1]) },
             })
         });
     let feedback = (
@@ -470,6 +471,7 @@ fn append_makes_no_allocation_on_the_calling_thread() {
         time_to_first_token_ms: 210.0,
         peak_memory_bytes: 200 << 20,
         persona: None,
+        recalled: Cow::Borrowed(&[]),
     });
     // Warm-up: enough records to fill the queue once, so the channel has
     // registered this thread as a waiting sender (a one-time allocation).

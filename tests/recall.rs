@@ -18,7 +18,7 @@ use support::journal::{config, correction, interaction, DEVICE};
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-const SPEC: RecallSpec = RecallSpec { max_sequence_tokens: 64, capacity: 100, embedding_precision: EmbeddingPrecision::F16 };
+const SPEC: RecallSpec = RecallSpec { max_sequence_tokens: 64, capacity: 100, embedding_precision: EmbeddingPrecision::F16, top_k: 3, prompt_tokens: 256 };
 
 fn encoder() -> SentenceEncoder {
     SentenceEncoder::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache/all-minilm-l6-v2"), 64).unwrap()

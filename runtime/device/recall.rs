@@ -30,6 +30,8 @@ use crate::kernels::Kernels;
 use crate::profile::RecallSpec;
 use crate::recall::encoder::{EncoderError, SentenceEncoder};
 use crate::recall::index::{Entry, Hit, IndexFileError, Origin, RecallIndex};
+use crate::recall::prompt::{with_recalled, RecallForm, RecalledPrompt, DEFAULT_THRESHOLD};
+use crate::tokenizer::{ChatMessage, Tokenizer, TokenizerError};
 
 use super::StateDir;
 
@@ -52,6 +54,9 @@ pub enum RecallError {
     /// The journal could not be read.
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// The decoder's tokenizer failed on a recalled text.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
     /// The index file could not be written or read.
     #[error("{path}: {source}")]
     Io {
@@ -206,6 +211,29 @@ impl RecallMemory {
         let mut hits: Vec<Hit> = Vec::with_capacity(k);
         self.index.search(&self.kernels, &query, k, threshold, &mut hits);
         Ok(hits.iter().map(|h| (&self.index.entries()[h.slot], h.score)).collect())
+    }
+
+    /// `messages` (system first, the conversation ending with the user's
+    /// message) with what recall finds for that last user message: at most
+    /// `spec.top_k` entries with a similarity of at least
+    /// [`DEFAULT_THRESHOLD`], within `spec.prompt_tokens`, in
+    /// [`RecallForm::DEFAULT`]. Also returns the entries that went in, best
+    /// first, with their similarity.
+    ///
+    /// # Errors
+    /// The encoder or the tokenizer failing.
+    pub fn recall_into(
+        &self,
+        messages: &[ChatMessage],
+        tokenizer: &Tokenizer,
+        spec: &RecallSpec,
+    ) -> Result<(RecalledPrompt, Vec<(Entry, f32)>), RecallError> {
+        let question = messages.iter().rev().find(|m| m.role == "user").map_or("", |m| m.content.as_str());
+        let hits = if question.trim().is_empty() { Vec::new() } else { self.search(question, spec.top_k as usize, DEFAULT_THRESHOLD)? };
+        let entries: Vec<&Entry> = hits.iter().map(|(e, _)| *e).collect();
+        let prompt = with_recalled(messages, &entries, RecallForm::DEFAULT, spec.prompt_tokens as usize, tokenizer)?;
+        let used = prompt.used.iter().map(|&i| (hits[i].0.clone(), hits[i].1)).collect();
+        Ok((prompt, used))
     }
 
     /// The index.

@@ -46,7 +46,7 @@ pub fn interaction_record<'a>(
     stats: &ReplyStats,
     peak_memory_bytes: u64,
 ) -> Interaction<'a> {
-    let Texts { system, prompt, reply, persona } = *texts;
+    let Texts { system, prompt, reply, persona, recalled } = *texts;
     let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     Interaction {
         conversation,
@@ -65,6 +65,7 @@ pub fn interaction_record<'a>(
         time_to_first_token_ms: (stats.time_to_first_token.as_secs_f64() * 1e3) as f32,
         peak_memory_bytes,
         persona: persona.map(Cow::Borrowed),
+        recalled: Cow::Borrowed(recalled),
     }
 }
 
@@ -79,6 +80,9 @@ pub struct Texts<'a> {
     pub reply: &'a str,
     /// The persona that gave the system prompt, if one did.
     pub persona: Option<&'a str>,
+    /// The taught answers recalled into the prompt (LSNs of the interactions
+    /// they corrected), best first.
+    pub recalled: &'a [u64],
 }
 
 /// Peak resident set of this process (`VmHWM` of /proc/self/status), bytes;

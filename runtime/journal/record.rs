@@ -9,7 +9,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 1 | kind: 1 interaction, 2 feedback, 3 metrics, 4 adapter event |
-//! | 1 | 1 | schema version of that kind ([`schema_version`]: interaction 2, the others 1) |
+//! | 1 | 1 | schema version of that kind ([`schema_version`]: interaction 3, the others 1) |
 //! | 2 | 8 | LSN (log sequence number), u64 little-endian, from 1, unique per device |
 //! | 10 | 8 | wall-clock time, milliseconds since the Unix epoch, u64 little-endian |
 //! | 18 | … | the kind's struct in postcard (<https://postcard.jamesmunns.com/wire-format>) |
@@ -56,10 +56,11 @@ pub fn now_ms() -> u64 {
 }
 
 /// Schema version this build writes, and the newest it reads, for `kind`:
-/// interactions are at 2 (version 2 appended `persona`), the other kinds at 1.
+/// interactions are at 3 (version 2 appended `persona`, version 3
+/// `recalled`), the other kinds at 1.
 pub fn schema_version(kind: u8) -> u8 {
     match kind {
-        kind::INTERACTION => 2,
+        kind::INTERACTION => 3,
         _ => 1,
     }
 }
@@ -131,6 +132,11 @@ pub struct Interaction<'a> {
     /// version 2; version 1 records decode with none).
     #[serde(default)]
     pub persona: Option<Cow<'a, str>>,
+    /// The taught answers recall put into the prompt, as the LSNs of the
+    /// interactions they corrected, best match first (schema version 3;
+    /// earlier records decode with none).
+    #[serde(default)]
+    pub recalled: Cow<'a, [u64]>,
 }
 
 /// Thumbs up or down.
@@ -246,6 +252,9 @@ pub struct Record {
 
 /// What [`decode`] finds in a record's bytes.
 #[derive(Clone, Debug, PartialEq)]
+// Decoded records are handed to a visitor one at a time; boxing the large
+// variant would cost an allocation per record read.
+#[allow(clippy::large_enum_variant)]
 pub enum Decoded {
     /// A kind this build knows.
     Known(Record),
@@ -378,8 +387,12 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, RecordError> {
         return Ok(Decoded::Unknown { kind, version, lsn });
     }
     let body = match kind {
-        // Version 1 lacks the trailing `persona`: postcard's `None` is one zero byte.
-        kind::INTERACTION if version == 1 => Body::Interaction(postcard::from_bytes(&[rest, &[0]].concat()).map_err(fail)?),
+        // Versions 1 and 2 lack the trailing fields: postcard's `None` and an
+        // empty sequence are one zero byte each.
+        kind::INTERACTION if version < 3 => {
+            let missing: &[u8] = if version == 1 { &[0, 0] } else { &[0] };
+            Body::Interaction(postcard::from_bytes(&[rest, missing].concat()).map_err(fail)?)
+        }
         kind::INTERACTION => Body::Interaction(postcard::from_bytes(rest).map_err(fail)?),
         kind::FEEDBACK => Body::Feedback(postcard::from_bytes(rest).map_err(fail)?),
         kind::METRICS => Body::Metrics(postcard::from_bytes(rest).map_err(fail)?),
@@ -406,8 +419,8 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_interaction_decodes_without_a_persona() {
-        let interaction = |persona: Option<&'static str>| Interaction {
+    fn version_1_and_2_interactions_decode_without_the_later_fields() {
+        let interaction = |persona: Option<&'static str>, recalled: &'static [u64]| Interaction {
             conversation: 3,
             turn: 1,
             base_model: ModelId([7; 32]),
@@ -424,17 +437,23 @@ mod tests {
             time_to_first_token_ms: 3.0,
             peak_memory_bytes: 4,
             persona: persona.map(Cow::Borrowed),
+            recalled: Cow::Borrowed(recalled),
         };
         let mut buf = [0u8; 256];
-        let n = encode(&mut buf, 5, 9, &Body::Interaction(interaction(Some("formal")))).unwrap();
-        assert_eq!(buf[1], 2);
-        let Ok(Decoded::Known(record)) = decode(&buf[..n]) else { panic!("version 2 decodes") };
-        assert_eq!(record.body, Body::Interaction(interaction(Some("formal"))));
-        // What a version-1 build wrote: the same fields without the persona.
-        let n = encode(&mut buf, 5, 9, &Body::Interaction(interaction(None))).unwrap();
+        let n = encode(&mut buf, 5, 9, &Body::Interaction(interaction(Some("formal"), &[12, 3]))).unwrap();
+        assert_eq!(buf[1], 3);
+        let Ok(Decoded::Known(record)) = decode(&buf[..n]) else { panic!("version 3 decodes") };
+        assert_eq!(record.body, Body::Interaction(interaction(Some("formal"), &[12, 3])));
+        // What a version-2 build wrote: the same fields without `recalled`.
+        let n = encode(&mut buf, 5, 9, &Body::Interaction(interaction(Some("formal"), &[]))).unwrap();
+        buf[1] = 2;
+        let Ok(Decoded::Known(record)) = decode(&buf[..n - 1]) else { panic!("version 2 decodes") };
+        assert_eq!(record.body, Body::Interaction(interaction(Some("formal"), &[])));
+        // What a version-1 build wrote: without the persona either.
+        let n = encode(&mut buf, 5, 9, &Body::Interaction(interaction(None, &[]))).unwrap();
         buf[1] = 1;
-        let Ok(Decoded::Known(record)) = decode(&buf[..n - 1]) else { panic!("version 1 decodes") };
-        assert_eq!(record.body, Body::Interaction(interaction(None)));
+        let Ok(Decoded::Known(record)) = decode(&buf[..n - 2]) else { panic!("version 1 decodes") };
+        assert_eq!(record.body, Body::Interaction(interaction(None, &[])));
     }
 
     #[test]

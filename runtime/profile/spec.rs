@@ -102,6 +102,10 @@ pub struct RecallSpec {
     pub capacity: u32,
     /// How the index stores embeddings.
     pub embedding_precision: EmbeddingPrecision,
+    /// Most entries recalled into one prompt.
+    pub top_k: u32,
+    /// Most tokens recalled text may add to one prompt.
+    pub prompt_tokens: u32,
 }
 
 /// Storage precision of recall embeddings.
@@ -220,7 +224,7 @@ impl Profile {
     /// [`ProfileError::Invalid`] naming the first field that breaks one.
     pub fn validate(&self) -> Result<(), ProfileError> {
         let invalid = |field: &'static str, reason: String| Err(ProfileError::Invalid { field, reason });
-        let nonzero: [(&'static str, u64); 13] = [
+        let nonzero: [(&'static str, u64); 15] = [
             ("threads", self.threads.into()),
             ("memory_budget_bytes", self.memory_budget_bytes),
             ("max_context_tokens", self.max_context_tokens.into()),
@@ -234,6 +238,8 @@ impl Profile {
             ("server.queue", self.server.queue.into()),
             ("recall.max_sequence_tokens", self.recall.max_sequence_tokens.into()),
             ("recall.capacity", self.recall.capacity.into()),
+            ("recall.top_k", self.recall.top_k.into()),
+            ("recall.prompt_tokens", self.recall.prompt_tokens.into()),
         ];
         for (field, value) in nonzero {
             if value == 0 {
@@ -244,6 +250,12 @@ impl Profile {
             return invalid(
                 "recall.max_sequence_tokens",
                 format!("{} is over {MAX_RECALL_SEQUENCE}, the encoder's position table", self.recall.max_sequence_tokens),
+            );
+        }
+        if self.recall.prompt_tokens >= self.max_context_tokens {
+            return invalid(
+                "recall.prompt_tokens",
+                format!("{} leaves no room for the conversation in max_context_tokens = {}", self.recall.prompt_tokens, self.max_context_tokens),
             );
         }
         if self.journal.durability == Durability::GroupCommit && self.journal.group_commit_ms == 0 {
@@ -290,7 +302,7 @@ impl Profile {
              sizing: Sizing {{ layers: {}, kv_heads: {}, head_dim: {} }}, \
              journal: JournalSpec {{ durability: Durability::{:?}, group_commit_ms: {}, segment_bytes: {}, disk_quota_bytes: {} }}, \
              server: ServerSpec {{ slots: {}, queue: {} }}, \
-             recall: RecallSpec {{ max_sequence_tokens: {}, capacity: {}, embedding_precision: EmbeddingPrecision::{:?} }}, \
+             recall: RecallSpec {{ max_sequence_tokens: {}, capacity: {}, embedding_precision: EmbeddingPrecision::{:?}, top_k: {}, prompt_tokens: {} }}, \
              parts: Parts {{ recall: {} }} }}",
             self.name,
             self.target_class,
@@ -312,6 +324,8 @@ impl Profile {
             self.recall.max_sequence_tokens,
             self.recall.capacity,
             self.recall.embedding_precision,
+            self.recall.top_k,
+            self.recall.prompt_tokens,
             self.parts.recall,
         )
     }

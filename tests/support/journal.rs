@@ -58,6 +58,7 @@ pub fn interaction(prompt: &str) -> Body<'static> {
         time_to_first_token_ms: 210.0,
         peak_memory_bytes: 200 << 20,
         persona: None,
+        recalled: Cow::Borrowed(&[]),
     })
 }
 

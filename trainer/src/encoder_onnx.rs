@@ -18,8 +18,10 @@
 //!   residual + LayerNorm, a GELU feed-forward (the exact, erf form),
 //!   residual + LayerNorm. The pooler layer is not used.
 //!
-//! Weights are written as float32 initializers; linear layers are stored
-//! transposed (`[in, out]`) so each is one `MatMul` + `Add`. The protobuf
+//! Weights are written as float32 initializers, except the word-embedding
+//! table, which is float16 and cast after its `Gather` (half the heap of the
+//! largest tensor: only the gathered rows are widened); linear layers are
+//! stored transposed (`[in, out]`) so each is one `MatMul` + `Add`. The protobuf
 //! types are the ones tract-onnx generates from `onnx.proto` with prost
 //! (`tract_onnx::pb`).
 
@@ -82,12 +84,13 @@ pub fn bert_to_onnx(config: &BertConfig, pooling: &PoolingConfig, weights: &Safe
         bail!("config.json: hidden_size {h} is not a multiple of num_attention_heads {heads}");
     }
     let mut g = GraphBuilder { weights, nodes: Vec::new(), initializers: Vec::new() };
-    let word = g.weight("embeddings.word_embeddings.weight", &[config.vocab_size, h], false)?;
+    let word = g.weight_f16("embeddings.word_embeddings.weight", &[config.vocab_size, h])?;
     let position = g.weight("embeddings.position_embeddings.weight", &[config.max_position_embeddings, h], false)?;
     let token_type = g.weight("embeddings.token_type_embeddings.weight", &[0, h], false)?;
 
     // Embeddings: word[ids] + position[0..S] + token_type[0].
     let words = g.node("Gather", &[&word, "input_ids"], vec![]);
+    let words = g.node("Cast", &[&words], vec![int("to", pb::tensor_proto::DataType::Float as i64)]);
     let sequence = g.node("Shape", &["input_ids"], vec![int("start", 1), int("end", 2)]);
     let zero = g.constant_i64(&[0]);
     let positions = g.node("Slice", &[&position, &zero, &sequence, &zero], vec![]);
@@ -230,9 +233,16 @@ impl GraphBuilder<'_> {
         self.initializer(name, &[], pb::tensor_proto::DataType::Float, value.to_le_bytes().to_vec())
     }
 
-    /// The safetensors tensor `name` as a float32 initializer of shape `dims`
-    /// (`dims[0] == 0` takes any row count), transposed when `transpose`.
-    fn weight(&mut self, name: &str, dims: &[usize], transpose: bool) -> anyhow::Result<String> {
+    /// The safetensors tensor `name` as a float16 initializer of shape `dims`.
+    fn weight_f16(&mut self, name: &str, dims: &[usize]) -> anyhow::Result<String> {
+        let (values, shape) = self.values(name, dims)?;
+        let raw = values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+        Ok(self.initializer(name.to_owned(), &shape, pb::tensor_proto::DataType::Float16, raw))
+    }
+
+    /// The values and shape of the safetensors tensor `name`, checked against
+    /// `dims` (`dims[0] == 0` takes any row count).
+    fn values(&self, name: &str, dims: &[usize]) -> anyhow::Result<(Vec<f32>, Vec<usize>)> {
         let view = self.weights.tensor(name).with_context(|| format!("model.safetensors has no tensor {name}"))?;
         let shape = view.shape().to_vec();
         let fits = shape.len() == dims.len() && shape.iter().zip(dims).all(|(&s, &d)| d == 0 || s == d);
@@ -245,6 +255,13 @@ impl GraphBuilder<'_> {
             Dtype::BF16 => view.data().chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             other => bail!("model.safetensors: {name} is {other:?}; expected F32, F16 or BF16"),
         };
+        Ok((values, shape))
+    }
+
+    /// The safetensors tensor `name` as a float32 initializer of shape `dims`
+    /// (`dims[0] == 0` takes any row count), transposed when `transpose`.
+    fn weight(&mut self, name: &str, dims: &[usize], transpose: bool) -> anyhow::Result<String> {
+        let (values, shape) = self.values(name, dims)?;
         let (values, shape) = if transpose {
             let (rows, cols) = (shape[0], shape[1]);
             let mut t = vec![0f32; values.len()];

@@ -19,7 +19,7 @@ use anyhow::Context;
 use nocturne::adapter::LoraAdapter;
 use nocturne::profile::Profile;
 use nocturne::session::{perplexity, RequestOptions, Session, SessionOptions};
-use nocturne::tokenizer::Tokenizer;
+use nocturne::tokenizer::{ChatMessage, Tokenizer};
 use nocturne::weights::ModelPack;
 
 use crate::replay::Example;
@@ -125,12 +125,22 @@ impl<'a> Evaluator<'a> {
     /// # Errors
     /// Tokenizer or decoder errors.
     pub fn answer(&mut self, example: &Example) -> anyhow::Result<String> {
-        let ids = self.tokenizer.encode_chat(&example.messages, true)?;
+        self.answer_from(&example.messages, "")
+    }
+
+    /// The greedy answer to `messages` when the reply begins with `prefix`
+    /// (included in the answer).
+    ///
+    /// # Errors
+    /// Tokenizer or decoder errors.
+    pub fn answer_from(&mut self, messages: &[ChatMessage], prefix: &str) -> anyhow::Result<String> {
+        let mut ids = self.tokenizer.encode_chat(messages, true)?;
+        ids.extend(self.tokenizer.encode(prefix)?);
         let mut options = self.request.clone();
         options.max_new_tokens = self.max_new_tokens;
         options.deadline = std::time::Duration::from_secs(600);
         self.session.generate(&ids, &options, &mut |_| {})?;
-        Ok(self.session.reply_text().trim().to_string())
+        Ok(format!("{prefix}{}", self.session.reply_text()).trim().to_string())
     }
 
     /// Share of `examples` answered with their target.

@@ -30,8 +30,14 @@ use crate::convert::{convert, ConvertReport};
 use crate::encoder_onnx::{bert_to_onnx, BertConfig, PoolingConfig};
 use crate::gguf::GgufFile;
 
-/// Bumped whenever the converter's output changes, so stale caches are redone.
-pub const CONVERTER_VERSION: u32 = 3;
+/// Bumped whenever a converter's output changes, so stale caches are redone:
+/// the decoder's (GGUF → packs) and the sentence encoder's (→ `encoder.onnx`).
+pub fn converter_version(kind: ModelKind) -> u32 {
+    match kind {
+        ModelKind::Decoder => 3,
+        ModelKind::SentenceEncoder => 2,
+    }
+}
 
 /// A model manifest (`models/<name>/manifest.toml`).
 #[derive(Debug, Clone, Deserialize)]
@@ -112,7 +118,7 @@ pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
 }
 
 fn stamp_text(manifest: &Manifest) -> String {
-    format!("wheel_sha256 {}\nconverter {CONVERTER_VERSION}\n", manifest.source.wheel_sha256)
+    format!("wheel_sha256 {}\nconverter {}\n", manifest.source.wheel_sha256, converter_version(manifest.kind))
 }
 
 /// Fetches, verifies and converts the model of `manifest` into `cache`.

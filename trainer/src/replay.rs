@@ -289,6 +289,7 @@ mod tests {
             time_to_first_token_ms: 1.0,
             peak_memory_bytes: 1,
             persona: None,
+            recalled: Cow::Borrowed(&[]),
         })
     }
 

@@ -47,6 +47,7 @@ fn corrected_journal(dir: &Path, base: ModelId) {
         time_to_first_token_ms: 1.0,
         peak_memory_bytes: 1,
         persona: None,
+        recalled: Cow::Borrowed(&[]),
     };
     let lsn = journal.append(&Body::Interaction(interaction)).unwrap();
     let fix = Feedback { interaction: lsn, correction: Some(Cow::Borrowed("This is the Harbour Station kiosk.")), ..Feedback::default() };

@@ -230,6 +230,7 @@ fn journal_overhead(args: &BenchArgs) -> anyhow::Result<()> {
                     time_to_first_token_ms: 0.0,
                     peak_memory_bytes: 0,
                     persona: None,
+                    recalled: Default::default(),
                 };
                 let lsn = journal.append(&Body::Interaction(interaction))?;
                 let rating = Feedback { interaction: lsn, rating: Some(4), ..Feedback::default() };

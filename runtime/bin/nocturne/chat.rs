@@ -6,6 +6,8 @@
 //! seconds since the reply), `/reset` after a reply that got no feedback is
 //! abandonment. A retried reply's interaction has the turn of the one it replaces.
 //! Older turns drop out when the context fills, and the user is told.
+//! Recall memory is consulted before each reply (what it recalled is shown
+//! on stderr), and `/fix` puts the correction into it at once.
 
 use std::borrow::Cow;
 use std::io::{BufRead, Write};
@@ -19,6 +21,7 @@ use nocturne::tokenizer::{ChatMessage, Tokenizer};
 use nocturne::device::recorder::{Recorder, Texts};
 
 use crate::journal::{follow_active_adapter, record_interaction, RecordArgs};
+use crate::answer_recall::{Recall, RecallArgs};
 use crate::args::{ModelArgs, RequestArgs};
 
 const HELP: &str = "/rate 1-5, /good, /bad, /fix <answer>, /retry rate the last reply; /reset clears the conversation, /help shows this, /exit leaves.";
@@ -77,6 +80,7 @@ struct Chat<'a> {
     retries: u64,
     /// The persona that gave the system prompt, journaled with each interaction.
     persona: Option<String>,
+    recall: Recall,
 }
 
 impl Chat<'_> {
@@ -100,10 +104,12 @@ impl Chat<'_> {
         let capacity = self.session.decoder().capacity();
         let room = options.max_new_tokens.min(ACTIVE.max_new_tokens as usize);
         let mut dropped = 0;
-        let ids = loop {
-            let ids = self.tokenizer.encode_chat(&self.messages, true)?;
+        let (ids, recalled) = loop {
+            let recalled = self.recall.prompt(&self.messages, self.tokenizer);
+            let mut ids = self.tokenizer.encode_chat(&recalled.messages, true)?;
+            ids.extend(self.tokenizer.encode(&recalled.reply_prefix)?);
             if ids.len() + room <= capacity || self.messages.len() <= 2 {
-                break ids;
+                break (ids, recalled);
             }
             self.messages.drain(1..3.min(self.messages.len() - 1));
             dropped += 1;
@@ -111,7 +117,11 @@ impl Chat<'_> {
         if dropped > 0 {
             eprintln!("(context full: the {dropped} oldest exchange(s) no longer fit and were dropped)");
         }
+        for entry in &recalled.entries {
+            eprintln!("(recalled, similarity {:.2}: {:?} → {:?})", entry.score, entry.text, entry.answer);
+        }
         let mut out = std::io::stdout().lock();
+        let _ = out.write_all(recalled.reply_prefix.as_bytes());
         let result = self.session.generate(&ids, options, &mut |t| {
             let _ = out.write_all(t.as_bytes());
             let _ = out.flush();
@@ -124,10 +134,11 @@ impl Chat<'_> {
                 return Err(e.into());
             }
         };
-        let reply = self.session.reply_text().into_owned();
+        let reply = format!("{}{}", recalled.reply_prefix, self.session.reply_text());
         let system = &self.messages[0].content;
         let prompt = &self.messages[self.messages.len() - 1].content;
-        let texts = Texts { system, prompt, reply: &reply, persona: self.persona.as_deref() };
+        let interactions = recalled.interactions();
+        let texts = Texts { system, prompt, reply: &reply, persona: self.persona.as_deref(), recalled: &interactions };
         let interaction = record_interaction(&mut self.recorder, &self.session, &texts, &stats);
         self.messages.push(ChatMessage::new("assistant", &reply));
         let recorded = interaction.map_or(String::new(), |id| format!("; interaction {id}"));
@@ -156,8 +167,16 @@ impl Chat<'_> {
                 Some((last, interaction)) => {
                     last.answered = true;
                     feedback.interaction = interaction;
+                    let correction = feedback.correction.clone();
                     match self.recorder.feedback(feedback) {
-                        Ok(lsn) => eprintln!("({said} recorded for interaction {interaction} as record {lsn})"),
+                        Ok(lsn) => {
+                            eprintln!("({said} recorded for interaction {interaction} as record {lsn})");
+                            // The question is the user message before the last reply.
+                            let question = self.messages.iter().rev().find(|m| m.role == "user").map(|m| m.content.clone());
+                            if let (Some(answer), Some(question)) = (correction, question) {
+                                self.recall.teach(interaction, lsn, &question, &answer);
+                            }
+                        }
                         Err(e) => eprintln!("error: feedback not recorded: {e:#}"),
                     }
                 }
@@ -196,9 +215,15 @@ impl Chat<'_> {
 }
 
 /// Runs the conversation until end of input or `/exit`.
-pub fn run(model: &ModelArgs, request: &RequestArgs, record: &RecordArgs) -> anyhow::Result<()> {
+pub fn run(model: &ModelArgs, request: &RequestArgs, record: &RecordArgs, recall: &RecallArgs) -> anyhow::Result<()> {
     let (pack, tokenizer) = model.open()?;
-    let session = Session::start(&pack, &tokenizer, &ACTIVE, model.session_options())?;
+    let state = record.state.state();
+    let (recall, session) = std::thread::scope(|scope| {
+        let opening = scope.spawn(|| Recall::open(recall, &state));
+        let session = Session::start(&pack, &tokenizer, &ACTIVE, model.session_options());
+        (opening.join().expect("opening recall memory panicked"), session)
+    });
+    let session = session?;
     let recorder = record.recorder()?;
     let mut chat = Chat {
         session,
@@ -210,6 +235,7 @@ pub fn run(model: &ModelArgs, request: &RequestArgs, record: &RecordArgs) -> any
         last: None,
         retries: 0,
         persona: request.persona().map(str::to_string),
+        recall,
     };
     eprintln!(
         "nocturne chat ({}, {} context tokens). {HELP}",

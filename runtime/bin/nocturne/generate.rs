@@ -9,6 +9,7 @@ use nocturne::profile::ACTIVE;
 use nocturne::session::Session;
 use nocturne::tokenizer::ChatMessage;
 
+use crate::answer_recall::{Recall, RecallArgs};
 use crate::args::{ModelArgs, RequestArgs};
 use crate::journal::{follow_active_adapter, record_interaction, RecordArgs};
 
@@ -37,18 +38,36 @@ fn read_prompt(prompt: Option<String>) -> anyhow::Result<String> {
     Ok(text)
 }
 
-/// Answers `prompt` (standard input when `None`).
-pub fn run(prompt: Option<String>, model: &ModelArgs, request: &RequestArgs, Output { raw, json }: Output, record: &RecordArgs) -> anyhow::Result<()> {
+/// Answers `prompt` (standard input when `None`); a raw prompt gets no recall.
+pub fn run(
+    prompt: Option<String>,
+    model: &ModelArgs,
+    request: &RequestArgs,
+    Output { raw, json }: Output,
+    record: &RecordArgs,
+    recall: &RecallArgs,
+) -> anyhow::Result<()> {
     let prompt = read_prompt(prompt)?;
-    let system = request.system_prompt(record.state.state().root())?;
+    let state = record.state.state();
+    let system = request.system_prompt(state.root())?;
     let (pack, tokenizer) = model.open()?;
     let mut recorder = record.recorder()?;
-    let mut session = Session::start(&pack, &tokenizer, &ACTIVE, model.session_options())?;
+    // Recall memory (the encoder graph, the index) opens while the session plans and allocates.
+    let no_recall = RecallArgs { no_recall: recall.no_recall || raw, ..recall.clone() };
+    let (recall, session) = std::thread::scope(|scope| {
+        let opening = scope.spawn(|| Recall::open(&no_recall, &state));
+        let session = Session::start(&pack, &tokenizer, &ACTIVE, model.session_options());
+        (opening.join().expect("opening recall memory panicked"), session)
+    });
+    let mut session = session?;
     follow_active_adapter(&mut recorder, &mut session, &pack);
+    let recalled = recall.prompt(&[ChatMessage::new("system", &system), ChatMessage::new("user", prompt.trim_end())], &tokenizer);
     let ids = if raw {
         tokenizer.encode(&prompt)?
     } else {
-        tokenizer.encode_chat(&[ChatMessage::new("system", &system), ChatMessage::new("user", prompt.trim_end())], true)?
+        let mut ids = tokenizer.encode_chat(&recalled.messages, true)?;
+        ids.extend(tokenizer.encode(&recalled.reply_prefix)?);
+        ids
     };
     let options = request.options();
     let stats = if json {
@@ -56,6 +75,7 @@ pub fn run(prompt: Option<String>, model: &ModelArgs, request: &RequestArgs, Out
     } else {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
+        let _ = out.write_all(recalled.reply_prefix.as_bytes());
         let stats = session.generate(&ids, &options, &mut |t| {
             let _ = out.write_all(t.as_bytes());
             let _ = out.flush();
@@ -64,8 +84,9 @@ pub fn run(prompt: Option<String>, model: &ModelArgs, request: &RequestArgs, Out
         stats
     };
     let system = if raw { "" } else { system.as_str() };
-    let reply = session.reply_text().into_owned();
-    let texts = Texts { system, prompt: prompt.trim_end(), reply: &reply, persona: request.persona().filter(|_| !raw) };
+    let reply = format!("{}{}", recalled.reply_prefix, session.reply_text());
+    let interactions = recalled.interactions();
+    let texts = Texts { system, prompt: prompt.trim_end(), reply: &reply, persona: request.persona().filter(|_| !raw), recalled: &interactions };
     let interaction = record_interaction(&mut recorder, &session, &texts, &stats);
     // The id is only given out once the interaction is stored.
     let interaction = match interaction.map(|lsn| recorder.wait(lsn).map(|()| lsn)) {
@@ -92,10 +113,15 @@ pub fn run(prompt: Option<String>, model: &ModelArgs, request: &RequestArgs, Out
             "threads": session.decoder().threads(),
             "peak_rss_bytes": peak_rss_bytes(),
             "interaction": interaction,
+            "recalled": recalled.json(),
         });
         println!("{value}");
     } else {
         let recorded = interaction.map_or(String::new(), |id| format!("; interaction {id}"));
+        let recorded = match recalled.interactions().as_slice() {
+            [] => recorded,
+            ids => format!("{recorded}; recalled taught answers of interactions {ids:?}"),
+        };
         eprintln!(
             "[{}; {} prompt + {} new tokens; prefill {:.1} tok/s, decode {:.1} tok/s, first token after {:.0} ms; peak RSS {} bytes{recorded}]",
             stats.stop_reason.name(),

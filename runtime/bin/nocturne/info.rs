@@ -69,5 +69,39 @@ pub fn run(model: &ModelArgs, plan: bool) -> anyhow::Result<()> {
         pack.mapped_bytes() as f64 / MIB,
         pack.precision().name()
     );
+    #[cfg(feature = "recall")]
+    print_recall_plan(plan.total());
     Ok(())
+}
+
+/// The recall lines of the plan: the encoder graph as measured at load and
+/// the index's embedding table; then the total with the session's plan.
+#[cfg(feature = "recall")]
+fn print_recall_plan(session_total: usize) {
+    if !ACTIVE.parts.recall {
+        println!("recall             not in this profile");
+        return;
+    }
+    let encoder = match (crate::embed::EncoderArgs { encoder: None }).load() {
+        Ok(encoder) => encoder,
+        Err(e) => {
+            println!("recall             {e:#}");
+            return;
+        }
+    };
+    let spec = &ACTIVE.recall;
+    let graph = encoder.graph();
+    let index = spec.capacity as usize * encoder.dimension() * spec.embedding_precision.bytes();
+    let lines = [
+        ("recall graph", graph.weight_bytes(), format!("{}, measured at load", graph.path().display())),
+        ("recall run peak", graph.run_peak_bytes(), format!("one run at {} tokens, measured", spec.max_sequence_tokens)),
+        ("recall index", index, format!("{} entries x {} dims, {:?}", spec.capacity, encoder.dimension(), spec.embedding_precision)),
+    ];
+    for (name, bytes, what) in &lines {
+        println!("  {name:<17}{bytes:>12} bytes  {:>8.2} MiB ({what})", *bytes as f64 / MIB);
+    }
+    let total = session_total + lines.iter().map(|l| l.1).sum::<usize>();
+    println!("  {:<17}{:>12} bytes  {:>8.2} MiB of {:.2} MiB budget{}", "total with recall", total, total as f64 / MIB,
+        ACTIVE.memory_budget_bytes as f64 / MIB,
+        if total as u64 > ACTIVE.memory_budget_bytes { "  (DOES NOT FIT)" } else { "" });
 }

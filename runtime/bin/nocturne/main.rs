@@ -9,6 +9,7 @@
 //! `recall` shows and searches the recall index, `embed` prints the recall
 //! encoder's embeddings.
 
+mod answer_recall;
 mod args;
 mod bench;
 mod chat;
@@ -58,11 +59,13 @@ enum Command {
         /// Send the prompt as is, without the chat template.
         #[arg(long)]
         raw: bool,
-        /// Print one JSON object (reply, stop reason, token counts, speeds, interaction id) instead of streaming.
+        /// Print one JSON object (reply, stop reason, token counts, speeds, interaction id, recalled entries) instead of streaming.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         record: RecordArgs,
+        #[command(flatten)]
+        recall: answer_recall::RecallArgs,
     },
     /// A multi-turn conversation on standard input, with feedback commands
     /// (/rate 1-5, /good, /bad, /fix ANSWER, /retry, /reset, /exit).
@@ -73,6 +76,8 @@ enum Command {
         request: RequestArgs,
         #[command(flatten)]
         record: RecordArgs,
+        #[command(flatten)]
+        recall: answer_recall::RecallArgs,
     },
     /// Record feedback on an interaction (rating, thumbs, correction, implicit signals).
     Feedback(FeedbackArgs),
@@ -120,10 +125,10 @@ enum Command {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Generate { prompt, model, request, raw, json, record } => {
-            generate::run(prompt, &model, &request, generate::Output { raw, json }, &record)
+        Command::Generate { prompt, model, request, raw, json, record, recall } => {
+            generate::run(prompt, &model, &request, generate::Output { raw, json }, &record, &recall)
         }
-        Command::Chat { model, request, record } => chat::run(&model, &request, &record),
+        Command::Chat { model, request, record, recall } => chat::run(&model, &request, &record, &recall),
         Command::Feedback(args) => journal::feedback(&args),
         Command::Sync(command) => sync::run(&command),
         Command::Journal(command) => return journal::run(&command),

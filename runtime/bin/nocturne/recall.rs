@@ -47,7 +47,8 @@ fn open(state: &StateArgs, encoder: &EncoderArgs) -> anyhow::Result<RecallMemory
     Ok(memory)
 }
 
-fn describe(report: &OpenReport) {
+/// Says on stderr what opening recall memory found and did.
+pub fn describe(report: &OpenReport) {
     if let Some(why) = &report.rebuilt {
         eprintln!("recall: the index was rebuilt ({why})");
     }

@@ -119,6 +119,7 @@ fn main() -> anyhow::Result<()> {
             time_to_first_token_ms: 0.0,
             peak_memory_bytes: 0,
             persona: None,
+            recalled: Cow::Borrowed(&[]),
         };
         let lsn = journal.append(&Body::Interaction(interaction))?;
         journal.append_durable(&Body::Feedback(Feedback { interaction: lsn, correction: Some(Cow::Borrowed(a)), ..Feedback::default() }))?;

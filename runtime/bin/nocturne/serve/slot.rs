@@ -157,7 +157,7 @@ fn complete(session: &mut Session<'_>, shared: &Shared<'_>, c: Completion) -> Op
     let queued = {
         let mut recorder = shared.recorder();
         recorder.set_position(c.position.0, c.position.1);
-        let texts = Texts { system: &c.texts.0, prompt: &c.texts.1, reply: &reply, persona: c.texts.2.as_deref() };
+        let texts = Texts { system: &c.texts.0, prompt: &c.texts.1, reply: &reply, persona: c.texts.2.as_deref(), recalled: &[] };
         let queued = recorder.interaction(session, &texts, &stats);
         shared.publish(&recorder);
         queued

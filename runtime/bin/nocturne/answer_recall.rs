@@ -1,0 +1,145 @@
+//! Recall memory for the commands that answer (`generate`, `chat`): opened
+//! from the state directory, consulted before each reply, taught by `/fix`.
+//! Without the `recall` feature, or with `--no-recall`, prompts pass through
+//! unchanged. A recall memory that cannot be opened is said once on stderr
+//! and the command answers without it.
+
+use clap::Args;
+use nocturne::device::StateDir;
+use nocturne::tokenizer::{ChatMessage, Tokenizer};
+
+/// Recall options of the answering commands.
+#[derive(Args, Clone)]
+pub struct RecallArgs {
+    /// Do not recall taught answers into the prompt.
+    #[arg(long)]
+    pub no_recall: bool,
+    #[cfg(feature = "recall")]
+    #[command(flatten)]
+    pub encoder: crate::embed::EncoderArgs,
+}
+
+/// One entry recall put into a prompt.
+pub struct RecalledEntry {
+    /// The corrected interaction (taught entries).
+    pub interaction: Option<u64>,
+    /// Cosine similarity to the question.
+    pub score: f32,
+    /// The question (or passage) recalled.
+    pub text: String,
+    /// The taught answer.
+    pub answer: String,
+}
+
+/// A prompt after recall.
+pub struct Recalled {
+    /// The conversation to render.
+    pub messages: Vec<ChatMessage>,
+    /// Text the reply begins with (shown and journaled as part of it).
+    pub reply_prefix: String,
+    /// What went in, best first.
+    pub entries: Vec<RecalledEntry>,
+}
+
+impl Recalled {
+    /// The corrected interactions that went in, for the interaction record.
+    pub fn interactions(&self) -> Vec<u64> {
+        self.entries.iter().filter_map(|e| e.interaction).collect()
+    }
+
+    /// The entries as JSON (`generate --json`).
+    pub fn json(&self) -> serde_json::Value {
+        self.entries
+            .iter()
+            .map(|e| serde_json::json!({"interaction": e.interaction, "score": e.score, "text": e.text, "answer": e.answer}))
+            .collect()
+    }
+}
+
+/// Recall memory of a front end (module docs).
+pub struct Recall {
+    #[cfg(feature = "recall")]
+    memory: Option<nocturne::device::recall::RecallMemory>,
+}
+
+impl Recall {
+    /// Opens recall memory for `state` unless `--no-recall`; on failure says
+    /// why on stderr and answers without it.
+    pub fn open(args: &RecallArgs, state: &StateDir) -> Recall {
+        #[cfg(feature = "recall")]
+        {
+            if args.no_recall || !nocturne::profile::ACTIVE.parts.recall {
+                return Recall { memory: None };
+            }
+            let opened = args.encoder.load().and_then(|encoder| {
+                let (memory, report) = nocturne::device::recall::RecallMemory::open(state, encoder, &nocturne::profile::ACTIVE.recall)?;
+                crate::recall::describe(&report);
+                Ok(memory)
+            });
+            match opened {
+                Ok(memory) => Recall { memory: Some(memory) },
+                Err(e) => {
+                    eprintln!("warning: answering without recall memory: {e:#}");
+                    Recall { memory: None }
+                }
+            }
+        }
+        #[cfg(not(feature = "recall"))]
+        {
+            let _ = (args, state);
+            Recall {}
+        }
+    }
+
+    /// `messages` with what recall finds for the last user message.
+    pub fn prompt(&self, messages: &[ChatMessage], tokenizer: &Tokenizer) -> Recalled {
+        let unchanged = || Recalled { messages: messages.to_vec(), reply_prefix: String::new(), entries: Vec::new() };
+        #[cfg(feature = "recall")]
+        {
+            use nocturne::recall::index::Origin;
+            let Some(memory) = &self.memory else {
+                return unchanged();
+            };
+            match memory.recall_into(messages, tokenizer, &nocturne::profile::ACTIVE.recall) {
+                Ok((prompt, used)) => Recalled {
+                    messages: prompt.messages,
+                    reply_prefix: prompt.reply_prefix.unwrap_or_default(),
+                    entries: used
+                        .into_iter()
+                        .map(|(entry, score)| RecalledEntry {
+                            interaction: match entry.origin {
+                                Origin::Taught { interaction, .. } => Some(interaction),
+                                Origin::Passage { .. } => None,
+                            },
+                            score,
+                            text: entry.text,
+                            answer: entry.answer,
+                        })
+                        .collect(),
+                },
+                Err(e) => {
+                    eprintln!("warning: recall failed for this message: {e:#}");
+                    unchanged()
+                }
+            }
+        }
+        #[cfg(not(feature = "recall"))]
+        {
+            let _ = tokenizer;
+            unchanged()
+        }
+    }
+
+    /// Puts a correction acknowledged as the feedback record `feedback` into
+    /// recall memory at once, and writes the index file.
+    pub fn teach(&mut self, interaction: u64, feedback: u64, question: &str, answer: &str) {
+        #[cfg(feature = "recall")]
+        if let Some(memory) = self.memory.as_mut() {
+            if let Err(e) = memory.teach(interaction, feedback, question, answer).and_then(|_| memory.save()) {
+                eprintln!("warning: the correction is journaled but not in recall memory until the next start: {e:#}");
+            }
+        }
+        #[cfg(not(feature = "recall"))]
+        let _ = (interaction, feedback, question, answer);
+    }
+}
