@@ -101,12 +101,26 @@ impl RecallMemory {
     /// The encoder failing on a text, the journal directory unreadable, or the
     /// index file unwritable. A damaged file is not an error: it is rebuilt.
     pub fn open(state: &StateDir, encoder: SentenceEncoder, spec: &RecallSpec) -> Result<(RecallMemory, OpenReport), RecallError> {
+        RecallMemory::open_or_rebuild(state, encoder, spec, false)
+    }
+
+    /// Builds the index of `state` from the journal alone, ignoring the index
+    /// file, and replaces the file atomically (a crash leaves the old one).
+    ///
+    /// # Errors
+    /// As [`RecallMemory::open`].
+    pub fn rebuild(state: &StateDir, encoder: SentenceEncoder, spec: &RecallSpec) -> Result<(RecallMemory, OpenReport), RecallError> {
+        RecallMemory::open_or_rebuild(state, encoder, spec, true)
+    }
+
+    fn open_or_rebuild(state: &StateDir, encoder: SentenceEncoder, spec: &RecallSpec, rebuild: bool) -> Result<(RecallMemory, OpenReport), RecallError> {
         let fingerprint = fingerprint(&encoder)?;
         let (dimension, capacity) = (encoder.dimension(), spec.capacity as usize);
         let path = state.root().join(RECALL_INDEX_FILE);
         let mut report = OpenReport::default();
         let fresh = || RecallIndex::new(fingerprint, dimension, capacity, spec.embedding_precision);
-        let mut index = match read_bounded(&path, INDEX_FILE_LIMIT) {
+        let file = if rebuild { Err(FileError::Io { path: path.clone(), source: std::io::ErrorKind::NotFound.into() }) } else { read_bounded(&path, INDEX_FILE_LIMIT) };
+        let mut index = match file {
             Err(FileError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => fresh(),
             Err(e) => {
                 report.rebuilt = Some(format!("{e}"));
@@ -137,7 +151,7 @@ impl RecallMemory {
         };
         let mut memory = RecallMemory { encoder, index: fresh(), path, kernels: Kernels::detect() };
         std::mem::swap(&mut memory.index, &mut index);
-        let changed = memory.top_up(state, &mut report)? || report.rebuilt.is_some();
+        let changed = memory.top_up(state, &mut report)? || report.rebuilt.is_some() || rebuild;
         if let (Some(lost), true) = (report.unrecovered, report.rebuilt.is_some()) {
             report.unrecovered = Some(lost.saturating_sub(memory.index.entries().len()));
         }
@@ -171,12 +185,21 @@ impl RecallMemory {
                 _ => {}
             }
         })?;
-        for (interaction, feedback, answer) in corrections {
-            let Some(question) = questions.get(&interaction) else {
-                report.orphaned += 1;
-                continue;
-            };
-            let evicted = self.teach(interaction, feedback, question, &answer)?;
+        // The latest correction of an interaction wins; of more new
+        // corrections than the capacity only the newest can stay (each new
+        // entry evicts an older one), so only those are embedded.
+        let mut latest: HashMap<u64, usize> = HashMap::new();
+        for (i, (interaction, _, _)) in corrections.iter().enumerate() {
+            latest.insert(*interaction, i);
+        }
+        let mut kept: Vec<(u64, u64, String)> =
+            corrections.into_iter().enumerate().filter(|(i, c)| latest[&c.0] == *i).map(|(_, c)| c).collect();
+        let (orphans, known): (Vec<_>, Vec<_>) = kept.drain(..).partition(|c| !questions.contains_key(&c.0));
+        report.orphaned += orphans.len();
+        let skip = known.len().saturating_sub(self.index.capacity());
+        report.evicted += skip;
+        for (interaction, feedback, answer) in known.into_iter().skip(skip) {
+            let evicted = self.teach(interaction, feedback, &questions[&interaction], &answer)?;
             report.added += 1;
             report.evicted += usize::from(evicted.is_some());
         }

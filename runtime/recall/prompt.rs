@@ -27,7 +27,7 @@ use super::index::{Entry, Origin};
 
 /// Similarity (cosine) an entry needs to be recalled, tuned on the held-out
 /// split of `trainer/examples/recall_eval.rs`.
-pub const DEFAULT_THRESHOLD: f32 = 0.75;
+pub const DEFAULT_THRESHOLD: f32 = 0.70;
 
 /// Where recalled entries go in the prompt (module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

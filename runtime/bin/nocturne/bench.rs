@@ -73,6 +73,11 @@ pub struct BenchArgs {
     /// With --serve: seed of the request mix.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Instead of the table: recall memory with this many corrections in the
+    /// journal (rebuild, load and search times; first token and peak RSS of
+    /// `generate` with recall on and off). Needs the `recall` feature.
+    #[arg(long)]
+    recall: Option<usize>,
     /// Rounds of the journal or adapter comparison (each round runs every mode once).
     #[arg(long, default_value_t = 15)]
     rounds: usize,
@@ -126,16 +131,15 @@ fn read_bandwidth(bytes: usize, threads: usize) -> f64 {
     bytes as f64 / best
 }
 
-/// Runs `nocturne generate` on the prompt as a child process; returns the
-/// time from spawning it to its first byte of output, and its peak RSS in
-/// MiB as the child reports it (`VmHWM`; a parent's `wait4` figure would
-/// include the parent's own pages, inherited across fork and exec).
-fn child_first_token(mode: &Mode, threads: usize, prompt: &str, new_tokens: usize) -> anyhow::Result<(f64, f64)> {
+/// Runs `nocturne generate ARGS` as a child process; returns the time from
+/// spawning it to its first byte of output, and its peak RSS in MiB as the
+/// child reports it (`VmHWM`; a parent's `wait4` figure would include the
+/// parent's own pages, inherited across fork and exec).
+pub fn child_first_token(args: &[&str]) -> anyhow::Result<(f64, f64)> {
     let started = Instant::now();
     let mut child = Command::new(std::env::current_exe()?)
-        .args(["generate", "--raw", "--no-journal", "--precision", mode.precision, "--threads", &threads.to_string()])
-        .args(mode.int8_activations.then_some("--int8-activations"))
-        .args(["--max-new-tokens", &new_tokens.to_string(), prompt])
+        .arg("generate")
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -348,6 +352,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.journal {
         return journal_overhead(args);
     }
+    if let Some(corrections) = args.recall {
+        #[cfg(feature = "recall")]
+        return crate::bench_recall::run(corrections, args.rounds);
+        #[cfg(not(feature = "recall"))]
+        anyhow::bail!("bench --recall {corrections}: this build has no recall memory (the `recall` feature)");
+    }
     if let Some(rank) = args.lora_rank {
         return adapter_overhead(args, rank);
     }
@@ -382,7 +392,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             let (prefill, decode, joins) = prefill_decode(&mut session, &ids, args.new_tokens)?;
             let each_token = |v: u64| v as f64 / args.new_tokens.max(1) as f64;
             let (joins_per_token, wait_us) = (each_token(joins.jobs), each_token(joins.caller_wait_ns) / 1e3);
-            let (ttft, rss) = child_first_token(mode, threads, &prompt_text, args.new_tokens)?;
+            let (threads_arg, new_tokens_arg) = (threads.to_string(), args.new_tokens.to_string());
+            let mut child = vec!["--raw", "--no-journal", "--precision", mode.precision, "--threads", &threads_arg];
+            child.extend(mode.int8_activations.then_some("--int8-activations"));
+            child.extend(["--max-new-tokens", &new_tokens_arg, &prompt_text]);
+            let (ttft, rss) = child_first_token(&child)?;
             let streaming = per_token as f64 * decode;
             if args.json {
                 let row = serde_json::json!({

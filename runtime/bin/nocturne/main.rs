@@ -12,6 +12,8 @@
 mod answer_recall;
 mod args;
 mod bench;
+#[cfg(feature = "recall")]
+mod bench_recall;
 mod chat;
 #[cfg(feature = "recall")]
 mod embed;

@@ -31,7 +31,7 @@ pub enum RecallCommand {
         #[command(flatten)]
         encoder: EncoderArgs,
     },
-    /// Discard the index file and rebuild it from the journal.
+    /// Rebuild the index from the journal alone and replace the file atomically.
     Rebuild {
         #[command(flatten)]
         state: StateArgs,
@@ -94,13 +94,8 @@ pub fn run(command: &RecallCommand) -> anyhow::Result<()> {
             }
         }
         RecallCommand::Rebuild { state, encoder } => {
-            let path = state.state().root().join(RECALL_INDEX_FILE);
-            match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(anyhow::anyhow!("cannot remove {}: {e}", path.display())),
-                _ => {}
-            }
-            let memory = open(state, encoder)?;
-            memory.save()?;
+            let (memory, report) = RecallMemory::rebuild(&state.state(), encoder.load()?, &ACTIVE.recall)?;
+            describe(&report);
             println!("recall index rebuilt: {} entries, journal read up to LSN {}", memory.index().entries().len(), memory.index().last_lsn());
         }
     }
