@@ -163,3 +163,39 @@ fn a_sigkill_while_the_index_is_written_leaves_a_loadable_index() {
         assert_eq!(memory.index().entries().len(), 100, "round {round}: the spec's capacity");
     }
 }
+
+/// Taught entries outlive their journal segments: the host acknowledges them
+/// (`Journal::acknowledge_through`, what `sync import` does with a verified
+/// acknowledgement), new records fill the quota so the journal reclaims them,
+/// and after a restart the correction is still recalled.
+#[test]
+fn taught_entries_survive_the_quota_reclaiming_their_segments() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = StateDir::new(tmp.path());
+    let small = config(Durability::FsyncEachRecord, 4 * 1024, 32 * 1024);
+    let mut journal = Journal::open(&state.journal_dir(), DEVICE, small.clone()).unwrap();
+    let lsn = journal.append_durable(&interaction("What is the name of the ship's cat?")).unwrap();
+    journal.append_durable(&correction(lsn, "The ship's cat is called Biscuit.")).unwrap();
+    drop(RecallMemory::open(&state, encoder(), &SPEC).unwrap());
+    let sealed = journal.seal().unwrap();
+    journal.acknowledge_through(sealed).unwrap();
+    let first_segment = std::fs::read_dir(state.journal_dir()).unwrap().map(|e| e.unwrap().file_name()).min().unwrap();
+    // Later deliveries are acknowledged too, so the quota can keep taking new records.
+    for i in 0..200 {
+        journal.append_durable(&interaction(&format!("Filler question {i} that nobody corrects."))).unwrap();
+        if i % 20 == 19 {
+            let sealed = journal.seal().unwrap();
+            journal.acknowledge_through(sealed).unwrap();
+        }
+    }
+    journal.close().unwrap();
+    assert!(!state.journal_dir().join(&first_segment).exists(), "the quota reclaimed the acknowledged segment {first_segment:?}");
+    let mut earliest = u64::MAX;
+    nocturne::journal::read_journal(&state.journal_dir(), None, &mut |r| earliest = earliest.min(r.lsn)).unwrap();
+    assert!(earliest > lsn + 1, "the correction's records are gone from the journal (earliest LSN {earliest})");
+
+    let (memory, report) = RecallMemory::open(&state, encoder(), &SPEC).unwrap();
+    assert_eq!((report.loaded, report.rebuilt.clone()), (1, None), "{report:?}");
+    let hits = memory.search("what's the ship's cat called?", 1, 0.5).unwrap();
+    assert_eq!(hits[0].0.answer, "The ship's cat is called Biscuit.");
+}
