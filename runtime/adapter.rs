@@ -148,6 +148,25 @@ impl AdapterManifest {
         serde_json::from_str::<serde_json::Value>(&self.description).ok()?.get("published")?.as_bool()
     }
 
+    /// The interactions of `device` whose corrections the trainer's
+    /// evaluation found this adapter answers as taught: the `learned` field of
+    /// the description (`[{"device": hex, "interaction": lsn}, …]`), empty
+    /// when there is none.
+    pub fn learned(&self, device: crate::ids::DeviceId) -> Vec<u64> {
+        let Ok(description) = serde_json::from_str::<serde_json::Value>(&self.description) else {
+            return Vec::new();
+        };
+        let device = device.to_string();
+        description
+            .get("learned")
+            .and_then(|l| l.as_array())
+            .into_iter()
+            .flatten()
+            .filter(|e| e.get("device").and_then(|d| d.as_str()) == Some(device.as_str()))
+            .filter_map(|e| e.get("interaction")?.as_u64())
+            .collect()
+    }
+
     /// The gate's decision as the description states it (empty when none).
     pub fn decision(&self) -> String {
         serde_json::from_str::<serde_json::Value>(&self.description)

@@ -199,3 +199,25 @@ fn taught_entries_survive_the_quota_reclaiming_their_segments() {
     let hits = memory.search("what's the ship's cat called?", 1, 0.5).unwrap();
     assert_eq!(hits[0].0.answer, "The ship's cat is called Biscuit.");
 }
+
+/// An installed adapter whose manifest lists a correction as learned: recall
+/// stops injecting it (kept, marked); a rollback (no adapter) brings it back.
+#[test]
+fn corrections_an_active_adapter_learned_are_not_recalled_until_it_is_rolled_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = StateDir::new(tmp.path());
+    teach(&state);
+    let (mut memory, _) = RecallMemory::open(&state, encoder(), &SPEC).unwrap();
+    let spider = memory.search("How many legs does a spider have?", 1, 0.9).unwrap()[0].0.origin.clone();
+    let nocturne::recall::index::Origin::Taught { interaction, .. } = spider else { panic!("taught") };
+    let adapter = nocturne::ids::AdapterId([5; 16]);
+    assert_eq!(memory.follow_adapter(Some(adapter), &[interaction]).unwrap(), 1);
+    assert!(memory.search("How many legs does a spider have?", 3, 0.9).unwrap().is_empty(), "learned: not injected");
+    assert_eq!(memory.index().entries().len(), 3, "kept");
+    drop(memory);
+    // The mark is in the file, so the eviction order knows it after a restart.
+    let (mut memory, _) = RecallMemory::open(&state, encoder(), &SPEC).unwrap();
+    assert_eq!(memory.index().entries().iter().filter(|e| e.learned_by == Some(adapter)).count(), 1);
+    assert_eq!(memory.follow_adapter(None, &[]).unwrap(), 0);
+    assert_eq!(memory.search("How many legs does a spider have?", 1, 0.9).unwrap()[0].0.answer, "Eight.", "rolled back: recalled again");
+}

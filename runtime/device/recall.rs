@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 
 use crate::durable_file::write_atomic;
 use crate::file_error::FileError;
+use crate::ids::AdapterId;
 use crate::file_read::read_bounded;
 use crate::journal::{read_journal, Body, JournalError};
 use crate::kernels::Kernels;
@@ -257,6 +258,42 @@ impl RecallMemory {
         let prompt = with_recalled(messages, &entries, RecallForm::DEFAULT, spec.prompt_tokens as usize, tokenizer)?;
         let used = prompt.used.iter().map(|&i| (hits[i].0.clone(), hits[i].1)).collect();
         Ok((prompt, used))
+    }
+
+    /// Marks the taught entries whose interaction is in `learned` as learned
+    /// by `adapter` (the active adapter's manifest lists them), and clears the
+    /// mark of every other entry: a rolled-back adapter's entries come back.
+    /// Writes the file when a mark changed. Returns how many are marked.
+    ///
+    /// # Errors
+    /// [`RecallError::Io`].
+    pub fn follow_adapter(&mut self, adapter: Option<AdapterId>, learned: &[u64]) -> Result<usize, RecallError> {
+        let before: Vec<Option<AdapterId>> = self.index.entries().iter().map(|e| e.learned_by).collect();
+        let marked = self.index.mark_learned(|e| match e.origin {
+            Origin::Taught { interaction, .. } if learned.contains(&interaction) => adapter,
+            _ => None,
+        });
+        if self.index.entries().iter().map(|e| e.learned_by).ne(before) {
+            self.save()?;
+        }
+        Ok(marked)
+    }
+
+    /// [`RecallMemory::follow_adapter`] for the adapter active in `state`
+    /// (none: every mark cleared), with the learned list its verified
+    /// manifest gives for this device.
+    ///
+    /// # Errors
+    /// The adapter state or the installed manifest cannot be read or verified.
+    pub fn follow_active_adapter(&mut self, state: &StateDir) -> Result<usize, RecallError> {
+        let io = |e: FileError| RecallError::Io { path: state.root().to_owned(), source: std::io::Error::other(e.to_string()) };
+        let Some(active) = super::adapters::ActiveAdapters::read(state).map_err(io)?.active else {
+            return self.follow_adapter(None, &[]);
+        };
+        let device = state.device_id().map_err(io)?;
+        let manifest = super::adapters::installed_manifest(state, active, &state.trainer_key().map_err(io)?).map_err(io)?;
+        let learned = device.map(|d| manifest.learned(d)).unwrap_or_default();
+        self.follow_adapter(Some(active), &learned)
     }
 
     /// The index.

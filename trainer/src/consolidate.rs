@@ -236,16 +236,27 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
     let taught: Vec<_> = taught.iter().map(|&i| &buffer.examples[i]).collect();
     let held: Vec<_> = held_out_set.iter().map(|&i| &buffer.examples[i]).collect();
     let mut evaluator = Evaluator::new(&pack, &tokenizer, &config.device)?;
-    let mut score = |adapter: Option<Arc<LoraAdapter>>| -> anyhow::Result<Scores> {
+    let mut score = |adapter: Option<Arc<LoraAdapter>>| -> anyhow::Result<(Scores, Vec<bool>)> {
         evaluator.set_adapter(adapter);
-        Ok(Scores {
-            task: evaluator.match_rate(&taught)?,
+        let matched = evaluator.matches(&taught)?;
+        let task = matched.iter().filter(|&&m| m).count() as f64 / matched.len().max(1) as f64;
+        let scores = Scores {
+            task: if taught.is_empty() { 0.0 } else { task },
             held_out: if held.is_empty() { None } else { Some(evaluator.match_rate(&held)?) },
             retention_perplexity: evaluator.perplexity(retention)?,
-        })
+        };
+        Ok((scores, matched))
     };
-    let before = score(previous_adapter.clone())?;
-    let after = score(Some(Arc::clone(&candidate)))?;
+    let (before, _) = score(previous_adapter.clone())?;
+    let (after, learned) = score(Some(Arc::clone(&candidate)))?;
+    // The corrections the adapter answers as taught: the device's recall
+    // memory stops injecting them while this adapter is active.
+    let learned: Vec<serde_json::Value> = taught
+        .iter()
+        .zip(&learned)
+        .filter(|(_, &m)| m)
+        .map(|(e, _)| serde_json::json!({"device": e.device.to_string(), "interaction": e.interaction}))
+        .collect();
     drop(evaluator);
     let (published, decision) = config.gate.decide(&before, &after);
     // The bundle that leaves is signed again with the evaluation in its
@@ -255,6 +266,7 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
     description["after"] = serde_json::to_value(ScoresJson::from(after))?;
     description["published"] = published.into();
     description["decision"] = decision.clone().into();
+    description["learned"] = learned.into();
     let target = if published { out.to_path_buf() } else { out.join("rejected") };
     let exported = export_adapter(&target, key, &outcome.lora, pack.id(), parent, &description.to_string(), config.precision)?;
     let (bundle, peft) = (exported.bundle, exported.peft);

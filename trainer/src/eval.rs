@@ -148,15 +148,22 @@ impl<'a> Evaluator<'a> {
     /// # Errors
     /// As [`Evaluator::answer`].
     pub fn match_rate(&mut self, examples: &[&Example]) -> anyhow::Result<f64> {
-        if examples.is_empty() {
-            return Ok(0.0);
-        }
-        let mut hits = 0;
-        for e in examples {
-            let answer = self.answer(e)?;
-            hits += usize::from(answer == e.target || normalise(&answer) == normalise(&e.target));
-        }
-        Ok(hits as f64 / examples.len() as f64)
+        let matched = self.matches(examples)?;
+        Ok(matched.iter().filter(|&&m| m).count() as f64 / matched.len().max(1) as f64)
+    }
+
+    /// For each of `examples`, whether it is answered with its target (exact or normalised).
+    ///
+    /// # Errors
+    /// As [`Evaluator::answer`].
+    pub fn matches(&mut self, examples: &[&Example]) -> anyhow::Result<Vec<bool>> {
+        examples
+            .iter()
+            .map(|e| {
+                let answer = self.answer(e)?;
+                Ok(answer == e.target || normalise(&answer) == normalise(&e.target))
+            })
+            .collect()
     }
 
     /// Perplexity over `texts` (token-weighted), each cut to the context.

@@ -144,6 +144,13 @@ fn consolidate_eval_and_report_from_the_command_line() {
     let description: serde_json::Value = serde_json::from_str(&manifest.description).unwrap();
     assert_eq!(description["after"], report["after"]);
     assert_eq!(description["published"], report["published"]);
+    // It lists the corrections the candidate answers as taught: as many as the after-score says.
+    let learned = description["learned"].as_array().unwrap();
+    assert_eq!(learned.len() as f64, report["after"]["task"].as_f64().unwrap(), "one correction taught: {description}");
+    for entry in learned {
+        let device = nocturne::ids::DeviceId::from_hex(entry["device"].as_str().unwrap()).unwrap();
+        assert_eq!(manifest.learned(device), [entry["interaction"].as_u64().unwrap()]);
+    }
     let html = tmp.path().join("report.html");
     trainer(&["report", "--from", out_dir.join("report.json").to_str().unwrap(), "--out", html.to_str().unwrap()]);
     assert_eq!(std::fs::read_to_string(&html).unwrap().matches("<svg").count(), 6);

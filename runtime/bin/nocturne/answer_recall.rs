@@ -72,8 +72,12 @@ impl Recall {
                 return Recall { memory: None };
             }
             let opened = args.encoder.load().and_then(|encoder| {
-                let (memory, report) = nocturne::device::recall::RecallMemory::open(state, encoder, &nocturne::profile::ACTIVE.recall)?;
+                let (mut memory, report) = nocturne::device::recall::RecallMemory::open(state, encoder, &nocturne::profile::ACTIVE.recall)?;
                 crate::recall::describe(&report);
+                // The corrections the active adapter learned are not injected again.
+                if let Err(e) = memory.follow_active_adapter(state) {
+                    eprintln!("warning: recall cannot tell what the active adapter learned (all taught answers stay in use): {e:#}");
+                }
                 Ok(memory)
             });
             match opened {

@@ -42,8 +42,11 @@ pub enum RecallCommand {
 
 /// Opens the recall memory of `state`, saying on stderr what opening did.
 fn open(state: &StateArgs, encoder: &EncoderArgs) -> anyhow::Result<RecallMemory> {
-    let (memory, report) = RecallMemory::open(&state.state(), encoder.load()?, &ACTIVE.recall)?;
+    let (mut memory, report) = RecallMemory::open(&state.state(), encoder.load()?, &ACTIVE.recall)?;
     describe(&report);
+    if let Err(e) = memory.follow_active_adapter(&state.state()) {
+        eprintln!("warning: cannot tell what the active adapter learned: {e:#}");
+    }
     Ok(memory)
 }
 
