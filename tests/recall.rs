@@ -173,7 +173,7 @@ fn taught_entries_survive_the_quota_reclaiming_their_segments() {
     let tmp = tempfile::tempdir().unwrap();
     let state = StateDir::new(tmp.path());
     let small = config(Durability::FsyncEachRecord, 4 * 1024, 32 * 1024);
-    let mut journal = Journal::open(&state.journal_dir(), DEVICE, small.clone()).unwrap();
+    let mut journal = Journal::open(&state.journal_dir(), DEVICE, small).unwrap();
     let lsn = journal.append_durable(&interaction("What is the name of the ship's cat?")).unwrap();
     journal.append_durable(&correction(lsn, "The ship's cat is called Biscuit.")).unwrap();
     drop(RecallMemory::open(&state, encoder(), &SPEC).unwrap());
