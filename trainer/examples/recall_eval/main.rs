@@ -18,7 +18,7 @@
 //!    whose answer is unchanged), with recall off and on; embedding time and
 //!    first-token time with recall on against off.
 //!
-//! Locality questions: the chatterbot questions that were not corrected and
+//! Locality questions: at least 150 chatterbot questions that were not corrected and
 //! `general_questions.txt` (50 general-knowledge questions written for this
 //! evaluation), split alternately into the tuning and report halves.
 //!
@@ -211,7 +211,7 @@ fn main() -> anyhow::Result<()> {
         } else {
             uncorrected.push((q.clone(), reply));
         }
-        if corrected.len() == tune_n + test_n && uncorrected.len() >= 100 {
+        if corrected.len() == tune_n + test_n && uncorrected.len() >= 150 {
             break;
         }
     }
