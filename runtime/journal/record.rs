@@ -139,6 +139,34 @@ pub struct Interaction<'a> {
     pub recalled: Cow<'a, [u64]>,
 }
 
+impl<'a> Interaction<'a> {
+    /// An interaction of `conversation` (turn 0) with its texts and no
+    /// measurements (counts, speeds and memory 0, stop reason eos, no
+    /// adapter, persona or recall): what simulated users and tools that
+    /// replay conversations journal.
+    pub fn of_texts(conversation: u64, base_model: ModelId, system: &'a str, prompt: &'a str, reply: &'a str) -> Interaction<'a> {
+        Interaction {
+            conversation,
+            turn: 0,
+            base_model,
+            adapter: None,
+            system: Cow::Borrowed(system),
+            prompt: Cow::Borrowed(prompt),
+            reply: Cow::Borrowed(reply),
+            prompt_tokens: 0,
+            reused_tokens: 0,
+            new_tokens: 0,
+            stop_reason: StopReason::Eos,
+            prefill_tokens_per_s: 0.0,
+            decode_tokens_per_s: 0.0,
+            time_to_first_token_ms: 0.0,
+            peak_memory_bytes: 0,
+            persona: None,
+            recalled: Cow::Borrowed(&[]),
+        }
+    }
+}
+
 /// Thumbs up or down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

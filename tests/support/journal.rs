@@ -40,26 +40,8 @@ pub fn feedback_id(body: &Body<'_>) -> Option<u64> {
 
 /// An answered request whose user message is `prompt`.
 pub fn interaction(prompt: &str) -> Body<'static> {
-    use nocturne::journal::{Interaction, StopReason};
-    Body::Interaction(Interaction {
-        conversation: 1,
-        turn: 0,
-        base_model: nocturne::ids::ModelId([1; 32]),
-        adapter: None,
-        system: Cow::Borrowed("You are a helpful assistant."),
-        prompt: Cow::Owned(prompt.to_owned()),
-        reply: Cow::Borrowed("I do not know."),
-        prompt_tokens: 30,
-        reused_tokens: 0,
-        new_tokens: 5,
-        stop_reason: StopReason::Eos,
-        prefill_tokens_per_s: 140.0,
-        decode_tokens_per_s: 60.0,
-        time_to_first_token_ms: 210.0,
-        peak_memory_bytes: 200 << 20,
-        persona: None,
-        recalled: Cow::Borrowed(&[]),
-    })
+    let texts = nocturne::journal::Interaction::of_texts(1, nocturne::ids::ModelId([1; 32]), "You are a helpful assistant.", "", "I do not know.");
+    Body::Interaction(nocturne::journal::Interaction { prompt: Cow::Owned(prompt.to_owned()), ..texts })
 }
 
 /// A correction of the interaction at `lsn`.

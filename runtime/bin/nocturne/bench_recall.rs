@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use nocturne::device::recall::RecallMemory;
 use nocturne::device::StateDir;
-use nocturne::journal::{Body, Feedback, Interaction, Journal, JournalConfig, StopReason};
+use nocturne::journal::{Body, Feedback, Interaction, Journal, JournalConfig};
 use nocturne::profile::ACTIVE;
 
 use crate::embed::EncoderArgs;
@@ -34,25 +34,7 @@ pub fn run(corrections: usize, rounds: usize) -> anyhow::Result<()> {
     let mut journal = Journal::open(&state.journal_dir(), device, JournalConfig::for_profile(&ACTIVE))?;
     for i in 0..corrections {
         let q = question(i);
-        let interaction = Interaction {
-            conversation: i as u64,
-            turn: 0,
-            base_model: Default::default(),
-            adapter: None,
-            system: Cow::Borrowed(""),
-            prompt: Cow::Borrowed(&q),
-            reply: Cow::Borrowed("I do not know."),
-            prompt_tokens: 0,
-            reused_tokens: 0,
-            new_tokens: 0,
-            stop_reason: StopReason::Eos,
-            prefill_tokens_per_s: 0.0,
-            decode_tokens_per_s: 0.0,
-            time_to_first_token_ms: 0.0,
-            peak_memory_bytes: 0,
-            persona: None,
-            recalled: Cow::Borrowed(&[]),
-        };
+        let interaction = Interaction::of_texts(i as u64, Default::default(), "", &q, "I do not know.");
         let lsn = journal.append(&Body::Interaction(interaction))?;
         let answer = format!("Answer {i}.");
         journal.append(&Body::Feedback(Feedback { interaction: lsn, correction: Some(Cow::Borrowed(&answer)), ..Feedback::default() }))?;

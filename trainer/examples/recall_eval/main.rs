@@ -39,7 +39,7 @@ use std::time::Instant;
 use datasets::{chatterbot_pairs, CHATTERBOT};
 use nocturne::device::recall::RecallMemory;
 use nocturne::device::StateDir;
-use nocturne::journal::{Body, Feedback, Interaction, Journal, JournalConfig, StopReason};
+use nocturne::journal::{Body, Feedback, Interaction, Journal, JournalConfig};
 use nocturne::recall::encoder::SentenceEncoder;
 use nocturne::recall::index::Entry;
 use nocturne::recall::prompt::{with_recalled, RecallForm};
@@ -186,25 +186,7 @@ fn main() -> anyhow::Result<()> {
     for (q, a) in &pairs {
         let reply = evaluator.answer(&example(vec![ChatMessage::new("system", DEFAULT_SYSTEM_PROMPT), ChatMessage::new("user", q)]))?;
         if corrected.len() < tune_n + test_n && !as_taught(&reply, a) {
-            let interaction = Interaction {
-                conversation: corrected.len() as u64,
-                turn: 0,
-                base_model: pack.id(),
-                adapter: None,
-                system: Cow::Borrowed(DEFAULT_SYSTEM_PROMPT),
-                prompt: Cow::Borrowed(q),
-                reply: Cow::Borrowed(&reply),
-                prompt_tokens: 0,
-                reused_tokens: 0,
-                new_tokens: 0,
-                stop_reason: StopReason::Eos,
-                prefill_tokens_per_s: 0.0,
-                decode_tokens_per_s: 0.0,
-                time_to_first_token_ms: 0.0,
-                peak_memory_bytes: 0,
-                persona: None,
-                recalled: Cow::Borrowed(&[]),
-            };
+            let interaction = Interaction::of_texts(corrected.len() as u64, pack.id(), DEFAULT_SYSTEM_PROMPT, q, &reply);
             let lsn = journal.append(&Body::Interaction(interaction))?;
             journal.append_durable(&Body::Feedback(Feedback { interaction: lsn, correction: Some(Cow::Borrowed(a)), ..Feedback::default() }))?;
             corrected.push((q.clone(), a.clone()));

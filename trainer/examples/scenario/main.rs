@@ -29,7 +29,6 @@ use std::time::Instant;
 use nocturne::adapter::LoraAdapter;
 use nocturne::device::{StateDir, DEVICE_PUBLIC_FILE};
 use nocturne::journal::{Body, Feedback, Interaction, Journal, JournalConfig};
-use nocturne::journal::StopReason;
 use nocturne::device::adapters::{install, InstallOutcome, Unpublished};
 use nocturne::sync::export;
 use nocturne::tokenizer::{ChatMessage, Tokenizer, DEFAULT_SYSTEM_PROMPT};
@@ -102,25 +101,7 @@ fn main() -> anyhow::Result<()> {
         if reply == *a || normalise(&reply) == normalise(a) {
             continue;
         }
-        let interaction = Interaction {
-            conversation: asked as u64,
-            turn: 0,
-            base_model: pack.id(),
-            adapter: None,
-            system: Cow::Borrowed(DEFAULT_SYSTEM_PROMPT),
-            prompt: Cow::Borrowed(q),
-            reply: Cow::Borrowed(&reply),
-            prompt_tokens: 0,
-            reused_tokens: 0,
-            new_tokens: 0,
-            stop_reason: StopReason::Eos,
-            prefill_tokens_per_s: 0.0,
-            decode_tokens_per_s: 0.0,
-            time_to_first_token_ms: 0.0,
-            peak_memory_bytes: 0,
-            persona: None,
-            recalled: Cow::Borrowed(&[]),
-        };
+        let interaction = Interaction::of_texts(asked as u64, pack.id(), DEFAULT_SYSTEM_PROMPT, q, &reply);
         let lsn = journal.append(&Body::Interaction(interaction))?;
         journal.append_durable(&Body::Feedback(Feedback { interaction: lsn, correction: Some(Cow::Borrowed(a)), ..Feedback::default() }))?;
         corrected.push((q.clone(), a.clone(), lsn));
