@@ -121,7 +121,7 @@ impl RecallMemory {
         let mut report = OpenReport::default();
         let fresh = || RecallIndex::new(fingerprint, dimension, capacity, spec.embedding_precision);
         let file = if rebuild { Err(FileError::Io { path: path.clone(), source: std::io::ErrorKind::NotFound.into() }) } else { read_bounded(&path, INDEX_FILE_LIMIT) };
-        let mut index = match file {
+        let index = match file {
             Err(FileError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => fresh(),
             Err(e) => {
                 report.rebuilt = Some(format!("{e}"));
@@ -150,8 +150,7 @@ impl RecallMemory {
                 }
             },
         };
-        let mut memory = RecallMemory { encoder, index: fresh(), path, kernels: Kernels::detect() };
-        std::mem::swap(&mut memory.index, &mut index);
+        let mut memory = RecallMemory { encoder, index, path, kernels: Kernels::detect() };
         let changed = memory.top_up(state, &mut report)? || report.rebuilt.is_some() || rebuild;
         if let (Some(lost), true) = (report.unrecovered, report.rebuilt.is_some()) {
             report.unrecovered = Some(lost.saturating_sub(memory.index.entries().len()));
