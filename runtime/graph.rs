@@ -146,6 +146,13 @@ impl Graph {
         self.weights.kept
     }
 
+    /// Peak heap bytes while loading and optimising (the file's bytes, the
+    /// decoded protobuf and the optimiser's copies; all but
+    /// [`Graph::weight_bytes`] is freed before the first run).
+    pub fn load_peak_bytes(&self) -> usize {
+        self.weights.peak
+    }
+
     /// Peak heap bytes of one run at the longest input, measured at load.
     pub fn run_peak_bytes(&self) -> usize {
         self.run_peak

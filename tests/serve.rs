@@ -474,3 +474,62 @@ fn with_no_journal_replies_are_unrecorded_and_feedback_is_refused() {
     assert!(child.wait().unwrap().success());
     assert!(!state.join("journal").exists(), "nothing was written to the state directory's journal");
 }
+
+/// A correction sent to `/v1/feedback` is recalled by the next chat
+/// completion (whole and streamed), listed in the response, and journaled
+/// with the interaction; a raw text completion gets no recall.
+#[test]
+fn a_correction_sent_as_feedback_is_recalled_by_the_next_request() {
+    let server = Server::start(&[]);
+    let taught = "My favourite colour is teal.";
+    let ask = |question: &str, stream: bool| {
+        json!({"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 16, "stream": stream})
+    };
+    let (status, first) = server.json("/v1/chat/completions", &ask("What is my favourite colour?", false));
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["recalled"], json!([]), "{first}");
+    let interaction: u64 = first["id"].as_str().unwrap().trim_start_matches("chatcmpl-").parse().unwrap();
+    let (status, recorded) = server.json("/v1/feedback", &json!({"interaction": interaction, "correction": taught}));
+    assert_eq!(status, 200, "{recorded}");
+
+    let (status, second) = server.json("/v1/chat/completions", &ask("Which colour is my favourite?", false));
+    assert_eq!(status, 200, "{second}");
+    assert!(second["choices"][0]["message"]["content"].as_str().unwrap().starts_with(taught), "{second}");
+    assert_eq!(second["recalled"][0]["interaction"].as_u64(), Some(interaction), "{second}");
+
+    let (status, _, body) = server.request("POST", "/v1/chat/completions", &[], &ask("What is my favourite colour?", true).to_string());
+    assert_eq!(status, 200, "{body}");
+    let chunks: Vec<Value> =
+        body.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
+    let texts: Vec<&str> = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).filter(|t| !t.is_empty()).collect();
+    assert_eq!(texts.first().copied(), Some(taught), "the taught answer is the first text streamed: {body}");
+    assert_eq!(chunks.last().unwrap()["recalled"][0]["interaction"].as_u64(), Some(interaction), "{body}");
+
+    let (status, raw) = server.json("/v1/completions", &json!({"prompt": "What is my favourite colour?", "temperature": 0, "max_tokens": 4}));
+    assert_eq!(status, 200, "{raw}");
+    assert_eq!(raw["recalled"], json!([]), "{raw}");
+
+    let journal = server.stop();
+    let recalled: Vec<Value> = kinds(&journal, "interaction").iter().map(|r| r["recalled"].clone()).collect();
+    assert_eq!(recalled, [json!([]), json!([interaction]), json!([interaction]), json!([])]);
+    let replies: Vec<Value> = kinds(&journal, "interaction").iter().map(|r| r["reply"].clone()).collect();
+    assert!(replies[1].as_str().unwrap().starts_with(taught), "the journaled reply holds the recalled prefix: {replies:?}");
+}
+
+/// `--no-recall` answers as if nothing was taught.
+#[test]
+fn with_no_recall_a_taught_correction_is_not_recalled() {
+    let state = tempfile::tempdir().unwrap();
+    let question = json!({"messages": [{"role": "user", "content": "What is my favourite colour?"}], "temperature": 0, "max_tokens": 16});
+    let server = Server::start_in(state.path(), &[]);
+    let (_, first) = server.json("/v1/chat/completions", &question);
+    let interaction: u64 = first["id"].as_str().unwrap().trim_start_matches("chatcmpl-").parse().unwrap();
+    let (status, _) = server.json("/v1/feedback", &json!({"interaction": interaction, "correction": "My favourite colour is teal."}));
+    assert_eq!(status, 200);
+    server.stop();
+    let server = Server::start_in(state.path(), &["--no-recall"]);
+    let (_, again) = server.json("/v1/chat/completions", &question);
+    assert_eq!(again["recalled"], json!([]), "{again}");
+    assert_eq!(again["choices"][0]["message"]["content"], first["choices"][0]["message"]["content"]);
+    server.stop();
+}

@@ -161,6 +161,22 @@ impl RecallMemory {
         Ok((memory, report))
     }
 
+    /// Tops the index up from the journal records after its last LSN, as
+    /// [`RecallMemory::open`] does, and writes the file when anything was
+    /// added: for a process that learns of a correction by its LSN alone
+    /// (the local API's feedback). Reads the whole journal for the corrected
+    /// interactions' questions.
+    ///
+    /// # Errors
+    /// The encoder, the journal directory or the index file failing.
+    pub fn catch_up(&mut self, state: &StateDir) -> Result<OpenReport, RecallError> {
+        let mut report = OpenReport::default();
+        if self.top_up(state, &mut report)? {
+            self.save()?;
+        }
+        Ok(report)
+    }
+
     /// Adds the taught entries of the journal records after the index's last LSN.
     fn top_up(&mut self, state: &StateDir, report: &mut OpenReport) -> Result<bool, RecallError> {
         let after = self.index.last_lsn();
@@ -293,6 +309,12 @@ impl RecallMemory {
         let manifest = super::adapters::installed_manifest(state, active, &state.trainer_key().map_err(io)?).map_err(io)?;
         let learned = device.map(|d| manifest.learned(d)).unwrap_or_default();
         self.follow_adapter(Some(active), &learned)
+    }
+
+    /// Bytes this recall memory adds to the memory plan
+    /// ([`crate::recall::plan_bytes`]).
+    pub fn plan_bytes(&self) -> usize {
+        crate::recall::plan_bytes(self.encoder.graph(), self.index.embedding_bytes())
     }
 
     /// The index.

@@ -12,3 +12,12 @@
 pub mod encoder;
 pub mod index;
 pub mod prompt;
+
+/// Bytes recall memory adds to the memory plan: the higher of the encoder
+/// graph's load peak (reading and optimising it, transient) and what stays
+/// (the graph's kept heap, the peak of one run at the longest input, and
+/// the index's embedding table of `index_bytes`). Heap figures are the ones
+/// [`crate::graph::Graph::load`] measured.
+pub fn plan_bytes(graph: &crate::graph::Graph, index_bytes: usize) -> usize {
+    graph.load_peak_bytes().max(graph.weight_bytes() + graph.run_peak_bytes() + index_bytes)
+}

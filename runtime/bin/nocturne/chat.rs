@@ -99,7 +99,9 @@ impl Chat<'_> {
 
     /// Answers the conversation's last user message.
     fn reply(&mut self, options: &RequestOptions) -> anyhow::Result<()> {
-        follow_active_adapter(&mut self.recorder, &mut self.session, self.pack);
+        if follow_active_adapter(&mut self.recorder, &mut self.session, self.pack) {
+            self.recall.follow_active_adapter();
+        }
         // Leave room for a full reply; drop the oldest exchanges until it fits.
         let capacity = self.session.decoder().capacity();
         let room = options.max_new_tokens.min(ACTIVE.max_new_tokens as usize);
@@ -218,12 +220,8 @@ impl Chat<'_> {
 pub fn run(model: &ModelArgs, request: &RequestArgs, record: &RecordArgs, recall: &RecallArgs) -> anyhow::Result<()> {
     let (pack, tokenizer) = model.open()?;
     let state = record.state.state();
-    let (recall, session) = std::thread::scope(|scope| {
-        let opening = scope.spawn(|| Recall::open(recall, &state));
-        let session = Session::start(&pack, &tokenizer, &ACTIVE, model.session_options());
-        (opening.join().expect("opening recall memory panicked"), session)
-    });
-    let session = session?;
+    let (recall, session) =
+        Recall::open_beside(recall, &state, || Session::start(&pack, &tokenizer, &ACTIVE, model.session_options()), |s| s.memory_plan().total())?;
     let recorder = record.recorder()?;
     let mut chat = Chat {
         session,

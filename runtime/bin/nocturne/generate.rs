@@ -54,12 +54,9 @@ pub fn run(
     let mut recorder = record.recorder()?;
     // Recall memory (the encoder graph, the index) opens while the session plans and allocates.
     let no_recall = RecallArgs { no_recall: recall.no_recall || raw, ..recall.clone() };
-    let (recall, session) = std::thread::scope(|scope| {
-        let opening = scope.spawn(|| Recall::open(&no_recall, &state));
-        let session = Session::start(&pack, &tokenizer, &ACTIVE, model.session_options());
-        (opening.join().expect("opening recall memory panicked"), session)
-    });
-    let mut session = session?;
+    let (recall, mut session) =
+        Recall::open_beside(&no_recall, &state, || Session::start(&pack, &tokenizer, &ACTIVE, model.session_options()), |s| s.memory_plan().total())?;
+    // Recall followed the active adapter when it opened.
     follow_active_adapter(&mut recorder, &mut session, &pack);
     let recalled = recall.prompt(&[ChatMessage::new("system", &system), ChatMessage::new("user", prompt.trim_end())], &tokenizer);
     let ids = if raw {

@@ -100,7 +100,10 @@ fn print_recall_plan(session_total: usize) {
     for (name, bytes, what) in &lines {
         println!("  {name:<17}{bytes:>12} bytes  {:>8.2} MiB ({what})", *bytes as f64 / MIB);
     }
-    let total = session_total + lines.iter().map(|l| l.1).sum::<usize>();
+    let load = graph.load_peak_bytes();
+    println!("  {:<17}{load:>12} bytes  {:>8.2} MiB (transient: reading and optimising the graph, before the first run)", "recall load peak", load as f64 / MIB);
+    // The high-water mark: the load peak, or what stays when that is higher.
+    let total = session_total + nocturne::recall::plan_bytes(graph, index);
     println!("  {:<17}{:>12} bytes  {:>8.2} MiB of {:.2} MiB budget{}", "total with recall", total, total as f64 / MIB,
         ACTIVE.memory_budget_bytes as f64 / MIB,
         if total as u64 > ACTIVE.memory_budget_bytes { "  (DOES NOT FIT)" } else { "" });

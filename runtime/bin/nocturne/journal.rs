@@ -64,12 +64,20 @@ impl RecordArgs {
 }
 
 /// Puts `session` on the device's active adapter, saying on stderr when it
-/// switched or could not.
-pub fn follow_active_adapter(recorder: &mut Recorder, session: &mut Session<'_>, pack: &ModelPack) {
+/// switched or could not; returns whether it switched.
+pub fn follow_active_adapter(recorder: &mut Recorder, session: &mut Session<'_>, pack: &ModelPack) -> bool {
     match recorder.follow_active_adapter(session, pack) {
-        Ok(Some(Some(adapter))) => eprintln!("(adapter {} active)", adapter.id()),
-        Ok(_) => {}
-        Err(e) => eprintln!("warning: adapter not switched: {e}"),
+        Ok(Some(adapter)) => {
+            if let Some(adapter) = adapter {
+                eprintln!("(adapter {} active)", adapter.id());
+            }
+            true
+        }
+        Ok(None) => false,
+        Err(e) => {
+            eprintln!("warning: adapter not switched: {e}");
+            false
+        }
     }
 }
 

@@ -15,9 +15,15 @@
 //!    corrections trained on and those the night held out for its gate
 //!    ([`is_held_out`]); retention perplexity is measured on held-out
 //!    `chitchat-dataset==0.9.0` dialogues for each.
+//! 6. Recall after the night: the device's recall memory (the encoder of
+//!    `models/all-minilm-l6-v2`) follows the installed adapter; the trained
+//!    corrections its manifest lists as learned must no longer be injected,
+//!    and the trained set is asked again as the device answers it (adapter
+//!    and recall together).
 //!
-//! `cargo run -p nocturne-trainer --example scenario -- [OUT] [QUESTIONS] [STEPS]`
-//! (defaults `target/scenario`, 40, 400). Writes OUT/scenario.json and prints a table.
+//! `cargo run -p nocturne-trainer --example scenario -- [OUT] [QUESTIONS] [STEPS] [NIGHTS]`
+//! (defaults `target/scenario`, 40, 400, 3: NIGHTS runs the first 1–3 of the
+//! consolidations of step 3). Writes OUT/scenario.json and prints a table.
 
 mod datasets;
 
@@ -27,7 +33,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use nocturne::adapter::LoraAdapter;
+use nocturne::device::recall::RecallMemory;
 use nocturne::device::{StateDir, DEVICE_PUBLIC_FILE};
+use nocturne::recall::encoder::SentenceEncoder;
+use nocturne::recall::index::Origin;
 use nocturne::journal::{Body, Feedback, Interaction, Journal, JournalConfig};
 use nocturne::device::adapters::{install, InstallOutcome, Unpublished};
 use nocturne::sync::export;
@@ -36,7 +45,7 @@ use nocturne::weights::{ModelPack, TOKENIZER_FILE};
 use nocturne_trainer::train::TrainConfig;
 use datasets::{chatterbot_pairs, chitchat_dialogues, CHATTERBOT, CHITCHAT};
 use nocturne_trainer::eval::{device_profile, normalise, Evaluator, Gate};
-use nocturne_trainer::consolidate::{consolidate, is_held_out, retention_texts, NightConfig, NightSources};
+use nocturne_trainer::consolidate::{consolidate, is_held_out, retention_texts, NightConfig, NightSources, Report as NightReport};
 use nocturne_trainer::replay::{Example, PriorityWeights};
 use nocturne_trainer::store::Store;
 
@@ -66,11 +75,76 @@ fn rephrase(i: usize, question: &str) -> String {
     }
 }
 
+/// Answered as taught: exact, normalised, or containing the taught answer
+/// (issue 13's measure, as `recall_eval` uses it).
+fn as_taught(reply: &str, taught: &str) -> bool {
+    let (r, t) = (normalise(reply), normalise(taught));
+    reply == taught || r == t || (!t.is_empty() && r.contains(&t))
+}
+
+/// The default night's adapter, when it was published.
+fn default_adapter(nights: &[(String, NightReport, f64)], pack: &ModelPack, key: &ed25519_dalek::VerifyingKey) -> Option<Arc<LoraAdapter>> {
+    nights.first().filter(|n| n.1.published).and_then(|n| LoraAdapter::open(&n.1.bundle, pack, key).ok()).map(Arc::new)
+}
+
+/// Step 6's figures.
+#[derive(serde::Serialize)]
+struct AfterNight {
+    /// Trained corrections the active adapter's manifest lists as learned.
+    learned: usize,
+    /// Of those, how many recall still put into the prompt (should be 0).
+    learned_injected: usize,
+    /// Trained set answered as taught by the device (adapter + recall).
+    taught_rate: f64,
+    /// Learned ones answered as taught (the adapter alone answers them).
+    learned_rate: f64,
+}
+
+/// Opens the device's recall memory as `generate` does, follows the active
+/// adapter, and asks the trained set through it.
+fn recall_after_night(
+    repo: &Path,
+    state: &StateDir,
+    profile: &nocturne::profile::Profile,
+    evaluator: &mut Evaluator<'_>,
+    tokenizer: &Tokenizer,
+    trained: &[&(String, String, u64)],
+) -> anyhow::Result<AfterNight> {
+    let encoder = SentenceEncoder::load(&repo.join("models/cache/all-minilm-l6-v2"), profile.recall.max_sequence_tokens as usize)?;
+    let (mut memory, _) = RecallMemory::open(state, encoder, &profile.recall)?;
+    memory.follow_active_adapter(state)?;
+    let learned: Vec<u64> = memory
+        .index()
+        .entries()
+        .iter()
+        .filter(|e| e.learned_by.is_some())
+        .filter_map(|e| match e.origin {
+            Origin::Taught { interaction, .. } => Some(interaction),
+            Origin::Passage { .. } => None,
+        })
+        .collect();
+    let (mut taught, mut learned_taught, mut learned_injected) = (0, 0, 0);
+    for (q, a, lsn) in trained {
+        let messages = [ChatMessage::new("system", DEFAULT_SYSTEM_PROMPT), ChatMessage::new("user", q)];
+        let (prompt, used) = memory.recall_into(&messages, tokenizer, &profile.recall)?;
+        let injected = used.iter().any(|(e, _)| matches!(e.origin, Origin::Taught { interaction, .. } if interaction == *lsn));
+        let ok = as_taught(&evaluator.answer_from(&prompt.messages, prompt.reply_prefix.as_deref().unwrap_or(""))?, a);
+        taught += usize::from(ok);
+        if learned.contains(lsn) {
+            learned_injected += usize::from(injected);
+            learned_taught += usize::from(ok);
+        }
+    }
+    let share = |n: usize, of: usize| n as f64 / of.max(1) as f64;
+    Ok(AfterNight { learned: learned.len(), learned_injected, taught_rate: share(taught, trained.len()), learned_rate: share(learned_taught, learned.len()) })
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let out = PathBuf::from(args.get(1).map_or("target/scenario", String::as_str));
     let wanted: usize = args.get(2).map_or(40, |s| s.parse().expect("QUESTIONS is a number"));
     let steps: usize = args.get(3).map_or(400, |s| s.parse().expect("STEPS is a number"));
+    let night_count: usize = args.get(4).map_or(3, |s| s.parse().expect("NIGHTS is a number")).clamp(1, 3);
     let started = Instant::now();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let downloads = repo.join("models/cache/downloads");
@@ -127,7 +201,7 @@ fn main() -> anyhow::Result<()> {
         ("no anti-forgetting term".to_string(), TrainConfig { mas_lambda: 0.0, rehearsal_weight: 0.0, ..default.clone() }),
     ];
     let mut nights = Vec::new();
-    for (i, (name, train)) in runs.into_iter().enumerate() {
+    for (i, (name, train)) in runs.into_iter().take(night_count).enumerate() {
         let config = NightConfig { train, weights: PriorityWeights::default(), gate: Gate::default(), precision: Default::default(), device: profile.clone() };
         let t = Instant::now();
         let sources = NightSources { journals: &dirs, base: &pack_dir, previous: None, key: &key, retention: &retention };
@@ -174,6 +248,14 @@ fn main() -> anyhow::Result<()> {
         println!("| {name} | {:.1}% | {:.1}% | {:.1}% | {ppl:.3} |", 100.0 * rates[0], 100.0 * rates[1], 100.0 * rates[2]);
         rows.push(serde_json::json!({"model": name, "trained": rates[0], "rephrased": rates[1], "held_out": rates[2], "chitchat_perplexity": ppl}));
     }
+    // 6. Recall after the night, on the trained set.
+    evaluator.set_adapter(default_adapter(&nights, &pack, &trainer_key));
+    let after_night = recall_after_night(&repo, &state, &profile, &mut evaluator, &tokenizer, &trained)?;
+    println!(
+        "recall after the night: {} of {} trained corrections learned by the adapter, {} of them still injected; \
+         answered as taught with adapter and recall: {:.1}% (learned ones: {:.1}%)",
+        after_night.learned, trained.len(), after_night.learned_injected, 100.0 * after_night.taught_rate, 100.0 * after_night.learned_rate
+    );
     let summary = serde_json::json!({
         "questions_in_corpus": pairs.len(),
         "asked": asked,
@@ -186,6 +268,7 @@ fn main() -> anyhow::Result<()> {
             "published": r.published, "decision": r.decision, "adapter_bytes": r.adapter_bytes, "bundle": r.bundle,
         })).collect::<Vec<_>>(),
         "evaluation": rows,
+        "recall_after_night": after_night,
         "total_seconds": started.elapsed().as_secs_f64(),
     });
     std::fs::write(out.join("scenario.json"), serde_json::to_string_pretty(&summary)? + "\n")?;

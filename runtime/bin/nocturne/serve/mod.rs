@@ -15,6 +15,11 @@
 //! `x-nocturne-interaction` header, and (streamed) as `interaction` in the
 //! last chunk. A client that goes away stops its generation within one token,
 //! and that reply is not journaled.
+//!
+//! Chat completions use recall memory as `chat` does (`--no-recall` turns
+//! it off): a recalled reply prefix is the first text streamed, and the
+//! response (or the last chunk) lists the recalled entries as `recalled`. A
+//! correction sent to `/v1/feedback` is recalled from the next request on.
 
 mod api;
 mod slot;
@@ -49,6 +54,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use self::api::{ApiError, ChatRequest, Endpoint, FeedbackRequest, Limits, Prompt, Stop, TextRequest, Usage};
 use self::slot::{Completion, Event, SlotState, Work};
+use crate::answer_recall::{Recall, RecallArgs};
 use crate::args::ModelArgs;
 use crate::journal::RecordArgs;
 use crate::personas::{PersonaArgs, Personas};
@@ -77,6 +83,8 @@ pub struct ServeArgs {
     record: RecordArgs,
     #[command(flatten)]
     personas: PersonaArgs,
+    #[command(flatten)]
+    recall: RecallArgs,
 }
 
 /// What every handler shares.
@@ -139,6 +147,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let loader = {
         // Not the App: it holds the queue's sender, and the slots end when every sender is gone.
         let (loaded_cell, state, model_args, record) = (app.loaded.clone(), app.slot.clone(), args.model.clone(), args.record.clone());
+        let recall_args = args.recall.clone();
         std::thread::Builder::new().name("nocturne-load".into()).spawn(move || {
             let opened = (|| -> anyhow::Result<_> {
                 let (pack, tokenizer) = model_args.open()?;
@@ -154,18 +163,34 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             };
             let mut options = model_args.session_options();
             options.threads = (options.threads / slots).max(1);
-            let sessions = match Session::start_slots(&pack, &tokenizer, &ACTIVE, options, slots) {
-                Ok(sessions) => sessions,
+            // Recall memory opens (encoder, index, journal top-up) while the sessions allocate.
+            let opened = Recall::open_beside(
+                &recall_args,
+                &record.state.state(),
+                || Session::start_slots(&pack, &tokenizer, &ACTIVE, options, slots),
+                |sessions| sessions.iter().map(|s| s.memory_plan().total()).sum(),
+            );
+            let (recall, sessions) = match opened {
+                Ok(opened) => opened,
                 Err(e) => {
                     let _ = failed.send(e.into());
                     return;
                 }
             };
             let context_tokens = sessions[0].decoder_ref().capacity();
-            let plan_bytes = sessions.iter().map(|s| s.memory_plan().total()).sum();
-            tracing::info!(slots, threads_per_slot = options.threads, plan_bytes, context_tokens, "model loaded; ready");
-            let shared = slot::Shared { pack: &pack, acknowledgements: recorder.acknowledgements(), recorder: Mutex::new(recorder), state };
-            let _ = loaded_cell.set(Loaded { tokenizer: Arc::new(tokenizer), context_tokens, plan_bytes });
+            let recall_plan_bytes = recall.plan_bytes();
+            let plan_bytes = sessions.iter().map(|s| s.memory_plan().total()).sum::<usize>() + recall_plan_bytes;
+            tracing::info!(slots, threads_per_slot = options.threads, plan_bytes, recall_plan_bytes, context_tokens, "model loaded; ready");
+            let tokenizer = Arc::new(tokenizer);
+            let shared = slot::Shared {
+                pack: &pack,
+                tokenizer: &tokenizer,
+                recall: Mutex::new(recall),
+                acknowledgements: recorder.acknowledgements(),
+                recorder: Mutex::new(recorder),
+                state,
+            };
+            let _ = loaded_cell.set(Loaded { tokenizer: tokenizer.clone(), context_tokens, plan_bytes });
             std::thread::scope(|scope| {
                 for (i, session) in sessions.into_iter().enumerate() {
                     let (shared, work) = (&shared, work.clone());
@@ -278,6 +303,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) ->
 /// A checked completion request, ready for the slot.
 struct Prepared {
     prompt: Vec<u32>,
+    messages: Option<Vec<ChatMessage>>,
     options: RequestOptions,
     texts: (String, String, Option<String>),
     position: (u64, u32),
@@ -370,7 +396,15 @@ fn prepare_chat(app: &App, loaded: &Loaded, request: ChatRequest) -> Result<Prep
     check_context(loaded, prompt.len(), "messages")?;
     let options = request_options(&request.limits, ACTIVE.max_new_tokens)?;
     let include_usage = request.limits.stream_options.is_some_and(|o| o.include_usage);
-    Ok(Prepared { prompt, options, texts: (system, user, persona), position: (hasher.finish(), turn as u32), stream: request.limits.stream, include_usage })
+    Ok(Prepared {
+        prompt,
+        messages: Some(messages),
+        options,
+        texts: (system, user, persona),
+        position: (hasher.finish(), turn as u32),
+        stream: request.limits.stream,
+        include_usage,
+    })
 }
 
 /// OpenAI's default `max_tokens` of a text completion.
@@ -390,7 +424,15 @@ fn prepare_text(app: &App, loaded: &Loaded, request: TextRequest) -> Result<Prep
     check_context(loaded, prompt.len(), "prompt")?;
     let options = request_options(&request.limits, TEXT_DEFAULT_MAX_TOKENS.min(ACTIVE.max_new_tokens))?;
     let include_usage = request.limits.stream_options.is_some_and(|o| o.include_usage);
-    Ok(Prepared { prompt, options, texts: (String::new(), text, None), position: (rand_u64(), 0), stream: request.limits.stream, include_usage })
+    Ok(Prepared {
+        prompt,
+        messages: None,
+        options,
+        texts: (String::new(), text, None),
+        position: (rand_u64(), 0),
+        stream: request.limits.stream,
+        include_usage,
+    })
 }
 
 /// Queues `work`, or answers 429 (queue full) or 503 (shutting down).
@@ -440,7 +482,7 @@ fn loaded(app: &App) -> Result<&Loaded, ApiError> {
 async fn complete(app: &App, endpoint: Endpoint, p: Prepared) -> Result<Response, ApiError> {
     let (events, mut replies) = mpsc::unbounded_channel();
     let (stream, include_usage) = (p.stream, p.include_usage);
-    enqueue(app, Work::Completion(Completion { prompt: p.prompt, options: p.options, texts: p.texts, position: p.position, events }))?;
+    enqueue(app, Work::Completion(Completion { prompt: p.prompt, messages: p.messages, options: p.options, texts: p.texts, position: p.position, events }))?;
     let created = now_s();
     if stream {
         return Ok(Sse::new(sse_stream(endpoint, app.model.clone(), created, replies, include_usage)).into_response());
@@ -449,10 +491,12 @@ async fn complete(app: &App, endpoint: Endpoint, p: Prepared) -> Result<Response
         match event {
             Event::Text(_) => {}
             Event::Refused(message) => return Err(ApiError::invalid(None, message)),
-            Event::Done { reply, stats, interaction } => {
+            Event::Done { reply, stats, interaction, recalled } => {
                 let id = completion_id(endpoint, interaction);
                 let usage = Usage::new(stats.prompt_tokens, stats.new_tokens);
-                let mut response = Json(endpoint.completion(&id, created, &app.model, &reply, stats.stop_reason, usage)).into_response();
+                let mut body = endpoint.completion(&id, created, &app.model, &reply, stats.stop_reason, usage);
+                body["recalled"] = recalled;
+                let mut response = Json(body).into_response();
                 if let Some(lsn) = interaction {
                     response.headers_mut().insert("x-nocturne-interaction", HeaderValue::from(lsn));
                 }
@@ -488,9 +532,10 @@ fn sse_stream(
                     return Some((stream::iter(vec![data(chunk)]), Some(replies)));
                 }
                 Event::Refused(message) => vec![data(json!({"error": {"message": message, "type": "invalid_request_error"}}))],
-                Event::Done { stats, interaction, .. } => {
+                Event::Done { stats, interaction, recalled, .. } => {
                     let mut last = endpoint.chunk(&id, created, &model, None, Some(api::finish_reason(stats.stop_reason)), None);
                     last["interaction"] = json!(interaction);
+                    last["recalled"] = recalled;
                     let mut events = vec![data(last)];
                     if include_usage {
                         let usage = Usage::new(stats.prompt_tokens, stats.new_tokens);

@@ -6,6 +6,12 @@
 //! acknowledgement happens outside it. A session keeps its previous
 //! request's tokens, so a conversation's next turn reuses its KV prefix when
 //! it lands on the same slot.
+//!
+//! Recall memory is shared by the slots behind its own mutex: a chat
+//! completion's last user message is looked up before its prompt is
+//! decoded (the reply prefix recall gives is streamed first and is part of
+//! the reply), and a correction that arrives as feedback is put into it as
+//! soon as the journal acknowledged it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,15 +19,21 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use nocturne::device::recorder::{Recorder, Texts};
 use nocturne::journal::{Acknowledgements, Feedback};
 use nocturne::session::{ReplyStats, RequestOptions, Session};
+use nocturne::tokenizer::{ChatMessage, Tokenizer};
 use nocturne::weights::ModelPack;
 use tokio::sync::{mpsc, oneshot};
 
 use super::telemetry;
+use crate::answer_recall::{Recall, Recalled};
 
 /// A completion to run.
 pub struct Completion {
     /// Prompt token ids (chat template applied).
     pub prompt: Vec<u32>,
+    /// The conversation `prompt` renders, system message first (chat
+    /// completions: recall looks up its last user message); `None` for a
+    /// raw text completion, which gets no recall.
+    pub messages: Option<Vec<ChatMessage>>,
     /// Limits and sampling; `cancel` is set when the client goes away.
     pub options: RequestOptions,
     /// System prompt, last user message, and the persona that gave the
@@ -38,8 +50,9 @@ pub enum Event {
     /// Reply text as characters complete.
     Text(String),
     /// The reply ended; `interaction` is its LSN once acknowledged (None:
-    /// journaling off or the journal failed, said in the log).
-    Done { reply: String, stats: ReplyStats, interaction: Option<u64> },
+    /// journaling off or the journal failed, said in the log); `recalled`
+    /// lists what recall put into the prompt (JSON, as `generate --json`).
+    Done { reply: String, stats: ReplyStats, interaction: Option<u64>, recalled: serde_json::Value },
     /// The request was refused (a client error the session found).
     Refused(String),
 }
@@ -65,6 +78,10 @@ pub struct SlotState {
 pub struct Shared<'a> {
     /// The mapped pack the sessions read.
     pub pack: &'a ModelPack,
+    /// The pack's tokenizer (recalled prompts are encoded on the slot).
+    pub tokenizer: &'a Tokenizer,
+    /// Recall memory (off when it could not be opened or `--no-recall`).
+    pub recall: Mutex<Recall>,
     /// The device's recorder (the journal's only writer in the process).
     pub recorder: Mutex<Recorder>,
     /// Acknowledgements, waited on without the recorder's lock.
@@ -78,6 +95,11 @@ impl Shared<'_> {
         // A slot that panicked while holding it leaves the recorder usable: every
         // recorder operation is one journal call.
         self.recorder.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn recall(&self) -> MutexGuard<'_, Recall> {
+        // Every recall operation leaves the index whole; a panicked slot's is usable.
+        self.recall.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn publish(&self, recorder: &Recorder) {
@@ -100,6 +122,7 @@ pub fn run(mut session: Session<'_>, shared: &Shared<'_>, queue: crossbeam_chann
                 }
             }
             Work::Feedback(feedback, answer) => {
+                let correction = feedback.correction.is_some();
                 let mut recorder = shared.recorder();
                 let result = match recorder.next_lsn() {
                     None => Err("journaling is off (--no-journal): feedback has nowhere to go".to_string()),
@@ -111,6 +134,11 @@ pub fn run(mut session: Session<'_>, shared: &Shared<'_>, queue: crossbeam_chann
                     Some(_) => recorder.feedback(feedback).map_err(|e| e.to_string()),
                 };
                 shared.publish(&recorder);
+                drop(recorder);
+                // In recall before the client hears it is recorded, so its next question finds it.
+                if correction && result.is_ok() {
+                    shared.recall().catch_up();
+                }
                 let _ = answer.send(result);
             }
         }
@@ -122,7 +150,10 @@ pub fn run(mut session: Session<'_>, shared: &Shared<'_>, queue: crossbeam_chann
 fn follow_active_adapter(session: &mut Session<'_>, shared: &Shared<'_>) {
     let mut recorder = shared.recorder();
     match recorder.follow_active_adapter(session, shared.pack) {
-        Ok(Some(adapter)) => tracing::info!(adapter = ?adapter.map(|a| a.id().to_string()), "adapter switched"),
+        Ok(Some(adapter)) => {
+            tracing::info!(adapter = ?adapter.map(|a| a.id().to_string()), "adapter switched");
+            shared.recall().follow_active_adapter();
+        }
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "adapter not switched"),
     }
@@ -140,7 +171,11 @@ fn complete(session: &mut Session<'_>, shared: &Shared<'_>, c: Completion) -> Op
     let cancel = c.options.cancel.clone().unwrap_or_else(|| Arc::new(AtomicBool::new(false)));
     let options = RequestOptions { cancel: Some(cancel.clone()), ..c.options };
     let events = &c.events;
-    let result = session.generate(&c.prompt, &options, &mut |text| {
+    let (prompt, recalled) = with_recall(shared, c.messages.as_deref(), c.prompt, session.decoder_ref().capacity());
+    if !recalled.reply_prefix.is_empty() {
+        let _ = events.send(Event::Text(recalled.reply_prefix.clone()));
+    }
+    let result = session.generate(&prompt, &options, &mut |text| {
         if events.send(Event::Text(text.to_string())).is_err() {
             cancel.store(true, Ordering::Relaxed);
         }
@@ -153,11 +188,12 @@ fn complete(session: &mut Session<'_>, shared: &Shared<'_>, c: Completion) -> Op
         tracing::info!(new_tokens = stats.new_tokens, "client went away; reply not journaled");
         return None;
     }
-    let reply = session.reply_text().into_owned();
+    let reply = format!("{}{}", recalled.reply_prefix, session.reply_text());
+    let interactions = recalled.interactions();
     let queued = {
         let mut recorder = shared.recorder();
         recorder.set_position(c.position.0, c.position.1);
-        let texts = Texts { system: &c.texts.0, prompt: &c.texts.1, reply: &reply, persona: c.texts.2.as_deref(), recalled: &[] };
+        let texts = Texts { system: &c.texts.0, prompt: &c.texts.1, reply: &reply, persona: c.texts.2.as_deref(), recalled: &interactions };
         let queued = recorder.interaction(session, &texts, &stats);
         shared.publish(&recorder);
         queued
@@ -182,5 +218,34 @@ fn complete(session: &mut Session<'_>, shared: &Shared<'_>, c: Completion) -> Op
     if stats.new_tokens > 1 {
         metrics::histogram!(telemetry::DECODE_SPEED).record(stats.decode_tokens_per_second());
     }
-    Some(Event::Done { reply, stats, interaction })
+    Some(Event::Done { reply, stats, interaction, recalled: recalled.json() })
+}
+
+/// The prompt to decode: `prompt` with what recall finds for the last user
+/// message of `messages`, or `prompt` as sent when there are no messages,
+/// recall finds nothing, or what it adds would leave no room for a reply in
+/// `capacity` tokens.
+fn with_recall(shared: &Shared<'_>, messages: Option<&[ChatMessage]>, prompt: Vec<u32>, capacity: usize) -> (Vec<u32>, Recalled) {
+    let Some(messages) = messages else {
+        return (prompt, Recalled::none(&[]));
+    };
+    let recalled = shared.recall().prompt(messages, shared.tokenizer);
+    if recalled.entries.is_empty() {
+        return (prompt, recalled);
+    }
+    let encoded = shared.tokenizer.encode_chat(&recalled.messages, true).and_then(|mut ids| {
+        ids.extend(shared.tokenizer.encode(&recalled.reply_prefix)?);
+        Ok(ids)
+    });
+    match encoded {
+        Ok(ids) if ids.len() < capacity => (ids, recalled),
+        Ok(ids) => {
+            tracing::info!(tokens = ids.len(), capacity, "the recalled prompt does not fit the context; answering without recall");
+            (prompt, Recalled::none(messages))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the recalled prompt cannot be encoded; answering without recall");
+            (prompt, Recalled::none(messages))
+        }
+    }
 }
