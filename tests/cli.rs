@@ -587,3 +587,39 @@ fn a_broken_encoder_is_said_once_and_the_answer_still_comes() {
     assert_eq!(stderr.matches("answering without recall memory").count(), 1, "{stderr}");
     assert!(stderr.contains("tokenizer.json") || stderr.contains("encoder.onnx"), "the file is named: {stderr}");
 }
+
+/// `recall add` indexes a document that `generate` then recalls (listed with
+/// its source); `recall remove` takes it out; bad files and unknown sources
+/// are named.
+#[test]
+fn recall_add_and_remove_documents() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().join("state");
+    let dir = dir.to_str().unwrap();
+    let out = nocturne(&["recall", "add", "--state-dir", dir, "tests/fixtures/harbour_kiosk.txt"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tests/fixtures/harbour_kiosk.txt: "), "{out:?}");
+    let stat = nocturne(&["recall", "stat", "--state-dir", dir], None);
+    assert!(String::from_utf8_lossy(&stat.stdout).contains("document tests/fixtures/harbour_kiosk.txt: "), "{stat:?}");
+
+    let out = nocturne(&["generate", "--state-dir", dir, "--json", "--max-new-tokens", "4", "When does the kiosk close at night?"], None);
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["recalled"][0]["interaction"], serde_json::Value::Null, "{reply}");
+    assert!(reply["recalled"][0]["text"].as_str().unwrap().contains("closes at ten at night"), "{reply}");
+
+    let bad = state.path().join("bad.txt");
+    std::fs::write(&bad, b"caf\xe9").unwrap();
+    let out = nocturne(&["recall", "add", "--state-dir", dir, bad.to_str().unwrap()], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.txt is not UTF-8 text (invalid byte at offset 3)"), "{out:?}");
+    let out = nocturne(&["recall", "add", "--state-dir", dir, "no/such/file.txt"], None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read no/such/file.txt"), "{out:?}");
+    let out = nocturne(&["recall", "remove", "--state-dir", dir, "manual.txt"], None);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no document `manual.txt`"), "{out:?}");
+
+    let out = nocturne(&["recall", "remove", "--state-dir", dir, "tests/fixtures/harbour_kiosk.txt"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = nocturne(&["generate", "--state-dir", dir, "--json", "--max-new-tokens", "4", "When does the kiosk close at night?"], None);
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["recalled"], serde_json::json!([]), "{reply}");
+}

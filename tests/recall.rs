@@ -1,7 +1,8 @@
 //! The device's recall memory on real journals with the real encoder: taught
 //! answers come from acknowledged corrections, the index file survives the
 //! journal, damage is rebuilt from what the journal holds, the journal is
-//! never changed, a full index evicts as documented.
+//! never changed, a full index evicts as documented; documents are cut into
+//! passages that are recalled, replaced, kept by a rebuild and removed.
 
 mod support;
 
@@ -13,6 +14,9 @@ use nocturne::heap::Counting;
 use nocturne::journal::Journal;
 use nocturne::profile::{Durability, EmbeddingPrecision, RecallSpec};
 use nocturne::recall::encoder::SentenceEncoder;
+use nocturne::recall::index::Origin;
+use nocturne::tokenizer::{ChatMessage, Tokenizer};
+use nocturne::weights::TOKENIZER_FILE;
 use support::journal::{config, correction, interaction, DEVICE};
 
 #[global_allocator]
@@ -209,7 +213,7 @@ fn corrections_an_active_adapter_learned_are_not_recalled_until_it_is_rolled_bac
     teach(&state);
     let (mut memory, _) = RecallMemory::open(&state, encoder(), &SPEC).unwrap();
     let spider = memory.search("How many legs does a spider have?", 1, 0.9).unwrap()[0].0.origin.clone();
-    let nocturne::recall::index::Origin::Taught { interaction, .. } = spider else { panic!("taught") };
+    let Origin::Taught { interaction, .. } = spider else { panic!("taught") };
     let adapter = nocturne::ids::AdapterId([5; 16]);
     assert_eq!(memory.follow_adapter(Some(adapter), &[interaction]).unwrap(), 1);
     assert!(memory.search("How many legs does a spider have?", 3, 0.9).unwrap().is_empty(), "learned: not injected");
@@ -220,4 +224,53 @@ fn corrections_an_active_adapter_learned_are_not_recalled_until_it_is_rolled_bac
     assert_eq!(memory.index().entries().iter().filter(|e| e.learned_by == Some(adapter)).count(), 1);
     assert_eq!(memory.follow_adapter(None, &[]).unwrap(), 0);
     assert_eq!(memory.search("How many legs does a spider have?", 1, 0.9).unwrap()[0].0.answer, "Eight.", "rolled back: recalled again");
+}
+
+/// A document is cut into passages that are recalled for questions it
+/// answers (not for unrelated ones), replaced when added again, kept by a
+/// rebuild from the journal, and removed by its name. The questions are not
+/// the ones `PASSAGE_THRESHOLD` was tuned on.
+#[test]
+fn documents_are_recalled_replaced_kept_by_a_rebuild_and_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = StateDir::new(tmp.path().join("state"));
+    teach(&state);
+    let document = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/harbour_kiosk.txt")).unwrap();
+    let (mut memory, _) = RecallMemory::open(&state, encoder(), &SPEC).unwrap();
+    let (added, evicted) = memory.add_document("harbour_kiosk.txt", &document).unwrap();
+    assert_eq!(evicted, 0);
+    assert!(added >= 7, "one passage per paragraph at least: {added}");
+    for entry in memory.index().entries().iter().filter(|e| matches!(e.origin, Origin::Passage { .. })) {
+        assert!(memory.encoder().tokens(&entry.text).unwrap().len() < SPEC.max_sequence_tokens as usize, "passage fits the window: {}", entry.text);
+    }
+    let pack = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache/smollm2-135m-instruct/int8");
+    let tokenizer = Tokenizer::from_file(&pack.join(TOKENIZER_FILE)).unwrap();
+    let ask = |memory: &RecallMemory, question: &str| {
+        let messages = [ChatMessage::new("system", "You are helpful."), ChatMessage::new("user", question)];
+        let (prompt, used) = memory.recall_into(&messages, &tokenizer, &SPEC).unwrap();
+        (prompt.messages[0].content.clone(), used.into_iter().map(|(e, _)| e.origin).collect::<Vec<_>>())
+    };
+    let (system, used) = ask(&memory, "Which pier do the ferries use in winter?");
+    assert!(matches!(&used[0], Origin::Passage { source, .. } if source == "harbour_kiosk.txt"), "{used:?}");
+    assert!(system.contains("pier one"), "the passage is in the system message: {system}");
+    let (_, used) = ask(&memory, "Who painted the Mona Lisa?");
+    assert!(used.is_empty(), "an unrelated question recalls nothing: {used:?}");
+    // Taught answers still come first for their own questions.
+    let (_, used) = ask(&memory, "What is the capital of France?");
+    assert!(matches!(used[0], Origin::Taught { .. }), "{used:?}");
+
+    let (again, _) = memory.add_document("harbour_kiosk.txt", "The kiosk is closed for repairs.").unwrap();
+    assert_eq!(again, 1);
+    let passages = |memory: &RecallMemory| memory.index().entries().iter().filter(|e| matches!(e.origin, Origin::Passage { .. })).count();
+    assert_eq!(passages(&memory), 1, "adding a document again replaces its passages");
+    drop(memory);
+
+    let (memory, _) = RecallMemory::rebuild(&state, encoder(), &SPEC).unwrap();
+    assert_eq!((passages(&memory), memory.index().entries().len()), (1, 4), "the rebuild keeps the passage and the 3 taught answers");
+    let mut memory = memory;
+    assert_eq!(memory.remove_document("harbour_kiosk.txt").unwrap(), 1);
+    assert_eq!(memory.remove_document("harbour_kiosk.txt").unwrap(), 0);
+    drop(memory);
+    let (memory, _) = RecallMemory::open(&state, encoder(), &SPEC).unwrap();
+    assert_eq!(passages(&memory), 0, "the removal is in the file");
 }

@@ -31,7 +31,8 @@ use crate::kernels::Kernels;
 use crate::profile::RecallSpec;
 use crate::recall::encoder::{EncoderError, SentenceEncoder};
 use crate::recall::index::{Entry, Hit, IndexFileError, Origin, RecallIndex};
-use crate::recall::prompt::{with_recalled, RecallForm, RecalledPrompt, DEFAULT_THRESHOLD};
+use crate::recall::passages::split;
+use crate::recall::prompt::{threshold, with_recalled, RecallForm, RecalledPrompt, DEFAULT_THRESHOLD, PASSAGE_THRESHOLD};
 use crate::tokenizer::{ChatMessage, Tokenizer, TokenizerError};
 
 use super::StateDir;
@@ -105,8 +106,9 @@ impl RecallMemory {
         RecallMemory::open_or_rebuild(state, encoder, spec, false)
     }
 
-    /// Builds the index of `state` from the journal alone, ignoring the index
-    /// file, and replaces the file atomically (a crash leaves the old one).
+    /// Builds the taught entries of `state`'s index from the journal alone
+    /// (the passages of a readable index file are kept: documents are not
+    /// journaled), and replaces the file atomically (a crash leaves the old one).
     ///
     /// # Errors
     /// As [`RecallMemory::open`].
@@ -120,14 +122,22 @@ impl RecallMemory {
         let path = state.root().join(RECALL_INDEX_FILE);
         let mut report = OpenReport::default();
         let fresh = || RecallIndex::new(fingerprint, dimension, capacity, spec.embedding_precision);
-        let file = if rebuild { Err(FileError::Io { path: path.clone(), source: std::io::ErrorKind::NotFound.into() }) } else { read_bounded(&path, INDEX_FILE_LIMIT) };
-        let index = match file {
+        let index = match read_bounded(&path, INDEX_FILE_LIMIT) {
             Err(FileError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => fresh(),
             Err(e) => {
                 report.rebuilt = Some(format!("{e}"));
                 fresh()
             }
             Ok(bytes) => match RecallIndex::decode(&bytes, fingerprint, dimension, capacity, spec.embedding_precision) {
+                Ok(index) if rebuild => {
+                    // Passages are not in the journal: a rebuild keeps them.
+                    let mut kept = fresh();
+                    for (slot, entry) in index.entries().iter().enumerate().filter(|(_, e)| is_passage(e)) {
+                        kept.add(entry.clone(), &index.embedding(slot));
+                    }
+                    report.loaded = kept.entries().len();
+                    kept
+                }
                 Ok(index) => {
                     report.loaded = index.entries().len();
                     index
@@ -135,11 +145,13 @@ impl RecallMemory {
                 Err(IndexFileError::Stale { entries, last_lsn }) => {
                     report.rebuilt = Some("built with another encoder: embedded again".into());
                     let mut index = fresh();
-                    for entry in entries {
+                    for entry in entries.into_iter().filter(|e| !rebuild || is_passage(e)) {
                         let embedding = encoder.embed(&entry.text)?;
                         report.evicted += usize::from(index.add(entry, &embedding).is_some());
                     }
-                    index.set_last_lsn(last_lsn);
+                    if !rebuild {
+                        index.set_last_lsn(last_lsn);
+                    }
                     report.loaded = index.entries().len();
                     index
                 }
@@ -240,6 +252,41 @@ impl RecallMemory {
         Ok(evicted)
     }
 
+    /// Indexes `text` as the document `source` (its provenance: the file as
+    /// the user named it), cut into passages that fit the encoder's window
+    /// ([`crate::recall::passages::split`]); the passages an earlier `source`
+    /// of the same name gave are replaced. Writes the file. Returns the
+    /// passages added and the entries evicted to make room.
+    ///
+    /// # Errors
+    /// The encoder failing, or the index file unwritable.
+    pub fn add_document(&mut self, source: &str, text: &str) -> Result<(usize, usize), RecallError> {
+        let window = self.encoder.graph().max_sequence();
+        let passages = split(text, window, |t| self.encoder.tokens(t).map(|ids| ids.len()))?;
+        let embeddings = passages.iter().map(|p| self.encoder.embed(p)).collect::<Result<Vec<_>, _>>()?;
+        self.index.retain(|e| !matches!(&e.origin, Origin::Passage { source: s, .. } if s == source));
+        let mut evicted = 0;
+        for (number, (passage, embedding)) in passages.into_iter().zip(&embeddings).enumerate() {
+            let entry = Entry { origin: Origin::Passage { source: source.to_owned(), number: number as u32 }, text: passage, answer: String::new(), learned_by: None };
+            evicted += usize::from(self.index.add(entry, embedding).is_some());
+        }
+        self.save()?;
+        Ok((embeddings.len(), evicted))
+    }
+
+    /// Removes every passage of the document `source`; writes the file when
+    /// one went. Returns how many went.
+    ///
+    /// # Errors
+    /// [`RecallError::Io`].
+    pub fn remove_document(&mut self, source: &str) -> Result<usize, RecallError> {
+        let removed = self.index.retain(|e| !matches!(&e.origin, Origin::Passage { source: s, .. } if s == source));
+        if removed > 0 {
+            self.save()?;
+        }
+        Ok(removed)
+    }
+
     /// The entries closest to `question`: at most `k`, each with a score of at
     /// least `threshold`, best first.
     ///
@@ -255,7 +302,8 @@ impl RecallMemory {
     /// `messages` (system first, the conversation ending with the user's
     /// message) with what recall finds for that last user message: at most
     /// `spec.top_k` entries with a similarity of at least
-    /// [`DEFAULT_THRESHOLD`], within `spec.prompt_tokens`, in
+    /// [`DEFAULT_THRESHOLD`] (taught answers) or [`PASSAGE_THRESHOLD`]
+    /// (document passages), within `spec.prompt_tokens`, in
     /// [`RecallForm::DEFAULT`]. Also returns the entries that went in, best
     /// first, with their similarity.
     ///
@@ -268,7 +316,14 @@ impl RecallMemory {
         spec: &RecallSpec,
     ) -> Result<(RecalledPrompt, Vec<(Entry, f32)>), RecallError> {
         let question = messages.iter().rev().find(|m| m.role == "user").map_or("", |m| m.content.as_str());
-        let hits = if question.trim().is_empty() { Vec::new() } else { self.search(question, spec.top_k as usize, DEFAULT_THRESHOLD)? };
+        let hits = if question.trim().is_empty() {
+            Vec::new()
+        } else {
+            let lowest = DEFAULT_THRESHOLD.min(PASSAGE_THRESHOLD);
+            let mut hits = self.search(question, spec.top_k as usize, lowest)?;
+            hits.retain(|(entry, score)| *score >= threshold(&entry.origin));
+            hits
+        };
         let entries: Vec<&Entry> = hits.iter().map(|(e, _)| *e).collect();
         let prompt = with_recalled(messages, &entries, RecallForm::DEFAULT, spec.prompt_tokens as usize, tokenizer)?;
         let used = prompt.used.iter().map(|&i| (hits[i].0.clone(), hits[i].1)).collect();
@@ -327,13 +382,22 @@ impl RecallMemory {
         &self.encoder
     }
 
-    /// Writes the index file atomically.
+    /// Writes the index file atomically (creating the state directory when
+    /// there is none yet).
     ///
     /// # Errors
     /// [`RecallError::Io`].
     pub fn save(&self) -> Result<(), RecallError> {
-        write_atomic(&self.path, &self.index.encode()).map_err(|source| RecallError::Io { path: self.path.clone(), source })
+        let io = |source| RecallError::Io { path: self.path.clone(), source };
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        write_atomic(&self.path, &self.index.encode()).map_err(io)
     }
+}
+
+fn is_passage(entry: &Entry) -> bool {
+    matches!(entry.origin, Origin::Passage { .. })
 }
 
 /// SHA-256 of the encoder's dimension and its embedding of [`PROBE`].

@@ -5,12 +5,13 @@
 //! through a tract-onnx graph), [`index::RecallIndex`] (the fixed-capacity
 //! table of taught answers and passages, exact top-k search, its durable
 //! file), [`prompt::with_recalled`] (recalled entries into the prompt, in the
-//! documented form).
+//! documented form), [`passages::split`] (documents cut into passages).
 //!
 //! Compiled in with the `recall` cargo feature (on by default).
 
 pub mod encoder;
 pub mod index;
+pub mod passages;
 pub mod prompt;
 
 /// Bytes recall memory adds to the memory plan: the higher of the encoder

@@ -1,7 +1,7 @@
 //! How recalled entries enter the prompt.
 //!
 //! Principal items: [`RecallForm`], [`with_recalled`], [`RecalledPrompt`],
-//! [`DEFAULT_THRESHOLD`].
+//! [`DEFAULT_THRESHOLD`], [`PASSAGE_THRESHOLD`].
 //!
 //! Forms (chosen by the held-out tuning of `trainer/examples/recall_eval`;
 //! [`RecallForm::DEFAULT`] is the one it chose):
@@ -25,9 +25,26 @@ use crate::tokenizer::{ChatMessage, Tokenizer, TokenizerError};
 
 use super::index::{Entry, Origin};
 
-/// Similarity (cosine) an entry needs to be recalled, tuned on the held-out
-/// split of `trainer/examples/recall_eval.rs`.
+/// Similarity (cosine) a taught entry needs to be recalled, tuned on the
+/// held-out split of `trainer/examples/recall_eval.rs`.
 pub const DEFAULT_THRESHOLD: f32 = 0.70;
+
+/// Similarity (cosine) a document passage needs to be recalled. A question
+/// is less like a passage that answers it than like another wording of
+/// itself: with all-MiniLM-L6-v2 and `tests/fixtures/harbour_kiosk.txt`,
+/// eight tuning questions the document answers scored 0.42–0.71 against
+/// their best passage and eight unrelated ones 0.03–0.21 (`nocturne recall
+/// search`); the threshold sits nearer the unrelated side's gap edge, for
+/// locality. The questions of `tests/recall.rs` are other ones.
+pub const PASSAGE_THRESHOLD: f32 = 0.35;
+
+/// The similarity an entry of `origin` needs to be recalled.
+pub fn threshold(origin: &Origin) -> f32 {
+    match origin {
+        Origin::Taught { .. } => DEFAULT_THRESHOLD,
+        Origin::Passage { .. } => PASSAGE_THRESHOLD,
+    }
+}
 
 /// Where recalled entries go in the prompt (module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

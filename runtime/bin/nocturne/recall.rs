@@ -1,6 +1,7 @@
 //! `nocturne recall`: the recall index of the state directory: `stat`,
-//! `search TEXT`, `rebuild`.
+//! `search TEXT`, `rebuild`, and documents: `add FILE...`, `remove SOURCE`.
 
+use anyhow::Context;
 use clap::Subcommand;
 use nocturne::device::recall::{OpenReport, RecallMemory, RECALL_INDEX_FILE};
 use nocturne::profile::ACTIVE;
@@ -31,7 +32,30 @@ pub enum RecallCommand {
         #[command(flatten)]
         encoder: EncoderArgs,
     },
-    /// Rebuild the index from the journal alone and replace the file atomically.
+    /// Index text files (UTF-8) as documents: each is cut into passages of
+    /// the encoder's window (the profile's `recall.max_sequence_tokens`),
+    /// consecutive ones overlapping by a quarter, and recalled like taught
+    /// answers. Adding a file again replaces its passages.
+    Add {
+        /// The files; each is named in the index as given here.
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
+        #[command(flatten)]
+        state: StateArgs,
+        #[command(flatten)]
+        encoder: EncoderArgs,
+    },
+    /// Remove the passages of a document, named as it was added.
+    Remove {
+        /// The document, as `recall add` was given it (`recall stat` lists them).
+        source: String,
+        #[command(flatten)]
+        state: StateArgs,
+        #[command(flatten)]
+        encoder: EncoderArgs,
+    },
+    /// Rebuild the taught answers from the journal and replace the file
+    /// atomically (documents are not journaled: their passages are kept).
     Rebuild {
         #[command(flatten)]
         state: StateArgs,
@@ -83,6 +107,15 @@ pub fn run(command: &RecallCommand) -> anyhow::Result<()> {
             let graph = memory.encoder().graph();
             println!("encoder graph: {} bytes kept, {} bytes peak per run at {} tokens", graph.weight_bytes(), graph.run_peak_bytes(), graph.max_sequence());
             println!("journal read up to LSN {}", index.last_lsn());
+            let mut sources = std::collections::BTreeMap::<&str, usize>::new();
+            for entry in index.entries() {
+                if let Origin::Passage { source, .. } = &entry.origin {
+                    *sources.entry(source).or_default() += 1;
+                }
+            }
+            for (source, passages) in sources {
+                println!("document {source}: {passages} passages");
+            }
             println!("when full: the oldest entry an installed adapter has learned goes first, then the oldest entry");
         }
         RecallCommand::Search { text, top_k, state, encoder } => {
@@ -95,6 +128,26 @@ pub fn run(command: &RecallCommand) -> anyhow::Result<()> {
                 let line = serde_json::json!({"score": score, "origin": origin, "text": entry.text, "answer": entry.answer, "learned": entry.learned_by.is_some()});
                 println!("{line}");
             }
+        }
+        RecallCommand::Add { files, state, encoder } => {
+            let mut memory = open(state, encoder)?;
+            for file in files {
+                let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+                let text = String::from_utf8(bytes).map_err(|e| {
+                    anyhow::anyhow!("{} is not UTF-8 text (invalid byte at offset {})", file.display(), e.utf8_error().valid_up_to())
+                })?;
+                let source = file.to_string_lossy();
+                let (added, evicted) = memory.add_document(&source, &text)?;
+                let evicted = if evicted > 0 { format!("; {evicted} older entries evicted (index full)") } else { String::new() };
+                println!("{source}: {added} passages{evicted}");
+            }
+        }
+        RecallCommand::Remove { source, state, encoder } => {
+            let removed = open(state, encoder)?.remove_document(source)?;
+            if removed == 0 {
+                anyhow::bail!("no document `{source}` in the recall index (`nocturne recall stat` lists them)");
+            }
+            println!("{source}: {removed} passages removed");
         }
         RecallCommand::Rebuild { state, encoder } => {
             let (memory, report) = RecallMemory::rebuild(&state.state(), encoder.load()?, &ACTIVE.recall)?;
