@@ -9,7 +9,8 @@
 //! 3. Consolidation runs three times: with the anti-forgetting terms (MAS
 //!    penalty and rehearsal, the defaults), with MAS only, and with neither.
 //! 4. The first adapter is installed on the device (verify, self-test,
-//!    switch) when the gate published it.
+//!    switch): as published, or, when the gate refused it, by the
+//!    operator's explicit choice (`Unpublished::Allow`) for step 6.
 //! 5. The corrected questions are asked again, as they were and rephrased,
 //!    with no adapter and with each adapter, reported apart for the
 //!    corrections trained on and those the night held out for its gate
@@ -45,7 +46,7 @@ use nocturne::weights::{ModelPack, TOKENIZER_FILE};
 use nocturne_trainer::train::TrainConfig;
 use datasets::{chatterbot_pairs, chitchat_dialogues, CHATTERBOT, CHITCHAT};
 use nocturne_trainer::eval::{device_profile, normalise, Evaluator, Gate};
-use nocturne_trainer::consolidate::{consolidate, is_held_out, retention_texts, NightConfig, NightSources, Report as NightReport};
+use nocturne_trainer::consolidate::{consolidate, is_held_out, retention_texts, NightConfig, NightSources};
 use nocturne_trainer::replay::{Example, PriorityWeights};
 use nocturne_trainer::store::Store;
 
@@ -82,10 +83,6 @@ fn as_taught(reply: &str, taught: &str) -> bool {
     reply == taught || r == t || (!t.is_empty() && r.contains(&t))
 }
 
-/// The default night's adapter, when it was published.
-fn default_adapter(nights: &[(String, NightReport, f64)], pack: &ModelPack, key: &ed25519_dalek::VerifyingKey) -> Option<Arc<LoraAdapter>> {
-    nights.first().filter(|n| n.1.published).and_then(|n| LoraAdapter::open(&n.1.bundle, pack, key).ok()).map(Arc::new)
-}
 
 /// Step 6's figures.
 #[derive(serde::Serialize)]
@@ -220,9 +217,12 @@ fn main() -> anyhow::Result<()> {
         nights.push((name, report, seconds));
     }
 
-    // 4. The first adapter goes to the device if the gate let it out.
-    let installed = if nights[0].1.published { Some(install(&state, &pack, &nights[0].1.bundle, Some(&mut journal), Unpublished::Refuse)?) } else { None };
-    println!("device install: {installed:?}");
+    // 4. The first adapter goes to the device: as a device takes it when the
+    // gate published it, else by the operator's explicit choice (so that step
+    // 6 has an adapter to follow; the output says which).
+    let (first, published) = (&nights[0].1.bundle, nights[0].1.published);
+    let installed = install(&state, &pack, first, Some(&mut journal), if published { Unpublished::Refuse } else { Unpublished::Allow })?;
+    println!("device install ({}): {installed:?}", if published { "published" } else { "not published: installed by the operator's choice" });
     journal.close()?;
 
     // 5. Ask again.
@@ -249,7 +249,7 @@ fn main() -> anyhow::Result<()> {
         rows.push(serde_json::json!({"model": name, "trained": rates[0], "rephrased": rates[1], "held_out": rates[2], "chitchat_perplexity": ppl}));
     }
     // 6. Recall after the night, on the trained set.
-    evaluator.set_adapter(default_adapter(&nights, &pack, &trainer_key));
+    evaluator.set_adapter(Some(Arc::new(LoraAdapter::open(first, &pack, &trainer_key)?)));
     let after_night = recall_after_night(&repo, &state, &profile, &mut evaluator, &tokenizer, &trained)?;
     println!(
         "recall after the night: {} of {} trained corrections learned by the adapter, {} of them still injected; \
@@ -262,6 +262,7 @@ fn main() -> anyhow::Result<()> {
         "corrected": corrected.len(),
         "steps": steps,
         "installed": format!("{installed:?}"),
+        "installed_published": published,
         "nights": nights.iter().map(|(name, r, s)| serde_json::json!({
             "name": name, "mas_lambda": r.mas_lambda, "rehearsal_weight": r.rehearsal_weight, "seconds": s,
             "tokens_per_second": r.tokens_per_second, "train_seconds": r.train_seconds, "before": r.before, "after": r.after,
@@ -272,7 +273,7 @@ fn main() -> anyhow::Result<()> {
         "total_seconds": started.elapsed().as_secs_f64(),
     });
     std::fs::write(out.join("scenario.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
-    let installed_ok = matches!(installed, Some(InstallOutcome::Installed { .. } | InstallOutcome::AlreadyActive(_)));
+    let installed_ok = matches!(installed, InstallOutcome::Installed { .. } | InstallOutcome::AlreadyActive(_));
     println!("scenario done in {:.0} s (adapter installed on the device: {installed_ok}); {}", started.elapsed().as_secs_f64(), out.join("scenario.json").display());
     Ok(())
 }
