@@ -26,6 +26,13 @@ pub const MAX_DIMENSION: usize = 1 << 24;
 /// `quant_method` written into `config.json` of an int8 pack.
 pub const INT8_QUANT_METHOD: &str = "nocturne-int8";
 
+/// `model_type` of an int8 pack's `config.json`. Not "llama": Hugging Face
+/// transformers skips a `quantization_config` it does not know with a
+/// warning and would read the int8 codes as plain weights; an unknown
+/// `model_type` makes it refuse the directory instead. (Packs written before
+/// this say "llama" and are still read.)
+pub const INT8_MODEL_TYPE: &str = "llama-nocturne-int8";
+
 /// The `quantization_config` of an int8 pack: symmetric int8 values, one f16
 /// scale per block of [`INT8_BLOCK`] inputs, stored as `<name>.weight` (I8,
 /// `[out, in]`) and `<name>.weight_scale` (F16, `[out, in / block_size]`).
@@ -42,8 +49,12 @@ pub struct QuantizationConfig {
 pub struct ModelConfig {
     /// `["LlamaForCausalLM"]`.
     pub architectures: Vec<String>,
-    /// `"llama"`.
+    /// `"llama"`; [`INT8_MODEL_TYPE`] in int8 packs.
     pub model_type: String,
+    /// The model these weights came from, as a Hugging Face repository id
+    /// (`_name_or_path`, as transformers writes it), when the manifest names it.
+    #[serde(rename = "_name_or_path", default, skip_serializing_if = "Option::is_none")]
+    pub name_or_path: Option<String>,
     /// Width of the residual stream.
     pub hidden_size: usize,
     /// Width of the MLP's hidden layer.
@@ -117,8 +128,10 @@ impl ModelConfig {
     /// # Errors
     /// A message naming the first field that breaks one.
     pub fn validate(&self) -> Result<(), String> {
-        if self.model_type != "llama" {
-            return Err(format!("model_type is {:?}, only \"llama\" is supported", self.model_type));
+        let int8 = self.quantization_config.is_some();
+        if !(self.model_type == "llama" || (int8 && self.model_type == INT8_MODEL_TYPE)) {
+            let expected = if int8 { format!("\"llama\" or {INT8_MODEL_TYPE:?}") } else { "\"llama\"".to_string() };
+            return Err(format!("model_type is {:?}, expected {expected}", self.model_type));
         }
         if self.hidden_act != "silu" {
             return Err(format!("hidden_act is {:?}, only \"silu\" is supported", self.hidden_act));
@@ -169,5 +182,55 @@ impl ModelConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm2(int8: bool, model_type: &str) -> ModelConfig {
+        ModelConfig {
+            architectures: vec!["LlamaForCausalLM".into()],
+            model_type: model_type.into(),
+            name_or_path: None,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            head_dim: 64,
+            max_position_embeddings: 8192,
+            rms_norm_eps: 1e-5,
+            rope_theta: 100_000.0,
+            vocab_size: 49152,
+            tie_word_embeddings: true,
+            bos_token_id: 1,
+            eos_token_id: 2,
+            hidden_act: "silu".into(),
+            torch_dtype: "float16".into(),
+            quantization_config: int8.then(|| QuantizationConfig { quant_method: INT8_QUANT_METHOD.into(), block_size: INT8_BLOCK }),
+        }
+    }
+
+    #[test]
+    fn the_int8_model_type_needs_the_int8_quantization_and_old_int8_packs_still_read() {
+        assert_eq!(smollm2(true, INT8_MODEL_TYPE).validate(), Ok(()));
+        assert_eq!(smollm2(true, "llama").validate(), Ok(()), "packs written before the int8 model_type");
+        assert_eq!(smollm2(false, "llama").validate(), Ok(()));
+        let err = smollm2(false, INT8_MODEL_TYPE).validate().unwrap_err();
+        assert!(err.contains("model_type is \"llama-nocturne-int8\", expected \"llama\""), "{err}");
+        assert!(smollm2(true, "mistral").validate().unwrap_err().contains("expected \"llama\" or \"llama-nocturne-int8\""));
+    }
+
+    #[test]
+    fn the_upstream_name_is_read_and_written_as_transformers_names_it() {
+        let mut config = smollm2(false, "llama");
+        config.name_or_path = Some("HuggingFaceTB/SmolLM2-135M-Instruct".into());
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["_name_or_path"], "HuggingFaceTB/SmolLM2-135M-Instruct");
+        assert_eq!(serde_json::from_value::<ModelConfig>(json).unwrap(), config);
+        let unnamed = serde_json::to_value(smollm2(false, "llama")).unwrap();
+        assert!(unnamed.get("_name_or_path").is_none());
     }
 }

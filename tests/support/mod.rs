@@ -19,6 +19,7 @@ pub fn tiny_config(hidden: usize, layers: usize, precision: Precision) -> ModelC
     ModelConfig {
         architectures: vec!["LlamaForCausalLM".into()],
         model_type: "llama".into(),
+        name_or_path: None,
         hidden_size: hidden,
         intermediate_size: 2 * hidden,
         num_hidden_layers: layers,

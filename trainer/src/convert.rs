@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use half::f16;
 use indicatif::{ProgressBar, ProgressStyle};
-use nocturne::config::{ModelConfig, QuantizationConfig, INT8_BLOCK, INT8_QUANT_METHOD};
+use nocturne::config::{ModelConfig, QuantizationConfig, INT8_BLOCK, INT8_MODEL_TYPE, INT8_QUANT_METHOD};
 use nocturne::profile::Precision;
 use nocturne::weights::{pack_layout, TensorKind, CONFIG_FILE, DIGEST_FILE, SCALE_SUFFIX, TOKENIZER_FILE, WEIGHTS_FILE};
 use safetensors::tensor::TensorView;
@@ -55,6 +55,7 @@ pub fn model_config(gguf: &GgufFile) -> Result<ModelConfig, GgufError> {
     Ok(ModelConfig {
         architectures: vec!["LlamaForCausalLM".into()],
         model_type: "llama".into(),
+        name_or_path: None,
         hidden_size: hidden,
         intermediate_size: gguf.usize("llama.feed_forward_length")?,
         num_hidden_layers: gguf.usize("llama.block_count")?,
@@ -130,12 +131,14 @@ type Encoded = (String, Dtype, Vec<usize>, Vec<u8>);
 /// # Errors
 /// Unsupported or malformed GGUF content (naming the file and tensor), or a
 /// write failure (naming the path).
-pub fn convert(gguf: &GgufFile, out: &Path) -> anyhow::Result<ConvertReport> {
-    let config = model_config(gguf)?;
+pub fn convert(gguf: &GgufFile, out: &Path, upstream: Option<&str>) -> anyhow::Result<ConvertReport> {
+    let mut config = model_config(gguf)?;
+    config.name_or_path = upstream.map(str::to_string);
     let built = build_tokenizer(gguf)?;
     let mut int8_config = config.clone();
     int8_config.quantization_config =
         Some(QuantizationConfig { quant_method: INT8_QUANT_METHOD.into(), block_size: INT8_BLOCK });
+    int8_config.model_type = INT8_MODEL_TYPE.into();
     int8_config.validate().map_err(|e| anyhow::anyhow!("{}: model shape: {e}", gguf.path().display()))?;
 
     let layers_possible = gguf.tensors.len() / nocturne::weights::TENSORS_PER_LAYER;

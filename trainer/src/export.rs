@@ -68,6 +68,7 @@ pub fn export_adapter(
     trainer: &SigningKey,
     lora: &Lora,
     base_model: ModelId,
+    base_name: Option<&str>,
     parent: Option<AdapterId>,
     description: &str,
     precision: AdapterPrecision,
@@ -96,7 +97,8 @@ pub fn export_adapter(
         "fan_in_fan_out": false,
         "inference_mode": true,
         "target_modules": lora.targets().iter().map(|t| t.name()).collect::<Vec<_>>(),
-        "base_model_name_or_path": format!("nocturne pack {base_model}"),
+        // What PEFT loads the base from (a Hugging Face repository id); null when the pack does not name it.
+        "base_model_name_or_path": base_name,
     });
     std::fs::write(peft.join("adapter_config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
     let f32_values: Vec<(String, Vec<usize>, Vec<f32>)> = lora.to_f32_tensors()?.into_iter().map(|(n, s, v)| (format!("base_model.model.{n}"), s, v)).collect();

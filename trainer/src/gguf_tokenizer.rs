@@ -103,7 +103,9 @@ pub fn build_tokenizer(gguf: &GgufFile) -> Result<BuiltTokenizer, GgufError> {
         tokens.get(id).copied().ok_or_else(|| invalid(format!("`{key}` = {id} is outside the vocabulary")))
     };
     let config = json!({
-        "tokenizer_class": "GPT2Tokenizer",
+        // transformers builds `tokenizer.json` as it is only for the fast class;
+        // named GPT2Tokenizer it rebuilds one without the Digits pre-tokenizer.
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": false,
         "bos_token": name_of("tokenizer.ggml.bos_token_id")?,
         "eos_token": name_of("tokenizer.ggml.eos_token_id")?,

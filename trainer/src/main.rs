@@ -41,6 +41,10 @@ enum Command {
         /// Output directory; OUT/int8 and OUT/fp16 are replaced.
         #[arg(long)]
         out: PathBuf,
+        /// The Hugging Face repository id the GGUF was made from (written as
+        /// `_name_or_path`, and named as the base of PEFT exports).
+        #[arg(long)]
+        upstream: Option<String>,
     },
     /// Create a host store and the trainer's key pair (STORE/trainer.pub goes to every device).
     Keygen {
@@ -352,7 +356,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Convert { gguf, out } => print_report(&convert(&GgufFile::open(&gguf)?, &out)?, started),
+        Command::Convert { gguf, out, upstream } => print_report(&convert(&GgufFile::open(&gguf)?, &out, upstream.as_deref())?, started),
         Command::Keygen { store } => println!("trainer public key: {}", Store::new(store).keygen()?.display()),
         Command::Enroll { device_pub, store } => println!("enrolled device {}", Store::new(store).enroll(&device_pub)?),
         Command::Ingest { bundles, store } => return ingest(&bundles, &Store::new(store)),

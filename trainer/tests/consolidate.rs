@@ -80,7 +80,7 @@ fn training_learns_a_correction_and_the_export_loads_everywhere() {
     assert!(outcome.tokens_per_second > 0.0);
     // Export: the device bundle opens for this pack, the PEFT copy has its files.
     let key = nocturne::signing::generate().unwrap();
-    let exported = export_adapter(&tmp.path().join("out"), &key, &outcome.lora, pack.id(), None, "{}", AdapterPrecision::F16).unwrap();
+    let exported = export_adapter(&tmp.path().join("out"), &key, &outcome.lora, pack.id(), pack.config().name_or_path.as_deref(), None, "{}", AdapterPrecision::F16).unwrap();
     let adapter = LoraAdapter::open(&exported.bundle, &pack, &key.verifying_key()).unwrap();
     assert_eq!((adapter.id(), adapter.rank()), (exported.id, 8));
     // A second night from this adapter rehearses against it, not the bare
@@ -92,6 +92,8 @@ fn training_learns_a_correction_and_the_export_loads_everywhere() {
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(exported.peft.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!((config["peft_type"].as_str(), config["r"].as_u64()), (Some("LORA"), Some(8)));
     assert_eq!(config["target_modules"], serde_json::json!(["q_proj", "k_proj", "v_proj", "o_proj"]));
+    // PEFT loads the base named here: the upstream model the manifest gives.
+    assert_eq!(config["base_model_name_or_path"], "HuggingFaceTB/SmolLM2-135M-Instruct");
     let bytes = std::fs::read(exported.peft.join("adapter_model.safetensors")).unwrap();
     let peft = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let a = peft.tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").unwrap();

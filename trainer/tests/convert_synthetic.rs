@@ -71,7 +71,7 @@ fn every_supported_type_converts_exactly_into_both_packs() {
         let path = write(tmp.path(), "tiny.gguf", &tiny_llama(&types));
         let gguf = GgufFile::open(&path).unwrap();
         let out = tmp.path().join("out");
-        let report = convert(&gguf, &out).unwrap();
+        let report = convert(&gguf, &out, None).unwrap();
         assert_eq!(report.tensors, 1 + 2 * 9 + 1);
         for precision in [Precision::Int8, Precision::Fp16] {
             let pack = ModelPack::open(&out.join(precision.name())).unwrap();
@@ -86,7 +86,7 @@ fn every_supported_type_converts_exactly_into_both_packs() {
 fn converted_tokenizer_applies_merges_and_specials() {
     let tmp = tempfile::tempdir().unwrap();
     let gguf = GgufFile::open(&write(tmp.path(), "tiny.gguf", &tiny_llama(&[0]))).unwrap();
-    convert(&gguf, tmp.path()).unwrap();
+    convert(&gguf, tmp.path(), None).unwrap();
     let tokenizer = Tokenizer::from_file(&tmp.path().join("fp16/tokenizer.json")).unwrap();
     assert_eq!(tokenizer.encode("ab ab").unwrap(), [5, 7]);
     assert_eq!(tokenizer.special_id("<|im_start|>").unwrap(), 1);
@@ -117,7 +117,7 @@ fn truncated_and_corrupted_files_give_errors_not_panics() {
     let cuts = (0..bytes.len()).step_by(61).chain([bytes.len() - 1]);
     for cut in cuts {
         let path = write(tmp.path(), "cut.gguf", &bytes[..cut]);
-        let result = GgufFile::open(&path).map_err(anyhow::Error::from).and_then(|g| convert(&g, &tmp.path().join("o")));
+        let result = GgufFile::open(&path).map_err(anyhow::Error::from).and_then(|g| convert(&g, &tmp.path().join("o"), None));
         let err = result.err().unwrap_or_else(|| panic!("file cut at {cut} of {} converted", bytes.len()));
         assert!(format!("{err:#}").contains("cut.gguf"), "{err:#}");
         rejected += 1;
@@ -130,7 +130,7 @@ fn truncated_and_corrupted_files_give_errors_not_panics() {
         flipped[at] ^= 0xa5;
         let path = write(tmp.path(), "flip.gguf", &flipped);
         if let Ok(g) = GgufFile::open(&path) {
-            let _ = convert(&g, &tmp.path().join("o"));
+            let _ = convert(&g, &tmp.path().join("o"), None);
         }
     }
 }
@@ -153,6 +153,7 @@ fn manifest(sha: String) -> Manifest {
         name: "tiny".into(),
         license: "Apache-2.0".into(),
         kind: ModelKind::Decoder,
+        upstream: Some("example/tiny".into()),
         source: Source {
             package: "tiny".into(),
             version: "1.0".into(),
@@ -178,7 +179,13 @@ fn fetch_converts_once_then_does_nothing() {
     let written = std::fs::metadata(&weights).unwrap().modified().unwrap();
     assert!(matches!(fetch(&manifest, &cache, NO_PYTHON).unwrap(), FetchOutcome::UpToDate(_)));
     assert_eq!(std::fs::metadata(&weights).unwrap().modified().unwrap(), written);
-    ModelPack::open(&cache.join("tiny/int8")).unwrap();
+    // Both packs name the upstream model; the int8 one is not a plain Llama to other tools.
+    let int8 = ModelPack::open(&cache.join("tiny/int8")).unwrap();
+    let fp16 = ModelPack::open(&cache.join("tiny/fp16")).unwrap();
+    assert_eq!((int8.config().name_or_path.as_deref(), fp16.config().name_or_path.as_deref()), (Some("example/tiny"), Some("example/tiny")));
+    assert_eq!((int8.config().model_type.as_str(), fp16.config().model_type.as_str()), (nocturne::config::INT8_MODEL_TYPE, "llama"));
+    let tokenizer_config: serde_json::Value = serde_json::from_slice(&std::fs::read(cache.join("tiny/int8/tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!(tokenizer_config["tokenizer_class"], "PreTrainedTokenizerFast");
 }
 
 #[test]

@@ -24,7 +24,7 @@ use nocturne_trainer::llama::{sequence_loss, BaseModel, Lora};
 fn tiny_packs(dir: &Path) {
     let path = dir.join("tiny.gguf");
     std::fs::write(&path, support::tiny_llama(&[1])).unwrap();
-    convert(&GgufFile::open(&path).unwrap(), dir).unwrap();
+    convert(&GgufFile::open(&path).unwrap(), dir, None).unwrap();
 }
 
 fn decoder_logits(pack: &ModelPack, ids: &[u32], adapter: Option<Arc<LoraAdapter>>) -> Vec<Vec<f32>> {
