@@ -231,7 +231,7 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
         "last_interaction_ms": buffer.examples.iter().map(|e| e.time_ms).max(),
     });
     let parent = previous_adapter.as_ref().map(|a| a.id());
-    let exported = export_adapter(&staging, key, &outcome.lora, pack.id(), pack.config().name_or_path.as_deref(), parent, &description.to_string(), config.precision)?;
+    let exported = export_adapter(&staging, key, &outcome.lora, &pack, parent, &description.to_string(), config.precision)?;
     let candidate = Arc::new(LoraAdapter::open(&exported.bundle, &pack, &trainer_key)?);
     let taught: Vec<_> = taught.iter().map(|&i| &buffer.examples[i]).collect();
     let held: Vec<_> = held_out_set.iter().map(|&i| &buffer.examples[i]).collect();
@@ -268,7 +268,7 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
     description["decision"] = decision.clone().into();
     description["learned"] = learned.into();
     let target = if published { out.to_path_buf() } else { out.join("rejected") };
-    let exported = export_adapter(&target, key, &outcome.lora, pack.id(), pack.config().name_or_path.as_deref(), parent, &description.to_string(), config.precision)?;
+    let exported = export_adapter(&target, key, &outcome.lora, &pack, parent, &description.to_string(), config.precision)?;
     let (bundle, peft) = (exported.bundle, exported.peft);
     let adapter_bytes = std::fs::metadata(bundle.join(nocturne::adapter::ADAPTER_WEIGHTS_FILE))?.len();
     let mut per_day = std::collections::BTreeMap::<String, usize>::new();

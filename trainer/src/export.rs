@@ -15,7 +15,8 @@ use anyhow::Context;
 use ed25519_dalek::SigningKey;
 use half::f16;
 use nocturne::adapter::{write_adapter_bundle, AdapterSpec, AdapterTensor};
-use nocturne::ids::{AdapterId, ModelId};
+use nocturne::ids::AdapterId;
+use nocturne::weights::ModelPack;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
@@ -58,8 +59,9 @@ pub struct Exported {
     pub id: AdapterId,
 }
 
-/// Writes `lora` as a device bundle in `precision` signed with `trainer`
-/// and as a PEFT directory, both into `out`.
+/// Writes `lora`, trained on `base`, as a device bundle in `precision`
+/// signed with `trainer` (bound to `base`'s id) and as a PEFT directory
+/// naming `base`'s upstream model, both into `out`.
 ///
 /// # Errors
 /// Files cannot be written; candle errors reading the parameters.
@@ -67,8 +69,7 @@ pub fn export_adapter(
     out: &Path,
     trainer: &SigningKey,
     lora: &Lora,
-    base_model: ModelId,
-    base_name: Option<&str>,
+    base: &ModelPack,
     parent: Option<AdapterId>,
     description: &str,
     precision: AdapterPrecision,
@@ -76,7 +77,7 @@ pub fn export_adapter(
     let tensors = device_tensors(lora, precision)?;
     let spec = AdapterSpec {
         parent,
-        base_model,
+        base_model: base.id(),
         rank: lora.rank() as u32,
         alpha: lora.alpha(),
         targets: lora.targets().to_vec(),
@@ -98,7 +99,7 @@ pub fn export_adapter(
         "inference_mode": true,
         "target_modules": lora.targets().iter().map(|t| t.name()).collect::<Vec<_>>(),
         // What PEFT loads the base from (a Hugging Face repository id); null when the pack does not name it.
-        "base_model_name_or_path": base_name,
+        "base_model_name_or_path": base.config().name_or_path,
     });
     std::fs::write(peft.join("adapter_config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
     let f32_values: Vec<(String, Vec<usize>, Vec<f32>)> = lora.to_f32_tensors()?.into_iter().map(|(n, s, v)| (format!("base_model.model.{n}"), s, v)).collect();

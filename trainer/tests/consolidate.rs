@@ -80,7 +80,7 @@ fn training_learns_a_correction_and_the_export_loads_everywhere() {
     assert!(outcome.tokens_per_second > 0.0);
     // Export: the device bundle opens for this pack, the PEFT copy has its files.
     let key = nocturne::signing::generate().unwrap();
-    let exported = export_adapter(&tmp.path().join("out"), &key, &outcome.lora, pack.id(), pack.config().name_or_path.as_deref(), None, "{}", AdapterPrecision::F16).unwrap();
+    let exported = export_adapter(&tmp.path().join("out"), &key, &outcome.lora, &pack, None, "{}", AdapterPrecision::F16).unwrap();
     let adapter = LoraAdapter::open(&exported.bundle, &pack, &key.verifying_key()).unwrap();
     assert_eq!((adapter.id(), adapter.rank()), (exported.id, 8));
     // A second night from this adapter rehearses against it, not the bare
