@@ -28,6 +28,22 @@ fn encoder() -> SentenceEncoder {
     SentenceEncoder::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache/all-minilm-l6-v2"), 64).unwrap()
 }
 
+fn decoder_tokenizer() -> Tokenizer {
+    Tokenizer::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache/smollm2-135m-instruct/int8").join(TOKENIZER_FILE)).unwrap()
+}
+
+/// Where the entries recall puts into `question`'s prompt (after a short
+/// system message) came from, best first, and the prompt's system message.
+fn recall(memory: &RecallMemory, tokenizer: &Tokenizer, question: &str) -> (Vec<Origin>, String) {
+    let messages = [ChatMessage::new("system", "You are helpful."), ChatMessage::new("user", question)];
+    let (prompt, used) = memory.recall_into(&messages, tokenizer, &SPEC).unwrap();
+    (used.into_iter().map(|(e, _)| e.origin).collect(), prompt.messages[0].content.clone())
+}
+
+fn recalled(memory: &RecallMemory, tokenizer: &Tokenizer, question: &str) -> Vec<Origin> {
+    recall(memory, tokenizer, question).0
+}
+
 /// Every journal file's name and bytes.
 fn journal_bytes(state: &StateDir) -> Vec<(String, Vec<u8>)> {
     let mut files: Vec<_> = std::fs::read_dir(state.journal_dir())
@@ -211,19 +227,42 @@ fn corrections_an_active_adapter_learned_are_not_recalled_until_it_is_rolled_bac
     let tmp = tempfile::tempdir().unwrap();
     let state = StateDir::new(tmp.path());
     teach(&state);
+    let tokenizer = decoder_tokenizer();
     let (mut memory, _) = RecallMemory::open(&state, encoder(), &SPEC).unwrap();
     let spider = memory.search("How many legs does a spider have?", 1, 0.9).unwrap()[0].0.origin.clone();
     let Origin::Taught { interaction, .. } = spider else { panic!("taught") };
+    assert_eq!(recalled(&memory, &tokenizer, "How many legs does a spider have?"), [spider.clone()]);
     let adapter = nocturne::ids::AdapterId([5; 16]);
     assert_eq!(memory.follow_adapter(Some(adapter), &[interaction]).unwrap(), 1);
-    assert!(memory.search("How many legs does a spider have?", 3, 0.9).unwrap().is_empty(), "learned: not injected");
+    assert!(recalled(&memory, &tokenizer, "How many legs does a spider have?").is_empty(), "learned: not injected");
     assert_eq!(memory.index().entries().len(), 3, "kept");
     drop(memory);
     // The mark is in the file, so the eviction order knows it after a restart.
     let (mut memory, _) = RecallMemory::open(&state, encoder(), &SPEC).unwrap();
     assert_eq!(memory.index().entries().iter().filter(|e| e.learned_by == Some(adapter)).count(), 1);
     assert_eq!(memory.follow_adapter(None, &[]).unwrap(), 0);
-    assert_eq!(memory.search("How many legs does a spider have?", 1, 0.9).unwrap()[0].0.answer, "Eight.", "rolled back: recalled again");
+    assert_eq!(recalled(&memory, &tokenizer, "How many legs does a spider have?"), [spider], "rolled back: recalled again");
+}
+
+/// Two corrections of near-identical questions with different answers: when
+/// the adapter learned the one a question is closest to, the other's answer
+/// is not recalled over it; the other question still gets its own.
+#[test]
+fn a_learned_correction_is_not_overridden_by_a_neighbours_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = StateDir::new(tmp.path());
+    let tokenizer = decoder_tokenizer();
+    let (mut memory, _) = RecallMemory::open(&state, encoder(), &SPEC).unwrap();
+    memory.teach(1, 2, "When will you die?", "Never.").unwrap();
+    memory.teach(3, 4, "When do you die?", "I was never born.").unwrap();
+    let will = Origin::Taught { interaction: 1, feedback: 2 };
+    let other = Origin::Taught { interaction: 3, feedback: 4 };
+    let neighbours = memory.search("When will you die?", 2, 0.0).unwrap();
+    assert!(neighbours.len() == 2 && neighbours[1].1 >= 0.70, "the two questions are neighbours above the threshold: {neighbours:?}");
+    assert_eq!(recalled(&memory, &tokenizer, "When will you die?")[0], will);
+    memory.follow_adapter(Some(nocturne::ids::AdapterId([9; 16])), &[1]).unwrap();
+    assert!(recalled(&memory, &tokenizer, "When will you die?").is_empty(), "the adapter answers; the neighbour is not injected");
+    assert_eq!(recalled(&memory, &tokenizer, "When do you die?"), [other]);
 }
 
 /// A document is cut into passages that are recalled for questions it
@@ -243,12 +282,10 @@ fn documents_are_recalled_replaced_kept_by_a_rebuild_and_removed() {
     for entry in memory.index().entries().iter().filter(|e| matches!(e.origin, Origin::Passage { .. })) {
         assert!(memory.encoder().tokens(&entry.text).unwrap().len() < SPEC.max_sequence_tokens as usize, "passage fits the window: {}", entry.text);
     }
-    let pack = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache/smollm2-135m-instruct/int8");
-    let tokenizer = Tokenizer::from_file(&pack.join(TOKENIZER_FILE)).unwrap();
+    let tokenizer = decoder_tokenizer();
     let ask = |memory: &RecallMemory, question: &str| {
-        let messages = [ChatMessage::new("system", "You are helpful."), ChatMessage::new("user", question)];
-        let (prompt, used) = memory.recall_into(&messages, &tokenizer, &SPEC).unwrap();
-        (prompt.messages[0].content.clone(), used.into_iter().map(|(e, _)| e.origin).collect::<Vec<_>>())
+        let (used, system) = recall(memory, &tokenizer, question);
+        (system, used)
     };
     let (system, used) = ask(&memory, "Which pier do the ferries use in winter?");
     assert!(matches!(&used[0], Origin::Passage { source, .. } if source == "harbour_kiosk.txt"), "{used:?}");

@@ -287,7 +287,7 @@ impl RecallMemory {
         Ok(removed)
     }
 
-    /// The entries closest to `question`: at most `k`, each with a score of at
+    /// The entries closest to `question` (learned ones included): at most `k`, each with a score of at
     /// least `threshold`, best first.
     ///
     /// # Errors
@@ -303,7 +303,9 @@ impl RecallMemory {
     /// message) with what recall finds for that last user message: at most
     /// `spec.top_k` entries with a similarity of at least
     /// [`DEFAULT_THRESHOLD`] (taught answers) or [`PASSAGE_THRESHOLD`]
-    /// (document passages), within `spec.prompt_tokens`, in
+    /// (document passages), none the active adapter learned, and no taught
+    /// entry at all when the closest one is learned (the adapter answers),
+    /// within `spec.prompt_tokens`, in
     /// [`RecallForm::DEFAULT`]. Also returns the entries that went in, best
     /// first, with their similarity.
     ///
@@ -321,7 +323,12 @@ impl RecallMemory {
         } else {
             let lowest = DEFAULT_THRESHOLD.min(PASSAGE_THRESHOLD);
             let mut hits = self.search(question, spec.top_k as usize, lowest)?;
-            hits.retain(|(entry, score)| *score >= threshold(&entry.origin));
+            let taught = |entry: &Entry| matches!(entry.origin, Origin::Taught { .. });
+            // The closest taught entry is one the active adapter learned: the
+            // adapter answers the question, and a neighbour's answer (another
+            // correction of a similar question) must not override it.
+            let learned = hits.iter().find(|(e, s)| taught(e) && *s >= DEFAULT_THRESHOLD).is_some_and(|(e, _)| e.learned_by.is_some());
+            hits.retain(|(e, s)| *s >= threshold(&e.origin) && e.learned_by.is_none() && !(learned && taught(e)));
             hits
         };
         let entries: Vec<&Entry> = hits.iter().map(|(e, _)| *e).collect();
