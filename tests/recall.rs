@@ -231,7 +231,7 @@ fn corrections_an_active_adapter_learned_are_not_recalled_until_it_is_rolled_bac
     let (mut memory, _) = RecallMemory::open(&state, encoder(), &SPEC).unwrap();
     let spider = memory.search("How many legs does a spider have?", 1, 0.9).unwrap()[0].0.origin.clone();
     let Origin::Taught { interaction, .. } = spider else { panic!("taught") };
-    assert_eq!(recalled(&memory, &tokenizer, "How many legs does a spider have?"), [spider.clone()]);
+    assert_eq!(recalled(&memory, &tokenizer, "How many legs does a spider have?"), std::slice::from_ref(&spider));
     let adapter = nocturne::ids::AdapterId([5; 16]);
     assert_eq!(memory.follow_adapter(Some(adapter), &[interaction]).unwrap(), 1);
     assert!(recalled(&memory, &tokenizer, "How many legs does a spider have?").is_empty(), "learned: not injected");
