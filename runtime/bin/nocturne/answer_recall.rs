@@ -47,6 +47,17 @@ impl Recalled {
         Recalled { messages: messages.to_vec(), reply_prefix: String::new(), entries: Vec::new() }
     }
 
+    /// The token ids to decode: the conversation with the chat template and
+    /// the generation prompt, then the reply prefix.
+    ///
+    /// # Errors
+    /// The tokenizer failing.
+    pub fn encode(&self, tokenizer: &Tokenizer) -> Result<Vec<u32>, nocturne::tokenizer::TokenizerError> {
+        let mut ids = tokenizer.encode_chat(&self.messages, true)?;
+        ids.extend(tokenizer.encode(&self.reply_prefix)?);
+        Ok(ids)
+    }
+
     /// The corrected interactions that went in, for the interaction record.
     pub fn interactions(&self) -> Vec<u64> {
         self.entries.iter().filter_map(|e| e.interaction).collect()

@@ -108,8 +108,7 @@ impl Chat<'_> {
         let mut dropped = 0;
         let (ids, recalled) = loop {
             let recalled = self.recall.prompt(&self.messages, self.tokenizer);
-            let mut ids = self.tokenizer.encode_chat(&recalled.messages, true)?;
-            ids.extend(self.tokenizer.encode(&recalled.reply_prefix)?);
+            let ids = recalled.encode(self.tokenizer)?;
             if ids.len() + room <= capacity || self.messages.len() <= 2 {
                 break (ids, recalled);
             }

@@ -62,9 +62,7 @@ pub fn run(
     let ids = if raw {
         tokenizer.encode(&prompt)?
     } else {
-        let mut ids = tokenizer.encode_chat(&recalled.messages, true)?;
-        ids.extend(tokenizer.encode(&recalled.reply_prefix)?);
-        ids
+        recalled.encode(&tokenizer)?
     };
     let options = request.options();
     let stats = if json {

@@ -233,11 +233,7 @@ fn with_recall(shared: &Shared<'_>, messages: Option<&[ChatMessage]>, prompt: Ve
     if recalled.entries.is_empty() {
         return (prompt, recalled);
     }
-    let encoded = shared.tokenizer.encode_chat(&recalled.messages, true).and_then(|mut ids| {
-        ids.extend(shared.tokenizer.encode(&recalled.reply_prefix)?);
-        Ok(ids)
-    });
-    match encoded {
+    match recalled.encode(shared.tokenizer) {
         Ok(ids) if ids.len() < capacity => (ids, recalled),
         Ok(ids) => {
             tracing::info!(tokens = ids.len(), capacity, "the recalled prompt does not fit the context; answering without recall");
