@@ -140,9 +140,9 @@ fn a_full_index_evicts_the_oldest_entry() {
     assert_eq!(texts, ["How many legs does a spider have?", "Who wrote Pride and Prejudice?"]);
 }
 
-/// `nocturne recall rebuild` killed (SIGKILL) at random moments, as the
-/// journal's crash tests do: the index file is always the old or the new one,
-/// never a torn one that would have to be rebuilt.
+/// `nocturne recall rebuild` and `nocturne recall add` killed (SIGKILL) at
+/// random moments, as the journal's crash tests do: the index file is always
+/// the old or the new one, never a torn one that would have to be rebuilt.
 #[test]
 fn a_sigkill_while_the_index_is_written_leaves_a_loadable_index() {
     let tmp = tempfile::tempdir().unwrap();
@@ -154,33 +154,40 @@ fn a_sigkill_while_the_index_is_written_leaves_a_loadable_index() {
         journal.append(&correction(lsn, &format!("Aisle {}.", i % 12))).unwrap();
     }
     journal.close().unwrap();
-    let rebuild = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_nocturne"))
-            .args(["recall", "rebuild", "--state-dir", tmp.path().to_str().unwrap()])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let started = std::time::Instant::now();
-    assert!(rebuild().wait().unwrap().success());
-    let full = started.elapsed();
     let index_file = tmp.path().join(RECALL_INDEX_FILE);
+    let document = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/harbour_kiosk.txt");
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-    for round in 0..20 {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let mut child = rebuild();
-        std::thread::sleep(full.mul_f64((seed % 1000) as f64 / 1000.0));
-        let _ = child.kill();
-        let _ = child.wait();
-        let bytes = std::fs::read(&index_file).unwrap_or_else(|e| panic!("round {round}: the index file is gone: {e}"));
-        assert_eq!(nocturne::recall::index::RecallIndex::entry_count_of(&bytes), Some(150), "round {round}");
-        let (memory, report) = RecallMemory::open(&state, encoder(), &SPEC).unwrap();
-        assert_eq!(report.rebuilt, None, "round {round}: a torn index file");
-        assert_eq!(memory.index().entries().len(), 100, "round {round}: the spec's capacity");
+    // Both commands that write the file: a rebuild, and a document added (its passages replaced).
+    for args in [vec!["recall", "rebuild"], vec!["recall", "add", document.to_str().unwrap()]] {
+        let run = || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_nocturne"))
+                .args(&args)
+                .args(["--state-dir", tmp.path().to_str().unwrap()])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let started = std::time::Instant::now();
+        assert!(run().wait().unwrap().success(), "{args:?}");
+        let full = started.elapsed();
+        let whole = std::fs::read(&index_file).unwrap();
+        for round in 0..20 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let mut child = run();
+            std::thread::sleep(full.mul_f64((seed % 1000) as f64 / 1000.0));
+            let _ = child.kill();
+            let _ = child.wait();
+            let bytes = std::fs::read(&index_file).unwrap_or_else(|e| panic!("{args:?} round {round}: the index file is gone: {e}"));
+            // Each run writes the same index again: the file is the old one or the new one, whole.
+            assert_eq!(bytes, whole, "{args:?} round {round}: a torn index file");
+            let (memory, report) = RecallMemory::open(&state, encoder(), &SPEC).unwrap();
+            assert_eq!(report.rebuilt, None, "{args:?} round {round}: a torn index file");
+            assert_eq!(memory.index().entries().len(), 100, "{args:?} round {round}: the spec's capacity");
+        }
     }
 }
 

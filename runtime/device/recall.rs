@@ -22,7 +22,7 @@ use std::path::PathBuf;
 
 use sha2::{Digest, Sha256};
 
-use crate::durable_file::write_atomic;
+use crate::durable_file::{sync_dir, write_atomic};
 use crate::file_error::FileError;
 use crate::ids::AdapterId;
 use crate::file_read::read_bounded;
@@ -396,8 +396,12 @@ impl RecallMemory {
     /// [`RecallError::Io`].
     pub fn save(&self) -> Result<(), RecallError> {
         let io = |source| RecallError::Io { path: self.path.clone(), source };
-        if let Some(dir) = self.path.parent() {
+        // A state directory made here (`recall add` before any journal) is made durable too.
+        if let Some(dir) = self.path.parent().filter(|d| !d.is_dir()) {
             std::fs::create_dir_all(dir).map_err(io)?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent).map_err(io)?;
+            }
         }
         write_atomic(&self.path, &self.index.encode()).map_err(io)
     }
