@@ -55,12 +55,55 @@ pub struct BaseModel {
     dtype: DType,
 }
 
-/// `x · W` for a frozen weight `W` `[in, out]`, on the CPU. candle's matmul
-/// backward always computes the gradient of both operands, so a plain matmul
-/// with a constant weight costs a weight-sized product and a weight-sized
-/// tensor per projection per step; this op's backward gives only the input's
-/// gradient, `∂x = ∂y · Wᵀ`, which is all a frozen base needs.
-struct FrozenMatmul(Tensor);
+/// `x · W` (or `x · Wᵀ`) for a frozen weight `W` `[in, out]`, on the CPU.
+/// candle's matmul backward always computes the gradient of both operands,
+/// so a plain matmul with a constant weight costs a weight-sized product and
+/// a weight-sized tensor per projection per step; this op's backward gives
+/// only the input's gradient, `∂x = ∂y · Wᵀ` (the same op, transposed),
+/// which is all a frozen base needs.
+///
+/// The product runs on the calling thread (the `gemm` crate, which candle's
+/// own CPU matmul uses, with no parallelism): training takes the example's
+/// gradient and the rehearsal term's on two threads of their own
+/// ([`crate::train`]), which a second level of threads inside each product
+/// would only contend with.
+struct FrozenMatmul {
+    w: Tensor,
+    transposed: bool,
+}
+
+/// `y = x · W` (or `x · Wᵀ`) for row-major `x` `[m, k]`, `w` `[in, out]`, into `y` `[m, n]`;
+/// `T` is f32 or f64 (the types `gemm` multiplies), `one` its 1.
+fn frozen_product<T: Copy + Default + 'static>(x: &[T], w: &[T], (inp, out): (usize, usize), transposed: bool, one: T) -> candle_core::Result<(Vec<T>, usize, usize)> {
+    let (k, n) = if transposed { (out, inp) } else { (inp, out) };
+    if w.len() != inp * out || k == 0 || !x.len().is_multiple_of(k) {
+        candle_core::bail!("frozen-matmul: an input of {} values does not fit a [{inp}, {out}] weight{}", x.len(), if transposed { " (transposed)" } else { "" });
+    }
+    let m = x.len() / k;
+    let mut y = vec![T::default(); m * n];
+    // `W` row-major [in, out]: element (i, j) at i·out + j. As the right-hand
+    // side [k, n]: untransposed, (i, j) at i·n + j (row stride n, column
+    // stride 1); transposed, (j, i) of W, at j·out + i = j·k + i (row stride
+    // 1, column stride k).
+    let (rhs_rs, rhs_cs) = if transposed { (1, k as isize) } else { (n as isize, 1) };
+    // SAFETY: `x` holds m·k values read with row stride k and column stride 1
+    // (indices below m·k); `w` holds k·n values read within [0, k·n) by the
+    // strides above; `y` holds m·n values written with row stride n, column
+    // stride 1. The three buffers are distinct allocations (`y` is new), and
+    // `read_dst` is false, so `y`'s initial values and `beta` are not read.
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            y.as_mut_ptr(), 1, n as isize, false,
+            x.as_ptr(), 1, k as isize,
+            w.as_ptr(), rhs_cs, rhs_rs,
+            T::default(), one,
+            false, false, false,
+            gemm::Parallelism::None,
+        );
+    }
+    Ok((y, m, n))
+}
 
 impl CustomOp1 for FrozenMatmul {
     fn name(&self) -> &'static str {
@@ -68,30 +111,36 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = match (storage, layout.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => Tensor::from_slice(&v[a..b], layout.shape(), &Device::Cpu)?,
-            (CpuStorage::F64(v), Some((a, b))) => Tensor::from_slice(&v[a..b], layout.shape(), &Device::Cpu)?,
-            _ => candle_core::bail!("frozen-matmul: the input must be contiguous f32 or f64"),
+        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let shape = w_layout.shape().dims2()?;
+        let (Some((a, b)), Some((wa, wb))) = (layout.contiguous_offsets(), w_layout.contiguous_offsets()) else {
+            candle_core::bail!("frozen-matmul: the input and the weight must be contiguous");
         };
-        let y = x.matmul(&self.0)?;
-        let shape = y.shape().clone();
-        let y = y.flatten_all()?;
-        let out = match y.dtype() {
-            DType::F64 => CpuStorage::F64(y.to_vec1()?),
-            _ => CpuStorage::F32(y.to_vec1()?),
+        let mut dims = layout.shape().dims().to_vec();
+        let (out, n) = match (storage, &*w_storage) {
+            (CpuStorage::F32(x), candle_core::Storage::Cpu(CpuStorage::F32(w))) => {
+                let (y, _, n) = frozen_product(&x[a..b], &w[wa..wb], shape, self.transposed, 1f32)?;
+                (CpuStorage::F32(y), n)
+            }
+            (CpuStorage::F64(x), candle_core::Storage::Cpu(CpuStorage::F64(w))) => {
+                let (y, _, n) = frozen_product(&x[a..b], &w[wa..wb], shape, self.transposed, 1f64)?;
+                (CpuStorage::F64(y), n)
+            }
+            _ => candle_core::bail!("frozen-matmul: the input and the weight must be f32 or f64 alike, on the CPU"),
         };
-        Ok((out, shape))
+        *dims.last_mut().expect("a matmul input has a last dimension") = n;
+        Ok((out, Shape::from(dims)))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.0.t()?)?))
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&FrozenMatmul { w: self.w.clone(), transposed: !self.transposed })?))
     }
 }
 
-/// `x · w` for a frozen `w`: [`FrozenMatmul`] on the CPU, a plain matmul elsewhere.
+/// `x · w` for a frozen `w` `[in, out]`: [`FrozenMatmul`] on the CPU, a plain matmul elsewhere.
 fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        x.contiguous()?.apply_op1(FrozenMatmul(w.clone()))
+        x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone(), transposed: false })
     } else {
         x.matmul(w)
     }

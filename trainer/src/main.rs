@@ -375,6 +375,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    nocturne_trainer::train::single_threaded_ops();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

@@ -11,6 +11,8 @@
 //! `cross-entropy(target tokens) + λ · Σ Ω ⊙ (θ − θ*)² + μ · KL(p_start ‖ p_θ)`,
 //! the last on one rehearsal sequence per step ([`rehearsal_samples`]), where
 //! `p_start` is the model training starts from (base + previous adapter).
+//! The example's gradient and the rehearsal term's are taken on two threads
+//! and summed before the update.
 //!
 //! The penalty follows Memory Aware Synapses (Aljundi et al., "Memory Aware
 //! Synapses: Learning what (not) to forget", ECCV 2018): the importance Ω of
@@ -21,6 +23,7 @@
 //! zero on the first night (where `B = 0`, so only `B`, which carries the
 //! whole update, is held back).
 
+use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use std::sync::Arc;
@@ -203,17 +206,92 @@ struct RehearsalTarget<'a> {
 
 impl<'a> RehearsalTarget<'a> {
     fn new(base: &BaseModel, lora: &Lora, ids: &'a [u32]) -> candle_core::Result<RehearsalTarget<'a>> {
-        let log_p = candle_nn::ops::log_softmax(&base.forward(ids, Some(lora))?, candle_core::D::Minus1)?.detach();
-        let p = log_p.exp()?;
-        let neg_entropy = (&p * &log_p)?.sum(candle_core::D::Minus1)?.mean_all()?;
+        let logits = base.forward(ids, Some(lora))?.detach();
+        let p = candle_nn::ops::softmax(&logits, candle_core::D::Minus1)?;
+        // Σ p log p, computed as the cross-entropy of p against itself by the
+        // same op as every later step's, so the divergence of the starting
+        // model is exactly 0.
+        let neg_entropy = logits.apply_op1_no_bwd(&SoftCrossEntropy { p: p.clone() })?.neg()?;
         Ok(RehearsalTarget { ids, p, neg_entropy })
     }
 
     /// Mean over positions of `KL(p_start ‖ p_θ) = Σ p log p − Σ p log p_θ`.
     fn divergence(&self, base: &BaseModel, lora: &Lora) -> candle_core::Result<Tensor> {
-        let log_q = candle_nn::ops::log_softmax(&base.forward(self.ids, Some(lora))?, candle_core::D::Minus1)?;
-        let cross = (&self.p * log_q)?.sum(candle_core::D::Minus1)?.mean_all()?;
-        &self.neg_entropy - cross
+        let logits = base.forward(self.ids, Some(lora))?;
+        let cross = logits.apply_op1(SoftCrossEntropy { p: self.p.clone() })?;
+        &self.neg_entropy + cross
+    }
+}
+
+/// `−(1/T) Σₜ Σᵥ pₜᵥ log softmax(zₜ)ᵥ` for logits `z` `[T, vocab]` against a
+/// constant distribution `p` `[T, vocab]` (rows summing to 1), in one pass
+/// per row instead of candle's composed log-softmax (which allocates a
+/// `[T, vocab]` tensor per elementary op, forward and backward). Its
+/// gradient is the classic `∂/∂zₜ = (softmax(zₜ) − pₜ) / T`. f32 only.
+struct SoftCrossEntropy {
+    p: Tensor,
+}
+
+impl SoftCrossEntropy {
+    /// Each row of `z` `[rows, vocab]` with its `p` row and `z`'s max and log-sum-exp.
+    fn rows<'a>(&'a self, z: &'a [f32], p: &'a [f32], vocab: usize) -> impl Iterator<Item = (&'a [f32], &'a [f32], f32)> + 'a {
+        z.chunks_exact(vocab).zip(p.chunks_exact(vocab)).map(|(z, p)| {
+            let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f64 = z.iter().map(|v| f64::from((v - max).exp())).sum();
+            (z, p, max + sum.ln() as f32)
+        })
+    }
+
+    fn p_values(&self, len: usize) -> candle_core::Result<Vec<f32>> {
+        let p: Vec<f32> = self.p.flatten_all()?.to_vec1()?;
+        if p.len() != len {
+            candle_core::bail!("soft cross-entropy: {len} logits against {} target probabilities", p.len());
+        }
+        Ok(p)
+    }
+}
+
+impl candle_core::CustomOp1 for SoftCrossEntropy {
+    fn name(&self) -> &'static str {
+        "soft-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (candle_core::CpuStorage::F32(z), Some((a, b)), (rows, vocab)) = (storage, layout.contiguous_offsets(), layout.shape().dims2()?) else {
+            candle_core::bail!("soft cross-entropy: the logits must be contiguous f32");
+        };
+        let p = self.p_values(b - a)?;
+        let total: f64 = self.rows(&z[a..b], &p, vocab).map(|(z, p, lse)| z.iter().zip(p).map(|(z, p)| f64::from(p * (lse - z))).sum::<f64>()).sum();
+        Ok((candle_core::CpuStorage::F32(vec![(total / rows.max(1) as f64) as f32]), candle_core::Shape::from(())))
+    }
+
+    fn bwd(&self, z: &Tensor, _loss: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (rows, vocab) = z.dims2()?;
+        let values: Vec<f32> = z.flatten_all()?.to_vec1()?;
+        let p = self.p_values(values.len())?;
+        let scale = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? / rows.max(1) as f32;
+        let mut out = Vec::with_capacity(values.len());
+        for (z, p, lse) in self.rows(&values, &p, vocab) {
+            out.extend(z.iter().zip(p).map(|(z, p)| scale * ((z - lse).exp() - p)));
+        }
+        Ok(Some(Tensor::from_vec(out, (rows, vocab), z.device())?))
+    }
+}
+
+/// Makes candle's CPU ops single-threaded, so that [`train`] takes the
+/// example's gradient and the rehearsal term's on two threads of its own.
+/// candle splits each product and elementwise op over a thread pool; at a
+/// few dozen tokens per sequence that scales poorly: on 2 cores, 118 tokens/s
+/// with one thread and 134 with two, while two single-threaded sides reach
+/// 181 (`examples/train_bench.rs`). It sets `RAYON_NUM_THREADS=1` (the
+/// variable candle's CPU backend reads) unless the user set it; [`train`]
+/// runs the two sides one after the other when candle has more threads.
+///
+/// Call it first in `main`, before any other thread starts (setting the
+/// environment is only sound while no other thread reads it).
+pub fn single_threaded_ops() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
     }
 }
 
@@ -280,28 +358,46 @@ pub fn train(
     } else {
         Vec::new()
     };
+    let parallel_sides = candle_core::utils::get_num_threads() == 1;
     let mut opt = AdamW::new(vars.clone(), ParamsAdamW { lr: config.learning_rate, weight_decay: 0.0, ..Default::default() })?;
     let started = std::time::Instant::now();
     let (mut losses, mut divergences, mut tokens) = (Vec::with_capacity(config.steps), Vec::new(), 0usize);
     for (step, i) in examples.sample(config.steps, config.seed ^ 0x5EED).into_iter().enumerate() {
         let (ids, labels) = &tokenized[i];
-        let task = sequence_loss(base, ids, labels, Some(&lora))?;
-        let mut loss = task.clone();
-        if config.mas_lambda > 0.0 {
-            let mut penalty = Tensor::zeros((), base.dtype(), base.device())?;
-            for ((v, anchor), omega) in vars.iter().zip(&anchors).zip(&importance) {
-                penalty = (penalty + (omega * (v.as_tensor() - anchor)?.sqr()?)?.sum_all()?)?;
-            }
-            loss = (loss + (penalty * config.mas_lambda)?)?;
-        }
-        if let Some(target) = rehearsal.get(step % rehearsal.len().max(1)) {
-            let divergence = target.divergence(base, &lora)?;
-            loss = (loss + (&divergence * config.rehearsal_weight)?)?;
+        let target = rehearsal.get(step % rehearsal.len().max(1));
+        // The example's loss (with the penalty) and the rehearsal term share
+        // nothing until the update: their gradients are taken on two threads
+        // and summed, when candle's ops are single-threaded
+        // ([`single_threaded_ops`]); else one after the other.
+        let (task_side, rehearsal_side) = join(parallel_sides,
+            || -> candle_core::Result<(Tensor, GradStore)> {
+                let task = sequence_loss(base, ids, labels, Some(&lora))?;
+                let mut loss = task.clone();
+                if config.mas_lambda > 0.0 {
+                    let mut penalty = Tensor::zeros((), base.dtype(), base.device())?;
+                    for ((v, anchor), omega) in vars.iter().zip(&anchors).zip(&importance) {
+                        penalty = (penalty + (omega * (v.as_tensor() - anchor)?.sqr()?)?.sum_all()?)?;
+                    }
+                    loss = (loss + (penalty * config.mas_lambda)?)?;
+                }
+                let grads = loss.backward()?;
+                Ok((task, grads))
+            },
+            || -> candle_core::Result<Option<(Tensor, GradStore)>> {
+                let Some(target) = target else { return Ok(None) };
+                let divergence = target.divergence(base, &lora)?;
+                let grads = (&divergence * config.rehearsal_weight)?.backward()?;
+                Ok(Some((divergence, grads)))
+            },
+        );
+        let (task, mut grads) = task_side?;
+        if let (Some((divergence, rehearsal_grads)), Some(target)) = (rehearsal_side?, target) {
+            grads.extend(rehearsal_grads)?;
             divergences.push(divergence.to_dtype(candle_core::DType::F32)?.to_scalar()?);
             tokens += target.ids.len();
         }
         opt.set_learning_rate(learning_rate(config, step));
-        opt.backward_step(&loss)?;
+        opt.step(&grads)?;
         tokens += ids.len();
         let task: f32 = task.to_dtype(candle_core::DType::F32)?.to_scalar()?;
         losses.push(task);
@@ -315,6 +411,18 @@ pub fn train(
 /// of the steps, then a cosine decay to zero (Loshchilov & Hutter, "SGDR",
 /// ICLR 2017), so that the last steps settle instead of moving the adapter
 /// around at full rate.
+/// Runs `a`, and `b` on a scoped thread when `parallel` (else after `a`); both results.
+fn join<A: Send, B: Send>(parallel: bool, a: impl FnOnce() -> A + Send, b: impl FnOnce() -> B + Send) -> (A, B) {
+    if !parallel {
+        return (a(), b());
+    }
+    std::thread::scope(|s| {
+        let other = s.spawn(b);
+        let first = a();
+        (first, other.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+    })
+}
+
 fn learning_rate(config: &TrainConfig, step: usize) -> f64 {
     let warmup = (config.steps / 20).max(1);
     if step < warmup {

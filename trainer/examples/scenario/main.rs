@@ -137,6 +137,7 @@ fn recall_after_night(
 }
 
 fn main() -> anyhow::Result<()> {
+    nocturne_trainer::train::single_threaded_ops();
     let args: Vec<String> = std::env::args().collect();
     let out = PathBuf::from(args.get(1).map_or("target/scenario", String::as_str));
     let wanted: usize = args.get(2).map_or(40, |s| s.parse().expect("QUESTIONS is a number"));
