@@ -5,12 +5,20 @@
 //! Principal items: [`NightConfig`], [`consolidate`], [`Report`],
 //! [`journal_dirs`], [`retention_texts`].
 //!
-//! Split: with at least [`MIN_CORRECTIONS_TO_HOLD_OUT`] corrections, those
-//! whose interaction LSN is a multiple of 5 ([`is_held_out`]) are held out of training. The
-//! gate ([`crate::eval::Gate`]) requires the match rate on the trained
-//! corrections to improve, the held-out match rate not to fall, and the
-//! retention perplexity to stay within its bound. A rejected adapter is still written, under
-//! `rejected/`, so it can be inspected.
+//! Every correction is trained on, in the night after it was acknowledged.
+//! The evidence that the adapter generalises comes from paraphrases instead
+//! of held-out corrections: at the start of the night the device's current
+//! model writes paraphrases of each corrected question
+//! ([`crate::paraphrase`]); all but one are trained on with the user's
+//! answer, and the last, which training never sees, is the gate's
+//! generalisation set. Locality is measured on questions nobody taught: the
+//! built-in general questions ([`GENERAL_QUESTIONS`]) and the device's own
+//! unrated interactions ([`crate::replay::ReplayBuffer::untaught`]),
+//! alternately split into a part the gate uses and a part only the report
+//! gives ([`locality_probes`]). The gate ([`crate::eval::Gate`]) requires
+//! efficacy to improve, generalisation not to fall, locality to stay at or
+//! above its bound, and retention perplexity within its bound. A rejected
+//! adapter is still written, under `rejected/`, so it can be inspected.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,27 +28,35 @@ use candle_core::{DType, Device};
 use ed25519_dalek::SigningKey;
 use nocturne::adapter::LoraAdapter;
 use nocturne::profile::Profile;
-use nocturne::tokenizer::Tokenizer;
+use nocturne::tokenizer::{ChatMessage, Tokenizer, DEFAULT_SYSTEM_PROMPT};
 use nocturne::weights::{ModelPack, TOKENIZER_FILE};
 use serde::Serialize;
 
-use crate::train::{rehearsal_samples, train, Retention, TrainConfig};
 use crate::eval::{Evaluator, Gate, Scores};
 use crate::export::{export_adapter, AdapterPrecision};
 use crate::llama::{BaseModel, Lora};
-use crate::replay::{PriorityWeights, ReplayBuffer, ReplayReport};
-
-/// Fewest corrections before some are held out of training for the gate.
-pub const MIN_CORRECTIONS_TO_HOLD_OUT: usize = 10;
-
-/// Whether a correction of the interaction at LSN `interaction` is held out
-/// of training (when there are enough corrections): every fifth LSN.
-pub fn is_held_out(interaction: u64) -> bool {
-    interaction.is_multiple_of(5)
-}
+use crate::paraphrase::{paraphrases, ParaphraseConfig};
+use crate::replay::{Example, PriorityWeights, ReplayBuffer, ReplayReport};
+use crate::train::{rehearsal_samples, train, Retention, TrainConfig};
 
 /// The built-in retention set: general text and dialogue the base handles.
 pub const RETENTION_TEXT: &str = include_str!("../data/retention.txt");
+
+/// General-knowledge questions, one per line, that no night teaches: what
+/// a device's model answers to them must not change (locality).
+pub const GENERAL_QUESTIONS: &str = include_str!("../data/general_questions.txt");
+
+/// The locality probes of a night: the [`GENERAL_QUESTIONS`] (asked under the
+/// default system prompt) and `untaught` (contexts of unrated interactions),
+/// alternately split into (gate part, report part).
+pub fn locality_probes(untaught: &[Vec<ChatMessage>]) -> (Vec<Vec<ChatMessage>>, Vec<Vec<ChatMessage>>) {
+    let general = GENERAL_QUESTIONS.lines().map(str::trim).filter(|q| !q.is_empty()).map(|q| vec![ChatMessage::new("system", DEFAULT_SYSTEM_PROMPT), ChatMessage::new("user", q)]);
+    let (mut gate, mut report) = (Vec::new(), Vec::new());
+    for (i, probe) in general.chain(untaught.iter().cloned()).enumerate() {
+        if i % 2 == 0 { gate.push(probe) } else { report.push(probe) }
+    }
+    (gate, report)
+}
 
 /// Settings of a run.
 #[derive(Clone, Debug)]
@@ -55,6 +71,8 @@ pub struct NightConfig {
     pub precision: AdapterPrecision,
     /// The device profile the evaluation runs under ([`crate::eval::device_profile`]).
     pub device: Profile,
+    /// Paraphrases of corrected questions.
+    pub paraphrase: ParaphraseConfig,
 }
 
 /// Everything a run measured, as written to `report.json`.
@@ -75,11 +93,15 @@ pub struct Report {
     /// Whole run wall time, seconds.
     pub total_seconds: f64,
     /// Scores without the new adapter (base, or the previous adapter).
-    pub before: ScoresJson,
+    pub before: Scores,
     /// Scores with it.
-    pub after: ScoresJson,
-    /// Whether the gate used held-out examples.
-    pub held_out: bool,
+    pub after: Scores,
+    /// Locality on the report part of the probes (the gate never sees it).
+    pub locality_report: f64,
+    /// Locality probes: (gate part, report part).
+    pub locality_probes: (usize, usize),
+    /// The paraphrases the night wrote, per corrected question.
+    pub paraphrases: Vec<Paraphrased>,
     /// The decision.
     pub published: bool,
     /// Why.
@@ -106,21 +128,15 @@ pub struct Report {
     pub precision: AdapterPrecision,
 }
 
-/// [`Scores`] for JSON.
-#[derive(Clone, Copy, Debug, Serialize)]
-pub struct ScoresJson {
-    /// Match rate on the trained corrections.
-    pub task: f64,
-    /// Match rate on held-out corrections.
-    pub held_out: Option<f64>,
-    /// Retention perplexity.
-    pub retention_perplexity: f64,
-}
-
-impl From<Scores> for ScoresJson {
-    fn from(s: Scores) -> ScoresJson {
-        ScoresJson { task: s.task, held_out: s.held_out, retention_perplexity: s.retention_perplexity }
-    }
+/// The paraphrases written for one corrected question.
+#[derive(Clone, Debug, Serialize)]
+pub struct Paraphrased {
+    /// The question as the user asked it.
+    pub question: String,
+    /// Paraphrases trained on.
+    pub trained: Vec<String>,
+    /// The paraphrase the gate asks (None: fewer than two were found, and all are trained on).
+    pub gate: Option<String>,
 }
 
 /// The journal directories of a host store (`devices/*`), or the given ones.
@@ -199,15 +215,39 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
     let pack = ModelPack::open(base_dir)?;
     let tokenizer = Tokenizer::from_file(&base_dir.join(TOKENIZER_FILE))?;
     let buffer = ReplayBuffer::build(dirs, config.weights)?;
-    // Hold out every fifth corrected interaction (by LSN) when there are
-    // enough corrections for that to mean something.
-    let corrected: Vec<usize> = (0..buffer.examples.len()).filter(|&i| buffer.examples[i].corrected).collect();
-    let held_out_set: Vec<usize> =
-        if corrected.len() >= MIN_CORRECTIONS_TO_HOLD_OUT { corrected.iter().copied().filter(|&i| is_held_out(buffer.examples[i].interaction)).collect() } else { Vec::new() };
-    let train_set: Vec<usize> = (0..buffer.examples.len()).filter(|i| !held_out_set.contains(i)).collect();
-    let taught: Vec<usize> = train_set.iter().copied().filter(|&i| buffer.examples[i].corrected).collect();
     let trainer_key = key.verifying_key();
     let previous_adapter = previous.map(|p| LoraAdapter::open(p, &pack, &trainer_key)).transpose()?.map(Arc::new);
+    // The device as it is: it writes the paraphrases and gives the answers
+    // locality is measured against.
+    let mut evaluator = Evaluator::new(&pack, &tokenizer, &config.device)?;
+    evaluator.set_adapter(previous_adapter.clone());
+    let corrections: Vec<&Example> = buffer.examples.iter().filter(|e| e.corrected).collect();
+    let mut training = buffer.examples.clone();
+    let (mut unseen, mut paraphrased) = (Vec::new(), Vec::new());
+    for e in &corrections {
+        let question = e.messages.last().map_or("", |m| m.content.as_str());
+        let mut found = paraphrases(&mut evaluator, question, &config.paraphrase, config.train.seed ^ e.interaction)?;
+        let gate = if found.len() >= 2 { found.pop() } else { None };
+        // The paraphrases together weigh as much as the question as asked.
+        let weight = e.priority / found.len().max(1) as f32;
+        training.extend(found.iter().map(|p| e.reworded(p, weight)));
+        unseen.extend(gate.iter().map(|p| e.reworded(p, e.priority)));
+        paraphrased.push(Paraphrased { question: question.to_string(), trained: found, gate });
+    }
+    let unseen: Vec<&Example> = unseen.iter().collect();
+    let (gate_probes, report_probes) = locality_probes(&buffer.untaught);
+    let (gate_answers, report_answers) = (evaluator.answers(&gate_probes)?, evaluator.answers(&report_probes)?);
+    let score = |evaluator: &mut Evaluator<'_>, locality: f64| -> anyhow::Result<(Scores, Vec<bool>)> {
+        let matched = evaluator.matches(&corrections)?;
+        let scores = Scores {
+            efficacy: matched.iter().filter(|&&m| m).count() as f64 / matched.len().max(1) as f64,
+            generalisation: if unseen.is_empty() { None } else { Some(evaluator.match_rate(&unseen)?) },
+            locality,
+            retention_perplexity: evaluator.perplexity(retention)?,
+        };
+        Ok((scores, matched))
+    };
+    let (before, _) = score(&mut evaluator, 1.0)?;
     let base = BaseModel::from_pack(&pack, DType::F32, &Device::Cpu, config.train.max_tokens.max(64))?;
     let warm = previous_adapter.as_ref().map(|a| Lora::from_adapter(&base, a)).transpose()?;
     let reference: Vec<Vec<u32>> = retention
@@ -219,39 +259,28 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
         .collect::<Result<_, _>>()?;
     let t = &config.train;
     let rehearsal = if t.rehearsal_weight > 0.0 { rehearsal_samples(&pack, previous_adapter.clone(), &tokenizer, t.rehearsal_sequences, t.rehearsal_tokens, t.seed)? } else { Vec::new() };
-    let outcome = train(&base, &tokenizer, &buffer.subset(&train_set), warm, Retention { reference: &reference, rehearsal: &rehearsal }, t, progress)?;
+    let training = ReplayBuffer { examples: training, untaught: Vec::new(), report: buffer.report.clone() };
+    let outcome = train(&base, &tokenizer, &training, warm, Retention { reference: &reference, rehearsal: &rehearsal }, t, progress)?;
     drop(base);
-    // Evaluate before (the device as it is) and after (with the candidate).
+    // Evaluate the candidate as the device will run it.
     let staging = out.join(".staging");
     let _ = std::fs::remove_dir_all(&staging);
     let mut description = serde_json::json!({
         "examples": buffer.examples.len(),
-        "trained_on": train_set.len(),
+        "trained_on": training.examples.len(),
         "first_interaction_ms": buffer.examples.iter().map(|e| e.time_ms).min(),
         "last_interaction_ms": buffer.examples.iter().map(|e| e.time_ms).max(),
     });
     let parent = previous_adapter.as_ref().map(|a| a.id());
     let exported = export_adapter(&staging, key, &outcome.lora, &pack, parent, &description.to_string(), config.precision)?;
     let candidate = Arc::new(LoraAdapter::open(&exported.bundle, &pack, &trainer_key)?);
-    let taught: Vec<_> = taught.iter().map(|&i| &buffer.examples[i]).collect();
-    let held: Vec<_> = held_out_set.iter().map(|&i| &buffer.examples[i]).collect();
-    let mut evaluator = Evaluator::new(&pack, &tokenizer, &config.device)?;
-    let mut score = |adapter: Option<Arc<LoraAdapter>>| -> anyhow::Result<(Scores, Vec<bool>)> {
-        evaluator.set_adapter(adapter);
-        let matched = evaluator.matches(&taught)?;
-        let task = matched.iter().filter(|&&m| m).count() as f64 / matched.len().max(1) as f64;
-        let scores = Scores {
-            task: if taught.is_empty() { 0.0 } else { task },
-            held_out: if held.is_empty() { None } else { Some(evaluator.match_rate(&held)?) },
-            retention_perplexity: evaluator.perplexity(retention)?,
-        };
-        Ok((scores, matched))
-    };
-    let (before, _) = score(previous_adapter.clone())?;
-    let (after, learned) = score(Some(Arc::clone(&candidate)))?;
+    evaluator.set_adapter(Some(candidate));
+    let locality = evaluator.unchanged(&gate_probes, &gate_answers)?;
+    let locality_report = evaluator.unchanged(&report_probes, &report_answers)?;
+    let (after, learned) = score(&mut evaluator, locality)?;
     // The corrections the adapter answers as taught: the device's recall
     // memory stops injecting them while this adapter is active.
-    let learned: Vec<serde_json::Value> = taught
+    let learned: Vec<serde_json::Value> = corrections
         .iter()
         .zip(&learned)
         .filter(|(_, &m)| m)
@@ -262,8 +291,8 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
     // The bundle that leaves is signed again with the evaluation in its
     // manifest (same weights, so the same adapter id).
     let _ = std::fs::remove_dir_all(&staging);
-    description["before"] = serde_json::to_value(ScoresJson::from(before))?;
-    description["after"] = serde_json::to_value(ScoresJson::from(after))?;
+    description["before"] = serde_json::to_value(before)?;
+    description["after"] = serde_json::to_value(after)?;
     description["published"] = published.into();
     description["decision"] = decision.clone().into();
     description["learned"] = learned.into();
@@ -283,9 +312,11 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
         tokens_per_second: outcome.tokens_per_second,
         train_seconds: outcome.seconds,
         total_seconds: started.elapsed().as_secs_f64(),
-        before: before.into(),
-        after: after.into(),
-        held_out: !held_out_set.is_empty(),
+        before,
+        after,
+        locality_report,
+        locality_probes: (gate_probes.len(), report_probes.len()),
+        paraphrases: paraphrased,
         published,
         decision,
         adapter: exported.id.to_string(),

@@ -1,11 +1,13 @@
-//! Evaluation on the device's own decoder: answer match rate and retention
-//! perplexity before and after, and the gate that decides publication.
+//! Evaluation on the device's own decoder: efficacy, generalisation,
+//! locality and retention perplexity before and after, and the gate that
+//! decides publication.
 //!
 //! Principal items: [`Evaluator`], [`normalise`], [`Scores`], [`Gate`].
 //!
-//! The task score is the share of examples whose greedy answer matches the
-//! target exactly or after [`normalise`]. Retention is the perplexity of a
-//! fixed set of texts the base already handles. Both run on
+//! A correction counts as answered when the greedy answer matches its target
+//! exactly or after [`normalise`]; locality compares greedy answers before
+//! and after the same way. Retention is the perplexity of a fixed set of
+//! texts the base already handles. All run on
 //! `nocturne::session` with the candidate adapter applied exactly as the
 //! device will apply it, so what is measured is what ships. The device
 //! profile the evaluation runs under (context length, memory budget) is an
@@ -18,6 +20,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use nocturne::adapter::LoraAdapter;
 use nocturne::profile::Profile;
+use nocturne::sampler::SamplerConfig;
 use nocturne::session::{perplexity, RequestOptions, Session, SessionOptions};
 use nocturne::tokenizer::{ChatMessage, Tokenizer};
 use nocturne::weights::ModelPack;
@@ -30,13 +33,20 @@ pub fn normalise(text: &str) -> String {
     kept.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Scores of one model (base, or base with an adapter).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+/// Scores of one model (base, or base with an adapter): the three figures
+/// of model-editing benchmarks (efficacy, generalisation, locality; Meng et
+/// al., "Locating and Editing Factual Associations in GPT" (ROME), NeurIPS
+/// 2022, and the MEND/MEMIT line), and retention perplexity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Scores {
-    /// Share of the trained corrections answered with their target (exact or normalised), [0, 1].
-    pub task: f64,
-    /// The same on held-out corrections (None: nothing held out).
-    pub held_out: Option<f64>,
+    /// Share of the corrections answered with their target as asked
+    /// (exact or normalised), [0, 1].
+    pub efficacy: f64,
+    /// The same on paraphrases of them that training never saw (None: none written).
+    pub generalisation: Option<f64>,
+    /// Share of never-taught questions whose answer (greedy, normalised) is
+    /// the same as the device's before the night, [0, 1]; 1 for the device itself.
+    pub locality: f64,
     /// Perplexity on the retention texts.
     pub retention_perplexity: f64,
 }
@@ -46,32 +56,51 @@ pub struct Scores {
 pub struct Gate {
     /// Largest allowed relative rise of retention perplexity (default 0.03).
     pub retention_bound: f64,
+    /// Smallest allowed locality (default 0.95).
+    pub locality_bound: f64,
 }
 
 impl Default for Gate {
     fn default() -> Gate {
-        Gate { retention_bound: 0.03 }
+        Gate { retention_bound: 0.03, locality_bound: 0.95 }
     }
 }
 
 impl Gate {
-    /// Publish only if the task score improves, the held-out score does not
-    /// fall, and retention perplexity rises by no more than the bound.
-    /// Returns the decision and why.
+    /// Publish only if efficacy improves, generalisation does not fall,
+    /// locality stays at or above its bound, and retention perplexity rises
+    /// by no more than its bound. Returns the decision and why.
     pub fn decide(&self, before: &Scores, after: &Scores) -> (bool, String) {
         let rise = after.retention_perplexity / before.retention_perplexity - 1.0;
-        if after.task <= before.task {
-            return (false, format!("task score did not improve ({:.3} → {:.3})", before.task, after.task));
+        if after.efficacy <= before.efficacy {
+            return (false, format!("efficacy did not improve ({:.3} → {:.3})", before.efficacy, after.efficacy));
         }
-        if let (Some(b), Some(a)) = (before.held_out, after.held_out) {
+        if let (Some(b), Some(a)) = (before.generalisation, after.generalisation) {
             if a < b {
-                return (false, format!("held-out score fell ({b:.3} → {a:.3})"));
+                return (false, format!("generalisation to unseen paraphrases fell ({b:.3} → {a:.3})"));
             }
+        }
+        if after.locality < self.locality_bound {
+            return (false, format!("locality {:.3} is below its bound {:.3}", after.locality, self.locality_bound));
         }
         if rise > self.retention_bound {
             return (false, format!("retention perplexity rose {:.2}% (bound {:.2}%)", 100.0 * rise, 100.0 * self.retention_bound));
         }
-        (true, format!("task {:.3} → {:.3}, retention perplexity {:+.2}% (bound {:.2}%)", before.task, after.task, 100.0 * rise, 100.0 * self.retention_bound))
+        let generalisation = match (before.generalisation, after.generalisation) {
+            (Some(b), Some(a)) => format!(", generalisation {b:.3} → {a:.3}"),
+            _ => String::new(),
+        };
+        (
+            true,
+            format!(
+                "efficacy {:.3} → {:.3}{generalisation}, locality {:.3}, retention perplexity {:+.2}% (bound {:.2}%)",
+                before.efficacy,
+                after.efficacy,
+                after.locality,
+                100.0 * rise,
+                100.0 * self.retention_bound
+            ),
+        )
     }
 }
 
@@ -141,6 +170,41 @@ impl<'a> Evaluator<'a> {
         options.deadline = std::time::Duration::from_secs(600);
         self.session.generate(&ids, &options, &mut |_| {})?;
         Ok(format!("{prefix}{}", self.session.reply_text()).trim().to_string())
+    }
+
+    /// A continuation of raw text `prompt` (no chat template), sampled with
+    /// `sampler`, at most `max_new_tokens`, cut before the first `stop`.
+    ///
+    /// # Errors
+    /// Tokenizer or decoder errors.
+    pub fn continue_text(&mut self, prompt: &str, stop: &str, max_new_tokens: usize, sampler: SamplerConfig) -> anyhow::Result<String> {
+        let ids = self.tokenizer.encode(prompt)?;
+        let mut options = self.request.clone();
+        options.max_new_tokens = max_new_tokens;
+        options.deadline = std::time::Duration::from_secs(600);
+        options.stop = vec![stop.to_string()];
+        options.sampler = sampler;
+        self.session.generate(&ids, &options, &mut |_| {})?;
+        Ok(self.session.reply_text().trim().to_string())
+    }
+
+    /// The greedy answer to each of `contexts` (chat messages, the question last).
+    ///
+    /// # Errors
+    /// As [`Evaluator::answer`].
+    pub fn answers(&mut self, contexts: &[Vec<ChatMessage>]) -> anyhow::Result<Vec<String>> {
+        contexts.iter().map(|m| self.answer_from(m, "")).collect()
+    }
+
+    /// Share of `contexts` whose greedy answer equals `before`'s (after
+    /// [`normalise`]): locality against the answers a model gave before.
+    ///
+    /// # Errors
+    /// As [`Evaluator::answer`].
+    pub fn unchanged(&mut self, contexts: &[Vec<ChatMessage>], before: &[String]) -> anyhow::Result<f64> {
+        let after = self.answers(contexts)?;
+        let same = after.iter().zip(before).filter(|(a, b)| normalise(a) == normalise(b)).count();
+        Ok(if contexts.is_empty() { 1.0 } else { same as f64 / contexts.len() as f64 })
     }
 
     /// Share of `examples` answered with their target.

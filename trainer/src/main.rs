@@ -169,6 +169,12 @@ struct ConsolidateArgs {
     /// Largest allowed rise of retention perplexity, relative.
     #[arg(long, default_value_t = nocturne_trainer::eval::Gate::default().retention_bound)]
     retention_bound: f64,
+    /// Smallest allowed locality: the share of never-taught questions whose answer stays the same.
+    #[arg(long, default_value_t = nocturne_trainer::eval::Gate::default().locality_bound)]
+    locality_bound: f64,
+    /// Paraphrases the night writes per corrected question (the last one found is the gate's, the others are trained on; 0: none).
+    #[arg(long, default_value_t = nocturne_trainer::paraphrase::ParaphraseConfig::default().wanted)]
+    paraphrases: usize,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -207,7 +213,8 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
             ..TrainConfig::default()
         },
         weights: PriorityWeights { implicit: args.implicit_weight, explicit: 1.0 - args.implicit_weight },
-        gate: Gate { retention_bound: args.retention_bound },
+        gate: Gate { retention_bound: args.retention_bound, locality_bound: args.locality_bound },
+        paraphrase: nocturne_trainer::paraphrase::ParaphraseConfig { wanted: args.paraphrases, ..Default::default() },
         precision: args.precision,
         device: device_profile(args.source.device_profile.as_deref())?,
     };
@@ -232,15 +239,21 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
         report.train_seconds,
         report.tokens_per_second
     );
-    let held = |s: &nocturne_trainer::consolidate::ScoresJson| s.held_out.map_or("none held out".to_string(), |h| format!("{h:.3}"));
+    let (b, a) = (&report.before, &report.after);
+    let generalisation = match (b.generalisation, a.generalisation) {
+        (Some(gb), Some(ga)) => format!("{gb:.3} -> {ga:.3}"),
+        _ => "no paraphrase".to_string(),
+    };
     println!(
-        "match rate on trained corrections {:.3} -> {:.3}; held out {} -> {}; retention perplexity {:.3} -> {:.3}",
-        report.before.task,
-        report.after.task,
-        held(&report.before),
-        held(&report.after),
-        report.before.retention_perplexity,
-        report.after.retention_perplexity,
+        "{} paraphrases trained on, {} for the gate; efficacy {:.3} -> {:.3}; generalisation {generalisation}; locality {:.3} (gate), {:.3} (report); retention perplexity {:.3} -> {:.3}",
+        report.paraphrases.iter().map(|p| p.trained.len()).sum::<usize>(),
+        report.paraphrases.iter().filter(|p| p.gate.is_some()).count(),
+        b.efficacy,
+        a.efficacy,
+        a.locality,
+        report.locality_report,
+        b.retention_perplexity,
+        a.retention_perplexity,
     );
     println!("{}: {}", if report.published { "published" } else { "not published" }, report.decision);
     println!("adapter {} in {} (PEFT copy {}); report {}", report.adapter, report.bundle.display(), report.peft.display(), args.out.join("report.json").display());

@@ -74,6 +74,19 @@ pub struct Example {
     pub priority: f32,
 }
 
+impl Example {
+    /// The same example with its question (the last message) worded as
+    /// `question`, sampled with `priority`: a paraphrase to train on.
+    pub fn reworded(&self, question: &str, priority: f32) -> Example {
+        let mut e = self.clone();
+        if let Some(last) = e.messages.last_mut() {
+            last.content = question.to_string();
+        }
+        e.priority = priority;
+        e
+    }
+}
+
 /// What building the buffer found.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReplayReport {
@@ -98,6 +111,11 @@ pub struct ReplayReport {
 pub struct ReplayBuffer {
     /// The examples, in (device, interaction) order.
     pub examples: Vec<Example>,
+    /// The context of every unrated interaction (no feedback, or feedback
+    /// neither positive nor negative), in the same order: questions of the
+    /// device's own domain that nobody taught, which the night uses to check
+    /// locality (answers that must not change).
+    pub untaught: Vec<Vec<ChatMessage>>,
     /// Counts.
     pub report: ReplayReport,
 }
@@ -151,7 +169,7 @@ impl ReplayBuffer {
     /// # Panics
     /// An index is out of range.
     pub fn subset(&self, indices: &[usize]) -> ReplayBuffer {
-        ReplayBuffer { examples: indices.iter().map(|&i| self.examples[i].clone()).collect(), report: self.report.clone() }
+        ReplayBuffer { examples: indices.iter().map(|&i| self.examples[i].clone()).collect(), untaught: self.untaught.clone(), report: self.report.clone() }
     }
 
     /// Builds the buffer from journal directories (a device's `journal/`,
@@ -187,24 +205,9 @@ impl ReplayBuffer {
         for ((device, _), (_, i)) in &interactions {
             shown.insert((*device, i.conversation, i.turn), (&i.prompt, &i.reply));
         }
-        let mut examples = Vec::new();
+        let (mut examples, mut untaught) = (Vec::new(), Vec::new());
         for ((device, lsn), (time_ms, i)) in &interactions {
             let merged = feedback.get(&(*device, *lsn)).cloned().unwrap_or_default();
-            let implicit = merged.implicit();
-            let explicit = merged.explicit();
-            let (target, corrected) = match (&merged.correction, explicit) {
-                (Some(c), _) => (c.clone(), true),
-                (None, Some(e)) if e >= 0.75 && !merged.regenerated => (i.reply.to_string(), false),
-                (None, None) if implicit >= 2.0 / 3.0 && feedback.contains_key(&(*device, *lsn)) => (i.reply.to_string(), false),
-                (None, e) => {
-                    if merged.regenerated || e.is_some_and(|e| e <= 0.25) {
-                        report.negative_only += 1;
-                    } else {
-                        report.unrated += 1;
-                    }
-                    continue;
-                }
-            };
             let mut messages = Vec::new();
             if !i.system.is_empty() {
                 messages.push(ChatMessage::new("system", &i.system));
@@ -216,6 +219,22 @@ impl ReplayBuffer {
                 }
             }
             messages.push(ChatMessage::new("user", &i.prompt));
+            let implicit = merged.implicit();
+            let explicit = merged.explicit();
+            let (target, corrected) = match (&merged.correction, explicit) {
+                (Some(c), _) => (c.clone(), true),
+                (None, Some(e)) if e >= 0.75 && !merged.regenerated => (i.reply.to_string(), false),
+                (None, None) if implicit >= 2.0 / 3.0 && feedback.contains_key(&(*device, *lsn)) => (i.reply.to_string(), false),
+                (None, e) => {
+                    if merged.regenerated || e.is_some_and(|e| e <= 0.25) {
+                        report.negative_only += 1;
+                    } else {
+                        report.unrated += 1;
+                        untaught.push(messages);
+                    }
+                    continue;
+                }
+            };
             let explicit = explicit.unwrap_or(0.5);
             let priority = weights.implicit * implicit + weights.explicit * explicit;
             if corrected {
@@ -236,7 +255,7 @@ impl ReplayBuffer {
                 priority,
             });
         }
-        Ok(ReplayBuffer { examples, report })
+        Ok(ReplayBuffer { examples, untaught, report })
     }
 
     /// `n` example indices drawn with replacement, each with probability
@@ -340,6 +359,9 @@ mod tests {
         assert_eq!(roles, [("system", "Be brief."), ("user", "2+2?"), ("assistant", "4"), ("user", "And 3+3?")]);
         assert_eq!(retried.target, "6");
         assert!(!by_lsn.contains_key(&9) && !by_lsn.contains_key(&6) && !by_lsn.contains_key(&8));
+        // The unrated interaction is a locality probe, in its context.
+        let probes: Vec<Vec<&str>> = buffer.untaught.iter().map(|m| m.iter().map(|m| m.content.as_str()).collect()).collect();
+        assert_eq!(probes, [["Be brief.", "Tell a joke"]]);
         // Sampling follows priority.
         let draws = buffer.sample(3000, 1);
         let count = |lsn: u64| draws.iter().filter(|&&i| buffer.examples[i].interaction == lsn).count() as f32;

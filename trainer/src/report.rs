@@ -1,6 +1,8 @@
 //! `report.html`: the plots of a consolidation run, from its `report.json`
-//! — loss curve, rehearsal divergence, priority distribution, evaluation
-//! before and after, and examples per day — as one self-contained HTML file with inline SVG.
+//! — loss curve, rehearsal divergence, priority distribution, the editing
+//! figures (efficacy, generalisation, locality) before and after, the
+//! paraphrases the night wrote, and examples per day — as one
+//! self-contained HTML file with inline SVG.
 //!
 //! Principal function: [`render`].
 
@@ -65,6 +67,11 @@ fn bar_plot(title: &str, bars: &[(String, f64)]) -> String {
     svg + "</svg>"
 }
 
+/// `text` with HTML's special characters escaped.
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&#39;")
+}
+
 /// Renders `report` (the content of `report.json`) as HTML.
 pub fn render(report: &Value) -> String {
     let mut html = String::from("<!doctype html><meta charset='utf-8'><title>nocturne consolidation report</title><body style='font-family:sans-serif'>");
@@ -104,12 +111,23 @@ pub fn render(report: &Value) -> String {
     let bins: Vec<(String, f64)> = bins.iter().enumerate().map(|(i, c)| (format!("{:.1}", i as f64 / 10.0), *c as f64)).collect();
     html += &bar_plot("Priority distribution (examples per 0.1 bin)", &bins);
     let (b, a) = (&report["before"], &report["after"]);
-    let mut eval = vec![("task before".to_string(), b["task"].as_f64().unwrap_or(0.0)), ("task after".to_string(), a["task"].as_f64().unwrap_or(0.0))];
-    if let (Some(hb), Some(ha)) = (b["held_out"].as_f64(), a["held_out"].as_f64()) {
-        eval.push(("held-out before".into(), hb));
-        eval.push(("held-out after".into(), ha));
+    let figure = |v: &Value, name: &str| v[name].as_f64().unwrap_or(0.0);
+    let mut eval = vec![("efficacy before".to_string(), figure(b, "efficacy")), ("efficacy after".to_string(), figure(a, "efficacy"))];
+    if let (Some(gb), Some(ga)) = (b["generalisation"].as_f64(), a["generalisation"].as_f64()) {
+        eval.push(("generalisation before".into(), gb));
+        eval.push(("generalisation after".into(), ga));
     }
-    html += &bar_plot("Match rate before and after", &eval);
+    eval.push(("locality (gate)".into(), figure(a, "locality")));
+    eval.push(("locality (report)".into(), report["locality_report"].as_f64().unwrap_or(0.0)));
+    html += &bar_plot("Efficacy, generalisation to unseen paraphrases, and locality (answers unchanged), before and after", &eval);
+    if let Some(written) = report["paraphrases"].as_array().filter(|w| !w.is_empty()) {
+        html += "<h2>Paraphrases the night wrote</h2><table border='1' cellpadding='4' style='border-collapse:collapse'><tr><th>question</th><th>trained on</th><th>gate (never trained on)</th></tr>";
+        for p in written {
+            let trained: Vec<String> = p["trained"].as_array().into_iter().flatten().filter_map(Value::as_str).map(escape).collect();
+            let _ = write!(html, "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", escape(p["question"].as_str().unwrap_or("")), trained.join("<br>"), escape(p["gate"].as_str().unwrap_or("—")));
+        }
+        html += "</table>";
+    }
     let ppl = [
         ("retention before".to_string(), b["retention_perplexity"].as_f64().unwrap_or(0.0)),
         ("retention after".to_string(), a["retention_perplexity"].as_f64().unwrap_or(0.0)),
@@ -132,12 +150,17 @@ mod tests {
             "losses": [3.0, 2.0, 1.0], "divergences": [0.0, 0.01, 0.02], "train_seconds": 1.0, "tokens_per_second": 10.0, "adapter_bytes": 100,
             "replay": {"interactions": 3, "feedback": 3, "corrected": 2, "approved": 1, "negative_only": 0, "unrated": 0, "orphan_feedback": 0},
             "priorities": [0.3, 0.9, 0.95],
-            "before": {"task": 0.0, "held_out": null, "retention_perplexity": 10.0},
-            "after": {"task": 1.0, "held_out": null, "retention_perplexity": 10.1},
+            "before": {"efficacy": 0.0, "generalisation": 0.0, "locality": 1.0, "retention_perplexity": 10.0},
+            "after": {"efficacy": 1.0, "generalisation": 0.5, "locality": 0.96, "retention_perplexity": 10.1},
+            "locality_report": 0.92,
+            "paraphrases": [{"question": "Who <b>is</b> it?", "trained": ["Who's that?"], "gate": "Which one is it?"}],
             "examples_per_day": [["2026-11-21", 3]]
         });
         let html = super::render(&report);
         assert_eq!(html.matches("<svg").count(), 6);
         assert!(html.contains("polyline") && html.contains("2026-11-21") && html.contains("published"));
+        assert!(html.contains("generalisation after") && html.contains("locality (report)"));
+        // The paraphrase table, its text escaped.
+        assert!(html.contains("Who &lt;b&gt;is&lt;/b&gt; it?") && html.contains("Who&#39;s that?") && html.contains("Which one is it?"));
     }
 }

@@ -32,7 +32,7 @@ use nocturne::adapter::{LoraAdapter, Target};
 use nocturne::budget::PlanSettings;
 use nocturne::decoder::Decoder;
 use nocturne::sampler::{Sampler, SamplerConfig};
-use nocturne::tokenizer::{Tokenizer, IM_END, IM_START};
+use nocturne::tokenizer::{ChatMessage, Tokenizer, DEFAULT_SYSTEM_PROMPT, IM_END, IM_START};
 use nocturne::weights::ModelPack;
 
 use crate::llama::{sequence_loss, BaseModel, Lora};
@@ -61,7 +61,7 @@ pub struct TrainConfig {
     pub rehearsal_weight: f64,
     /// Rehearsal sequences sampled from the base model (default 32).
     pub rehearsal_sequences: usize,
-    /// Tokens per rehearsal sequence (default 48).
+    /// Tokens per rehearsal sequence at most (default 80).
     pub rehearsal_tokens: usize,
     /// Seed of initialisation and sampling.
     pub seed: u64,
@@ -79,7 +79,7 @@ impl Default for TrainConfig {
             max_tokens: 256,
             rehearsal_weight: 20.0,
             rehearsal_sequences: 32,
-            rehearsal_tokens: 48,
+            rehearsal_tokens: 80,
             seed: 0,
         }
     }
@@ -140,11 +140,16 @@ pub fn mas_importance(base: &BaseModel, lora: &Lora, prompts: &[Vec<u32>]) -> ca
 /// Rehearsal sequences: text the device's current model (the base, with
 /// `adapter` when a previous night's adapter is active) itself writes,
 /// sampled at temperature 1 with nucleus sampling (top-p 0.9, no penalty) on
-/// the device decoder, `count` sequences of `tokens` tokens, alternately from a
-/// document boundary (`<|endoftext|>`: whatever text it writes) and from the
-/// opening of a chat user turn (`<|im_start|>user\n`: a user message, and
-/// usually the assistant's reply after it), so that both plain text and
-/// conversation are covered.
+/// the device decoder, `count` sequences of at most `tokens` tokens,
+/// alternately:
+/// - from a document boundary (`<|endoftext|>`): whatever text it writes;
+/// - a whole chat exchange as the device holds one: the default system
+///   prompt, a user message the model writes (at most a third of `tokens`,
+///   ended by `<|im_end|>`), and the model's own reply to it, up to its
+///   `<|im_end|>` or the length. The reply is what keeps the adapter from
+///   changing how the model answers questions nobody taught: with free text
+///   only, the adapter learned the corrections' house style (short answers)
+///   and every general answer changed with it (issue 15's locality).
 ///
 /// Training adds `μ · KL(p_start ‖ p_θ)` averaged over the positions of one
 /// such sequence per step, `p_start` being the model training starts from
@@ -154,8 +159,9 @@ pub fn mas_importance(base: &BaseModel, lora: &Lora, prompts: &[Vec<u32>]) -> ca
 /// away from the corrected answers (and, on later nights, from forgetting
 /// what earlier adapters learned). Rehearsal on self-generated
 /// text follows Huang et al., "Mitigating Catastrophic Forgetting in Large
-/// Language Models with Self-Synthesized Rehearsal" (ACL 2024); distilling
-/// the old model's outputs follows Li & Hoiem, "Learning without
+/// Language Models with Self-Synthesized Rehearsal" (ACL 2024), whose
+/// rehearsal data are likewise instructions and answers the model writes;
+/// distilling the old model's outputs follows Li & Hoiem, "Learning without
 /// Forgetting" (ECCV 2016). It needs no data besides the pack.
 ///
 /// # Errors
@@ -168,26 +174,53 @@ pub fn rehearsal_samples(
     tokens: usize,
     seed: u64,
 ) -> anyhow::Result<Vec<Vec<u32>>> {
-    let mut chat_opening = vec![tokenizer.special_id(IM_START)?];
+    let (im_start, im_end) = (tokenizer.special_id(IM_START)?, tokenizer.special_id(IM_END)?);
+    let mut chat_opening = tokenizer.encode_chat(&[ChatMessage::new("system", DEFAULT_SYSTEM_PROMPT)], false)?;
+    chat_opening.push(im_start);
     chat_opening.extend(tokenizer.encode("user\n")?);
-    let openings = [vec![0u32], chat_opening];
+    let mut reply_opening = vec![im_end];
+    reply_opening.extend(tokenizer.encode("\n")?);
+    reply_opening.push(im_start);
+    reply_opening.extend(tokenizer.encode("assistant\n")?);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut decoder = Decoder::new(pack, PlanSettings::new(pack.config(), tokens.max(2), threads));
     decoder.set_adapter(adapter);
     let vocab = pack.config().vocab_size;
     let config = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 0.9, repetition_penalty: 1.0, seed };
     let mut sampler = Sampler::new(config, vocab);
+    // Samples onto `ids` (whose tokens up to the last the decoder has seen)
+    // until `limit` tokens or the `stop` token (kept).
+    let mut extend = |decoder: &mut Decoder<'_>, ids: &mut Vec<u32>, limit: usize, stop: Option<u32>| -> anyhow::Result<()> {
+        while ids.len() < limit && (stop.is_none() || ids.last() != stop.as_ref()) {
+            let logits = decoder.forward(&ids[ids.len() - 1..])?;
+            let next = sampler.sample(logits, ids);
+            ids.push(next);
+        }
+        Ok(())
+    };
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
         decoder.truncate(0);
-        let mut ids = openings[i % openings.len()].clone();
-        if ids.len() > 1 {
-            decoder.forward(&ids[..ids.len() - 1])?;
+        if i % 2 == 0 {
+            let mut ids = vec![0u32];
+            extend(&mut decoder, &mut ids, tokens, None)?;
+            out.push(ids);
+            continue;
         }
-        while ids.len() < tokens {
-            let logits = decoder.forward(&ids[ids.len() - 1..])?;
-            let next = sampler.sample(logits, &ids);
-            ids.push(next);
+        let mut ids = chat_opening.clone();
+        ids.truncate(tokens.saturating_sub(reply_opening.len() + 1).max(1));
+        decoder.forward(&ids[..ids.len() - 1])?;
+        let question_end = (ids.len() + tokens / 3).min(tokens.saturating_sub(reply_opening.len() + 1));
+        extend(&mut decoder, &mut ids, question_end, Some(im_end))?;
+        if ids.last() == Some(&im_end) {
+            ids.pop();
+            decoder.truncate(ids.len() - 1);
+        }
+        if ids.len() + reply_opening.len() < tokens {
+            let at = ids.len();
+            ids.extend(&reply_opening);
+            decoder.forward(&ids[at - 1..ids.len() - 1])?;
+            extend(&mut decoder, &mut ids, tokens, Some(im_end))?;
         }
         out.push(ids);
     }

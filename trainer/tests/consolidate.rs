@@ -1,6 +1,7 @@
-//! Consolidation on the real SmolLM2 pack: training lowers the loss on a
-//! taught correction, the export loads on the device and in the PEFT
-//! layout, and the gate decides as documented.
+//! Consolidation on the real SmolLM2 pack: every acknowledged correction
+//! reaches the training set, training lowers the loss on a taught
+//! correction, the export loads on the device and in the PEFT layout, and
+//! the gate decides as documented.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -68,7 +69,12 @@ fn training_learns_a_correction_and_the_export_loads_everywhere() {
     let config = TrainConfig { steps: 12, learning_rate: 5e-3, mas_lambda: 0.5, ..TrainConfig::default() };
     let reference = vec![tokenizer.encode("The weather today is mild and sunny.").unwrap()];
     let rehearsal = rehearsal_samples(&pack, None, &tokenizer, 2, 16, 7).unwrap();
-    assert_eq!(rehearsal.iter().map(Vec::len).collect::<Vec<_>>(), [16, 16]);
+    // Free text from a document boundary, then a chat exchange (system
+    // prompt, the model's question and its reply) that may end before the length.
+    assert_eq!((rehearsal[0].len(), rehearsal[0][0]), (16, 0));
+    assert!(rehearsal[1].len() <= 16 && rehearsal[1][0] == tokenizer.special_id(nocturne::tokenizer::IM_START).unwrap(), "{:?}", rehearsal[1]);
+    let assistant = tokenizer.encode("assistant\n").unwrap();
+    assert!(rehearsal[1].windows(assistant.len()).any(|w| w == assistant), "a reply follows the question: {:?}", rehearsal[1]);
     let outcome = train(&base, &tokenizer, &buffer.subset(&[0]), None, Retention { reference: &reference, rehearsal: &rehearsal }, &config, &mut |_, _, _| {}).unwrap();
     let (first, last) = (outcome.losses[0], *outcome.losses.last().unwrap());
     assert!(last < 0.5 * first, "loss {first} -> {last}");
@@ -102,13 +108,15 @@ fn training_learns_a_correction_and_the_export_loads_everywhere() {
 }
 
 #[test]
-fn the_gate_publishes_only_improvements_within_the_retention_bound() {
+fn the_gate_publishes_only_improvements_within_the_retention_and_locality_bounds() {
     let gate = Gate::default();
-    let s = |task, held_out, retention_perplexity| Scores { task, held_out, retention_perplexity };
-    assert!(gate.decide(&s(0.1, None, 10.0), &s(0.8, None, 10.2)).0);
-    assert!(!gate.decide(&s(0.1, None, 10.0), &s(0.8, None, 10.4)).0, "retention rose 4%");
-    assert!(!gate.decide(&s(0.5, None, 10.0), &s(0.5, None, 9.0)).0, "no improvement");
-    assert!(!gate.decide(&s(0.1, Some(0.5), 10.0), &s(0.8, Some(0.4), 10.0)).0, "held-out fell");
+    let s = |efficacy, generalisation, locality, retention_perplexity| Scores { efficacy, generalisation, locality, retention_perplexity };
+    assert!(gate.decide(&s(0.1, None, 1.0, 10.0), &s(0.8, None, 0.96, 10.2)).0);
+    assert!(!gate.decide(&s(0.1, None, 1.0, 10.0), &s(0.8, None, 1.0, 10.4)).0, "retention rose 4%");
+    assert!(!gate.decide(&s(0.5, None, 1.0, 10.0), &s(0.5, None, 1.0, 9.0)).0, "no improvement");
+    assert!(!gate.decide(&s(0.1, Some(0.5), 1.0, 10.0), &s(0.8, Some(0.4), 1.0, 10.0)).0, "generalisation fell");
+    let (published, why) = gate.decide(&s(0.1, Some(0.5), 1.0, 10.0), &s(0.8, Some(0.6), 0.9, 9.9));
+    assert!(!published && why.contains("locality 0.900"), "{why}");
     assert_eq!(normalise("  Paris. "), normalise("paris"));
     assert_ne!(normalise("Paris"), normalise("Lyon"));
 }
@@ -148,7 +156,17 @@ fn consolidate_eval_and_report_from_the_command_line() {
     assert_eq!(description["published"], report["published"]);
     // It lists the corrections the candidate answers as taught: as many as the after-score says.
     let learned = description["learned"].as_array().unwrap();
-    assert_eq!(learned.len() as f64, report["after"]["task"].as_f64().unwrap(), "one correction taught: {description}");
+    assert_eq!(learned.len() as f64, report["after"]["efficacy"].as_f64().unwrap(), "one correction taught: {description}");
+    // The night wrote paraphrases of the corrected question (trained on, and
+    // one for the gate when it found two), trained on the correction itself
+    // and every trained paraphrase, and measured locality on the built-in
+    // general questions split in two.
+    let written = report["paraphrases"].as_array().unwrap();
+    assert_eq!(written.len(), 1);
+    assert_eq!(written[0]["question"], "What is the name of this kiosk?");
+    let trained = written[0]["trained"].as_array().unwrap().len() as u64;
+    assert_eq!(description["trained_on"].as_u64(), Some(1 + trained), "{description}");
+    assert_eq!(report["locality_probes"], serde_json::json!([25, 25]));
     for entry in learned {
         let device = nocturne::ids::DeviceId::from_hex(entry["device"].as_str().unwrap()).unwrap();
         assert_eq!(manifest.learned(device), [entry["interaction"].as_u64().unwrap()]);
@@ -159,4 +177,41 @@ fn consolidate_eval_and_report_from_the_command_line() {
     let trainer_pub = store.join("trainer.pub");
     let text = trainer(&["eval", "--journal", journal.to_str().unwrap(), "--base", &base, "--adapter", bundle, "--trainer-pub", trainer_pub.to_str().unwrap()]);
     assert!(text.contains("on 1 corrections; retention perplexity"), "{text}");
+}
+
+/// Every correction a device acknowledged (its feedback record durable), in
+/// whatever segment it landed, reaches the night's training examples through
+/// sync, none held back; the interactions nobody rated become locality probes.
+#[test]
+fn every_acknowledged_correction_reaches_the_training_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = nocturne::device::StateDir::new(tmp.path().join("device"));
+    let device = state.device_id_or_create().unwrap();
+    // Small segments, so the corrections spread over many of them.
+    let config = JournalConfig { durability: Durability::GroupCommit, group_commit: Duration::from_millis(1), segment_bytes: 2048, disk_quota_bytes: 1 << 30 };
+    let mut journal = Journal::open(&state.journal_dir(), device, config).unwrap();
+    let (mut acknowledged, mut unrated) = (Vec::new(), Vec::new());
+    for i in 0..60u64 {
+        let (question, reply, answer) = (format!("Question {i}?"), format!("Reply {i}."), format!("Answer {i}."));
+        let lsn = journal.append(&Body::Interaction(Interaction::of_texts(i, ModelId([1; 32]), "Be brief.", &question, &reply))).unwrap();
+        if i % 3 == 2 {
+            unrated.push(question);
+            continue;
+        }
+        let fix = Feedback { interaction: lsn, correction: Some(Cow::Borrowed(&answer)), ..Feedback::default() };
+        journal.append_durable(&Body::Feedback(fix)).unwrap();
+        acknowledged.push((lsn, answer));
+    }
+    assert!(nocturne::journal::reader::list_segments(&state.journal_dir()).unwrap().len() > 3);
+    let store = nocturne_trainer::store::Store::new(tmp.path().join("store"));
+    store.keygen().unwrap();
+    store.enroll(&tmp.path().join("device").join(nocturne::device::DEVICE_PUBLIC_FILE)).unwrap();
+    let bundle = nocturne::sync::export(&state, &mut journal, &tmp.path().join("usb")).unwrap().bundle;
+    store.ingest(&bundle).unwrap();
+    journal.close().unwrap();
+    let buffer = ReplayBuffer::build(&[store.device_dir(device)], PriorityWeights::default()).unwrap();
+    let trained: Vec<(u64, String)> = buffer.examples.iter().filter(|e| e.corrected).map(|e| (e.interaction, e.target.clone())).collect();
+    assert_eq!(trained, acknowledged);
+    let probes: Vec<&str> = buffer.untaught.iter().map(|m| m.last().unwrap().content.as_str()).collect();
+    assert_eq!(probes, unrated);
 }

@@ -23,7 +23,7 @@
 //!    one is left out of that rate and counted.
 //!
 //! Locality questions: at least 150 chatterbot questions that were not corrected and
-//! `general_questions.txt` (50 general-knowledge questions written for this
+//! `trainer/data/general_questions.txt` (50 general-knowledge questions written for this
 //! evaluation), split alternately into the tuning and report halves.
 //!
 //! `cargo run --release -p nocturne-trainer --example recall_eval -- [OUT] [TEST] [TUNE]`
@@ -177,7 +177,7 @@ fn main() -> anyhow::Result<()> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let python = std::env::var("NOCTURNE_PYTHON").unwrap_or_else(|_| "python3".into());
     let pairs = chatterbot_pairs(&CHATTERBOT.fetch(&repo.join("models/cache/downloads"), &python)?)?;
-    let general: Vec<String> = include_str!("general_questions.txt").lines().map(String::from).collect();
+    let general: Vec<String> = include_str!("../../data/general_questions.txt").lines().map(String::from).collect();
     let pack_dir = repo.join("models/cache/smollm2-135m-instruct/int8");
     let pack = ModelPack::open(&pack_dir)?;
     let tokenizer = Tokenizer::from_file(&pack_dir.join(TOKENIZER_FILE))?;

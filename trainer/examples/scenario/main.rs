@@ -4,27 +4,35 @@
 //!    categories) are asked on the device (greedy, the default system
 //!    prompt); the first QUESTIONS the base model answers differently from
 //!    the corpus are corrected by a simulated user through the device's
-//!    feedback path (interaction + correction records in its journal).
+//!    feedback path (interaction + correction records in its journal), and
+//!    the next [`UNTAUGHT`] questions are asked and left unrated, as a
+//!    device's users ask questions nobody corrects (the night's locality
+//!    probes of the device's own domain).
 //! 2. The journal goes through sync (export, ingest into a host store).
-//! 3. Consolidation runs three times: with the anti-forgetting terms (MAS
-//!    penalty and rehearsal, the defaults), with MAS only, and with neither.
+//! 3. Consolidation runs NIGHTS times from the bare base on the same store,
+//!    each a variant of the first night: with the night's paraphrases (the
+//!    defaults), then without them (`--paraphrases 0`), then with neither
+//!    paraphrases nor the anti-forgetting terms (MAS penalty, rehearsal).
 //! 4. The first adapter is installed on the device (verify, self-test,
 //!    switch): as published, or, when the gate refused it, by the
 //!    operator's explicit choice (`Unpublished::Allow`) for step 6.
-//! 5. The corrected questions are asked again, as they were and rephrased,
-//!    with no adapter and with each adapter, reported apart for the
-//!    corrections trained on and those the night held out for its gate
-//!    ([`is_held_out`]); retention perplexity is measured on held-out
-//!    `chitchat-dataset==0.9.0` dialogues for each.
+//! 5. The corrected questions are asked again with no adapter and with each
+//!    adapter: as asked (efficacy; every correction was trained on), and
+//!    rephrased by two fixed templates and by hand
+//!    (`../recall_eval/paraphrases.txt`, where it has the question), none
+//!    of which the night's paraphrase generator writes (generalisation);
+//!    locality is the night's own report-part figure (never-taught questions
+//!    whose answer stayed the same; the gate uses the other part), and
+//!    retention perplexity is measured on held-out `chitchat-dataset==0.9.0`
+//!    dialogues.
 //! 6. Recall after the night: the device's recall memory (the encoder of
-//!    `models/all-minilm-l6-v2`) follows the installed adapter; the trained
+//!    `models/all-minilm-l6-v2`) follows the installed adapter; the
 //!    corrections its manifest lists as learned must no longer be injected,
-//!    and the trained set is asked again as the device answers it (adapter
+//!    and the corrections are asked again as the device answers them (adapter
 //!    and recall together).
 //!
-//! `cargo run -p nocturne-trainer --example scenario -- [OUT] [QUESTIONS] [STEPS] [NIGHTS]`
-//! (defaults `target/scenario`, 40, 400, 3: NIGHTS runs the first 1–3 of the
-//! consolidations of step 3). Writes OUT/scenario.json and prints a table.
+//! `cargo run --release -p nocturne-trainer --example scenario -- [OUT] [QUESTIONS] [STEPS] [NIGHTS]`
+//! (defaults `target/scenario`, 40, 400, 2). Writes OUT/scenario.json and prints a table.
 
 mod datasets;
 
@@ -46,7 +54,8 @@ use nocturne::weights::{ModelPack, TOKENIZER_FILE};
 use nocturne_trainer::train::TrainConfig;
 use datasets::{chatterbot_pairs, chitchat_dialogues, CHATTERBOT, CHITCHAT};
 use nocturne_trainer::eval::{device_profile, normalise, Evaluator, Gate};
-use nocturne_trainer::consolidate::{consolidate, is_held_out, retention_texts, NightConfig, NightSources};
+use nocturne_trainer::consolidate::{consolidate, retention_texts, NightConfig, NightSources};
+use nocturne_trainer::paraphrase::ParaphraseConfig;
 use nocturne_trainer::replay::{Example, PriorityWeights};
 use nocturne_trainer::store::Store;
 
@@ -64,6 +73,9 @@ fn example(question: &str, answer: &str) -> Example {
         priority: 1.0,
     }
 }
+
+/// Uncorrected questions asked after the corrected ones and left unrated.
+const UNTAUGHT: usize = 150;
 
 /// A rephrasing that keeps the question's meaning (two fixed templates, alternating).
 fn rephrase(i: usize, question: &str) -> String {
@@ -142,7 +154,7 @@ fn main() -> anyhow::Result<()> {
     let out = PathBuf::from(args.get(1).map_or("target/scenario", String::as_str));
     let wanted: usize = args.get(2).map_or(40, |s| s.parse().expect("QUESTIONS is a number"));
     let steps: usize = args.get(3).map_or(400, |s| s.parse().expect("STEPS is a number"));
-    let night_count: usize = args.get(4).map_or(3, |s| s.parse().expect("NIGHTS is a number")).clamp(1, 3);
+    let night_count: usize = args.get(4).map_or(2, |s| s.parse().expect("NIGHTS is a number")).clamp(1, 3);
     let started = Instant::now();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let downloads = repo.join("models/cache/downloads");
@@ -162,23 +174,32 @@ fn main() -> anyhow::Result<()> {
     let device = state.device_id_or_create()?;
     let mut journal = Journal::open(&state.journal_dir(), device, JournalConfig::for_profile(&profile))?;
     let mut evaluator = Evaluator::new(&pack, &tokenizer, &profile)?;
-    let mut corrected = Vec::new();
+    let (mut corrected, mut untaught) = (Vec::new(), 0);
     let mut asked = 0;
     for (q, a) in &pairs {
-        if corrected.len() == wanted {
+        if untaught == UNTAUGHT {
             break;
         }
         asked += 1;
         let reply = evaluator.answer(&example(q, a))?;
+        let interaction = Interaction::of_texts(asked as u64, pack.id(), DEFAULT_SYSTEM_PROMPT, q, &reply);
+        if corrected.len() == wanted {
+            journal.append(&Body::Interaction(interaction))?;
+            untaught += 1;
+            continue;
+        }
         if reply == *a || normalise(&reply) == normalise(a) {
             continue;
         }
-        let interaction = Interaction::of_texts(asked as u64, pack.id(), DEFAULT_SYSTEM_PROMPT, q, &reply);
         let lsn = journal.append(&Body::Interaction(interaction))?;
         journal.append_durable(&Body::Feedback(Feedback { interaction: lsn, correction: Some(Cow::Borrowed(a)), ..Feedback::default() }))?;
         corrected.push((q.clone(), a.clone(), lsn));
     }
-    println!("asked {asked}, {} answered differently and corrected ({:.0} s)", corrected.len(), started.elapsed().as_secs_f64());
+    println!(
+        "asked {asked}: {} answered differently and corrected, then {untaught} left unrated ({:.0} s)",
+        corrected.len(),
+        started.elapsed().as_secs_f64()
+    );
 
     // 2. Sync to the host.
     let store = Store::new(out.join("store"));
@@ -190,17 +211,19 @@ fn main() -> anyhow::Result<()> {
     let key = nocturne::signing::read_signing_key(&out.join("store/trainer.key"))?;
     let dirs = vec![store.device_dir(device)];
 
-    // 3. Consolidation, with the anti-forgetting terms, MAS only, neither.
+    // 3. The first night, with paraphrases (the defaults), without, and
+    // without the anti-forgetting terms either.
     let retention = retention_texts(&[])?;
     let default = TrainConfig { steps, ..TrainConfig::default() };
+    let none = ParaphraseConfig { wanted: 0, ..ParaphraseConfig::default() };
     let runs = [
-        (format!("MAS λ={} + rehearsal μ={}", default.mas_lambda, default.rehearsal_weight), default.clone()),
-        (format!("MAS λ={} only", default.mas_lambda), TrainConfig { rehearsal_weight: 0.0, ..default.clone() }),
-        ("no anti-forgetting term".to_string(), TrainConfig { mas_lambda: 0.0, rehearsal_weight: 0.0, ..default.clone() }),
+        ("with paraphrases".to_string(), default.clone(), ParaphraseConfig::default()),
+        ("without paraphrases".to_string(), default.clone(), none),
+        ("no paraphrases, no anti-forgetting term".to_string(), TrainConfig { mas_lambda: 0.0, rehearsal_weight: 0.0, ..default.clone() }, none),
     ];
     let mut nights = Vec::new();
-    for (i, (name, train)) in runs.into_iter().take(night_count).enumerate() {
-        let config = NightConfig { train, weights: PriorityWeights::default(), gate: Gate::default(), precision: Default::default(), device: profile.clone() };
+    for (i, (name, train, paraphrase)) in runs.into_iter().take(night_count).enumerate() {
+        let config = NightConfig { train, weights: PriorityWeights::default(), gate: Gate::default(), precision: Default::default(), device: profile.clone(), paraphrase };
         let t = Instant::now();
         let sources = NightSources { journals: &dirs, base: &pack_dir, previous: None, key: &key, retention: &retention };
         let report = consolidate(sources, &out.join(format!("night-{i}")), &config, &mut |step, loss, tps| {
@@ -226,36 +249,45 @@ fn main() -> anyhow::Result<()> {
     println!("device install ({}): {installed:?}", if published { "published" } else { "not published: installed by the operator's choice" });
     journal.close()?;
 
-    // 5. Ask again.
-    let (trained, held): (Vec<_>, Vec<_>) = corrected.iter().partition(|(_, _, lsn)| !is_held_out(*lsn));
-    let ask = |set: &[&(String, String, u64)], rephrased: bool| -> Vec<Example> {
-        set.iter().enumerate().map(|(i, (q, a, _))| example(&if rephrased { rephrase(i, q) } else { q.clone() }, a)).collect()
-    };
-    let sets = [ask(&trained, false), ask(&trained, true), ask(&held, false)];
+    // 5. Ask again: as asked, rephrased by template, rephrased by hand.
+    let by_hand: std::collections::HashMap<&str, &str> = include_str!("../recall_eval/paraphrases.txt").lines().filter_map(|l| l.split_once('\t')).collect();
+    let as_asked: Vec<Example> = corrected.iter().map(|(q, a, _)| example(q, a)).collect();
+    let templated: Vec<Example> = corrected.iter().enumerate().map(|(i, (q, a, _))| example(&rephrase(i, q), a)).collect();
+    let handwritten: Vec<Example> = corrected.iter().filter_map(|(q, a, _)| by_hand.get(q.as_str()).map(|p| example(p, a))).collect();
+    let sets = [as_asked, templated, handwritten];
     let trainer_key = key.verifying_key();
     let mut rows = Vec::new();
-    let variants: Vec<(String, Option<Arc<LoraAdapter>>)> = std::iter::once(("base model, no adapter".to_string(), None))
-        .chain(nights.iter().map(|(name, report, _)| (format!("adapter, {name}"), LoraAdapter::open(&report.bundle, &pack, &trainer_key).map(Arc::new).ok())))
+    let variants: Vec<(String, Option<Arc<LoraAdapter>>, Option<f64>)> = std::iter::once(("base model, no adapter".to_string(), None, None))
+        .chain(nights.iter().map(|(name, report, _)| {
+            (format!("adapter, {name}"), LoraAdapter::open(&report.bundle, &pack, &trainer_key).map(Arc::new).ok(), Some(report.locality_report))
+        }))
         .collect();
-    println!("| model | corrected, trained ({}) | same, rephrased | corrected, held out ({}) | chitchat perplexity |", trained.len(), held.len());
-    println!("|---|---|---|---|---|");
-    for (name, adapter) in variants {
+    println!(
+        "| model | as asked ({}) | rephrased, templates ({}) | rephrased, by hand ({}) | locality (report part, {}) | chitchat perplexity |",
+        sets[0].len(),
+        sets[1].len(),
+        sets[2].len(),
+        nights[0].1.locality_probes.1
+    );
+    println!("|---|---|---|---|---|---|");
+    for (name, adapter, locality) in variants {
         evaluator.set_adapter(adapter);
         let mut rates = Vec::new();
         for set in &sets {
             rates.push(evaluator.match_rate(&set.iter().collect::<Vec<_>>())?);
         }
         let ppl = evaluator.perplexity(&dialogues)?;
-        println!("| {name} | {:.1}% | {:.1}% | {:.1}% | {ppl:.3} |", 100.0 * rates[0], 100.0 * rates[1], 100.0 * rates[2]);
-        rows.push(serde_json::json!({"model": name, "trained": rates[0], "rephrased": rates[1], "held_out": rates[2], "chitchat_perplexity": ppl}));
+        let shown = locality.map_or("—".to_string(), |l| format!("{:.1}%", 100.0 * l));
+        println!("| {name} | {:.1}% | {:.1}% | {:.1}% | {shown} | {ppl:.3} |", 100.0 * rates[0], 100.0 * rates[1], 100.0 * rates[2]);
+        rows.push(serde_json::json!({"model": name, "as_asked": rates[0], "templates": rates[1], "by_hand": rates[2], "locality": locality, "chitchat_perplexity": ppl}));
     }
-    // 6. Recall after the night, on the trained set.
+    // 6. Recall after the night, on the corrections.
     evaluator.set_adapter(Some(Arc::new(LoraAdapter::open(first, &pack, &trainer_key)?)));
-    let after_night = recall_after_night(&repo, &state, &profile, &mut evaluator, &tokenizer, &trained)?;
+    let after_night = recall_after_night(&repo, &state, &profile, &mut evaluator, &tokenizer, &corrected.iter().collect::<Vec<_>>())?;
     println!(
-        "recall after the night: {} of {} trained corrections learned by the adapter, {} of them still injected; \
+        "recall after the night: {} of {} corrections learned by the adapter, {} of them still injected; \
          answered as taught with adapter and recall: {:.1}% (learned ones: {:.1}%)",
-        after_night.learned, trained.len(), after_night.learned_injected, 100.0 * after_night.taught_rate, 100.0 * after_night.learned_rate
+        after_night.learned, corrected.len(), after_night.learned_injected, 100.0 * after_night.taught_rate, 100.0 * after_night.learned_rate
     );
     let summary = serde_json::json!({
         "questions_in_corpus": pairs.len(),
@@ -267,6 +299,7 @@ fn main() -> anyhow::Result<()> {
         "nights": nights.iter().map(|(name, r, s)| serde_json::json!({
             "name": name, "mas_lambda": r.mas_lambda, "rehearsal_weight": r.rehearsal_weight, "seconds": s,
             "tokens_per_second": r.tokens_per_second, "train_seconds": r.train_seconds, "before": r.before, "after": r.after,
+            "locality_report": r.locality_report, "paraphrases": r.paraphrases,
             "published": r.published, "decision": r.decision, "adapter_bytes": r.adapter_bytes, "bundle": r.bundle,
         })).collect::<Vec<_>>(),
         "evaluation": rows,

@@ -1,0 +1,128 @@
+//! Paraphrases of corrected questions, written at the start of a night by
+//! the device's own model on the device decoder, so that the adapter learns
+//! the answer under several wordings, and the gate can check that it answers
+//! wordings it never trained on.
+//!
+//! Principal items: [`paraphrases`], [`acceptable`], [`ParaphraseConfig`].
+//!
+//! Why: a fact fine-tuned under one wording is recalled under others only
+//! when training saw several (Allen-Zhu & Li, "Physics of Language Models:
+//! Part 3.1", ICML 2024; Ovadia et al., "Fine-Tuning or Retrieval?", EMNLP
+//! 2024, who augment with paraphrases for the same reason).
+//!
+//! How: the model continues a fixed few-shot prompt of question → rewritten
+//! question pairs ([`FEW_SHOT`]), sampled (temperature 0.8, top-p 0.95,
+//! each attempt its own seed), cut at the end of the line. A 135M model
+//! often repeats the question, answers it instead, or drifts to another
+//! topic, so each candidate passes [`acceptable`]: a question if the original
+//! was one, a different text after [`normalise`] from the original and from
+//! every kept one, a length within half and twice (plus three words) the
+//! original's, and at least half of the original's content words kept.
+
+use crate::eval::{normalise, Evaluator};
+use nocturne::sampler::SamplerConfig;
+
+/// The few-shot prompt the model continues: general questions, none of them
+/// a template a rephrasing check uses; the question to rewrite follows
+/// `Question: `, and the model writes after `Rewritten:`.
+pub const FEW_SHOT: &str = "Rewrite each question in other words, keeping its meaning.\n\n\
+Question: How old are you?\nRewritten: What is your age?\n\n\
+Question: Where do you live?\nRewritten: What place do you call home?\n\n\
+Question: Can you tell me a joke?\nRewritten: Do you know any jokes?\n\n\
+Question: Do you like music?\nRewritten: Are you a fan of music?\n\n";
+
+/// How many paraphrases to look for.
+#[derive(Clone, Copy, Debug)]
+pub struct ParaphraseConfig {
+    /// Paraphrases wanted per question (default 4: three to train on, one for the gate).
+    pub wanted: usize,
+    /// Sampling attempts per question at most (default 10).
+    pub attempts: usize,
+    /// Longest paraphrase, tokens (default 32).
+    pub max_tokens: usize,
+}
+
+impl Default for ParaphraseConfig {
+    fn default() -> ParaphraseConfig {
+        ParaphraseConfig { wanted: 4, attempts: 10, max_tokens: 32 }
+    }
+}
+
+/// Words that carry no topic (articles, pronouns, auxiliaries, question words).
+const FUNCTION_WORDS: &[&str] = &[
+    "a", "an", "the", "is", "are", "was", "were", "be", "do", "does", "did", "you", "your", "yours", "i", "me", "my", "we", "us", "our", "it",
+    "its", "he", "she", "they", "them", "what", "who", "whom", "which", "when", "where", "why", "how", "can", "could", "will", "would",
+    "should", "shall", "may", "might", "have", "has", "had", "of", "to", "in", "on", "at", "for", "with", "and", "or", "not", "no", "that",
+    "this", "there", "s", "re", "m", "t", "ll", "d", "ve", "any", "some", "about", "tell", "know",
+];
+
+fn content_words(text: &str) -> Vec<String> {
+    normalise(text).split(' ').filter(|w| !w.is_empty() && !FUNCTION_WORDS.contains(w)).map(String::from).collect()
+}
+
+/// Whether `candidate` is kept as a paraphrase of `original`, given the
+/// paraphrases `kept` so far (the rules are in the module documentation).
+pub fn acceptable(original: &str, candidate: &str, kept: &[String]) -> bool {
+    let candidate = candidate.trim();
+    let (n_original, n_candidate) = (normalise(original), normalise(candidate));
+    if n_candidate.is_empty() || n_candidate == n_original || kept.iter().any(|k| normalise(k) == n_candidate) {
+        return false;
+    }
+    if original.trim_end().ends_with('?') && !candidate.ends_with('?') {
+        return false;
+    }
+    let (words, candidate_words) = (n_original.split(' ').count(), n_candidate.split(' ').count());
+    if candidate_words * 2 < words || candidate_words > 2 * words + 3 {
+        return false;
+    }
+    let wanted = content_words(original);
+    let have = content_words(candidate);
+    let shared = wanted.iter().filter(|w| have.contains(w)).count();
+    2 * shared >= wanted.len()
+}
+
+/// Up to `config.wanted` paraphrases of `question`, written by the model
+/// the evaluator runs (the device's current model), in the order found.
+/// Reproducible for a given `seed`.
+///
+/// # Errors
+/// Tokenizer or decoder errors.
+pub fn paraphrases(evaluator: &mut Evaluator<'_>, question: &str, config: &ParaphraseConfig, seed: u64) -> anyhow::Result<Vec<String>> {
+    let prompt = format!("{FEW_SHOT}Question: {}\nRewritten:", question.trim());
+    let mut kept = Vec::new();
+    for attempt in 0..config.attempts as u64 {
+        if kept.len() == config.wanted {
+            break;
+        }
+        let sampler = SamplerConfig { temperature: 0.8, top_k: 0, top_p: 0.95, repetition_penalty: 1.0, seed: seed.wrapping_add(attempt) };
+        let candidate = evaluator.continue_text(&prompt, "\n", config.max_tokens, sampler)?;
+        if acceptable(question, &candidate, &kept) {
+            kept.push(candidate.trim().to_string());
+        }
+    }
+    Ok(kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::acceptable;
+
+    #[test]
+    fn rewordings_pass_and_repeats_answers_and_drift_do_not() {
+        let kept = vec!["What's your favourite colour?".to_string()];
+        assert!(acceptable("What is your favorite color?", "Which color do you like best, favorite or not?", &[]));
+        assert!(acceptable("What is the stock market?", "What's a stock market?", &[]));
+        assert!(acceptable("When will you die?", "When do you die?", &[]));
+        // The question itself, again or after normalisation, or a kept one again.
+        assert!(!acceptable("What is your favorite color?", "what is your favorite color", &[]));
+        assert!(!acceptable("What is your favorite color?", "What's your favourite colour?", &kept));
+        // An answer instead of a question.
+        assert!(!acceptable("Are you sentient?", "No, I'm not sentient.", &[]));
+        // Another topic: fewer than half the content words kept.
+        assert!(!acceptable("Who is the president of the United States?", "Who is the president of the world?", &[]));
+        assert!(!acceptable("What is the stock market?", "What kind of business do you run?", &[]));
+        // Far too short or too long.
+        assert!(!acceptable("What is the capital city of the country of France?", "France?", &[]));
+        assert!(!acceptable("Why?", "Why is it that this is the case, and why would anyone ever think so at all?", &[]));
+    }
+}
