@@ -32,7 +32,7 @@ use nocturne::tokenizer::{ChatMessage, Tokenizer, DEFAULT_SYSTEM_PROMPT};
 use nocturne::weights::{ModelPack, TOKENIZER_FILE};
 use serde::Serialize;
 
-use crate::eval::{Evaluator, Gate, Scores};
+use crate::eval::{normalise, unchanged_share, Evaluator, Gate, Scores};
 use crate::export::{export_adapter, AdapterPrecision};
 use crate::llama::{BaseModel, Lora};
 use crate::paraphrase::{paraphrases, ParaphraseConfig};
@@ -100,6 +100,8 @@ pub struct Report {
     pub locality_report: f64,
     /// Locality probes: (gate part, report part).
     pub locality_probes: (usize, usize),
+    /// The probes whose answer changed, with both answers.
+    pub locality_changes: Vec<LocalityChange>,
     /// The paraphrases the night wrote, per corrected question.
     pub paraphrases: Vec<Paraphrased>,
     /// The decision.
@@ -126,6 +128,19 @@ pub struct Report {
     pub divergences: Vec<f32>,
     /// Precision of the device bundle.
     pub precision: AdapterPrecision,
+}
+
+/// A never-taught question whose answer the candidate changed.
+#[derive(Clone, Debug, Serialize)]
+pub struct LocalityChange {
+    /// The part of the probes it belongs to: `gate` or `report`.
+    pub part: &'static str,
+    /// The question.
+    pub question: String,
+    /// The answer before the night.
+    pub before: String,
+    /// The candidate's answer.
+    pub after: String,
 }
 
 /// The paraphrases written for one corrected question.
@@ -275,8 +290,20 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
     let exported = export_adapter(&staging, key, &outcome.lora, &pack, parent, &description.to_string(), config.precision)?;
     let candidate = Arc::new(LoraAdapter::open(&exported.bundle, &pack, &trainer_key)?);
     evaluator.set_adapter(Some(candidate));
-    let locality = evaluator.unchanged(&gate_probes, &gate_answers)?;
-    let locality_report = evaluator.unchanged(&report_probes, &report_answers)?;
+    let (gate_after, report_after) = (evaluator.answers(&gate_probes)?, evaluator.answers(&report_probes)?);
+    let (locality, locality_report) = (unchanged_share(&gate_answers, &gate_after), unchanged_share(&report_answers, &report_after));
+    // Every answer that changed, for the report: what the damage is.
+    let locality_changes: Vec<LocalityChange> = [("gate", &gate_probes, &gate_answers, &gate_after), ("report", &report_probes, &report_answers, &report_after)]
+        .into_iter()
+        .flat_map(|(part, probes, before, after)| {
+            probes.iter().zip(before.iter().zip(after)).filter(|(_, (b, a))| normalise(a) != normalise(b)).map(move |(p, (b, a))| LocalityChange {
+                part,
+                question: p.last().map_or(String::new(), |m| m.content.clone()),
+                before: b.clone(),
+                after: a.clone(),
+            })
+        })
+        .collect();
     let (after, learned) = score(&mut evaluator, locality)?;
     // The corrections the adapter answers as taught: the device's recall
     // memory stops injecting them while this adapter is active.
@@ -316,6 +343,7 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
         after,
         locality_report,
         locality_probes: (gate_probes.len(), report_probes.len()),
+        locality_changes,
         paraphrases: paraphrased,
         published,
         decision,

@@ -51,6 +51,13 @@ pub struct Scores {
     pub retention_perplexity: f64,
 }
 
+/// Locality: the share of answers in `after` equal to the answer at the
+/// same index of `before` after [`normalise`] (1 when there are none).
+pub fn unchanged_share(before: &[String], after: &[String]) -> f64 {
+    let same = before.iter().zip(after).filter(|(b, a)| normalise(a) == normalise(b)).count();
+    if before.is_empty() { 1.0 } else { same as f64 / before.len() as f64 }
+}
+
 /// The publication decision.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Gate {
@@ -194,17 +201,6 @@ impl<'a> Evaluator<'a> {
     /// As [`Evaluator::answer`].
     pub fn answers(&mut self, contexts: &[Vec<ChatMessage>]) -> anyhow::Result<Vec<String>> {
         contexts.iter().map(|m| self.answer_from(m, "")).collect()
-    }
-
-    /// Share of `contexts` whose greedy answer equals `before`'s (after
-    /// [`normalise`]): locality against the answers a model gave before.
-    ///
-    /// # Errors
-    /// As [`Evaluator::answer`].
-    pub fn unchanged(&mut self, contexts: &[Vec<ChatMessage>], before: &[String]) -> anyhow::Result<f64> {
-        let after = self.answers(contexts)?;
-        let same = after.iter().zip(before).filter(|(a, b)| normalise(a) == normalise(b)).count();
-        Ok(if contexts.is_empty() { 1.0 } else { same as f64 / contexts.len() as f64 })
     }
 
     /// Share of `examples` answered with their target.

@@ -1,7 +1,8 @@
 //! `report.html`: the plots of a consolidation run, from its `report.json`
 //! — loss curve, rehearsal divergence, priority distribution, the editing
 //! figures (efficacy, generalisation, locality) before and after, the
-//! paraphrases the night wrote, and examples per day — as one
+//! paraphrases the night wrote, the never-taught answers that changed, and
+//! examples per day — as one
 //! self-contained HTML file with inline SVG.
 //!
 //! Principal function: [`render`].
@@ -120,6 +121,14 @@ pub fn render(report: &Value) -> String {
     eval.push(("locality (gate)".into(), figure(a, "locality")));
     eval.push(("locality (report)".into(), report["locality_report"].as_f64().unwrap_or(0.0)));
     html += &bar_plot("Efficacy, generalisation to unseen paraphrases, and locality (answers unchanged), before and after", &eval);
+    if let Some(changes) = report["locality_changes"].as_array().filter(|c| !c.is_empty()) {
+        let _ = write!(html, "<h2>Never-taught answers that changed ({})</h2><table border='1' cellpadding='4' style='border-collapse:collapse'><tr><th>part</th><th>question</th><th>before</th><th>after</th></tr>", changes.len());
+        for c in changes {
+            let field = |name: &str| escape(c[name].as_str().unwrap_or(""));
+            let _ = write!(html, "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", field("part"), field("question"), field("before"), field("after"));
+        }
+        html += "</table>";
+    }
     if let Some(written) = report["paraphrases"].as_array().filter(|w| !w.is_empty()) {
         html += "<h2>Paraphrases the night wrote</h2><table border='1' cellpadding='4' style='border-collapse:collapse'><tr><th>question</th><th>trained on</th><th>gate (never trained on)</th></tr>";
         for p in written {
@@ -153,6 +162,7 @@ mod tests {
             "before": {"efficacy": 0.0, "generalisation": 0.0, "locality": 1.0, "retention_perplexity": 10.0},
             "after": {"efficacy": 1.0, "generalisation": 0.5, "locality": 0.96, "retention_perplexity": 10.1},
             "locality_report": 0.92,
+            "locality_changes": [{"part": "gate", "question": "2+2?", "before": "4, of course.", "after": "5 & more."}],
             "paraphrases": [{"question": "Who <b>is</b> it?", "trained": ["Who's that?"], "gate": "Which one is it?"}],
             "examples_per_day": [["2026-11-21", 3]]
         });
@@ -160,6 +170,7 @@ mod tests {
         assert_eq!(html.matches("<svg").count(), 6);
         assert!(html.contains("polyline") && html.contains("2026-11-21") && html.contains("published"));
         assert!(html.contains("generalisation after") && html.contains("locality (report)"));
+        assert!(html.contains("answers that changed (1)") && html.contains("5 &amp; more."));
         // The paraphrase table, its text escaped.
         assert!(html.contains("Who &lt;b&gt;is&lt;/b&gt; it?") && html.contains("Who&#39;s that?") && html.contains("Which one is it?"));
     }

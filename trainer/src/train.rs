@@ -209,7 +209,9 @@ pub fn rehearsal_samples(
         }
         let mut ids = chat_opening.clone();
         ids.truncate(tokens.saturating_sub(reply_opening.len() + 1).max(1));
-        decoder.forward(&ids[..ids.len() - 1])?;
+        if ids.len() > 1 {
+            decoder.forward(&ids[..ids.len() - 1])?;
+        }
         let question_end = (ids.len() + tokens / 3).min(tokens.saturating_sub(reply_opening.len() + 1));
         extend(&mut decoder, &mut ids, question_end, Some(im_end))?;
         if ids.last() == Some(&im_end) {

@@ -215,3 +215,36 @@ fn every_acknowledged_correction_reaches_the_training_set() {
     let probes: Vec<&str> = buffer.untaught.iter().map(|m| m.last().unwrap().content.as_str()).collect();
     assert_eq!(probes, unrated);
 }
+
+/// Base swap: a store taught on the int8 pack, consolidated again onto the
+/// fp16 pack (`consolidate --base NEW_PACK`, no previous adapter: the whole
+/// history in the store), gives an adapter bound to the new base, which a
+/// device on the fp16 pack installs and a device still on int8 refuses.
+#[test]
+fn a_store_taught_on_one_base_is_consolidated_onto_another() {
+    let int8_dir = pack_dir();
+    let fp16_dir = int8_dir.parent().unwrap().join("fp16");
+    let (int8, fp16) = (ModelPack::open(&int8_dir).unwrap(), ModelPack::open(&fp16_dir).unwrap());
+    assert_ne!(int8.id(), fp16.id());
+    let tmp = tempfile::tempdir().unwrap();
+    corrected_journal(&tmp.path().join("journal"), int8.id());
+    let store = tmp.path().join("store");
+    let trainer_pub = nocturne_trainer::store::Store::new(&store).keygen().unwrap();
+    let out = tmp.path().join("night");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_nocturne-trainer"))
+        .args(["consolidate", "--journal", tmp.path().join("journal").to_str().unwrap(), "--key", store.join("trainer.key").to_str().unwrap()])
+        .args(["--base", fp16_dir.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "3", "--rehearsal-sequences", "2", "--paraphrases", "0"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let bundle = Path::new(report["bundle"].as_str().unwrap());
+    let state = nocturne::device::StateDir::new(tmp.path().join("device"));
+    state.device_id_or_create().unwrap();
+    state.trust_trainer(&trainer_pub).unwrap();
+    let allow = nocturne::device::adapters::Unpublished::Allow;
+    let installed = nocturne::device::adapters::install(&state, &fp16, bundle, None, allow).unwrap();
+    assert!(matches!(installed, nocturne::device::adapters::InstallOutcome::Installed { .. }), "{installed:?}");
+    let refused = nocturne::device::adapters::install(&state, &int8, bundle, None, allow);
+    assert!(matches!(refused, Err(nocturne::device::adapters::AdapterError::Rejected { .. })), "{refused:?}");
+}
