@@ -8,7 +8,7 @@
 //! acknowledgements), [`replay`] (training examples from journaled feedback),
 //! [`llama`] (the candle Llama forward with LoRA over the frozen pack),
 //! [`train`] (LoRA training: AdamW, the MAS penalty, rehearsal), [`eval`]
-//! (match rate, retention, the gate), [`paraphrase`] (the night's
+//! (efficacy, generalisation, locality, retention, the gate), [`paraphrase`] (the night's
 //! paraphrases of corrected questions), [`export`] (device bundle and PEFT
 //! layout), [`consolidate`] (one night, the `consolidate` command, end to
 //! end), [`report`] (report.html). The scenario's datasets live with the
