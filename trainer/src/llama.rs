@@ -74,7 +74,7 @@ struct FrozenMatmul {
 
 /// `y = x · W` (or `x · Wᵀ`) for row-major `x` `[m, k]`, `w` `[in, out]`, into `y` `[m, n]`;
 /// `T` is f32 or f64 (the types `gemm` multiplies), `one` its 1.
-fn frozen_product<T: Copy + Default + 'static>(x: &[T], w: &[T], (inp, out): (usize, usize), transposed: bool, one: T) -> candle_core::Result<(Vec<T>, usize, usize)> {
+fn frozen_product<T: Copy + Default + 'static>(x: &[T], w: &[T], (inp, out): (usize, usize), transposed: bool, one: T) -> candle_core::Result<(Vec<T>, usize)> {
     let (k, n) = if transposed { (out, inp) } else { (inp, out) };
     if w.len() != inp * out || k == 0 || !x.len().is_multiple_of(k) {
         candle_core::bail!("frozen-matmul: an input of {} values does not fit a [{inp}, {out}] weight{}", x.len(), if transposed { " (transposed)" } else { "" });
@@ -102,7 +102,7 @@ fn frozen_product<T: Copy + Default + 'static>(x: &[T], w: &[T], (inp, out): (us
             gemm::Parallelism::None,
         );
     }
-    Ok((y, m, n))
+    Ok((y, n))
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -119,11 +119,11 @@ impl CustomOp1 for FrozenMatmul {
         let mut dims = layout.shape().dims().to_vec();
         let (out, n) = match (storage, &*w_storage) {
             (CpuStorage::F32(x), candle_core::Storage::Cpu(CpuStorage::F32(w))) => {
-                let (y, _, n) = frozen_product(&x[a..b], &w[wa..wb], shape, self.transposed, 1f32)?;
+                let (y, n) = frozen_product(&x[a..b], &w[wa..wb], shape, self.transposed, 1f32)?;
                 (CpuStorage::F32(y), n)
             }
             (CpuStorage::F64(x), candle_core::Storage::Cpu(CpuStorage::F64(w))) => {
-                let (y, _, n) = frozen_product(&x[a..b], &w[wa..wb], shape, self.transposed, 1f64)?;
+                let (y, n) = frozen_product(&x[a..b], &w[wa..wb], shape, self.transposed, 1f64)?;
                 (CpuStorage::F64(y), n)
             }
             _ => candle_core::bail!("frozen-matmul: the input and the weight must be f32 or f64 alike, on the CPU"),

@@ -235,25 +235,25 @@ pub fn rehearsal_samples(
 /// training, and detached (constants for every later step).
 struct RehearsalTarget<'a> {
     ids: &'a [u32],
-    p: Tensor,
+    p: Arc<[f32]>,
     neg_entropy: Tensor,
 }
 
 impl<'a> RehearsalTarget<'a> {
     fn new(base: &BaseModel, lora: &Lora, ids: &'a [u32]) -> candle_core::Result<RehearsalTarget<'a>> {
         let logits = base.forward(ids, Some(lora))?.detach();
-        let p = candle_nn::ops::softmax(&logits, candle_core::D::Minus1)?;
+        let p: Arc<[f32]> = candle_nn::ops::softmax(&logits, candle_core::D::Minus1)?.flatten_all()?.to_vec1::<f32>()?.into();
         // Σ p log p, computed as the cross-entropy of p against itself by the
         // same op as every later step's, so the divergence of the starting
         // model is exactly 0.
-        let neg_entropy = logits.apply_op1_no_bwd(&SoftCrossEntropy { p: p.clone() })?.neg()?;
+        let neg_entropy = logits.apply_op1_no_bwd(&SoftCrossEntropy { p: Arc::clone(&p) })?.neg()?;
         Ok(RehearsalTarget { ids, p, neg_entropy })
     }
 
     /// Mean over positions of `KL(p_start ‖ p_θ) = Σ p log p − Σ p log p_θ`.
     fn divergence(&self, base: &BaseModel, lora: &Lora) -> candle_core::Result<Tensor> {
         let logits = base.forward(self.ids, Some(lora))?;
-        let cross = logits.apply_op1(SoftCrossEntropy { p: self.p.clone() })?;
+        let cross = logits.apply_op1(SoftCrossEntropy { p: Arc::clone(&self.p) })?;
         &self.neg_entropy + cross
     }
 }
@@ -262,27 +262,24 @@ impl<'a> RehearsalTarget<'a> {
 /// constant distribution `p` `[T, vocab]` (rows summing to 1), in one pass
 /// per row instead of candle's composed log-softmax (which allocates a
 /// `[T, vocab]` tensor per elementary op, forward and backward). Its
-/// gradient is the classic `∂/∂zₜ = (softmax(zₜ) − pₜ) / T`. f32 only.
+/// gradient is the classic `∂/∂zₜ = (softmax(zₜ) − pₜ) / T`. f32 only; `p`
+/// row-major, read once per rehearsal sequence, shared by every step.
 struct SoftCrossEntropy {
-    p: Tensor,
+    p: Arc<[f32]>,
 }
 
 impl SoftCrossEntropy {
-    /// Each row of `z` `[rows, vocab]` with its `p` row and `z`'s max and log-sum-exp.
-    fn rows<'a>(&'a self, z: &'a [f32], p: &'a [f32], vocab: usize) -> impl Iterator<Item = (&'a [f32], &'a [f32], f32)> + 'a {
-        z.chunks_exact(vocab).zip(p.chunks_exact(vocab)).map(|(z, p)| {
+    /// Each row of `z` `[rows, vocab]` with its `p` row and `z`'s
+    /// log-sum-exp; an error when `z` and `p` differ in size.
+    fn rows<'a>(&'a self, z: &'a [f32], vocab: usize) -> candle_core::Result<impl Iterator<Item = (&'a [f32], &'a [f32], f32)> + 'a> {
+        if z.len() != self.p.len() {
+            candle_core::bail!("soft cross-entropy: {} logits against {} target probabilities", z.len(), self.p.len());
+        }
+        Ok(z.chunks_exact(vocab).zip(self.p.chunks_exact(vocab)).map(|(z, p)| {
             let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let sum: f64 = z.iter().map(|v| f64::from((v - max).exp())).sum();
             (z, p, max + sum.ln() as f32)
-        })
-    }
-
-    fn p_values(&self, len: usize) -> candle_core::Result<Vec<f32>> {
-        let p: Vec<f32> = self.p.flatten_all()?.to_vec1()?;
-        if p.len() != len {
-            candle_core::bail!("soft cross-entropy: {len} logits against {} target probabilities", p.len());
-        }
-        Ok(p)
+        }))
     }
 }
 
@@ -295,18 +292,16 @@ impl candle_core::CustomOp1 for SoftCrossEntropy {
         let (candle_core::CpuStorage::F32(z), Some((a, b)), (rows, vocab)) = (storage, layout.contiguous_offsets(), layout.shape().dims2()?) else {
             candle_core::bail!("soft cross-entropy: the logits must be contiguous f32");
         };
-        let p = self.p_values(b - a)?;
-        let total: f64 = self.rows(&z[a..b], &p, vocab).map(|(z, p, lse)| z.iter().zip(p).map(|(z, p)| f64::from(p * (lse - z))).sum::<f64>()).sum();
+        let total: f64 = self.rows(&z[a..b], vocab)?.map(|(z, p, lse)| z.iter().zip(p).map(|(z, p)| f64::from(p * (lse - z))).sum::<f64>()).sum();
         Ok((candle_core::CpuStorage::F32(vec![(total / rows.max(1) as f64) as f32]), candle_core::Shape::from(())))
     }
 
     fn bwd(&self, z: &Tensor, _loss: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let (rows, vocab) = z.dims2()?;
         let values: Vec<f32> = z.flatten_all()?.to_vec1()?;
-        let p = self.p_values(values.len())?;
         let scale = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? / rows.max(1) as f32;
         let mut out = Vec::with_capacity(values.len());
-        for (z, p, lse) in self.rows(&values, &p, vocab) {
+        for (z, p, lse) in self.rows(&values, vocab)? {
             out.extend(z.iter().zip(p).map(|(z, p)| scale * ((z - lse).exp() - p)));
         }
         Ok(Some(Tensor::from_vec(out, (rows, vocab), z.device())?))
