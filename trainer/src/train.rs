@@ -437,10 +437,6 @@ pub fn train(
     Ok(TrainOutcome { lora, losses, divergences, tokens_per_second: tokens as f64 / seconds, seconds })
 }
 
-/// The learning rate at `step` (from 0): a linear warm-up over the first 5%
-/// of the steps, then a cosine decay to zero (Loshchilov & Hutter, "SGDR",
-/// ICLR 2017), so that the last steps settle instead of moving the adapter
-/// around at full rate.
 /// Runs `a`, and `b` on a scoped thread when `parallel` (else after `a`); both results.
 fn join<A: Send, B: Send>(parallel: bool, a: impl FnOnce() -> A + Send, b: impl FnOnce() -> B + Send) -> (A, B) {
     if !parallel {
@@ -453,6 +449,10 @@ fn join<A: Send, B: Send>(parallel: bool, a: impl FnOnce() -> A + Send, b: impl 
     })
 }
 
+/// The learning rate at `step` (from 0): a linear warm-up over the first 5%
+/// of the steps, then a cosine decay to zero (Loshchilov & Hutter, "SGDR",
+/// ICLR 2017), so that the last steps settle instead of moving the adapter
+/// around at full rate.
 fn learning_rate(config: &TrainConfig, step: usize) -> f64 {
     let warmup = (config.steps / 20).max(1);
     if step < warmup {
