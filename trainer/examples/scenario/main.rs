@@ -1,38 +1,47 @@
-//! The learning loop on real data, scripted (`scripts/scenario`):
+//! The learning loop on real data over two days and nights, scripted
+//! (`scripts/scenario`):
 //!
-//! 1. Question/answer pairs of `chatterbot-corpus==1.3.3` (English, all
-//!    categories) are asked on the device (greedy, the default system
-//!    prompt); the first QUESTIONS the base model answers differently from
-//!    the corpus are corrected by a simulated user through the device's
-//!    feedback path (interaction + correction records in its journal), and
-//!    the next [`UNTAUGHT`] questions are asked and left unrated, as a
+//! 1. A day: question/answer pairs of `chatterbot-corpus==1.3.3` (English,
+//!    all categories) are asked on the device (greedy, the default system
+//!    prompt, the device's active adapter); the first QUESTIONS it answers
+//!    differently from the corpus are corrected by a simulated user through
+//!    the device's feedback path (interaction + correction records in its
+//!    journal), and the next questions ([`UNTAUGHT`] on the first day, a
+//!    third of that on the second) are asked and left unrated, as a
 //!    device's users ask questions nobody corrects (the night's locality
 //!    probes of the device's own domain).
-//! 2. The journal goes through sync (export, ingest into a host store).
-//! 3. Consolidation runs NIGHTS times from the bare base on the same store,
-//!    each a variant of the first night: with the night's paraphrases (the
-//!    defaults), then without them (`--paraphrases 0`), then with neither
+//! 2. The journal goes through sync (export, ingest into a host store, the
+//!    acknowledgement back).
+//! 3. The night runs in VARIANTS variants: with the night's paraphrases (the
+//!    defaults), without them (`--paraphrases 0`), and with neither
 //!    paraphrases nor the anti-forgetting terms (MAS penalty, rehearsal).
-//! 4. The first adapter is installed on the device (verify, self-test,
-//!    switch): as published, or, when the gate refused it, by the
-//!    operator's explicit choice (`Unpublished::Allow`) for step 6.
-//! 5. The corrected questions are asked again with no adapter and with each
-//!    adapter: as asked (efficacy; every correction was trained on), and
-//!    rephrased by two fixed templates and by hand
-//!    (`../recall_eval/paraphrases.txt`, where it has the question), none
-//!    of which the night's paraphrase generator writes (generalisation);
-//!    locality is the night's own report-part figure (never-taught questions
-//!    whose answer stayed the same; the gate uses the other part), and
-//!    retention perplexity is measured on held-out `chitchat-dataset==0.9.0`
-//!    dialogues.
-//! 6. Recall after the night: the device's recall memory (the encoder of
-//!    `models/all-minilm-l6-v2`) follows the installed adapter; the
+//!    The first night starts from the bare base; the second night of each
+//!    variant continues from that variant's first adapter (`--previous`)
+//!    on the whole store, so it must keep what the first taught.
+//! 4. The first variant's adapter is installed on the device (verify,
+//!    self-test, switch): as published, or, when the gate refused it, by the
+//!    operator's explicit choice (`Unpublished::Allow`); the next day is
+//!    answered with it.
+//! 5. After NIGHTS such days and nights, each day's corrections are asked
+//!    with no adapter and with every adapter: as asked (efficacy; every
+//!    correction was trained on), and rephrased by two fixed templates and
+//!    by hand (`../recall_eval/paraphrases.txt`, where it has the question),
+//!    none of which the night's paraphrase generator writes
+//!    (generalisation); locality is the night's own report-part figure
+//!    (never-taught questions whose answer stayed the same; the gate uses
+//!    the other part), and retention perplexity is measured on held-out
+//!    `chitchat-dataset==0.9.0` dialogues. The noise floor of the locality
+//!    measure is given beside it: the share of the last night's report
+//!    probes the fp16 pack of the same model answers as the int8 pack does,
+//!    a change of weights far smaller than any night's (perplexity within 1%).
+//! 6. Recall after the last night: the device's recall memory (the encoder
+//!    of `models/all-minilm-l6-v2`) follows the installed adapter; the
 //!    corrections its manifest lists as learned must no longer be injected,
-//!    and the corrections are asked again as the device answers them (adapter
+//!    and every correction is asked again as the device answers it (adapter
 //!    and recall together).
 //!
-//! `cargo run --release -p nocturne-trainer --example scenario -- [OUT] [QUESTIONS] [STEPS] [NIGHTS]`
-//! (defaults `target/scenario`, 40, 400, 2). Writes OUT/scenario.json and prints a table.
+//! `cargo run --release -p nocturne-trainer --example scenario -- [OUT] [QUESTIONS] [STEPS] [VARIANTS] [NIGHTS]`
+//! (defaults `target/scenario`, 40, 400, 2, 2). Writes OUT/scenario.json and prints a table.
 
 mod datasets;
 
@@ -47,16 +56,16 @@ use nocturne::device::{StateDir, DEVICE_PUBLIC_FILE};
 use nocturne::recall::encoder::SentenceEncoder;
 use nocturne::recall::index::Origin;
 use nocturne::journal::{Body, Feedback, Interaction, Journal, JournalConfig};
-use nocturne::device::adapters::{install, InstallOutcome, Unpublished};
-use nocturne::sync::export;
+use nocturne::device::adapters::{install, Unpublished};
+use nocturne::sync::{export, import_acks};
 use nocturne::tokenizer::{ChatMessage, Tokenizer, DEFAULT_SYSTEM_PROMPT};
 use nocturne::weights::{ModelPack, TOKENIZER_FILE};
 use nocturne_trainer::train::TrainConfig;
 use datasets::{chatterbot_pairs, chitchat_dialogues, CHATTERBOT, CHITCHAT};
-use nocturne_trainer::eval::{device_profile, normalise, Evaluator, Gate};
-use nocturne_trainer::consolidate::{consolidate, retention_texts, NightConfig, NightSources};
+use nocturne_trainer::eval::{device_profile, normalise, unchanged_share, Evaluator, Gate};
+use nocturne_trainer::consolidate::{self, consolidate, locality_probes, retention_texts, NightConfig, NightSources};
 use nocturne_trainer::paraphrase::ParaphraseConfig;
-use nocturne_trainer::replay::{Example, PriorityWeights};
+use nocturne_trainer::replay::{Example, PriorityWeights, ReplayBuffer};
 use nocturne_trainer::store::Store;
 
 fn example(question: &str, answer: &str) -> Example {
@@ -148,13 +157,61 @@ fn recall_after_night(
     Ok(AfterNight { learned: learned.len(), learned_injected, taught_rate: share(taught, trained.len()), learned_rate: share(learned_taught, learned.len()) })
 }
 
+/// A night's run: its label, its report, its wall time in seconds.
+type Night = (String, consolidate::Report, f64);
+
+/// What one day on the device journaled.
+struct Day {
+    /// Corrected questions: (question, taught answer, interaction LSN).
+    corrected: Vec<(String, String, u64)>,
+    /// Questions asked and left unrated.
+    untaught: usize,
+}
+
+/// A day on the device: asks `pairs` from `next` on as the device answers
+/// them now (greedy, its active adapter), corrects the first `wanted` it
+/// answers differently through the journal, then asks `untaught` more and
+/// leaves them unrated.
+fn day(pairs: &[(String, String)], next: &mut usize, evaluator: &mut Evaluator<'_>, journal: &mut Journal, pack: &ModelPack, wanted: usize, untaught: usize) -> anyhow::Result<Day> {
+    let mut today = Day { corrected: Vec::new(), untaught: 0 };
+    while today.untaught < untaught && *next < pairs.len() {
+        let (q, a) = &pairs[*next];
+        *next += 1;
+        let reply = evaluator.answer(&example(q, a))?;
+        let interaction = Interaction::of_texts(*next as u64, pack.id(), DEFAULT_SYSTEM_PROMPT, q, &reply);
+        if today.corrected.len() == wanted {
+            journal.append(&Body::Interaction(interaction))?;
+            today.untaught += 1;
+            continue;
+        }
+        if reply == *a || normalise(&reply) == normalise(a) {
+            continue;
+        }
+        let lsn = journal.append(&Body::Interaction(interaction))?;
+        journal.append_durable(&Body::Feedback(Feedback { interaction: lsn, correction: Some(Cow::Borrowed(a)), ..Feedback::default() }))?;
+        today.corrected.push((q.clone(), a.clone(), lsn));
+    }
+    Ok(today)
+}
+
+/// The corrections of a day asked three ways: as asked, by the two
+/// templates, by hand (where `by_hand` has the question).
+fn question_sets(corrected: &[(String, String, u64)], by_hand: &std::collections::HashMap<&str, &str>) -> [Vec<Example>; 3] {
+    [
+        corrected.iter().map(|(q, a, _)| example(q, a)).collect(),
+        corrected.iter().enumerate().map(|(i, (q, a, _))| example(&rephrase(i, q), a)).collect(),
+        corrected.iter().filter_map(|(q, a, _)| by_hand.get(q.as_str()).map(|p| example(p, a))).collect(),
+    ]
+}
+
 fn main() -> anyhow::Result<()> {
     nocturne_trainer::train::single_threaded_ops();
     let args: Vec<String> = std::env::args().collect();
     let out = PathBuf::from(args.get(1).map_or("target/scenario", String::as_str));
     let wanted: usize = args.get(2).map_or(40, |s| s.parse().expect("QUESTIONS is a number"));
     let steps: usize = args.get(3).map_or(400, |s| s.parse().expect("STEPS is a number"));
-    let night_count: usize = args.get(4).map_or(2, |s| s.parse().expect("NIGHTS is a number")).clamp(1, 3);
+    let variant_count: usize = args.get(4).map_or(2, |s| s.parse().expect("VARIANTS is a number")).clamp(1, 3);
+    let night_count: usize = args.get(5).map_or(2, |s| s.parse().expect("NIGHTS is a number")).clamp(1, 2);
     let started = Instant::now();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let downloads = repo.join("models/cache/downloads");
@@ -165,149 +222,146 @@ fn main() -> anyhow::Result<()> {
     let pack = ModelPack::open(&pack_dir)?;
     let tokenizer = Tokenizer::from_file(&pack_dir.join(TOKENIZER_FILE))?;
     let _ = std::fs::remove_dir_all(&out);
-    println!("{} chatterbot questions (English, all categories); asking until {wanted} are answered differently", pairs.len());
+    println!("{} chatterbot questions (English, all categories); {wanted} corrections a day", pairs.len());
 
-    // 1. The device answers; the simulated user corrects through the journal.
     // The device class the scenario plays: the default firmware profile.
     let profile = device_profile(None)?;
     let state = StateDir::new(out.join("device"));
     let device = state.device_id_or_create()?;
     let mut journal = Journal::open(&state.journal_dir(), device, JournalConfig::for_profile(&profile))?;
     let mut evaluator = Evaluator::new(&pack, &tokenizer, &profile)?;
-    let (mut corrected, mut untaught) = (Vec::new(), 0);
-    let mut asked = 0;
-    for (q, a) in &pairs {
-        if untaught == UNTAUGHT {
-            break;
-        }
-        asked += 1;
-        let reply = evaluator.answer(&example(q, a))?;
-        let interaction = Interaction::of_texts(asked as u64, pack.id(), DEFAULT_SYSTEM_PROMPT, q, &reply);
-        if corrected.len() == wanted {
-            journal.append(&Body::Interaction(interaction))?;
-            untaught += 1;
-            continue;
-        }
-        if reply == *a || normalise(&reply) == normalise(a) {
-            continue;
-        }
-        let lsn = journal.append(&Body::Interaction(interaction))?;
-        journal.append_durable(&Body::Feedback(Feedback { interaction: lsn, correction: Some(Cow::Borrowed(a)), ..Feedback::default() }))?;
-        corrected.push((q.clone(), a.clone(), lsn));
-    }
-    println!(
-        "asked {asked}: {} answered differently and corrected, then {untaught} left unrated ({:.0} s)",
-        corrected.len(),
-        started.elapsed().as_secs_f64()
-    );
-
-    // 2. Sync to the host.
     let store = Store::new(out.join("store"));
     store.keygen()?;
     store.enroll(&out.join("device").join(DEVICE_PUBLIC_FILE))?;
     state.trust_trainer(&out.join("store/trainer.pub"))?;
-    let bundle = export(&state, &mut journal, &out.join("usb"))?.bundle;
-    store.ingest(&bundle)?;
     let key = nocturne::signing::read_signing_key(&out.join("store/trainer.key"))?;
+    let trainer_key = key.verifying_key();
     let dirs = vec![store.device_dir(device)];
-
-    // 3. The first night, with paraphrases (the defaults), without, and
-    // without the anti-forgetting terms either.
     let retention = retention_texts(&[])?;
     let default = TrainConfig { steps, ..TrainConfig::default() };
     let none = ParaphraseConfig { wanted: 0, ..ParaphraseConfig::default() };
-    let runs = [
-        ("with paraphrases".to_string(), default.clone(), ParaphraseConfig::default()),
-        ("without paraphrases".to_string(), default.clone(), none),
-        ("no paraphrases, no anti-forgetting term".to_string(), TrainConfig { mas_lambda: 0.0, rehearsal_weight: 0.0, ..default.clone() }, none),
+    let variants = [
+        ("with paraphrases", default.clone(), ParaphraseConfig::default()),
+        ("without paraphrases", default.clone(), none),
+        ("no paraphrases, no anti-forgetting term", TrainConfig { mas_lambda: 0.0, rehearsal_weight: 0.0, ..default.clone() }, none),
     ];
-    let mut nights = Vec::new();
-    for (i, (name, train, paraphrase)) in runs.into_iter().take(night_count).enumerate() {
-        let config = NightConfig { train, weights: PriorityWeights::default(), gate: Gate::default(), precision: Default::default(), device: profile.clone(), paraphrase };
-        let t = Instant::now();
-        let sources = NightSources { journals: &dirs, base: &pack_dir, previous: None, key: &key, retention: &retention };
-        let report = consolidate(sources, &out.join(format!("night-{i}")), &config, &mut |step, loss, tps| {
-            if step % 50 == 0 {
-                println!("  {name}: step {step}, loss {loss:.3}, {tps:.0} tokens/s");
-            }
-        })?;
-        let seconds = t.elapsed().as_secs_f64();
-        println!(
-            "consolidation, {name}: {seconds:.0} s, training {:.0} tokens/s; {}: {}",
-            report.tokens_per_second,
-            if report.published { "published" } else { "not published" },
-            report.decision
-        );
-        nights.push((name, report, seconds));
-    }
+    let variants = &variants[..variant_count];
 
-    // 4. The first adapter goes to the device: as a device takes it when the
-    // gate published it, else by the operator's explicit choice (so that step
-    // 6 has an adapter to follow; the output says which).
-    let (first, published) = (&nights[0].1.bundle, nights[0].1.published);
-    let installed = install(&state, &pack, first, Some(&mut journal), if published { Unpublished::Refuse } else { Unpublished::Allow })?;
-    println!("device install ({}): {installed:?}", if published { "published" } else { "not published: installed by the operator's choice" });
+    let (mut days, mut nights): (Vec<Day>, Vec<Vec<Night>>) = (Vec::new(), Vec::new());
+    let mut next = 0;
+    let mut installed = Vec::new();
+    for night in 0..night_count {
+        // 1. A day: the device answers, the simulated user corrects through
+        // the journal; later questions are left unrated.
+        let t = Instant::now();
+        let today = day(&pairs, &mut next, &mut evaluator, &mut journal, &pack, wanted, if night == 0 { UNTAUGHT } else { UNTAUGHT / 3 })?;
+        println!("day {}: {} corrected, {} left unrated, {next} questions asked so far ({:.0} s)", night + 1, today.corrected.len(), today.untaught, t.elapsed().as_secs_f64());
+        days.push(today);
+        // 2. Sync to the host, and the acknowledgement back.
+        let bundle = export(&state, &mut journal, &out.join(format!("usb-{night}")))?.bundle;
+        store.ingest(&bundle)?;
+        import_acks(&state, &mut journal, &out.join("store/outbox"))?;
+        // 3. The night, in each variant; the second continues each variant's first.
+        let mut tonight = Vec::new();
+        for (i, (name, train, paraphrase)) in variants.iter().enumerate() {
+            let config = NightConfig { train: train.clone(), weights: PriorityWeights::default(), gate: Gate::default(), precision: Default::default(), device: profile.clone(), paraphrase: *paraphrase };
+            let previous = nights.last().map(|n: &Vec<Night>| n[i].1.bundle.clone());
+            let t = Instant::now();
+            let sources = NightSources { journals: &dirs, base: &pack_dir, previous: previous.as_deref(), key: &key, retention: &retention };
+            let label = format!("night {}, {name}", night + 1);
+            let report = consolidate(sources, &out.join(format!("night-{}-{i}", night + 1)), &config, &mut |step, loss, tps| {
+                if step % 100 == 0 {
+                    println!("  {label}: step {step}, loss {loss:.3}, {tps:.0} tokens/s");
+                }
+            })?;
+            let seconds = t.elapsed().as_secs_f64();
+            println!(
+                "{label}: {seconds:.0} s, training {:.0} tokens/s; {}: {}",
+                report.tokens_per_second,
+                if report.published { "published" } else { "not published" },
+                report.decision
+            );
+            tonight.push((label, report, seconds));
+        }
+        // 4. The first variant's adapter goes to the device: as a device
+        // takes it when the gate published it, else by the operator's
+        // explicit choice (so that the next day and step 6 run with it; the
+        // output says which).
+        let (bundle, published) = (&tonight[0].1.bundle, tonight[0].1.published);
+        let outcome = install(&state, &pack, bundle, Some(&mut journal), if published { Unpublished::Refuse } else { Unpublished::Allow })?;
+        println!("device install ({}): {outcome:?}", if published { "published" } else { "not published: installed by the operator's choice" });
+        evaluator.set_adapter(Some(Arc::new(LoraAdapter::open(bundle, &pack, &trainer_key)?)));
+        installed.push((format!("{outcome:?}"), published));
+        nights.push(tonight);
+    }
     journal.close()?;
 
-    // 5. Ask again: as asked, rephrased by template, rephrased by hand.
+    // 5. Ask again, each day's corrections: as asked, rephrased by template, rephrased by hand.
     let by_hand: std::collections::HashMap<&str, &str> = include_str!("../recall_eval/paraphrases.txt").lines().filter_map(|l| l.split_once('\t')).collect();
-    let as_asked: Vec<Example> = corrected.iter().map(|(q, a, _)| example(q, a)).collect();
-    let templated: Vec<Example> = corrected.iter().enumerate().map(|(i, (q, a, _))| example(&rephrase(i, q), a)).collect();
-    let handwritten: Vec<Example> = corrected.iter().filter_map(|(q, a, _)| by_hand.get(q.as_str()).map(|p| example(p, a))).collect();
-    let sets = [as_asked, templated, handwritten];
-    let trainer_key = key.verifying_key();
-    let mut rows = Vec::new();
-    let variants: Vec<(String, Option<Arc<LoraAdapter>>, Option<f64>)> = std::iter::once(("base model, no adapter".to_string(), None, None))
-        .chain(nights.iter().map(|(name, report, _)| {
+    let sets: Vec<[Vec<Example>; 3]> = days.iter().map(|d| question_sets(&d.corrected, &by_hand)).collect();
+    let models: Vec<(String, Option<Arc<LoraAdapter>>, Option<f64>)> = std::iter::once(("base model, no adapter".to_string(), None, None))
+        .chain(nights.iter().flatten().map(|(name, report, _)| {
             (format!("adapter, {name}"), LoraAdapter::open(&report.bundle, &pack, &trainer_key).map(Arc::new).ok(), Some(report.locality_report))
         }))
         .collect();
-    println!(
-        "| model | as asked ({}) | rephrased, templates ({}) | rephrased, by hand ({}) | locality (report part, {}) | chitchat perplexity |",
-        sets[0].len(),
-        sets[1].len(),
-        sets[2].len(),
-        nights[0].1.locality_probes.1
-    );
-    println!("|---|---|---|---|---|---|");
-    for (name, adapter, locality) in variants {
+    let mut header = String::from("| model |");
+    for (d, s) in sets.iter().enumerate() {
+        header += &format!(" day {} as asked ({}) | templates ({}) | by hand ({}) |", d + 1, s[0].len(), s[1].len(), s[2].len());
+    }
+    println!("{header} locality (report part) | chitchat perplexity |");
+    println!("|---|{}---|---|", "---|---|---|".repeat(sets.len()));
+    let mut rows = Vec::new();
+    for (name, adapter, locality) in models {
         evaluator.set_adapter(adapter);
         let mut rates = Vec::new();
-        for set in &sets {
+        for set in sets.iter().flatten() {
             rates.push(evaluator.match_rate(&set.iter().collect::<Vec<_>>())?);
         }
         let ppl = evaluator.perplexity(&dialogues)?;
         let shown = locality.map_or("—".to_string(), |l| format!("{:.1}%", 100.0 * l));
-        println!("| {name} | {:.1}% | {:.1}% | {:.1}% | {shown} | {ppl:.3} |", 100.0 * rates[0], 100.0 * rates[1], 100.0 * rates[2]);
-        rows.push(serde_json::json!({"model": name, "as_asked": rates[0], "templates": rates[1], "by_hand": rates[2], "locality": locality, "chitchat_perplexity": ppl}));
+        let cells: String = rates.iter().map(|r| format!(" {:.1}% |", 100.0 * r)).collect();
+        println!("| {name} |{cells} {shown} | {ppl:.3} |");
+        let per_day: Vec<serde_json::Value> = rates.chunks(3).map(|r| serde_json::json!({"as_asked": r[0], "templates": r[1], "by_hand": r[2]})).collect();
+        rows.push(serde_json::json!({"model": name, "days": per_day, "locality": locality, "chitchat_perplexity": ppl}));
     }
-    // 6. Recall after the night, on the corrections.
-    evaluator.set_adapter(Some(Arc::new(LoraAdapter::open(first, &pack, &trainer_key)?)));
-    let after_night = recall_after_night(&repo, &state, &profile, &mut evaluator, &tokenizer, &corrected.iter().collect::<Vec<_>>())?;
+    // The locality measure's noise floor: the same model in fp16.
+    let probes = locality_probes(&ReplayBuffer::build(&dirs[..], PriorityWeights::default())?.untaught).1;
+    let fp16_dir = repo.join("models/cache/smollm2-135m-instruct/fp16");
+    let fp16 = ModelPack::open(&fp16_dir)?;
+    evaluator.set_adapter(None);
+    let int8_answers = evaluator.answers(&probes)?;
+    let fp16_answers = Evaluator::new(&fp16, &tokenizer, &profile)?.answers(&probes)?;
+    let noise_floor = unchanged_share(&int8_answers, &fp16_answers);
+    println!("noise floor of locality: the fp16 pack answers {:.1}% of the {} report probes as the int8 pack does", 100.0 * noise_floor, probes.len());
+    // 6. Recall after the last night, on every correction.
+    let last = &nights.last().expect("at least one night")[0].1.bundle;
+    evaluator.set_adapter(Some(Arc::new(LoraAdapter::open(last, &pack, &trainer_key)?)));
+    let corrected: Vec<&(String, String, u64)> = days.iter().flat_map(|d| &d.corrected).collect();
+    let after_night = recall_after_night(&repo, &state, &profile, &mut evaluator, &tokenizer, &corrected)?;
     println!(
-        "recall after the night: {} of {} corrections learned by the adapter, {} of them still injected; \
+        "recall after the last night: {} of {} corrections learned by the adapter, {} of them still injected; \
          answered as taught with adapter and recall: {:.1}% (learned ones: {:.1}%)",
         after_night.learned, corrected.len(), after_night.learned_injected, 100.0 * after_night.taught_rate, 100.0 * after_night.learned_rate
     );
     let summary = serde_json::json!({
         "questions_in_corpus": pairs.len(),
-        "asked": asked,
-        "corrected": corrected.len(),
+        "asked": next,
+        "corrected": days.iter().map(|d| d.corrected.len()).collect::<Vec<_>>(),
+        "untaught": days.iter().map(|d| d.untaught).collect::<Vec<_>>(),
         "steps": steps,
-        "installed": format!("{installed:?}"),
-        "installed_published": published,
-        "nights": nights.iter().map(|(name, r, s)| serde_json::json!({
+        "installed": installed,
+        "nights": nights.iter().flatten().map(|(name, r, s)| serde_json::json!({
             "name": name, "mas_lambda": r.mas_lambda, "rehearsal_weight": r.rehearsal_weight, "seconds": s,
             "tokens_per_second": r.tokens_per_second, "train_seconds": r.train_seconds, "before": r.before, "after": r.after,
-            "locality_report": r.locality_report, "paraphrases": r.paraphrases,
+            "locality_report": r.locality_report, "locality_probes": r.locality_probes, "paraphrases": r.paraphrases,
             "published": r.published, "decision": r.decision, "adapter_bytes": r.adapter_bytes, "bundle": r.bundle,
         })).collect::<Vec<_>>(),
         "evaluation": rows,
+        "locality_noise_floor": noise_floor,
         "recall_after_night": after_night,
         "total_seconds": started.elapsed().as_secs_f64(),
     });
     std::fs::write(out.join("scenario.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
-    let installed_ok = matches!(installed, InstallOutcome::Installed { .. } | InstallOutcome::AlreadyActive(_));
-    println!("scenario done in {:.0} s (adapter installed on the device: {installed_ok}); {}", started.elapsed().as_secs_f64(), out.join("scenario.json").display());
+    println!("scenario done in {:.0} s; {}", started.elapsed().as_secs_f64(), out.join("scenario.json").display());
     Ok(())
 }
