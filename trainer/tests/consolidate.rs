@@ -20,6 +20,9 @@ use nocturne_trainer::eval::{normalise, Gate, Scores};
 use nocturne_trainer::export::{export_adapter, AdapterPrecision};
 use nocturne_trainer::llama::{BaseModel, Lora};
 use nocturne_trainer::replay::{PriorityWeights, ReplayBuffer};
+use nocturne_trainer::consolidate::{consolidate, retention_texts, NightConfig, NightSources};
+use nocturne_trainer::eval::device_profile;
+use nocturne_trainer::paraphrase::ParaphraseConfig;
 
 fn pack_dir() -> std::path::PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/cache/smollm2-135m-instruct/int8");
@@ -29,15 +32,21 @@ fn pack_dir() -> std::path::PathBuf {
 
 /// A journal with one interaction whose reply the user corrected.
 fn corrected_journal(dir: &Path, base: ModelId) {
+    correction_journal(dir, base, DeviceId([2; 16]), "What is the name of this kiosk?", "This is the Harbour Station kiosk.");
+}
+
+/// A journal of `device` with one interaction, `question` answered
+/// generically, and the user's correction `answer`.
+fn correction_journal(dir: &Path, base: ModelId, device: DeviceId, question: &str, answer: &str) {
     let config = JournalConfig { durability: Durability::GroupCommit, group_commit: Duration::from_millis(1), segment_bytes: 1 << 20, disk_quota_bytes: 1 << 30 };
-    let mut journal = Journal::open(dir, DeviceId([2; 16]), config).unwrap();
+    let mut journal = Journal::open(dir, device, config).unwrap();
     let interaction = Interaction {
         conversation: 1,
         turn: 0,
         base_model: base,
         adapter: None,
         system: Cow::Borrowed("You are a kiosk assistant."),
-        prompt: Cow::Borrowed("What is the name of this kiosk?"),
+        prompt: Cow::Borrowed(question),
         reply: Cow::Borrowed("I am an AI assistant."),
         prompt_tokens: 30,
         reused_tokens: 0,
@@ -51,7 +60,7 @@ fn corrected_journal(dir: &Path, base: ModelId) {
         recalled: Cow::Borrowed(&[]),
     };
     let lsn = journal.append(&Body::Interaction(interaction)).unwrap();
-    let fix = Feedback { interaction: lsn, correction: Some(Cow::Borrowed("This is the Harbour Station kiosk.")), ..Feedback::default() };
+    let fix = Feedback { interaction: lsn, correction: Some(Cow::Borrowed(answer)), ..Feedback::default() };
     journal.append(&Body::Feedback(fix)).unwrap();
     journal.close().unwrap();
 }
@@ -247,4 +256,36 @@ fn a_store_taught_on_one_base_is_consolidated_onto_another() {
     assert!(matches!(installed, nocturne::device::adapters::InstallOutcome::Installed { .. }), "{installed:?}");
     let refused = nocturne::device::adapters::install(&state, &int8, bundle, None, allow);
     assert!(matches!(refused, Err(nocturne::device::adapters::AdapterError::Rejected { .. })), "{refused:?}");
+}
+
+#[test]
+fn a_second_night_learns_new_corrections_and_keeps_the_first_nights() {
+    let dir = pack_dir();
+    let pack = ModelPack::open(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (day1, day2) = (tmp.path().join("day1"), tmp.path().join("day2"));
+    corrected_journal(&day1, pack.id());
+    correction_journal(&day2, pack.id(), DeviceId([3; 16]), "Where can I charge my phone?", "At the blue pillar next to the ticket machines.");
+    let key = nocturne::signing::generate().unwrap();
+    let retention = retention_texts(&[]).unwrap();
+    let config = NightConfig {
+        train: TrainConfig { steps: 40, learning_rate: 5e-3, rehearsal_sequences: 2, ..TrainConfig::default() },
+        weights: PriorityWeights::default(),
+        gate: Gate::default(),
+        precision: AdapterPrecision::F16,
+        device: device_profile(None).unwrap(),
+        paraphrase: ParaphraseConfig { wanted: 0, ..ParaphraseConfig::default() },
+    };
+    let night = |journals: &[std::path::PathBuf], previous: Option<&Path>, out: &str| {
+        let sources = NightSources { journals, base: &dir, previous, key: &key, retention: &retention };
+        consolidate(sources, &tmp.path().join(out), &config, &mut |_, _, _| {}).unwrap()
+    };
+    let first = night(std::slice::from_ref(&day1), None, "night1");
+    assert_eq!((first.before.efficacy, first.after.efficacy), (0.0, 1.0), "{}", first.decision);
+    // Night 2 reads the whole history from night 1's adapter: before it,
+    // the first correction is answered and the new one is not; after it, both.
+    let second = night(&[day1, day2], Some(&first.bundle), "night2");
+    assert_eq!((second.before.efficacy, second.after.efficacy), (0.5, 1.0), "{}", second.decision);
+    let adapter = LoraAdapter::open(&second.bundle, &pack, &key.verifying_key()).unwrap();
+    assert_eq!(adapter.manifest().parent.map(|p| p.to_string()), Some(first.adapter.clone()));
 }
