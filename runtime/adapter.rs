@@ -167,6 +167,13 @@ impl AdapterManifest {
             .collect()
     }
 
+    /// Whether the adapter applies only to requests in its scope
+    /// ([`crate::recall::scope`]): the description's `"scope"` is
+    /// `"learned"`. Adapters without it apply to every request.
+    pub fn scoped(&self) -> bool {
+        serde_json::from_str::<serde_json::Value>(&self.description).ok().and_then(|d| d.get("scope")?.as_str().map(|s| s == "learned")).unwrap_or(false)
+    }
+
     /// The gate's decision as the description states it (empty when none).
     pub fn decision(&self) -> String {
         serde_json::from_str::<serde_json::Value>(&self.description)

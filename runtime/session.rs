@@ -253,6 +253,15 @@ impl<'m> Session<'m> {
         self.history.clear();
     }
 
+    /// Applies the active adapter to the next requests or sets it aside
+    /// ([`Decoder::apply_adapter`]); when that changes, the cached sequence
+    /// is forgotten.
+    pub fn apply_adapter(&mut self, applied: bool) {
+        if self.decoder.apply_adapter(applied) {
+            self.history.clear();
+        }
+    }
+
     /// The text of the last reply (invalid UTF-8 replaced).
     pub fn reply_text(&self) -> std::borrow::Cow<'_, str> {
         String::from_utf8_lossy(&self.reply)

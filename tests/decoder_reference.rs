@@ -170,6 +170,16 @@ fn check_against_reference(with_adapter: bool) {
             decoder.truncate(10);
             let logits = decoder.forward(&tokens[10..20]).unwrap();
             assert_close(logits, &want[19], "replay after truncate");
+            // A scoped adapter set aside: the base model's logits, from a cleared cache.
+            if with_adapter {
+                assert!(decoder.apply_adapter(false) && decoder.position() == 0, "setting the adapter aside clears the cache");
+                assert!(!decoder.apply_adapter(false), "no change");
+                let base = reference(&pack, &tokens[..1], None);
+                assert_close(decoder.forward(&tokens[..1]).unwrap(), &base[0], "adapter set aside");
+                assert!(decoder.applied_adapter().is_none() && decoder.adapter().is_some());
+                assert!(decoder.apply_adapter(true) && decoder.position() == 0);
+                assert_close(decoder.forward(&tokens[..1]).unwrap(), &want[0], "adapter applied again");
+            }
         }
     }
 }

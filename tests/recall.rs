@@ -36,8 +36,8 @@ fn decoder_tokenizer() -> Tokenizer {
 /// system message) came from, best first, and the prompt's system message.
 fn recall(memory: &RecallMemory, tokenizer: &Tokenizer, question: &str) -> (Vec<Origin>, String) {
     let messages = [ChatMessage::new("system", "You are helpful."), ChatMessage::new("user", question)];
-    let (prompt, used) = memory.recall_into(&messages, tokenizer, &SPEC).unwrap();
-    (used.into_iter().map(|(e, _)| e.origin).collect(), prompt.messages[0].content.clone())
+    let recollection = memory.recall_into(&messages, tokenizer, &SPEC).unwrap();
+    (recollection.used.into_iter().map(|(e, _)| e.origin).collect(), recollection.prompt.messages[0].content.clone())
 }
 
 fn recalled(memory: &RecallMemory, tokenizer: &Tokenizer, question: &str) -> Vec<Origin> {
@@ -240,14 +240,14 @@ fn corrections_an_active_adapter_learned_are_not_recalled_until_it_is_rolled_bac
     let Origin::Taught { interaction, .. } = spider else { panic!("taught") };
     assert_eq!(recalled(&memory, &tokenizer, "How many legs does a spider have?"), std::slice::from_ref(&spider));
     let adapter = nocturne::ids::AdapterId([5; 16]);
-    assert_eq!(memory.follow_adapter(Some(adapter), &[interaction]).unwrap(), 1);
+    assert_eq!(memory.follow_adapter(Some(adapter), &[interaction], false).unwrap(), 1);
     assert!(recalled(&memory, &tokenizer, "How many legs does a spider have?").is_empty(), "learned: not injected");
     assert_eq!(memory.index().entries().len(), 3, "kept");
     drop(memory);
     // The mark is in the file, so the eviction order knows it after a restart.
     let (mut memory, _) = RecallMemory::open(&state, encoder(), &SPEC).unwrap();
     assert_eq!(memory.index().entries().iter().filter(|e| e.learned_by == Some(adapter)).count(), 1);
-    assert_eq!(memory.follow_adapter(None, &[]).unwrap(), 0);
+    assert_eq!(memory.follow_adapter(None, &[], false).unwrap(), 0);
     assert_eq!(recalled(&memory, &tokenizer, "How many legs does a spider have?"), [spider], "rolled back: recalled again");
 }
 
@@ -267,9 +267,34 @@ fn a_learned_correction_is_not_overridden_by_a_neighbours_answer() {
     let neighbours = memory.search("When will you die?", 2, 0.0).unwrap();
     assert!(neighbours.len() == 2 && neighbours[1].1 >= 0.70, "the two questions are neighbours above the threshold: {neighbours:?}");
     assert_eq!(recalled(&memory, &tokenizer, "When will you die?")[0], will);
-    memory.follow_adapter(Some(nocturne::ids::AdapterId([9; 16])), &[1]).unwrap();
+    memory.follow_adapter(Some(nocturne::ids::AdapterId([9; 16])), &[1], false).unwrap();
     assert!(recalled(&memory, &tokenizer, "When will you die?").is_empty(), "the adapter answers; the neighbour is not injected");
     assert_eq!(recalled(&memory, &tokenizer, "When do you die?"), [other]);
+}
+
+/// A scoped adapter answers the questions it learned and their rewordings,
+/// and nothing else (neither an unrelated question nor a taught one it did
+/// not learn); an unscoped one, or none, leaves every request to the session.
+#[test]
+fn a_scoped_adapter_applies_only_to_what_it_learned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = StateDir::new(tmp.path());
+    let tokenizer = decoder_tokenizer();
+    let (mut memory, _) = RecallMemory::open(&state, encoder(), &SPEC).unwrap();
+    memory.teach(1, 2, "How many legs does a spider have?", "Eight.").unwrap();
+    memory.teach(3, 4, "What is the capital of France?", "Paris.").unwrap();
+    let applies = |memory: &RecallMemory, question: &str| {
+        let messages = [ChatMessage::new("system", "You are helpful."), ChatMessage::new("user", question)];
+        memory.recall_into(&messages, &tokenizer, &SPEC).unwrap().adapter_applies
+    };
+    let questions = ["How many legs does a spider have?", "How many legs has a spider got?", "What is the capital of France?", "Who wrote Hamlet?"];
+    assert_eq!(questions.map(|q| applies(&memory, q)), [true; 4], "no adapter: nothing to set aside");
+    let adapter = nocturne::ids::AdapterId([5; 16]);
+    memory.follow_adapter(Some(adapter), &[1], false).unwrap();
+    assert_eq!(questions.map(|q| applies(&memory, q)), [true; 4], "unscoped: every request");
+    memory.follow_adapter(Some(adapter), &[1], true).unwrap();
+    assert_eq!(questions.map(|q| applies(&memory, q)), [true, true, false, false], "scoped: the learned question and its rewording");
+    assert_eq!(recalled(&memory, &tokenizer, "What is the capital of France?"), [Origin::Taught { interaction: 3, feedback: 4 }], "the unlearned one is recalled");
 }
 
 /// A document is cut into passages that are recalled for questions it

@@ -151,6 +151,9 @@ pub struct Decoder<'m> {
     logits: Vec<f32>,
     pos: usize,
     adapter: Option<Arc<LoraAdapter>>,
+    /// Whether the active adapter takes part in the forward pass
+    /// ([`Decoder::apply_adapter`]).
+    adapter_applied: bool,
     /// The active adapter's int8 `B` scales as f32, at [`ScaleLayout`] offsets.
     adapter_scales: Vec<f32>,
     scale_layout: ScaleLayout,
@@ -305,6 +308,7 @@ impl<'m> Decoder<'m> {
             logits: zeros(buffers.logits),
             pos: 0,
             adapter: None,
+            adapter_applied: true,
             adapter_scales: zeros(buffers.adapter_scales),
             scale_layout,
         }
@@ -332,6 +336,27 @@ impl<'m> Decoder<'m> {
     /// The active adapter.
     pub fn adapter(&self) -> Option<&Arc<LoraAdapter>> {
         self.adapter.as_ref()
+    }
+
+    /// Whether the active adapter takes part in the next forward passes
+    /// (`true` from [`Decoder::new`] on): a scoped adapter is applied only to
+    /// the requests in its scope ([`crate::recall::prompt::in_adapter_scope`]),
+    /// without reloading it. When the setting changes the KV cache is
+    /// cleared, since it was computed with the other weights. Returns whether
+    /// it changed.
+    pub fn apply_adapter(&mut self, applied: bool) -> bool {
+        let changed = applied != self.adapter_applied;
+        self.adapter_applied = applied;
+        if changed {
+            self.pos = 0;
+        }
+        changed
+    }
+
+    /// The adapter the forward pass applies: the active one, unless
+    /// [`Decoder::apply_adapter`] set it aside.
+    pub fn applied_adapter(&self) -> Option<&Arc<LoraAdapter>> {
+        self.adapter.as_ref().filter(|_| self.adapter_applied)
     }
 
     /// Bytes this decoder allocated, as the items of a [`MemoryPlan`] (the
@@ -450,7 +475,7 @@ impl<'m> Decoder<'m> {
         let p = Projections {
             pool: &self.pool,
             k,
-            adapter: self.adapter.as_deref(),
+            adapter: self.adapter.as_deref().filter(|_| self.adapter_applied),
             adapter_scales: &self.adapter_scales,
             scale_layout: self.scale_layout,
             n,

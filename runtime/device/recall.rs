@@ -1,7 +1,8 @@
 //! The device's recall memory: the index file in the state directory
 //! (`recall.idx`, see [`crate::recall::index`]) kept in step with the journal.
 //!
-//! Principal items: [`RecallMemory`], [`OpenReport`], [`RECALL_INDEX_FILE`].
+//! Principal items: [`RecallMemory`], [`Recollection`], [`OpenReport`],
+//! [`RECALL_INDEX_FILE`].
 //!
 //! At open the file is checked and topped up from the journal records after
 //! its last LSN: every feedback record with a correction becomes a taught
@@ -33,6 +34,7 @@ use crate::recall::encoder::{EncoderError, SentenceEncoder};
 use crate::recall::index::{Entry, Hit, IndexFileError, Origin, RecallIndex};
 use crate::recall::passages::split;
 use crate::recall::prompt::{threshold, with_recalled, RecallForm, RecalledPrompt, DEFAULT_THRESHOLD, PASSAGE_THRESHOLD};
+use crate::recall::scope::in_adapter_scope;
 use crate::tokenizer::{ChatMessage, Tokenizer, TokenizerError};
 
 use super::StateDir;
@@ -93,6 +95,21 @@ pub struct RecallMemory {
     index: RecallIndex,
     path: PathBuf,
     kernels: Kernels,
+    /// The active adapter is scoped ([`crate::recall::scope`]).
+    scoped: bool,
+}
+
+/// What recall gives a request ([`RecallMemory::recall_into`]).
+#[derive(Debug)]
+pub struct Recollection {
+    /// The messages with what was recalled.
+    pub prompt: RecalledPrompt,
+    /// The entries that went in, best first, with their similarity.
+    pub used: Vec<(Entry, f32)>,
+    /// Whether the active adapter answers this request: always for an
+    /// unscoped adapter, else when the request is in its scope
+    /// ([`in_adapter_scope`]).
+    pub adapter_applies: bool,
 }
 
 impl RecallMemory {
@@ -162,7 +179,7 @@ impl RecallMemory {
                 }
             },
         };
-        let mut memory = RecallMemory { encoder, index, path, kernels: Kernels::detect() };
+        let mut memory = RecallMemory { encoder, index, path, kernels: Kernels::detect(), scoped: false };
         let changed = memory.top_up(state, &mut report)? || report.rebuilt.is_some() || rebuild;
         if let (Some(lost), true) = (report.unrecovered, report.rebuilt.is_some()) {
             report.unrecovered = Some(lost.saturating_sub(memory.index.entries().len()));
@@ -306,45 +323,43 @@ impl RecallMemory {
     /// (document passages), none the active adapter learned, and no taught
     /// entry at all when the closest one is learned (the adapter answers),
     /// within `spec.prompt_tokens`, in
-    /// [`RecallForm::DEFAULT`]. Also returns the entries that went in, best
-    /// first, with their similarity.
+    /// [`RecallForm::DEFAULT`]; the entries that went in, best first, with
+    /// their similarity; and whether the active adapter answers (module
+    /// [`crate::recall::scope`]).
     ///
     /// # Errors
     /// The encoder or the tokenizer failing.
-    pub fn recall_into(
-        &self,
-        messages: &[ChatMessage],
-        tokenizer: &Tokenizer,
-        spec: &RecallSpec,
-    ) -> Result<(RecalledPrompt, Vec<(Entry, f32)>), RecallError> {
+    pub fn recall_into(&self, messages: &[ChatMessage], tokenizer: &Tokenizer, spec: &RecallSpec) -> Result<Recollection, RecallError> {
         let question = messages.iter().rev().find(|m| m.role == "user").map_or("", |m| m.content.as_str());
-        let hits = if question.trim().is_empty() {
-            Vec::new()
+        let (hits, learned) = if question.trim().is_empty() {
+            (Vec::new(), false)
         } else {
             let lowest = DEFAULT_THRESHOLD.min(PASSAGE_THRESHOLD);
             let mut hits = self.search(question, spec.top_k as usize, lowest)?;
-            let taught = |entry: &Entry| matches!(entry.origin, Origin::Taught { .. });
             // The closest taught entry is one the active adapter learned: the
             // adapter answers the question, and a neighbour's answer (another
             // correction of a similar question) must not override it.
-            let learned = hits.iter().find(|(e, s)| taught(e) && *s >= DEFAULT_THRESHOLD).is_some_and(|(e, _)| e.learned_by.is_some());
-            hits.retain(|(e, s)| *s >= threshold(&e.origin) && e.learned_by.is_none() && !(learned && taught(e)));
-            hits
+            let learned = in_adapter_scope(hits.iter().copied());
+            hits.retain(|(e, s)| *s >= threshold(&e.origin) && e.learned_by.is_none() && !(learned && matches!(e.origin, Origin::Taught { .. })));
+            (hits, learned)
         };
         let entries: Vec<&Entry> = hits.iter().map(|(e, _)| *e).collect();
         let prompt = with_recalled(messages, &entries, RecallForm::DEFAULT, spec.prompt_tokens as usize, tokenizer)?;
         let used = prompt.used.iter().map(|&i| (hits[i].0.clone(), hits[i].1)).collect();
-        Ok((prompt, used))
+        Ok(Recollection { prompt, used, adapter_applies: learned || !self.scoped })
     }
 
     /// Marks the taught entries whose interaction is in `learned` as learned
     /// by `adapter` (the active adapter's manifest lists them), and clears the
     /// mark of every other entry: a rolled-back adapter's entries come back.
-    /// Writes the file when a mark changed. Returns how many are marked.
+    /// `scoped`: the adapter applies only in its scope
+    /// ([`crate::recall::scope`]). Writes the file when a mark changed.
+    /// Returns how many are marked.
     ///
     /// # Errors
     /// [`RecallError::Io`].
-    pub fn follow_adapter(&mut self, adapter: Option<AdapterId>, learned: &[u64]) -> Result<usize, RecallError> {
+    pub fn follow_adapter(&mut self, adapter: Option<AdapterId>, learned: &[u64], scoped: bool) -> Result<usize, RecallError> {
+        self.scoped = scoped && adapter.is_some();
         let before: Vec<Option<AdapterId>> = self.index.entries().iter().map(|e| e.learned_by).collect();
         let marked = self.index.mark_learned(|e| match e.origin {
             Origin::Taught { interaction, .. } if learned.contains(&interaction) => adapter,
@@ -357,20 +372,20 @@ impl RecallMemory {
     }
 
     /// [`RecallMemory::follow_adapter`] for the adapter active in `state`
-    /// (none: every mark cleared), with the learned list its verified
-    /// manifest gives for this device.
+    /// (none: every mark cleared), with the learned list and scope its
+    /// verified manifest gives for this device.
     ///
     /// # Errors
     /// The adapter state or the installed manifest cannot be read or verified.
     pub fn follow_active_adapter(&mut self, state: &StateDir) -> Result<usize, RecallError> {
         let io = |e: FileError| RecallError::Io { path: state.root().to_owned(), source: std::io::Error::other(e.to_string()) };
         let Some(active) = super::adapters::ActiveAdapters::read(state).map_err(io)?.active else {
-            return self.follow_adapter(None, &[]);
+            return self.follow_adapter(None, &[], false);
         };
         let device = state.device_id().map_err(io)?;
         let manifest = super::adapters::installed_manifest(state, active, &state.trainer_key().map_err(io)?).map_err(io)?;
         let learned = device.map(|d| manifest.learned(d)).unwrap_or_default();
-        self.follow_adapter(Some(active), &learned)
+        self.follow_adapter(Some(active), &learned, manifest.scoped())
     }
 
     /// Bytes this recall memory adds to the memory plan

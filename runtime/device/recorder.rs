@@ -207,7 +207,7 @@ impl Recorder {
             return Ok(None);
         };
         let decoder = session.decoder_ref();
-        let models = (decoder.pack().id(), decoder.adapter().map(|a| a.id()));
+        let models = (decoder.pack().id(), decoder.applied_adapter().map(|a| a.id()));
         let body = interaction_record(position, models, texts, stats, peak_rss_bytes());
         journal.append(&Body::Interaction(body)).map(Some)
     }

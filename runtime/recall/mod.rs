@@ -5,7 +5,8 @@
 //! through a tract-onnx graph), [`index::RecallIndex`] (the fixed-capacity
 //! table of taught answers and passages, exact top-k search, its durable
 //! file), [`prompt::with_recalled`] (recalled entries into the prompt, in the
-//! documented form), [`passages::split`] (documents cut into passages).
+//! documented form), [`passages::split`] (documents cut into passages),
+//! [`scope::in_adapter_scope`] (whether a request falls to a scoped adapter).
 //!
 //! Compiled in with the `recall` cargo feature (on by default).
 
@@ -13,6 +14,7 @@ pub mod encoder;
 pub mod index;
 pub mod passages;
 pub mod prompt;
+pub mod scope;
 
 /// Bytes recall memory adds to the memory plan: the higher of the encoder
 /// graph's load peak (reading and optimising it, transient) and what stays

@@ -19,6 +19,15 @@
 //! efficacy to improve, generalisation not to fall, locality to stay at or
 //! above its bound, and retention perplexity within its bound. A rejected
 //! adapter is still written, under `rejected/`, so it can be inspected.
+//!
+//! Given the devices' recall encoder ([`NightSources::encoder`]), the
+//! adapter is scoped (`nocturne::recall::scope`): the corrections it
+//! answers as taught, asked with the adapter on every request, are the ones
+//! it learned; then generalisation, locality and efficacy are measured with
+//! the adapter applied only in the scope of what it learned, as the device
+//! will apply it, and the manifest says `"scope": "learned"`. The answers
+//! before the night are the device's too: a scoped previous adapter applies
+//! in the scope of what its manifest lists.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,11 +37,13 @@ use candle_core::{DType, Device};
 use ed25519_dalek::SigningKey;
 use nocturne::adapter::LoraAdapter;
 use nocturne::profile::Profile;
+use nocturne::recall::encoder::SentenceEncoder;
+use nocturne::recall::scope::SCOPE_LEARNED;
 use nocturne::tokenizer::{ChatMessage, Tokenizer, DEFAULT_SYSTEM_PROMPT};
 use nocturne::weights::{ModelPack, TOKENIZER_FILE};
 use serde::Serialize;
 
-use crate::eval::{normalise, unchanged_share, Evaluator, Gate, Scores};
+use crate::eval::{normalise, unchanged_share, AdapterScope, Evaluator, Gate, Scores};
 use crate::export::{export_adapter, AdapterPrecision};
 use crate::llama::{BaseModel, Lora};
 use crate::paraphrase::{paraphrases, ParaphraseConfig};
@@ -216,6 +227,10 @@ pub struct NightSources<'a> {
     pub key: &'a SigningKey,
     /// Retention texts (the gate's perplexity set, the MAS reference prompts).
     pub retention: &'a [String],
+    /// The devices' recall encoder directory (`encoder.onnx` +
+    /// `tokenizer.json`): the adapter is scoped (module docs). None: it
+    /// applies to every request.
+    pub encoder: Option<&'a Path>,
 }
 
 /// Runs one consolidation of `sources`, writing into `out` (published
@@ -225,7 +240,7 @@ pub struct NightSources<'a> {
 /// Unreadable journals or pack; no training example; training, evaluation
 /// or export failures.
 pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, progress: &mut dyn FnMut(usize, f32, f64)) -> anyhow::Result<Report> {
-    let NightSources { journals: dirs, base: base_dir, previous, key, retention } = sources;
+    let NightSources { journals: dirs, base: base_dir, previous, key, retention, encoder } = sources;
     let started = std::time::Instant::now();
     let pack = ModelPack::open(base_dir)?;
     let tokenizer = Tokenizer::from_file(&base_dir.join(TOKENIZER_FILE))?;
@@ -250,19 +265,30 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
         paraphrased.push(Paraphrased { question: question.to_string(), trained: found, gate });
     }
     let unseen: Vec<&Example> = unseen.iter().collect();
+    let questions: Vec<&str> = corrections.iter().map(|e| e.messages.last().map_or("", |m| m.content.as_str())).collect();
+    let encoder = encoder
+        .map(|dir| SentenceEncoder::load(dir, config.device.recall.max_sequence_tokens as usize).with_context(|| format!("cannot load the recall encoder in {}", dir.display())))
+        .transpose()?;
+    let encoder = encoder.map(Arc::new);
+    // A scoped previous adapter answers what its manifest lists, as on the device.
+    if let (Some(encoder), Some(previous)) = (&encoder, &previous_adapter) {
+        if previous.manifest().scoped() {
+            let listed = |e: &Example| previous.manifest().learned(e.device).contains(&e.interaction);
+            let taught: Vec<(&str, bool)> = questions.iter().zip(&corrections).map(|(q, e)| (*q, listed(e))).collect();
+            evaluator.set_scope(Some(AdapterScope::new(encoder.clone(), &config.device.recall, &taught)?));
+        }
+    }
     let (gate_probes, report_probes) = locality_probes(&buffer.untaught);
     let (gate_answers, report_answers) = (evaluator.answers(&gate_probes)?, evaluator.answers(&report_probes)?);
-    let score = |evaluator: &mut Evaluator<'_>, locality: f64| -> anyhow::Result<(Scores, Vec<bool>)> {
-        let matched = evaluator.matches(&corrections)?;
-        let scores = Scores {
-            efficacy: matched.iter().filter(|&&m| m).count() as f64 / matched.len().max(1) as f64,
+    let score = |evaluator: &mut Evaluator<'_>, locality: f64| -> anyhow::Result<Scores> {
+        Ok(Scores {
+            efficacy: evaluator.match_rate(&corrections)?,
             generalisation: if unseen.is_empty() { None } else { Some(evaluator.match_rate(&unseen)?) },
             locality,
             retention_perplexity: evaluator.perplexity(retention)?,
-        };
-        Ok((scores, matched))
+        })
     };
-    let (before, _) = score(&mut evaluator, 1.0)?;
+    let before = score(&mut evaluator, 1.0)?;
     let base = BaseModel::from_pack(&pack, DType::F32, &Device::Cpu, config.train.max_tokens.max(64))?;
     let warm = previous_adapter.as_ref().map(|a| Lora::from_adapter(&base, a)).transpose()?;
     let reference: Vec<Vec<u32>> = retention
@@ -290,6 +316,17 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
     let exported = export_adapter(&staging, key, &outcome.lora, &pack, parent, &description.to_string(), config.precision)?;
     let candidate = Arc::new(LoraAdapter::open(&exported.bundle, &pack, &trainer_key)?);
     evaluator.set_adapter(Some(candidate));
+    // The corrections it answers as taught: the device's recall memory stops
+    // injecting them while this adapter is active, and they are its scope.
+    let learned = evaluator.matches(&corrections)?;
+    let scoped = match encoder {
+        Some(encoder) => {
+            let taught: Vec<(&str, bool)> = questions.iter().copied().zip(learned.iter().copied()).collect();
+            evaluator.set_scope(Some(AdapterScope::new(encoder, &config.device.recall, &taught)?));
+            true
+        }
+        None => false,
+    };
     let (gate_after, report_after) = (evaluator.answers(&gate_probes)?, evaluator.answers(&report_probes)?);
     let (locality, locality_report) = (unchanged_share(&gate_answers, &gate_after), unchanged_share(&report_answers, &report_after));
     // Every answer that changed, for the report: what the damage is.
@@ -304,9 +341,7 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
             })
         })
         .collect();
-    let (after, learned) = score(&mut evaluator, locality)?;
-    // The corrections the adapter answers as taught: the device's recall
-    // memory stops injecting them while this adapter is active.
+    let after = score(&mut evaluator, locality)?;
     let learned: Vec<serde_json::Value> = corrections
         .iter()
         .zip(&learned)
@@ -323,6 +358,9 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
     description["published"] = published.into();
     description["decision"] = decision.clone().into();
     description["learned"] = learned.into();
+    if scoped {
+        description["scope"] = SCOPE_LEARNED.into();
+    }
     let target = if published { out.to_path_buf() } else { out.join("rejected") };
     let exported = export_adapter(&target, key, &outcome.lora, &pack, parent, &description.to_string(), config.precision)?;
     let (bundle, peft) = (exported.bundle, exported.peft);

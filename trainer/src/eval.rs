@@ -2,14 +2,17 @@
 //! locality and retention perplexity before and after, and the gate that
 //! decides publication.
 //!
-//! Principal items: [`Evaluator`], [`normalise`], [`Scores`], [`Gate`].
+//! Principal items: [`Evaluator`], [`AdapterScope`], [`normalise`],
+//! [`Scores`], [`Gate`].
 //!
 //! A correction counts as answered when the greedy answer matches its target
 //! exactly or after [`normalise`]; locality compares greedy answers before
 //! and after the same way. Retention is the perplexity of a fixed set of
 //! texts the base already handles. All run on
 //! `nocturne::session` with the candidate adapter applied exactly as the
-//! device will apply it, so what is measured is what ships. The device
+//! device will apply it, so what is measured is what ships: a scoped
+//! adapter only to the questions in its scope ([`AdapterScope`], the rule
+//! of `nocturne::recall::scope`). The device
 //! profile the evaluation runs under (context length, memory budget) is an
 //! argument ([`device_profile`]): the host never uses the profile the
 //! `nocturne` library happened to be compiled with.
@@ -19,7 +22,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use nocturne::adapter::LoraAdapter;
-use nocturne::profile::Profile;
+use nocturne::ids::AdapterId;
+use nocturne::kernels::Kernels;
+use nocturne::profile::{Profile, RecallSpec};
+use nocturne::recall::encoder::SentenceEncoder;
+use nocturne::recall::index::{Entry, Hit, Origin, RecallIndex};
+use nocturne::recall::prompt::{DEFAULT_THRESHOLD, PASSAGE_THRESHOLD};
+use nocturne::recall::scope::in_adapter_scope;
 use nocturne::sampler::SamplerConfig;
 use nocturne::session::{perplexity, RequestOptions, Session, SessionOptions};
 use nocturne::tokenizer::{ChatMessage, Tokenizer};
@@ -129,10 +138,56 @@ pub fn device_profile(file: Option<&Path>) -> anyhow::Result<Profile> {
     }
 }
 
+/// The scope of a scoped adapter as a device decides it
+/// (`nocturne::recall::scope`): the taught questions, embedded by the
+/// device's recall encoder into an index like the device's (the profile's
+/// precision and `top_k`), each marked whether the adapter learned it.
+pub struct AdapterScope {
+    encoder: Arc<SentenceEncoder>,
+    index: RecallIndex,
+    spec: RecallSpec,
+    kernels: Kernels,
+}
+
+impl AdapterScope {
+    /// The scope of the taught `questions` (the user's wording, each with
+    /// whether the adapter learned it), embedded by `encoder`, searched as
+    /// the profile's recall memory `spec` searches. Every question is kept
+    /// (the index is as large as the list).
+    ///
+    /// # Errors
+    /// The encoder failing on a question.
+    pub fn new(encoder: Arc<SentenceEncoder>, spec: &RecallSpec, questions: &[(&str, bool)]) -> anyhow::Result<AdapterScope> {
+        let mut index = RecallIndex::new([0; 32], encoder.dimension(), questions.len(), spec.embedding_precision);
+        for (i, (question, learned)) in questions.iter().enumerate() {
+            let origin = Origin::Taught { interaction: i as u64, feedback: i as u64 };
+            let learned_by = learned.then_some(AdapterId([0; 16]));
+            index.add(Entry { origin, text: question.to_string(), answer: String::new(), learned_by }, &encoder.embed(question)?);
+        }
+        Ok(AdapterScope { encoder, index, spec: spec.clone(), kernels: Kernels::detect() })
+    }
+
+    /// Whether the adapter answers `question`.
+    ///
+    /// # Errors
+    /// The encoder failing.
+    pub fn applies(&self, question: &str) -> anyhow::Result<bool> {
+        if question.trim().is_empty() {
+            return Ok(false);
+        }
+        let mut hits: Vec<Hit> = Vec::new();
+        let query = self.encoder.embed(question)?;
+        self.index.search(&self.kernels, &query, self.spec.top_k as usize, DEFAULT_THRESHOLD.min(PASSAGE_THRESHOLD), &mut hits);
+        Ok(in_adapter_scope(hits.iter().map(|h| (&self.index.entries()[h.slot], h.score))))
+    }
+}
+
 /// Answers and scores with the device decoder.
 pub struct Evaluator<'a> {
     session: Session<'a>,
     tokenizer: &'a Tokenizer,
+    /// The active adapter's scope (None: it answers every request).
+    scope: Option<AdapterScope>,
     /// Longest answer, tokens.
     pub max_new_tokens: usize,
     /// The profile's request limits.
@@ -148,12 +203,27 @@ impl<'a> Evaluator<'a> {
         let mut options = SessionOptions::for_profile(profile);
         options.all_logits = true;
         let request = RequestOptions::for_profile(profile);
-        Ok(Evaluator { session: Session::start(pack, tokenizer, profile, options)?, tokenizer, max_new_tokens: 48, request })
+        Ok(Evaluator { session: Session::start(pack, tokenizer, profile, options)?, tokenizer, scope: None, max_new_tokens: 48, request })
     }
 
-    /// Uses `adapter` from now on (`None`: the base model).
+    /// Uses `adapter` from now on (`None`: the base model), applied to every
+    /// request until [`Evaluator::set_scope`].
     pub fn set_adapter(&mut self, adapter: Option<Arc<LoraAdapter>>) {
         self.session.set_adapter(adapter);
+        self.set_scope(None);
+    }
+
+    /// Applies the adapter only to the chat questions in `scope` from now on
+    /// (`None`: to every request); returns the scope it replaces.
+    pub fn set_scope(&mut self, scope: Option<AdapterScope>) -> Option<AdapterScope> {
+        self.session.apply_adapter(true);
+        std::mem::replace(&mut self.scope, scope)
+    }
+
+    /// Applies the adapter to the next requests or sets it aside, as a
+    /// device's recall memory decided for them (with no scope set).
+    pub fn apply_adapter(&mut self, applied: bool) {
+        self.session.apply_adapter(applied);
     }
 
     /// The greedy answer to an example's context.
@@ -165,11 +235,16 @@ impl<'a> Evaluator<'a> {
     }
 
     /// The greedy answer to `messages` when the reply begins with `prefix`
-    /// (included in the answer).
+    /// (included in the answer), the adapter applied as its scope says for
+    /// the last user message.
     ///
     /// # Errors
     /// Tokenizer or decoder errors.
     pub fn answer_from(&mut self, messages: &[ChatMessage], prefix: &str) -> anyhow::Result<String> {
+        if let Some(scope) = &self.scope {
+            let question = messages.iter().rev().find(|m| m.role == "user").map_or("", |m| m.content.as_str());
+            self.session.apply_adapter(scope.applies(question)?);
+        }
         let mut ids = self.tokenizer.encode_chat(messages, true)?;
         ids.extend(self.tokenizer.encode(prefix)?);
         let mut options = self.request.clone();
@@ -186,6 +261,8 @@ impl<'a> Evaluator<'a> {
     /// Tokenizer or decoder errors.
     pub fn continue_text(&mut self, prompt: &str, stop: &str, max_new_tokens: usize, sampler: SamplerConfig) -> anyhow::Result<String> {
         let ids = self.tokenizer.encode(prompt)?;
+        // A raw prompt has no question to scope: the device applies the adapter.
+        self.session.apply_adapter(true);
         let mut options = self.request.clone();
         options.max_new_tokens = max_new_tokens;
         options.deadline = std::time::Duration::from_secs(600);

@@ -172,6 +172,12 @@ struct ConsolidateArgs {
     /// Smallest allowed locality: the share of never-taught questions whose answer stays the same.
     #[arg(long, default_value_t = nocturne_trainer::eval::Gate::default().locality_bound)]
     locality_bound: f64,
+    /// The devices' recall encoder (encoder.onnx + tokenizer.json): the adapter is scoped, applied on a device only to questions recall finds close to one it learned. Default: models/cache/all-minilm-l6-v2 (what `models/fetch` writes).
+    #[arg(long, env = "NOCTURNE_ENCODER", conflicts_with = "unscoped")]
+    encoder: Option<PathBuf>,
+    /// Publish an adapter that applies to every request (no recall encoder needed; locality then rarely holds).
+    #[arg(long)]
+    unscoped: bool,
     /// Paraphrases the night writes per corrected question (the last one found is the gate's, the others are trained on; 0: none).
     #[arg(long, default_value_t = nocturne_trainer::paraphrase::ParaphraseConfig::default().wanted)]
     paraphrases: usize,
@@ -224,7 +230,16 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
             .expect("valid template"),
     );
     let retention = retention_texts(&args.retention)?;
-    let sources = NightSources { journals: &dirs, base: &args.source.base, previous: args.previous.as_deref(), key: &key, retention: &retention };
+    let encoder = match (&args.encoder, args.unscoped) {
+        (_, true) => None,
+        (Some(dir), false) => Some(dir.clone()),
+        (None, false) => {
+            let default = PathBuf::from("models/cache/all-minilm-l6-v2");
+            anyhow::ensure!(default.is_dir(), "no recall encoder at {}: give --encoder DIR (the devices' encoder) or --unscoped", default.display());
+            Some(default)
+        }
+    };
+    let sources = NightSources { journals: &dirs, base: &args.source.base, previous: args.previous.as_deref(), key: &key, retention: &retention, encoder: encoder.as_deref() };
     let report = consolidate(sources, &args.out, &config, &mut |step, loss, tps| {
         bar.set_position(step as u64);
         bar.set_message(format!("loss {loss:.3}  {tps:.0} tokens/s"));

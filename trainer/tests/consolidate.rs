@@ -30,6 +30,13 @@ fn pack_dir() -> std::path::PathBuf {
     dir
 }
 
+/// The devices' recall encoder, which scopes an adapter.
+fn encoder_dir() -> std::path::PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/cache/all-minilm-l6-v2");
+    assert!(dir.is_dir(), "{} is missing: run `models/fetch` first", dir.display());
+    dir
+}
+
 /// A journal with one interaction whose reply the user corrected.
 fn corrected_journal(dir: &Path, base: ModelId) {
     correction_journal(dir, base, DeviceId([2; 16]), "What is the name of this kiosk?", "This is the Harbour Station kiosk.");
@@ -149,7 +156,7 @@ fn consolidate_eval_and_report_from_the_command_line() {
     let key = store.join("trainer.key");
     let text = trainer(&[
         "consolidate", "--journal", journal.to_str().unwrap(), "--key", key.to_str().unwrap(), "--base", &base, "--out", &out, "--steps", "3",
-        "--rehearsal-sequences", "2", "--precision", "int8",
+        "--rehearsal-sequences", "2", "--precision", "int8", "--encoder", encoder_dir().to_str().unwrap(),
     ]);
     assert!(text.contains("1 examples (1 corrections") && text.contains("retention perplexity"), "{text}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap()).unwrap();
@@ -242,7 +249,7 @@ fn a_store_taught_on_one_base_is_consolidated_onto_another() {
     let out = tmp.path().join("night");
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_nocturne-trainer"))
         .args(["consolidate", "--journal", tmp.path().join("journal").to_str().unwrap(), "--key", store.join("trainer.key").to_str().unwrap()])
-        .args(["--base", fp16_dir.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "3", "--rehearsal-sequences", "2", "--paraphrases", "0"])
+        .args(["--base", fp16_dir.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "3", "--rehearsal-sequences", "2", "--paraphrases", "0", "--unscoped"])
         .status()
         .unwrap();
     assert!(status.success());
@@ -258,6 +265,8 @@ fn a_store_taught_on_one_base_is_consolidated_onto_another() {
     assert!(matches!(refused, Err(nocturne::device::adapters::AdapterError::Rejected { .. })), "{refused:?}");
 }
 
+/// Two nights, scoped: each learns its corrections, the second keeps the
+/// first's, and neither changes the answers to questions nobody taught.
 #[test]
 fn a_second_night_learns_new_corrections_and_keeps_the_first_nights() {
     let dir = pack_dir();
@@ -268,6 +277,7 @@ fn a_second_night_learns_new_corrections_and_keeps_the_first_nights() {
     correction_journal(&day2, pack.id(), DeviceId([3; 16]), "Where can I charge my phone?", "At the blue pillar next to the ticket machines.");
     let key = nocturne::signing::generate().unwrap();
     let retention = retention_texts(&[]).unwrap();
+    let encoder = encoder_dir();
     let config = NightConfig {
         train: TrainConfig { steps: 40, learning_rate: 5e-3, rehearsal_sequences: 2, ..TrainConfig::default() },
         weights: PriorityWeights::default(),
@@ -277,7 +287,7 @@ fn a_second_night_learns_new_corrections_and_keeps_the_first_nights() {
         paraphrase: ParaphraseConfig { wanted: 0, ..ParaphraseConfig::default() },
     };
     let night = |journals: &[std::path::PathBuf], previous: Option<&Path>, out: &str| {
-        let sources = NightSources { journals, base: &dir, previous, key: &key, retention: &retention };
+        let sources = NightSources { journals, base: &dir, previous, key: &key, retention: &retention, encoder: Some(&encoder) };
         consolidate(sources, &tmp.path().join(out), &config, &mut |_, _, _| {}).unwrap()
     };
     let first = night(std::slice::from_ref(&day1), None, "night1");
@@ -288,4 +298,9 @@ fn a_second_night_learns_new_corrections_and_keeps_the_first_nights() {
     assert_eq!((second.before.efficacy, second.after.efficacy), (0.5, 1.0), "{}", second.decision);
     let adapter = LoraAdapter::open(&second.bundle, &pack, &key.verifying_key()).unwrap();
     assert_eq!(adapter.manifest().parent.map(|p| p.to_string()), Some(first.adapter.clone()));
+    // Scoped: the untaught questions are answered as before each night.
+    assert!(adapter.manifest().scoped());
+    for night in [&first, &second] {
+        assert!(night.after.locality >= 0.95 && night.locality_report >= 0.95, "{} / {}: {:?}", night.after.locality, night.locality_report, night.locality_changes);
+    }
 }

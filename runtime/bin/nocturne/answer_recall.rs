@@ -39,12 +39,15 @@ pub struct Recalled {
     pub reply_prefix: String,
     /// What went in, best first.
     pub entries: Vec<RecalledEntry>,
+    /// Whether the session's active adapter answers this request
+    /// (`nocturne::recall::scope`; always without recall memory).
+    pub adapter_applies: bool,
 }
 
 impl Recalled {
     /// `messages` unchanged: nothing recalled.
     pub fn none(messages: &[ChatMessage]) -> Recalled {
-        Recalled { messages: messages.to_vec(), reply_prefix: String::new(), entries: Vec::new() }
+        Recalled { messages: messages.to_vec(), reply_prefix: String::new(), entries: Vec::new(), adapter_applies: true }
     }
 
     /// The token ids to decode: the conversation with the chat template and
@@ -164,10 +167,12 @@ impl Recall {
                 return unchanged();
             };
             match memory.recall_into(messages, tokenizer, &nocturne::profile::ACTIVE.recall) {
-                Ok((prompt, used)) => Recalled {
-                    messages: prompt.messages,
-                    reply_prefix: prompt.reply_prefix.unwrap_or_default(),
-                    entries: used
+                Ok(recollection) => Recalled {
+                    messages: recollection.prompt.messages,
+                    reply_prefix: recollection.prompt.reply_prefix.unwrap_or_default(),
+                    adapter_applies: recollection.adapter_applies,
+                    entries: recollection
+                        .used
                         .into_iter()
                         .map(|(entry, score)| RecalledEntry {
                             interaction: match entry.origin {

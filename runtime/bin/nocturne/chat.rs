@@ -118,6 +118,7 @@ impl Chat<'_> {
         if dropped > 0 {
             eprintln!("(context full: the {dropped} oldest exchange(s) no longer fit and were dropped)");
         }
+        self.session.apply_adapter(recalled.adapter_applies);
         for entry in &recalled.entries {
             eprintln!("(recalled, similarity {:.2}: {:?} → {:?})", entry.score, entry.text, entry.answer);
         }

@@ -59,6 +59,7 @@ pub fn run(
     // Recall followed the active adapter when it opened.
     follow_active_adapter(&mut recorder, &mut session, &pack);
     let recalled = recall.prompt(&[ChatMessage::new("system", &system), ChatMessage::new("user", prompt.trim_end())], &tokenizer);
+    session.apply_adapter(recalled.adapter_applies);
     let ids = if raw {
         tokenizer.encode(&prompt)?
     } else {
@@ -96,7 +97,7 @@ pub fn run(
     if json {
         let value = serde_json::json!({
             "reply": reply,
-            "adapter": session.decoder().adapter().map(|a| a.id().to_string()),
+            "adapter": session.decoder().applied_adapter().map(|a| a.id().to_string()),
             "stop_reason": stats.stop_reason.name(),
             "prompt_tokens": stats.prompt_tokens,
             "new_tokens": stats.new_tokens,

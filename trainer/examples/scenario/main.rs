@@ -21,9 +21,12 @@
 //! 4. The first variant's adapter is installed on the device (verify,
 //!    self-test, switch): as published, or, when the gate refused it, by the
 //!    operator's explicit choice (`Unpublished::Allow`); the next day is
-//!    answered with it.
+//!    answered with it, applied as the device applies a scoped adapter
+//!    (`nocturne::recall::scope`: only to questions whose closest taught
+//!    question is one it learned).
 //! 5. After NIGHTS such days and nights, each day's corrections are asked
-//!    with no adapter and with every adapter: as asked (efficacy; every
+//!    with no adapter and with every adapter (in its scope, given every
+//!    day's corrections as the device's taught questions): as asked (efficacy; every
 //!    correction was trained on), and rephrased by two fixed templates and
 //!    by hand (`../recall_eval/paraphrases.txt`, where it has the question),
 //!    none of which the night's paraphrase generator writes
@@ -62,7 +65,7 @@ use nocturne::tokenizer::{ChatMessage, Tokenizer, DEFAULT_SYSTEM_PROMPT};
 use nocturne::weights::{ModelPack, TOKENIZER_FILE};
 use nocturne_trainer::train::TrainConfig;
 use datasets::{chatterbot_pairs, chitchat_dialogues, CHATTERBOT, CHITCHAT};
-use nocturne_trainer::eval::{device_profile, normalise, unchanged_share, Evaluator, Gate};
+use nocturne_trainer::eval::{device_profile, normalise, unchanged_share, AdapterScope, Evaluator, Gate};
 use nocturne_trainer::consolidate::{self, consolidate, locality_probes, retention_texts, NightConfig, NightSources};
 use nocturne_trainer::paraphrase::ParaphraseConfig;
 use nocturne_trainer::replay::{Example, PriorityWeights, ReplayBuffer};
@@ -82,6 +85,9 @@ fn example(question: &str, answer: &str) -> Example {
         priority: 1.0,
     }
 }
+
+/// The devices' recall encoder, under the repository (what `models/fetch` writes).
+const ENCODER: &str = "models/cache/all-minilm-l6-v2";
 
 /// Uncorrected questions asked after the corrected ones and left unrated.
 const UNTAUGHT: usize = 150;
@@ -128,8 +134,9 @@ fn recall_after_night(
     tokenizer: &Tokenizer,
     trained: &[&(String, String, u64)],
 ) -> anyhow::Result<AfterNight> {
-    let encoder = SentenceEncoder::load(&repo.join("models/cache/all-minilm-l6-v2"), profile.recall.max_sequence_tokens as usize)?;
+    let encoder = SentenceEncoder::load(&repo.join(ENCODER), profile.recall.max_sequence_tokens as usize)?;
     let (mut memory, _) = RecallMemory::open(state, encoder, &profile.recall)?;
+    evaluator.set_scope(None);
     memory.follow_active_adapter(state)?;
     let learned: Vec<u64> = memory
         .index()
@@ -144,8 +151,10 @@ fn recall_after_night(
     let (mut taught, mut learned_taught, mut learned_injected) = (0, 0, 0);
     for (q, a, lsn) in trained {
         let messages = [ChatMessage::new("system", DEFAULT_SYSTEM_PROMPT), ChatMessage::new("user", q)];
-        let (prompt, used) = memory.recall_into(&messages, tokenizer, &profile.recall)?;
-        let injected = used.iter().any(|(e, _)| matches!(e.origin, Origin::Taught { interaction, .. } if interaction == *lsn));
+        let recollection = memory.recall_into(&messages, tokenizer, &profile.recall)?;
+        let injected = recollection.used.iter().any(|(e, _)| matches!(e.origin, Origin::Taught { interaction, .. } if interaction == *lsn));
+        evaluator.apply_adapter(recollection.adapter_applies);
+        let prompt = &recollection.prompt;
         let ok = as_taught(&evaluator.answer_from(&prompt.messages, prompt.reply_prefix.as_deref().unwrap_or(""))?, a);
         taught += usize::from(ok);
         if learned.contains(lsn) {
@@ -155,6 +164,18 @@ fn recall_after_night(
     }
     let share = |n: usize, of: usize| n as f64 / of.max(1) as f64;
     Ok(AfterNight { learned: learned.len(), learned_injected, taught_rate: share(taught, trained.len()), learned_rate: share(learned_taught, learned.len()) })
+}
+
+/// The scope `adapter` has on the device once `days` were taught (their
+/// corrections the device's taught questions, learned where its manifest
+/// lists them); None for an unscoped adapter.
+fn device_scope(encoder: &Arc<SentenceEncoder>, profile: &nocturne::profile::Profile, adapter: &LoraAdapter, device: nocturne::ids::DeviceId, days: &[Day]) -> anyhow::Result<Option<AdapterScope>> {
+    if !adapter.manifest().scoped() {
+        return Ok(None);
+    }
+    let learned = adapter.manifest().learned(device);
+    let taught: Vec<(&str, bool)> = days.iter().flat_map(|d| &d.corrected).map(|(q, _, lsn)| (q.as_str(), learned.contains(lsn))).collect();
+    Ok(Some(AdapterScope::new(encoder.clone(), &profile.recall, &taught)?))
 }
 
 /// A night's run: its label, its report, its wall time in seconds.
@@ -230,6 +251,8 @@ fn main() -> anyhow::Result<()> {
     let device = state.device_id_or_create()?;
     let mut journal = Journal::open(&state.journal_dir(), device, JournalConfig::for_profile(&profile))?;
     let mut evaluator = Evaluator::new(&pack, &tokenizer, &profile)?;
+    let encoder_dir = repo.join(ENCODER);
+    let encoder = Arc::new(SentenceEncoder::load(&encoder_dir, profile.recall.max_sequence_tokens as usize)?);
     let store = Store::new(out.join("store"));
     store.keygen()?;
     store.enroll(&out.join("device").join(DEVICE_PUBLIC_FILE))?;
@@ -267,7 +290,7 @@ fn main() -> anyhow::Result<()> {
             let config = NightConfig { train: train.clone(), weights: PriorityWeights::default(), gate: Gate::default(), precision: Default::default(), device: profile.clone(), paraphrase: *paraphrase };
             let previous = nights.last().map(|n: &Vec<Night>| n[i].1.bundle.clone());
             let t = Instant::now();
-            let sources = NightSources { journals: &dirs, base: &pack_dir, previous: previous.as_deref(), key: &key, retention: &retention };
+            let sources = NightSources { journals: &dirs, base: &pack_dir, previous: previous.as_deref(), key: &key, retention: &retention, encoder: Some(&encoder_dir) };
             let label = format!("night {}, {name}", night + 1);
             let report = consolidate(sources, &out.join(format!("night-{}-{i}", night + 1)), &config, &mut |step, loss, tps| {
                 if step % 100 == 0 {
@@ -290,7 +313,10 @@ fn main() -> anyhow::Result<()> {
         let (bundle, published) = (&tonight[0].1.bundle, tonight[0].1.published);
         let outcome = install(&state, &pack, bundle, Some(&mut journal), if published { Unpublished::Refuse } else { Unpublished::Allow })?;
         println!("device install ({}): {outcome:?}", if published { "published" } else { "not published: installed by the operator's choice" });
-        evaluator.set_adapter(Some(Arc::new(LoraAdapter::open(bundle, &pack, &trainer_key)?)));
+        let adapter = LoraAdapter::open(bundle, &pack, &trainer_key)?;
+        let scope = device_scope(&encoder, &profile, &adapter, device, &days)?;
+        evaluator.set_adapter(Some(Arc::new(adapter)));
+        evaluator.set_scope(scope);
         installed.push((format!("{outcome:?}"), published));
         nights.push(tonight);
     }
@@ -312,7 +338,9 @@ fn main() -> anyhow::Result<()> {
     println!("|---|{}---|---|", "---|---|---|".repeat(sets.len()));
     let mut rows = Vec::new();
     for (name, adapter, locality) in models {
+        let scope = adapter.as_deref().map(|a| device_scope(&encoder, &profile, a, device, &days)).transpose()?.flatten();
         evaluator.set_adapter(adapter);
+        evaluator.set_scope(scope);
         // None: a set with no question (the hand-written paraphrases cover only some days).
         let mut rates = Vec::new();
         for set in sets.iter().flatten() {

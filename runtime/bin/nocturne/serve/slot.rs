@@ -172,6 +172,7 @@ fn complete(session: &mut Session<'_>, shared: &Shared<'_>, c: Completion) -> Op
     let options = RequestOptions { cancel: Some(cancel.clone()), ..c.options };
     let events = &c.events;
     let (prompt, recalled) = with_recall(shared, c.messages.as_deref(), c.prompt, session.decoder_ref().capacity());
+    session.apply_adapter(recalled.adapter_applies);
     if !recalled.reply_prefix.is_empty() {
         let _ = events.send(Event::Text(recalled.reply_prefix.clone()));
     }
@@ -224,7 +225,8 @@ fn complete(session: &mut Session<'_>, shared: &Shared<'_>, c: Completion) -> Op
 /// The prompt to decode: `prompt` with what recall finds for the last user
 /// message of `messages`, or `prompt` as sent when there are no messages,
 /// recall finds nothing, or what it adds would leave no room for a reply in
-/// `capacity` tokens.
+/// `capacity` tokens; and whether the active adapter answers it (recall's
+/// scope decision stands when its entries are left out).
 fn with_recall(shared: &Shared<'_>, messages: Option<&[ChatMessage]>, prompt: Vec<u32>, capacity: usize) -> (Vec<u32>, Recalled) {
     let Some(messages) = messages else {
         return (prompt, Recalled::none(&[]));
@@ -237,11 +239,11 @@ fn with_recall(shared: &Shared<'_>, messages: Option<&[ChatMessage]>, prompt: Ve
         Ok(ids) if ids.len() < capacity => (ids, recalled),
         Ok(ids) => {
             tracing::info!(tokens = ids.len(), capacity, "the recalled prompt does not fit the context; answering without recall");
-            (prompt, Recalled::none(messages))
+            (prompt, Recalled { adapter_applies: recalled.adapter_applies, ..Recalled::none(messages) })
         }
         Err(e) => {
             tracing::warn!(error = %e, "the recalled prompt cannot be encoded; answering without recall");
-            (prompt, Recalled::none(messages))
+            (prompt, Recalled { adapter_applies: recalled.adapter_applies, ..Recalled::none(messages) })
         }
     }
 }
