@@ -303,11 +303,14 @@ impl<'a> Evaluator<'a> {
             .collect()
     }
 
-    /// Perplexity over `texts` (token-weighted), each cut to the context.
+    /// Perplexity over `texts` (token-weighted), each cut to the context,
+    /// with the adapter applied whatever its scope (text has no question to
+    /// scope, and this is the larger change).
     ///
     /// # Errors
     /// Tokenizer or decoder errors.
     pub fn perplexity(&mut self, texts: &[String]) -> anyhow::Result<f64> {
+        self.session.apply_adapter(true);
         let (mut log_sum, mut count) = (0.0, 0usize);
         for text in texts {
             let mut ids = self.tokenizer.encode(text)?;

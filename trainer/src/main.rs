@@ -145,9 +145,12 @@ struct ConsolidateArgs {
     /// Targeted projections, comma-separated.
     #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj", value_delimiter = ',')]
     targets: Vec<String>,
-    /// Optimisation steps (one example each).
+    /// Optimisation steps.
     #[arg(long, default_value_t = TrainConfig::default().steps)]
     steps: usize,
+    /// Examples per optimisation step (the task loss is their mean).
+    #[arg(long, default_value_t = TrainConfig::default().examples_per_step)]
+    examples_per_step: usize,
     /// AdamW learning rate.
     #[arg(long, default_value_t = TrainConfig::default().learning_rate)]
     learning_rate: f64,
@@ -212,6 +215,7 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
             targets,
             learning_rate: args.learning_rate,
             steps: args.steps,
+            examples_per_step: args.examples_per_step,
             mas_lambda: args.mas_lambda,
             rehearsal_weight: args.rehearsal_weight,
             rehearsal_sequences: args.rehearsal_sequences,

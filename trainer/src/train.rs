@@ -49,8 +49,12 @@ pub struct TrainConfig {
     pub targets: Vec<Target>,
     /// AdamW learning rate (default 2e-3).
     pub learning_rate: f64,
-    /// Optimisation steps, one example each (default 400).
+    /// Optimisation steps (default 400).
     pub steps: usize,
+    /// Examples drawn per step (default 2): the task loss is their mean, so
+    /// a step's gradient averages several corrections; the rehearsal term
+    /// stays one sequence per step.
+    pub examples_per_step: usize,
     /// Weight λ of the MAS penalty (default 0.005; 0 turns it off). With the
     /// importance normalised to mean 1, the penalty sums over every LoRA
     /// parameter, so small values already hold the adapter back strongly.
@@ -75,6 +79,7 @@ impl Default for TrainConfig {
             targets: vec![Target::Q, Target::K, Target::V, Target::O],
             learning_rate: 2e-3,
             steps: 400,
+            examples_per_step: 2,
             mas_lambda: 0.005,
             max_tokens: 256,
             rehearsal_weight: 20.0,
@@ -392,8 +397,7 @@ pub fn train(
     let mut opt = AdamW::new(vars.clone(), ParamsAdamW { lr: config.learning_rate, weight_decay: 0.0, ..Default::default() })?;
     let started = std::time::Instant::now();
     let (mut losses, mut divergences, mut tokens) = (Vec::with_capacity(config.steps), Vec::new(), 0usize);
-    for (step, i) in examples.sample(config.steps, config.seed ^ 0x5EED).into_iter().enumerate() {
-        let (ids, labels) = &tokenized[i];
+    for (step, picked) in batches(examples, config).iter().enumerate() {
         let target = rehearsal.get(step % rehearsal.len().max(1));
         // The example's loss (with the penalty) and the rehearsal term share
         // nothing until the update: their gradients are taken on two threads
@@ -401,7 +405,12 @@ pub fn train(
         // ([`single_threaded_ops`]); else one after the other.
         let (task_side, rehearsal_side) = join(parallel_sides,
             || -> candle_core::Result<(Tensor, GradStore)> {
-                let task = sequence_loss(base, ids, labels, Some(&lora))?;
+                let mut task = Tensor::zeros((), base.dtype(), base.device())?;
+                for &i in picked {
+                    let (ids, labels) = &tokenized[i];
+                    task = (task + sequence_loss(base, ids, labels, Some(&lora))?)?;
+                }
+                let task = (task / picked.len() as f64)?;
                 let mut loss = task.clone();
                 if config.mas_lambda > 0.0 {
                     let mut penalty = Tensor::zeros((), base.dtype(), base.device())?;
@@ -428,13 +437,21 @@ pub fn train(
         }
         opt.set_learning_rate(learning_rate(config, step));
         opt.step(&grads)?;
-        tokens += ids.len();
+        tokens += picked.iter().map(|&i| tokenized[i].0.len()).sum::<usize>();
         let task: f32 = task.to_dtype(candle_core::DType::F32)?.to_scalar()?;
         losses.push(task);
         progress(step + 1, task, tokens as f64 / started.elapsed().as_secs_f64());
     }
     let seconds = started.elapsed().as_secs_f64();
     Ok(TrainOutcome { lora, losses, divergences, tokens_per_second: tokens as f64 / seconds, seconds })
+}
+
+/// The examples each step of [`train`] trains on: `config.steps` batches
+/// of `config.examples_per_step` (at least 1) indices into `examples`,
+/// drawn by priority ([`ReplayBuffer::sample`], seeded by `config.seed`).
+pub fn batches(examples: &ReplayBuffer, config: &TrainConfig) -> Vec<Vec<usize>> {
+    let per_step = config.examples_per_step.max(1);
+    examples.sample(config.steps * per_step, config.seed ^ 0x5EED).chunks(per_step).map(<[usize]>::to_vec).collect()
 }
 
 /// Runs `a`, and `b` on a scoped thread when `parallel` (else after `a`); both results.

@@ -15,10 +15,10 @@ use nocturne::profile::Durability;
 use nocturne::journal::StopReason;
 use nocturne::tokenizer::Tokenizer;
 use nocturne::weights::ModelPack;
-use nocturne_trainer::train::{rehearsal_samples, train, Retention, TrainConfig};
+use nocturne_trainer::train::{batches, rehearsal_samples, tokenize, train, Retention, TrainConfig};
 use nocturne_trainer::eval::{normalise, Gate, Scores};
 use nocturne_trainer::export::{export_adapter, AdapterPrecision};
-use nocturne_trainer::llama::{BaseModel, Lora};
+use nocturne_trainer::llama::{sequence_loss, BaseModel, Lora};
 use nocturne_trainer::replay::{PriorityWeights, ReplayBuffer};
 use nocturne_trainer::consolidate::{consolidate, retention_texts, NightConfig, NightSources};
 use nocturne_trainer::eval::device_profile;
@@ -111,6 +111,20 @@ fn training_learns_a_correction_and_the_export_loads_everywhere() {
     let config = TrainConfig { steps: 2, ..config };
     let again = train(&base, &tokenizer, &buffer.subset(&[0]), Some(warm), Retention { reference: &reference, rehearsal: &rehearsal }, &config, &mut |_, _, _| {}).unwrap();
     assert!(again.divergences[0].abs() < 1e-5, "{:?}", again.divergences);
+    // Two examples a step: the first step's task loss (B = 0, the base) is
+    // the mean of its two examples' losses.
+    let reworded = buffer.examples[0].reworded("Tell me: what is the capital of the kingdom?", 1.0);
+    let pair = ReplayBuffer { examples: vec![buffer.examples[0].clone(), reworded], untaught: Vec::new(), report: buffer.report.clone() };
+    let config = TrainConfig { steps: 1, examples_per_step: 2, mas_lambda: 0.0, rehearsal_weight: 0.0, ..config };
+    let batch = &batches(&pair, &config)[0];
+    let base_loss = |i: usize| {
+        let (ids, labels) = tokenize(&tokenizer, &pair.examples[i], config.max_tokens).unwrap();
+        sequence_loss(&base, &ids, &labels, None).unwrap().to_scalar::<f32>().unwrap()
+    };
+    let want = (base_loss(batch[0]) + base_loss(batch[1])) / 2.0;
+    let paired = train(&base, &tokenizer, &pair, None, Retention { reference: &reference, rehearsal: &[] }, &config, &mut |_, _, _| {}).unwrap();
+    assert_eq!(batch.len(), 2);
+    assert!((paired.losses[0] - want).abs() < 1e-4, "{} vs {want}", paired.losses[0]);
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(exported.peft.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!((config["peft_type"].as_str(), config["r"].as_u64()), (Some("LORA"), Some(8)));
     assert_eq!(config["target_modules"], serde_json::json!(["q_proj", "k_proj", "v_proj", "o_proj"]));
