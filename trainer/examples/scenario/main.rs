@@ -43,8 +43,8 @@
 //!    and every correction is asked again as the device answers it (adapter
 //!    and recall together).
 //!
-//! `cargo run --release -p nocturne-trainer --example scenario -- [OUT] [QUESTIONS] [STEPS] [VARIANTS] [NIGHTS]`
-//! (defaults `target/scenario`, 40, 400, 2, 2). Writes OUT/scenario.json and prints a table.
+//! `cargo run --release -p nocturne-trainer --example scenario -- [OUT] [QUESTIONS] [STEPS] [VARIANTS] [NIGHTS] [REHEARSAL]`
+//! (defaults `target/scenario`, 40, then consolidate's steps, 2, 2, then its rehearsal weight). Writes OUT/scenario.json and prints a table.
 
 mod datasets;
 
@@ -230,9 +230,10 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let out = PathBuf::from(args.get(1).map_or("target/scenario", String::as_str));
     let wanted: usize = args.get(2).map_or(40, |s| s.parse().expect("QUESTIONS is a number"));
-    let steps: usize = args.get(3).map_or(400, |s| s.parse().expect("STEPS is a number"));
+    let steps: usize = args.get(3).map_or(TrainConfig::default().steps, |s| s.parse().expect("STEPS is a number"));
     let variant_count: usize = args.get(4).map_or(2, |s| s.parse().expect("VARIANTS is a number")).clamp(1, 3);
     let night_count: usize = args.get(5).map_or(2, |s| s.parse().expect("NIGHTS is a number")).clamp(1, 2);
+    let rehearsal_weight: f64 = args.get(6).map_or(TrainConfig::default().rehearsal_weight, |s| s.parse().expect("REHEARSAL is a number"));
     let started = Instant::now();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let downloads = repo.join("models/cache/downloads");
@@ -261,7 +262,7 @@ fn main() -> anyhow::Result<()> {
     let trainer_key = key.verifying_key();
     let dirs = vec![store.device_dir(device)];
     let retention = retention_texts(&[])?;
-    let default = TrainConfig { steps, ..TrainConfig::default() };
+    let default = TrainConfig { steps, rehearsal_weight, ..TrainConfig::default() };
     let none = ParaphraseConfig { wanted: 0, ..ParaphraseConfig::default() };
     let variants = [
         ("with paraphrases", default.clone(), ParaphraseConfig::default()),
