@@ -168,7 +168,7 @@ impl AdapterManifest {
     }
 
     /// Whether the adapter applies only to requests in its scope
-    /// ([`crate::recall::scope`]): the description's `"scope"` is
+    /// (decided by `recall/scope.rs`, above this module): the description's `"scope"` is
     /// `"learned"`. Adapters without it apply to every request.
     pub fn scoped(&self) -> bool {
         serde_json::from_str::<serde_json::Value>(&self.description).ok().and_then(|d| d.get("scope")?.as_str().map(|s| s == "learned")).unwrap_or(false)

@@ -340,7 +340,7 @@ impl<'m> Decoder<'m> {
 
     /// Whether the active adapter takes part in the next forward passes
     /// (`true` from [`Decoder::new`] on): a scoped adapter is applied only to
-    /// the requests in its scope ([`crate::recall::prompt::in_adapter_scope`]),
+    /// the requests in its scope (decided by `recall/scope.rs`, above this module),
     /// without reloading it. When the setting changes the KV cache is
     /// cleared, since it was computed with the other weights. Returns whether
     /// it changed.
