@@ -116,6 +116,10 @@ impl Target {
     }
 }
 
+/// The manifest description's `"scope"` value of a scoped adapter: it
+/// applies only to requests in its scope (decided by `recall/scope.rs`).
+pub const SCOPE_LEARNED: &str = "learned";
+
 /// What an adapter is, signed by the trainer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdapterManifest {
@@ -171,7 +175,7 @@ impl AdapterManifest {
     /// (decided by `recall/scope.rs`, above this module): the description's `"scope"` is
     /// `"learned"`. Adapters without it apply to every request.
     pub fn scoped(&self) -> bool {
-        serde_json::from_str::<serde_json::Value>(&self.description).ok().and_then(|d| d.get("scope")?.as_str().map(|s| s == "learned")).unwrap_or(false)
+        serde_json::from_str::<serde_json::Value>(&self.description).ok().and_then(|d| d.get("scope")?.as_str().map(|s| s == SCOPE_LEARNED)).unwrap_or(false)
     }
 
     /// The gate's decision as the description states it (empty when none).

@@ -1,12 +1,12 @@
 //! The scope of a scoped adapter: which requests the active adapter answers.
 //!
-//! Principal items: [`in_adapter_scope`], [`SCOPE_LEARNED`].
+//! Principal item: [`in_adapter_scope`].
 //!
 //! A night's adapter learns a few dozen corrections, but applied to every
 //! prompt it changes answers to questions nobody taught: on the scenario's
 //! night, 96–98% of the 48-token greedy answers to untaught questions
 //! changed. So the trainer marks an adapter scoped (the manifest
-//! description's `"scope"` is [`SCOPE_LEARNED`]), and the device applies a
+//! description's `"scope"` is [`crate::adapter::SCOPE_LEARNED`]), and the device applies a
 //! scoped adapter to a request only when the closest taught question recall
 //! finds, at a similarity of at least
 //! [`DEFAULT_THRESHOLD`](super::prompt::DEFAULT_THRESHOLD), is one the
@@ -23,9 +23,6 @@
 
 use super::index::{Entry, Origin};
 use super::prompt::DEFAULT_THRESHOLD;
-
-/// The manifest description's `"scope"` value of a scoped adapter.
-pub const SCOPE_LEARNED: &str = "learned";
 
 /// Whether a request whose search gave `hits` (entries with their cosine
 /// similarity, best first) falls to the active adapter: the first taught
