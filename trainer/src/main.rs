@@ -224,7 +224,7 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
         },
         weights: PriorityWeights { implicit: args.implicit_weight, explicit: 1.0 - args.implicit_weight },
         gate: Gate { retention_bound: args.retention_bound, locality_bound: args.locality_bound },
-        paraphrase: nocturne_trainer::paraphrase::ParaphraseConfig { wanted: args.paraphrases, ..Default::default() },
+        paraphrase: nocturne_trainer::paraphrase::ParaphraseConfig::wanting(args.paraphrases),
         precision: args.precision,
         device: device_profile(args.source.device_profile.as_deref())?,
     };

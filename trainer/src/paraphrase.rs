@@ -36,15 +36,23 @@ Question: Do you like music?\nRewritten: Are you a fan of music?\n\n";
 pub struct ParaphraseConfig {
     /// Paraphrases wanted per question (default 4: three to train on, one for the gate).
     pub wanted: usize,
-    /// Sampling attempts per question at most (default 10).
+    /// Sampling attempts per question at most (default 10, [`ParaphraseConfig::wanting`]).
     pub attempts: usize,
     /// Longest paraphrase, tokens (default 32).
     pub max_tokens: usize,
 }
 
+impl ParaphraseConfig {
+    /// `wanted` paraphrases per question, with at most two and a half
+    /// sampling attempts each (rounded down), 32 tokens at most.
+    pub fn wanting(wanted: usize) -> ParaphraseConfig {
+        ParaphraseConfig { wanted, attempts: wanted * 5 / 2, max_tokens: 32 }
+    }
+}
+
 impl Default for ParaphraseConfig {
     fn default() -> ParaphraseConfig {
-        ParaphraseConfig { wanted: 4, attempts: 10, max_tokens: 32 }
+        ParaphraseConfig::wanting(4)
     }
 }
 

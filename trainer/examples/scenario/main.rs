@@ -43,8 +43,9 @@
 //!    and every correction is asked again as the device answers it (adapter
 //!    and recall together).
 //!
-//! `cargo run --release -p nocturne-trainer --example scenario -- [OUT] [QUESTIONS] [STEPS] [VARIANTS] [NIGHTS] [REHEARSAL]`
-//! (defaults `target/scenario`, 40, then consolidate's steps, 2, 2, then its rehearsal weight). Writes OUT/scenario.json and prints a table.
+//! `cargo run --release -p nocturne-trainer --example scenario -- [OUT] [QUESTIONS] [STEPS] [VARIANTS] [NIGHTS] [REHEARSAL] [--targets T,..] [--paraphrases N]`
+//! (defaults `target/scenario`, 40, then consolidate's steps, 2, 2, then its
+//! rehearsal weight, targets and paraphrases; `--help` says each). Writes OUT/scenario.json and prints a table.
 
 mod datasets;
 
@@ -225,15 +226,45 @@ fn question_sets(corrected: &[(String, String, u64)], by_hand: &std::collections
     ]
 }
 
+/// The scenario's settings: positional as `scripts/scenario` passes them,
+/// then optional flags (the night's defaults where absent).
+#[derive(clap::Parser)]
+struct Args {
+    /// Output directory (emptied first).
+    #[arg(default_value = "target/scenario")]
+    out: PathBuf,
+    /// Corrections a day.
+    #[arg(default_value_t = 40)]
+    questions: usize,
+    /// Optimisation steps a night.
+    #[arg(default_value_t = TrainConfig::default().steps)]
+    steps: usize,
+    /// Night variants (1–3): with paraphrases, without, with neither paraphrases nor anti-forgetting terms.
+    #[arg(default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=3))]
+    variants: u8,
+    /// Days and nights (1–2).
+    #[arg(default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+    nights: u8,
+    /// Weight of the rehearsal term (consolidate --rehearsal-weight).
+    #[arg(default_value_t = TrainConfig::default().rehearsal_weight)]
+    rehearsal: f64,
+    /// Targeted projections, comma-separated (consolidate --targets).
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<String>,
+    /// Paraphrases the night writes per corrected question (consolidate --paraphrases).
+    #[arg(long, default_value_t = ParaphraseConfig::default().wanted)]
+    paraphrases: usize,
+}
+
 fn main() -> anyhow::Result<()> {
     nocturne_trainer::train::single_threaded_ops();
-    let args: Vec<String> = std::env::args().collect();
-    let out = PathBuf::from(args.get(1).map_or("target/scenario", String::as_str));
-    let wanted: usize = args.get(2).map_or(40, |s| s.parse().expect("QUESTIONS is a number"));
-    let steps: usize = args.get(3).map_or(TrainConfig::default().steps, |s| s.parse().expect("STEPS is a number"));
-    let variant_count: usize = args.get(4).map_or(2, |s| s.parse().expect("VARIANTS is a number")).clamp(1, 3);
-    let night_count: usize = args.get(5).map_or(2, |s| s.parse().expect("NIGHTS is a number")).clamp(1, 2);
-    let rehearsal_weight: f64 = args.get(6).map_or(TrainConfig::default().rehearsal_weight, |s| s.parse().expect("REHEARSAL is a number"));
+    let args = <Args as clap::Parser>::parse();
+    let (out, wanted, steps, rehearsal_weight) = (args.out, args.questions, args.steps, args.rehearsal);
+    let (variant_count, night_count) = (usize::from(args.variants), usize::from(args.nights));
+    let targets = match args.targets.as_slice() {
+        [] => TrainConfig::default().targets,
+        names => names.iter().map(|t| nocturne::adapter::Target::from_name(t).ok_or_else(|| anyhow::anyhow!("unknown target `{t}`"))).collect::<anyhow::Result<_>>()?,
+    };
     let started = Instant::now();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let downloads = repo.join("models/cache/downloads");
@@ -262,10 +293,10 @@ fn main() -> anyhow::Result<()> {
     let trainer_key = key.verifying_key();
     let dirs = vec![store.device_dir(device)];
     let retention = retention_texts(&[])?;
-    let default = TrainConfig { steps, rehearsal_weight, ..TrainConfig::default() };
-    let none = ParaphraseConfig { wanted: 0, ..ParaphraseConfig::default() };
+    let default = TrainConfig { steps, rehearsal_weight, targets, ..TrainConfig::default() };
+    let none = ParaphraseConfig::wanting(0);
     let variants = [
-        ("with paraphrases", default.clone(), ParaphraseConfig::default()),
+        ("with paraphrases", default.clone(), ParaphraseConfig::wanting(args.paraphrases)),
         ("without paraphrases", default.clone(), none),
         ("no paraphrases, no anti-forgetting term", TrainConfig { mas_lambda: 0.0, rehearsal_weight: 0.0, ..default.clone() }, none),
     ];
@@ -337,9 +368,20 @@ fn main() -> anyhow::Result<()> {
     }
     println!("{header} locality (report part) | chitchat perplexity |");
     println!("|---|{}---|---|", "---|---|---|".repeat(sets.len()));
-    let mut rows = Vec::new();
+    let (mut rows, mut scope_lines) = (Vec::new(), Vec::new());
     for (name, adapter, locality) in models {
         let scope = adapter.as_deref().map(|a| device_scope(&encoder, &profile, a, device, &days)).transpose()?.flatten();
+        // Which questions the device applies the adapter to at all: a
+        // rephrasing out of scope is answered by the base model.
+        let mut in_scope = Vec::new();
+        for set in sets.iter().flatten() {
+            let mut applied = 0;
+            for e in set {
+                let question = e.messages.last().map_or("", |m| m.content.as_str());
+                applied += usize::from(scope.as_ref().map_or(Ok(adapter.is_some()), |s| s.applies(question))?);
+            }
+            in_scope.push((!set.is_empty()).then(|| applied as f64 / set.len() as f64));
+        }
         evaluator.set_adapter(adapter);
         evaluator.set_scope(scope);
         // None: a set with no question (the hand-written paraphrases cover only some days).
@@ -348,12 +390,28 @@ fn main() -> anyhow::Result<()> {
             rates.push(if set.is_empty() { None } else { Some(evaluator.match_rate(&set.iter().collect::<Vec<_>>())?) });
         }
         let ppl = evaluator.perplexity(&dialogues)?;
+        // The same sets with the adapter on every request: what it learned,
+        // whatever the scope.
+        let saved_scope = evaluator.set_scope(None);
+        let mut unscoped = Vec::new();
+        for set in sets.iter().flatten().filter(|_| locality.is_some()) {
+            unscoped.push(if set.is_empty() { None } else { Some(evaluator.match_rate(&set.iter().collect::<Vec<_>>())?) });
+        }
+        evaluator.set_scope(saved_scope);
         let percent = |r: Option<f64>| r.map_or("—".to_string(), |r| format!("{:.1}%", 100.0 * r));
         let shown = percent(locality);
         let cells: String = rates.iter().map(|&r| format!(" {} |", percent(r))).collect();
         println!("| {name} |{cells} {shown} | {ppl:.3} |");
-        let per_day: Vec<serde_json::Value> = rates.chunks(3).map(|r| serde_json::json!({"as_asked": r[0], "templates": r[1], "by_hand": r[2]})).collect();
-        rows.push(serde_json::json!({"model": name, "days": per_day, "locality": locality, "chitchat_perplexity": ppl}));
+        let per_day: Vec<serde_json::Value> = rates.chunks(3).zip(in_scope.chunks(3)).map(|(r, s)| serde_json::json!({"as_asked": r[0], "templates": r[1], "by_hand": r[2], "in_scope": s})).collect();
+        if locality.is_some() {
+            let shares = |v: &[Option<f64>]| v.iter().map(|&s| percent(s)).collect::<Vec<_>>().join(" | ");
+            scope_lines.push(format!("{name}: in scope {}; answered as taught with the adapter on every request {}", shares(&in_scope), shares(&unscoped)));
+        }
+        rows.push(serde_json::json!({"model": name, "days": per_day, "unscoped": unscoped, "locality": locality, "chitchat_perplexity": ppl}));
+    }
+    println!("each set (in the table's order) as far as the device applies the adapter (in scope), and with it applied everywhere:");
+    for line in &scope_lines {
+        println!("  {line}");
     }
     // The locality measure's noise floor: the same model in fp16.
     let probes = locality_probes(&ReplayBuffer::build(&dirs[..], PriorityWeights::default())?.untaught).1;
