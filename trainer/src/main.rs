@@ -203,11 +203,7 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
         (None, None) => anyhow::bail!("the adapter must be signed: give --key (or --store with its trainer.key)"),
     };
     let key = nocturne::signing::read_signing_key(&key_path)?;
-    let targets = args
-        .targets
-        .iter()
-        .map(|t| nocturne::adapter::Target::from_name(t).with_context(|| format!("unknown target `{t}` (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let targets = nocturne_trainer::train::targets_named(&args.targets)?;
     let config = NightConfig {
         train: TrainConfig {
             rank: args.rank,

@@ -91,6 +91,20 @@ impl Default for TrainConfig {
     }
 }
 
+/// The projections named `names` (`q_proj`, …, `down_proj`, as PEFT names
+/// them), in the order given.
+///
+/// # Errors
+/// A name that is not a target, with the names that are.
+pub fn targets_named(names: &[String]) -> anyhow::Result<Vec<Target>> {
+    names
+        .iter()
+        .map(|n| {
+            Target::from_name(n).ok_or_else(|| anyhow::anyhow!("unknown target `{n}` ({})", Target::ALL.map(Target::name).join(", ")))
+        })
+        .collect()
+}
+
 /// Token ids of an example and the label of each position: the next token
 /// where it belongs to the target (the answer and its `<|im_end|>`), else none.
 ///
@@ -488,4 +502,18 @@ fn lora_is_fresh(lora: &Lora) -> candle_core::Result<bool> {
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::targets_named;
+    use nocturne::adapter::Target;
+
+    #[test]
+    fn targets_by_name_and_unknown_names_listed() {
+        let names: Vec<String> = ["v_proj", "down_proj"].map(String::from).to_vec();
+        assert_eq!(targets_named(&names).unwrap(), vec![Target::V, Target::Down]);
+        let err = targets_named(&["w_proj".to_string()]).unwrap_err().to_string();
+        assert!(err.contains("`w_proj`") && err.contains("q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"), "{err}");
+    }
 }

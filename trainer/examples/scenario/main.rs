@@ -226,6 +226,16 @@ fn question_sets(corrected: &[(String, String, u64)], by_hand: &std::collections
     ]
 }
 
+/// The match rate of every set of `sets`, in order; None for a set with no
+/// question (the hand-written paraphrases cover only some days).
+fn set_rates(evaluator: &mut Evaluator<'_>, sets: &[[Vec<Example>; 3]]) -> anyhow::Result<Vec<Option<f64>>> {
+    let mut rates = Vec::new();
+    for set in sets.iter().flatten() {
+        rates.push(if set.is_empty() { None } else { Some(evaluator.match_rate(&set.iter().collect::<Vec<_>>())?) });
+    }
+    Ok(rates)
+}
+
 /// The scenario's settings: positional as `scripts/scenario` passes them,
 /// then optional flags (the night's defaults where absent).
 #[derive(clap::Parser)]
@@ -263,7 +273,7 @@ fn main() -> anyhow::Result<()> {
     let (variant_count, night_count) = (usize::from(args.variants), usize::from(args.nights));
     let targets = match args.targets.as_slice() {
         [] => TrainConfig::default().targets,
-        names => names.iter().map(|t| nocturne::adapter::Target::from_name(t).ok_or_else(|| anyhow::anyhow!("unknown target `{t}`"))).collect::<anyhow::Result<_>>()?,
+        names => nocturne_trainer::train::targets_named(names)?,
     };
     let started = Instant::now();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -384,20 +394,18 @@ fn main() -> anyhow::Result<()> {
         }
         evaluator.set_adapter(adapter);
         evaluator.set_scope(scope);
-        // None: a set with no question (the hand-written paraphrases cover only some days).
-        let mut rates = Vec::new();
-        for set in sets.iter().flatten() {
-            rates.push(if set.is_empty() { None } else { Some(evaluator.match_rate(&set.iter().collect::<Vec<_>>())?) });
-        }
+        let rates = set_rates(&mut evaluator, &sets)?;
         let ppl = evaluator.perplexity(&dialogues)?;
         // The same sets with the adapter on every request: what it learned,
         // whatever the scope.
-        let saved_scope = evaluator.set_scope(None);
-        let mut unscoped = Vec::new();
-        for set in sets.iter().flatten().filter(|_| locality.is_some()) {
-            unscoped.push(if set.is_empty() { None } else { Some(evaluator.match_rate(&set.iter().collect::<Vec<_>>())?) });
-        }
-        evaluator.set_scope(saved_scope);
+        let unscoped = if locality.is_some() {
+            let saved = evaluator.set_scope(None);
+            let rates = set_rates(&mut evaluator, &sets)?;
+            evaluator.set_scope(saved);
+            rates
+        } else {
+            Vec::new()
+        };
         let percent = |r: Option<f64>| r.map_or("—".to_string(), |r| format!("{:.1}%", 100.0 * r));
         let shown = percent(locality);
         let cells: String = rates.iter().map(|&r| format!(" {} |", percent(r))).collect();
