@@ -3,7 +3,7 @@
 //! and rehearsal on the base model's own text.
 //!
 //! Principal items: [`TrainConfig`], [`train`], [`TrainOutcome`],
-//! [`tokenize`], [`mas_importance`], [`rehearsal_samples`].
+//! [`tokenize`], [`mas_importance`], [`rehearsal_samples`], [`targets_named`].
 //!
 //! Each step draws one example by priority ([`ReplayBuffer::sample`]), and
 //! takes an AdamW step (Loshchilov & Hutter, ICLR 2019; learning rate warmed
