@@ -56,11 +56,21 @@ pub const RETENTION_TEXT: &str = include_str!("../data/retention.txt");
 /// a device's model answers to them must not change (locality).
 pub const GENERAL_QUESTIONS: &str = include_str!("../data/general_questions.txt");
 
-/// The locality probes of a night: the [`GENERAL_QUESTIONS`] (asked under the
-/// default system prompt) and `untaught` (contexts of unrated interactions),
-/// alternately split into (gate part, report part).
-pub fn locality_probes(untaught: &[Vec<ChatMessage>]) -> (Vec<Vec<ChatMessage>>, Vec<Vec<ChatMessage>>) {
-    let general = GENERAL_QUESTIONS.lines().map(str::trim).filter(|q| !q.is_empty()).map(|q| vec![ChatMessage::new("system", DEFAULT_SYSTEM_PROMPT), ChatMessage::new("user", q)]);
+/// How many questions [`GENERAL_QUESTIONS`] holds.
+pub fn general_question_count() -> usize {
+    general_questions().count()
+}
+
+fn general_questions() -> impl Iterator<Item = &'static str> {
+    GENERAL_QUESTIONS.lines().map(str::trim).filter(|q| !q.is_empty())
+}
+
+/// The locality probes of a night: the first `general` of the
+/// [`GENERAL_QUESTIONS`] (asked under the default system prompt) and
+/// `untaught` (contexts of unrated interactions), alternately split into
+/// (gate part, report part).
+pub fn locality_probes(untaught: &[Vec<ChatMessage>], general: usize) -> (Vec<Vec<ChatMessage>>, Vec<Vec<ChatMessage>>) {
+    let general = general_questions().take(general).map(|q| vec![ChatMessage::new("system", DEFAULT_SYSTEM_PROMPT), ChatMessage::new("user", q)]);
     let (mut gate, mut report) = (Vec::new(), Vec::new());
     for (i, probe) in general.chain(untaught.iter().cloned()).enumerate() {
         if i % 2 == 0 { gate.push(probe) } else { report.push(probe) }
@@ -83,6 +93,10 @@ pub struct NightConfig {
     pub device: Profile,
     /// Paraphrases of corrected questions.
     pub paraphrase: ParaphraseConfig,
+    /// How many of the [`GENERAL_QUESTIONS`] the locality probes ask (all
+    /// of them, [`general_question_count`], for a night that publishes; each
+    /// costs two greedy answers, before and after).
+    pub general_questions: usize,
 }
 
 /// Everything a run measured, as written to `report.json`.
@@ -277,7 +291,7 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
             evaluator.set_scope(Some(AdapterScope::new(encoder.clone(), &config.device.recall, &taught)?));
         }
     }
-    let (gate_probes, report_probes) = locality_probes(&buffer.untaught);
+    let (gate_probes, report_probes) = locality_probes(&buffer.untaught, config.general_questions);
     let (gate_answers, report_answers) = (evaluator.answers(&gate_probes)?, evaluator.answers(&report_probes)?);
     let score = |evaluator: &mut Evaluator<'_>, locality: f64| -> anyhow::Result<Scores> {
         Ok(Scores {

@@ -184,6 +184,9 @@ struct ConsolidateArgs {
     /// Paraphrases the night writes per corrected question (the last one found is the gate's, the others are trained on; 0: none).
     #[arg(long, default_value_t = nocturne_trainer::paraphrase::ParaphraseConfig::default().wanted)]
     paraphrases: usize,
+    /// How many of the built-in general questions the locality probes ask (default: all; fewer make a quicker, less certain night).
+    #[arg(long)]
+    general_questions: Option<usize>,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -223,6 +226,7 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
         paraphrase: nocturne_trainer::paraphrase::ParaphraseConfig::wanting(args.paraphrases),
         precision: args.precision,
         device: device_profile(args.source.device_profile.as_deref())?,
+        general_questions: args.general_questions.unwrap_or_else(nocturne_trainer::consolidate::general_question_count),
     };
     let bar = indicatif::ProgressBar::new(args.steps as u64);
     bar.set_style(

@@ -170,7 +170,7 @@ fn consolidate_eval_and_report_from_the_command_line() {
     let key = store.join("trainer.key");
     let text = trainer(&[
         "consolidate", "--journal", journal.to_str().unwrap(), "--key", key.to_str().unwrap(), "--base", &base, "--out", &out, "--steps", "3",
-        "--rehearsal-sequences", "2", "--precision", "int8", "--encoder", encoder_dir().to_str().unwrap(),
+        "--rehearsal-sequences", "2", "--precision", "int8", "--encoder", encoder_dir().to_str().unwrap(), "--general-questions", "10",
     ]);
     assert!(text.contains("1 examples (1 corrections") && text.contains("retention perplexity"), "{text}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap()).unwrap();
@@ -190,13 +190,13 @@ fn consolidate_eval_and_report_from_the_command_line() {
     // The night wrote paraphrases of the corrected question (trained on, and
     // one for the gate when it found two), trained on the correction itself
     // and every trained paraphrase, and measured locality on the built-in
-    // general questions split in two.
+    // general questions asked for, split in two.
     let written = report["paraphrases"].as_array().unwrap();
     assert_eq!(written.len(), 1);
     assert_eq!(written[0]["question"], "What is the name of this kiosk?");
     let trained = written[0]["trained"].as_array().unwrap().len() as u64;
     assert_eq!(description["trained_on"].as_u64(), Some(1 + trained), "{description}");
-    assert_eq!(report["locality_probes"], serde_json::json!([25, 25]));
+    assert_eq!(report["locality_probes"], serde_json::json!([5, 5]));
     for entry in learned {
         let device = nocturne::ids::DeviceId::from_hex(entry["device"].as_str().unwrap()).unwrap();
         assert_eq!(manifest.learned(device), [entry["interaction"].as_u64().unwrap()]);
@@ -263,7 +263,7 @@ fn a_store_taught_on_one_base_is_consolidated_onto_another() {
     let out = tmp.path().join("night");
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_nocturne-trainer"))
         .args(["consolidate", "--journal", tmp.path().join("journal").to_str().unwrap(), "--key", store.join("trainer.key").to_str().unwrap()])
-        .args(["--base", fp16_dir.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "3", "--rehearsal-sequences", "2", "--paraphrases", "0", "--unscoped"])
+        .args(["--base", fp16_dir.to_str().unwrap(), "--out", out.to_str().unwrap(), "--steps", "3", "--rehearsal-sequences", "2", "--paraphrases", "0", "--unscoped", "--general-questions", "0"])
         .status()
         .unwrap();
     assert!(status.success());
@@ -299,6 +299,7 @@ fn a_second_night_learns_new_corrections_and_keeps_the_first_nights() {
         precision: AdapterPrecision::F16,
         device: device_profile(None).unwrap(),
         paraphrase: ParaphraseConfig { wanted: 0, ..ParaphraseConfig::default() },
+        general_questions: 20,
     };
     let night = |journals: &[std::path::PathBuf], previous: Option<&Path>, out: &str| {
         let sources = NightSources { journals, base: &dir, previous, key: &key, retention: &retention, encoder: Some(&encoder) };

@@ -329,7 +329,7 @@ fn main() -> anyhow::Result<()> {
         // 3. The night, in each variant; the second continues each variant's first.
         let mut tonight = Vec::new();
         for (i, (name, train, paraphrase)) in variants.iter().enumerate() {
-            let config = NightConfig { train: train.clone(), weights: PriorityWeights::default(), gate: Gate::default(), precision: Default::default(), device: profile.clone(), paraphrase: *paraphrase };
+            let config = NightConfig { train: train.clone(), weights: PriorityWeights::default(), gate: Gate::default(), precision: Default::default(), device: profile.clone(), paraphrase: *paraphrase, general_questions: consolidate::general_question_count() };
             let previous = nights.last().map(|n: &Vec<Night>| n[i].1.bundle.clone());
             let t = Instant::now();
             let sources = NightSources { journals: &dirs, base: &pack_dir, previous: previous.as_deref(), key: &key, retention: &retention, encoder: Some(&encoder_dir) };
@@ -422,7 +422,7 @@ fn main() -> anyhow::Result<()> {
         println!("  {line}");
     }
     // The locality measure's noise floor: the same model in fp16.
-    let probes = locality_probes(&ReplayBuffer::build(&dirs[..], PriorityWeights::default())?.untaught).1;
+    let probes = locality_probes(&ReplayBuffer::build(&dirs[..], PriorityWeights::default())?.untaught, consolidate::general_question_count()).1;
     let fp16_dir = repo.join("models/cache/smollm2-135m-instruct/fp16");
     let fp16 = ModelPack::open(&fp16_dir)?;
     evaluator.set_adapter(None);
