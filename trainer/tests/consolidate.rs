@@ -293,7 +293,10 @@ fn a_second_night_learns_new_corrections_and_keeps_the_first_nights() {
     let retention = retention_texts(&[]).unwrap();
     let encoder = encoder_dir();
     let config = NightConfig {
-        train: TrainConfig { steps: 40, learning_rate: 5e-3, rehearsal_sequences: 2, ..TrainConfig::default() },
+        // One example a step and short rehearsal sequences: a step costs its
+        // tokens (here 2.1 s a step against 4.5 s with two examples and
+        // 80-token rehearsal), and what is tested is that nights accumulate.
+        train: TrainConfig { steps: 40, learning_rate: 5e-3, examples_per_step: 1, rehearsal_sequences: 2, rehearsal_tokens: 24, ..TrainConfig::default() },
         weights: PriorityWeights::default(),
         gate: Gate::default(),
         precision: AdapterPrecision::F16,
