@@ -4,6 +4,9 @@
 //! 20 short question/answer examples in the device's chat template, it times
 //! (medians of ROUNDS):
 //! - one task example (the answer's cross-entropy): forward, and forward + backward;
+//! - two task examples (a step's task side at the default `examples_per_step`),
+//!   forward + backward one after the other and packed into one sequence
+//!   ([`batch_loss`]);
 //! - one rehearsal sequence (48 tokens, the full-vocabulary logits): the same;
 //! - then `STEPS` steps of [`train`] with the default settings (MAS penalty and
 //!   rehearsal), and prints its tokens per second, the figure `report.json`
@@ -18,7 +21,7 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use nocturne::tokenizer::{ChatMessage, Tokenizer, DEFAULT_SYSTEM_PROMPT};
 use nocturne::weights::{ModelPack, TOKENIZER_FILE};
-use nocturne_trainer::llama::{sequence_loss, BaseModel, Lora};
+use nocturne_trainer::llama::{batch_loss, sequence_loss, BaseModel, Lora};
 use nocturne_trainer::replay::{Example, ReplayBuffer};
 use nocturne_trainer::train::{rehearsal_samples, tokenize, train, Retention, TrainConfig};
 
@@ -80,12 +83,22 @@ fn main() -> anyhow::Result<()> {
     let labelled = labels.iter().flatten().count();
     let task_forward = timed(rounds, || sequence_loss(&base, &ids, &labels, Some(&lora)).map(drop))?;
     let task_both = timed(rounds, || sequence_loss(&base, &ids, &labels, Some(&lora))?.backward().map(drop))?;
+    // A step's task side: `examples_per_step` examples, one after the other or packed into one sequence.
+    let (ids2, labels2) = tokenize(&tokenizer, &buffer.examples[1], config.max_tokens)?;
+    let pair: [(&[u32], &[Option<u32>]); 2] = [(&ids, &labels), (&ids2, &labels2)];
+    let one_by_one = timed(rounds, || {
+        let (a, b) = (sequence_loss(&base, &ids, &labels, Some(&lora))?, sequence_loss(&base, &ids2, &labels2, Some(&lora))?);
+        ((a + b)? / 2.0)?.backward().map(drop)
+    })?;
+    let packed = timed(rounds, || batch_loss(&base, &pair, Some(&lora))?.backward().map(drop))?;
     let full = |ids: &[u32]| candle_nn::ops::log_softmax(&base.forward(ids, Some(&lora))?, candle_core::D::Minus1)?.mean_all();
     let rehearsal_forward = timed(rounds, || full(&rehearsal[0]).map(drop))?;
     let rehearsal_both = timed(rounds, || full(&rehearsal[0])?.backward().map(drop))?;
     println!("| sequence | tokens | forward ms | forward + backward ms |");
     println!("|---|---|---|---|");
     println!("| task example ({labelled} answer tokens) | {} | {:.1} | {:.1} |", ids.len(), 1e3 * task_forward, 1e3 * task_both);
+    println!("| two task examples, one after the other | {} | — | {:.1} |", ids.len() + ids2.len(), 1e3 * one_by_one);
+    println!("| two task examples packed into one sequence | {} | — | {:.1} |", ids.len() + ids2.len(), 1e3 * packed);
     println!("| rehearsal (full vocabulary) | {} | {:.1} | {:.1} |", rehearsal[0].len(), 1e3 * rehearsal_forward, 1e3 * rehearsal_both);
     let reference: Vec<Vec<u32>> = rehearsal.iter().take(4).cloned().collect();
     let outcome = train(&base, &tokenizer, &buffer, None, Retention { reference: &reference, rehearsal: &rehearsal }, &config, &mut |_, _, _| {})?;

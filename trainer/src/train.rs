@@ -35,7 +35,7 @@ use nocturne::sampler::{Sampler, SamplerConfig};
 use nocturne::tokenizer::{ChatMessage, Tokenizer, DEFAULT_SYSTEM_PROMPT, IM_END, IM_START};
 use nocturne::weights::ModelPack;
 
-use crate::llama::{sequence_loss, BaseModel, Lora};
+use crate::llama::{batch_loss, BaseModel, Lora};
 use crate::replay::{Example, ReplayBuffer};
 
 /// Training settings.
@@ -52,7 +52,8 @@ pub struct TrainConfig {
     /// Optimisation steps (default 600: at two examples a step, 400 left
     /// a fifth of 40 corrections unlearned when paraphrases share the steps).
     pub steps: usize,
-    /// Examples drawn per step (default 2): the task loss is their mean, so
+    /// Examples drawn per step (default 2): the task loss is their mean
+    /// ([`batch_loss`]: one forward over them packed into one sequence), so
     /// a step's gradient averages several corrections; the rehearsal term
     /// stays one sequence per step.
     pub examples_per_step: usize,
@@ -420,12 +421,8 @@ pub fn train(
         // ([`single_threaded_ops`]); else one after the other.
         let (task_side, rehearsal_side) = join(parallel_sides,
             || -> candle_core::Result<(Tensor, GradStore)> {
-                let mut task = Tensor::zeros((), base.dtype(), base.device())?;
-                for &i in picked {
-                    let (ids, labels) = &tokenized[i];
-                    task = (task + sequence_loss(base, ids, labels, Some(&lora))?)?;
-                }
-                let task = (task / picked.len() as f64)?;
+                let batch: Vec<(&[u32], &[Option<u32>])> = picked.iter().map(|&i| (&tokenized[i].0[..], &tokenized[i].1[..])).collect();
+                let task = batch_loss(base, &batch, Some(&lora))?;
                 let mut loss = task.clone();
                 if config.mas_lambda > 0.0 {
                     let mut penalty = Tensor::zeros((), base.dtype(), base.device())?;

@@ -1,7 +1,7 @@
 //! The trainer's candle forward: parity with the device decoder (with and
 //! without an adapter, tiny packs of both precisions and the real SmolLM2
-//! pack), gradient health of every LoRA parameter, and a finite-difference
-//! check of the gradients in f64.
+//! pack), gradient health of every LoRA parameter, a finite-difference
+//! check of the gradients in f64, and packed examples against separate ones.
 
 mod support;
 
@@ -18,7 +18,7 @@ use nocturne::weights::ModelPack;
 use nocturne_trainer::convert::convert;
 use nocturne_trainer::export::{device_tensors, AdapterPrecision};
 use nocturne_trainer::gguf::GgufFile;
-use nocturne_trainer::llama::{sequence_loss, BaseModel, Lora};
+use nocturne_trainer::llama::{batch_loss, sequence_loss, BaseModel, Lora};
 
 /// Tiny packs (hidden 64, 2 layers, vocabulary 8) in `dir`/{int8,fp16}.
 fn tiny_packs(dir: &Path) {
@@ -173,4 +173,43 @@ fn gradients_match_finite_differences_in_f64() {
         }
     }
     assert!(checked >= 12);
+}
+
+#[test]
+fn packing_examples_changes_neither_the_loss_nor_its_gradients() {
+    let tmp = tempfile::tempdir().unwrap();
+    tiny_packs(tmp.path());
+    let pack = ModelPack::open(&tmp.path().join("fp16")).unwrap();
+    let base = BaseModel::from_pack(&pack, DType::F64, &Device::Cpu, 64).unwrap();
+    let lora = Lora::new(&base, 2, 4.0, &Target::ALL, 4).unwrap();
+    for (name, var) in lora.named_vars() {
+        if name.contains("lora_B") {
+            let dims = var.as_tensor().dims().to_vec();
+            var.set(&Tensor::randn(0f64, 0.3, dims, &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+    // Three examples of different lengths and label counts.
+    let ids: [&[u32]; 3] = [&[1, 5, 3, 7, 2, 6, 4, 1, 3], &[2, 4, 6], &[7, 1, 1, 5, 0, 2]];
+    let labels: Vec<Vec<Option<u32>>> = ids.iter().map(|ids| (0..ids.len()).map(|i| (i >= 1 && i + 1 < ids.len()).then(|| ids[i + 1])).collect()).collect();
+    let examples: Vec<(&[u32], &[Option<u32>])> = ids.iter().zip(&labels).map(|(i, l)| (*i, &l[..])).collect();
+    let packed = batch_loss(&base, &examples, Some(&lora)).unwrap();
+    let mut separate = Tensor::zeros((), DType::F64, &Device::Cpu).unwrap();
+    for (ids, labels) in &examples {
+        separate = (separate + sequence_loss(&base, ids, labels, Some(&lora)).unwrap()).unwrap();
+    }
+    let separate = (separate / examples.len() as f64).unwrap();
+    let (p, s) = (packed.to_scalar::<f64>().unwrap(), separate.to_scalar::<f64>().unwrap());
+    assert!((p - s).abs() <= 1e-12 * s.abs(), "packed loss {p}, separate {s}");
+    let (packed_grads, separate_grads) = (packed.backward().unwrap(), separate.backward().unwrap());
+    for (name, var) in lora.named_vars() {
+        let a = packed_grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let b = separate_grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f64, f64::max);
+        assert!(scale > 0.0 && worst <= 1e-10 * scale, "{name}: packed gradient {worst} away from the separate one (max {scale})");
+    }
+    // An example whose labels do not match its tokens is refused, by index.
+    let short: &[Option<u32>] = &[None, Some(1)];
+    let err = batch_loss(&base, &[examples[0], (ids[1], short)], Some(&lora)).unwrap_err().to_string();
+    assert!(err.contains("example 1: 2 labels for 3 tokens"), "{err}");
 }
