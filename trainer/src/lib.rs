@@ -20,6 +20,7 @@ pub mod encoder_onnx;
 pub mod eval;
 pub mod export;
 pub mod fetch;
+pub mod fused_ops;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod llama;

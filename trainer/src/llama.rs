@@ -3,10 +3,11 @@
 //!
 //! Principal types: [`BaseModel`], [`Lora`].
 //!
-//! Written with plain candle ops only (matmul, broadcast arithmetic, exp,
+//! Written with plain candle ops (matmul, broadcast arithmetic, exp,
 //! `candle_nn::ops::softmax`/`log_softmax`, which are compositions of plain
-//! ops), plus one custom op with an explicit backward for products with the
-//! frozen weights ([`FrozenMatmul`]): candle 0.11's fused `softmax_last_dim`, `rms_norm`, `rotary_emb::rope`
+//! ops) and custom ops with explicit backwards: products with the frozen
+//! weights ([`FrozenMatmul`]), RMSNorm and RoPE ([`crate::fused_ops`]).
+//! candle 0.11's fused `softmax_last_dim`, `rms_norm`, `rotary_emb::rope`
 //! and `QMatMul` return no gradient (see `../shared/DESIGN.md`, Trainer). The
 //! computation mirrors the device decoder (`nocturne::decoder`) step for
 //! step — RMSNorm, half-split RoPE, grouped-query causal attention, SiLU MLP,
@@ -18,10 +19,14 @@
 //! `[rank, in]` initialised uniform in ±1/√in (PEFT's Kaiming-uniform with
 //! a = √5), `B` `[out, rank]` zero, so training starts from the base model.
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var, D};
 use nocturne::adapter::{LoraAdapter, Target};
 use nocturne::config::ModelConfig;
 use nocturne::weights::{Matrix, ModelPack};
+
+use crate::fused_ops::{rms_norm, rope, RopeAngles};
 
 /// Dequantizes a pack matrix to row-major f32 `[rows, cols]`.
 pub fn dense(m: Matrix<'_>) -> Vec<f32> {
@@ -36,8 +41,8 @@ pub fn dense(m: Matrix<'_>) -> Vec<f32> {
 }
 
 struct BaseLayer {
-    input_norm: Tensor,
-    post_norm: Tensor,
+    input_norm: Arc<[f64]>,
+    post_norm: Arc<[f64]>,
     /// Transposed projections `[in, out]`, in [`Target`] order.
     proj_t: [Tensor; 7],
 }
@@ -47,10 +52,11 @@ pub struct BaseModel {
     config: ModelConfig,
     embed: Tensor,
     lm_head_t: Tensor,
-    norm: Tensor,
+    norm: Arc<[f64]>,
     layers: Vec<BaseLayer>,
-    cos: Tensor,
-    sin: Tensor,
+    /// RoPE tables `[max_positions, head_dim/2]`, row-major.
+    cos: Vec<f64>,
+    sin: Vec<f64>,
     device: Device,
     dtype: DType,
 }
@@ -159,7 +165,7 @@ impl BaseModel {
     /// candle errors (out of memory).
     pub fn from_pack(pack: &ModelPack, dtype: DType, device: &Device, max_positions: usize) -> candle_core::Result<BaseModel> {
         let c = pack.config().clone();
-        let vec = |v: &[f32]| Tensor::from_slice(v, v.len(), device)?.to_dtype(dtype);
+        let vec = |v: &[f32]| -> Arc<[f64]> { v.iter().map(|&v| f64::from(v)).collect() };
         let (vocab, h) = pack.embed_tokens().shape();
         let embed = Tensor::from_vec(dense(pack.embed_tokens()), (vocab, h), device)?.to_dtype(dtype)?;
         let lm_head_t = matrix_t(pack.lm_head(), dtype, device)?;
@@ -169,22 +175,20 @@ impl BaseModel {
             let proj = [w.q_proj, w.k_proj, w.v_proj, w.o_proj, w.gate_proj, w.up_proj, w.down_proj];
             let proj_t = [0, 1, 2, 3, 4, 5, 6].map(|i| matrix_t(proj[i], dtype, device));
             let [q, k, v, o, g, u, d] = proj_t;
-            layers.push(BaseLayer { input_norm: vec(w.input_norm)?, post_norm: vec(w.post_attention_norm)?, proj_t: [q?, k?, v?, o?, g?, u?, d?] });
+            layers.push(BaseLayer { input_norm: vec(w.input_norm), post_norm: vec(w.post_attention_norm), proj_t: [q?, k?, v?, o?, g?, u?, d?] });
         }
-        // RoPE angles exactly as the device computes them (f64, then rounded).
+        // RoPE angles exactly as the device computes them (f64, then rounded to f32).
         let half = c.head_dim / 2;
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for pos in 0..max_positions {
             for i in 0..half {
                 let angle = pos as f64 * (c.rope_theta as f64).powf(-2.0 * i as f64 / c.head_dim as f64);
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+                cos.push(f64::from(angle.cos() as f32));
+                sin.push(f64::from(angle.sin() as f32));
             }
         }
-        let cos = Tensor::from_vec(cos, (max_positions, half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (max_positions, half), device)?.to_dtype(dtype)?;
-        let norm = vec(pack.final_norm())?;
+        let norm = vec(pack.final_norm());
         Ok(BaseModel { config: c, embed, lm_head_t, norm, layers, cos, sin, device: device.clone(), dtype })
     }
 
@@ -209,26 +213,6 @@ impl BaseModel {
         (d[0], d[1])
     }
 
-    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let inv = (ms + f64::from(self.config.rms_norm_eps))?.sqrt()?.recip()?;
-        x.broadcast_mul(&inv)?.broadcast_mul(w)
-    }
-
-    /// Half-split RoPE on `[T, heads, d]` at `positions` (`[T]` u32, each
-    /// below the table's length: [`Packed::new`] checks it).
-    fn rope(&self, x: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
-        let (_, _, d) = x.dims3()?;
-        let half = d / 2;
-        let cos = self.cos.index_select(positions, 0)?.unsqueeze(1)?;
-        let sin = self.sin.index_select(positions, 0)?.unsqueeze(1)?;
-        let x1 = x.narrow(2, 0, half)?;
-        let x2 = x.narrow(2, half, half)?;
-        let a = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-        let b = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-        Tensor::cat(&[a, b], 2)
-    }
-
     fn project(&self, x: &Tensor, layer: usize, target: Target, lora: Option<&Lora>) -> candle_core::Result<Tensor> {
         let y = frozen_matmul(x, &self.layers[layer].proj_t[target as usize])?;
         match lora.and_then(|l| l.pair(layer, target).map(|p| (l, p))) {
@@ -250,12 +234,13 @@ impl BaseModel {
         let c = &self.config;
         let (t, d, heads, kv_heads) = (packed.ids.dims1()?, c.head_dim, c.num_attention_heads, c.num_key_value_heads);
         let group = heads / kv_heads;
+        let eps = f64::from(c.rms_norm_eps);
         let mut x = self.embed.index_select(&packed.ids, 0)?;
         let scale = 1.0 / (d as f64).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
-            let xn = self.rms_norm(&x, &layer.input_norm)?;
-            let q = self.rope(&self.project(&xn, l, Target::Q, lora)?.reshape((t, heads, d))?, &packed.positions)?;
-            let k = self.rope(&self.project(&xn, l, Target::K, lora)?.reshape((t, kv_heads, d))?, &packed.positions)?;
+            let xn = rms_norm(&x, &layer.input_norm, eps)?;
+            let q = rope(&self.project(&xn, l, Target::Q, lora)?.reshape((t, heads, d))?, &packed.angles)?;
+            let k = rope(&self.project(&xn, l, Target::K, lora)?.reshape((t, kv_heads, d))?, &packed.angles)?;
             let v = self.project(&xn, l, Target::V, lora)?.reshape((t, kv_heads, d))?;
             let q = q.transpose(0, 1)?.contiguous()?; // [heads, T, d]
             let expand = |m: Tensor| -> candle_core::Result<Tensor> {
@@ -267,19 +252,19 @@ impl BaseModel {
             let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
             let att = probs.matmul(&v)?.transpose(0, 1)?.contiguous()?.reshape((t, heads * d))?;
             x = (x + self.project(&att, l, Target::O, lora)?)?;
-            let xn = self.rms_norm(&x, &layer.post_norm)?;
+            let xn = rms_norm(&x, &layer.post_norm, eps)?;
             let gate = self.project(&xn, l, Target::Gate, lora)?;
             let up = self.project(&xn, l, Target::Up, lora)?;
             let act = (gate.silu()? * up)?;
             x = (x + self.project(&act, l, Target::Down, lora)?)?;
         }
-        self.rms_norm(&x, &self.norm)
+        rms_norm(&x, &self.norm, eps)
     }
 }
 
 /// Several sequences packed into one for the forward: their tokens one
-/// after the other (`ids` `[T]`, T the sum of their lengths), each one's
-/// positions from 0 (`positions` `[T]`), and a block-diagonal causal mask
+/// after the other (`ids` `[T]`, T the sum of their lengths), the RoPE
+/// angles of each one's positions from 0 (`angles`), and a block-diagonal causal mask
 /// (`mask` `[1, T, T]`: 0 where token `j` is in token `i`'s sequence and
 /// `j ≤ i`, −∞ elsewhere), so no token attends across sequences. The
 /// products with the weights then run once on `[T, hidden]` instead of once
@@ -289,7 +274,7 @@ impl BaseModel {
 /// (2021), with the mask (not position ids alone) keeping sequences apart.
 struct Packed {
     ids: Tensor,
-    positions: Tensor,
+    angles: RopeAngles,
     mask: Tensor,
 }
 
@@ -297,7 +282,8 @@ impl Packed {
     /// # Errors
     /// No sequence, an empty one, or one longer than the RoPE table.
     fn new(base: &BaseModel, sequences: &[&[u32]]) -> candle_core::Result<Packed> {
-        let table = base.cos.dims()[0];
+        let half = base.config.head_dim / 2;
+        let table = base.cos.len() / half.max(1);
         if sequences.is_empty() {
             candle_core::bail!("no sequence to run");
         }
@@ -305,14 +291,14 @@ impl Packed {
             candle_core::bail!("sequence {i} has {} tokens; the forward takes 1 to {table} (the RoPE table's positions)", s.len());
         }
         let ids: Vec<u32> = sequences.concat();
-        let positions: Vec<u32> = sequences.iter().flat_map(|s| 0..s.len() as u32).collect();
+        let rows = |table: &[f64]| -> Arc<[f64]> { sequences.iter().flat_map(|s| &table[..s.len() * half]).copied().collect() };
         let owner: Vec<usize> = sequences.iter().enumerate().flat_map(|(i, s)| std::iter::repeat_n(i, s.len())).collect();
         let t = ids.len();
         let mask: Vec<f32> = (0..t).flat_map(|i| (0..t).map(|j| if j <= i && owner[j] == owner[i] { 0.0 } else { f32::NEG_INFINITY }).collect::<Vec<_>>()).collect();
         let device = &base.device;
         Ok(Packed {
             ids: Tensor::from_vec(ids, t, device)?,
-            positions: Tensor::from_vec(positions, t, device)?,
+            angles: RopeAngles { cos: rows(&base.cos), sin: rows(&base.sin) },
             mask: Tensor::from_vec(mask, (1, t, t), device)?.to_dtype(base.dtype)?,
         })
     }

@@ -1,0 +1,195 @@
+//! RMSNorm and RoPE as single candle ops with explicit backwards, for the
+//! trainer's forward ([`crate::llama`]).
+//!
+//! Composed of plain candle ops, an RMSNorm is 7 tensor ops forward and
+//! about 20 backward, a RoPE about 9 and 15, each allocating a tensor the
+//! size of the activations; at the few dozen to few hundred tokens of a
+//! training step that per-op cost, not arithmetic, dominated them (30 layers
+//! × 2 norms × 2 RoPEs a forward). Here each is one pass forward and one
+//! backward. candle 0.11's own fused `rms_norm` and `rotary_emb::rope` return
+//! no gradient (`../shared/DESIGN.md`, Trainer), hence these.
+//!
+//! Both run on the CPU in f32 or f64 (f64 for the finite-difference test),
+//! accumulate in f64, and take only the input's gradient: the norm weights
+//! and the RoPE tables are frozen constants.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
+
+/// A row-wise kernel over a contiguous f32 or f64 input of a given shape.
+trait Kernel {
+    const NAME: &'static str;
+    fn run<T: WithDType>(&self, x: &[T], dims: &[usize]) -> candle_core::Result<Vec<T>>;
+}
+
+/// Runs `kernel` on `storage` (f32 or f64, contiguous); the output has the input's shape.
+fn apply<K: Kernel>(kernel: &K, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{}: the input must be contiguous", K::NAME);
+    };
+    let dims = layout.shape().dims();
+    let out = match storage {
+        CpuStorage::F32(x) => CpuStorage::F32(kernel.run(&x[a..b], dims)?),
+        CpuStorage::F64(x) => CpuStorage::F64(kernel.run(&x[a..b], dims)?),
+        _ => candle_core::bail!("{}: the input must be f32 or f64", K::NAME),
+    };
+    Ok((out, layout.shape().clone()))
+}
+
+/// RMSNorm over the last dimension (Zhang & Sennrich, "Root Mean Square
+/// Layer Normalization", NeurIPS 2019), as the device decoder computes it:
+/// `y = x · r ⊙ w`, `r = 1/√(mean(x²) + ε)`, for `x` `[…, n]` and the frozen
+/// weight `w` `[n]`. Backward, with `gw = ∂y ⊙ w`:
+/// `∂x = r · gw − x · r³ · mean(gw ⊙ x)`.
+///
+/// # Errors
+/// A last dimension other than `w`'s length; a non-contiguous or non-float input.
+pub fn rms_norm(x: &Tensor, w: &Arc<[f64]>, eps: f64) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(RmsNorm { w: Arc::clone(w), eps })
+}
+
+struct RmsNorm {
+    w: Arc<[f64]>,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// `(row, r)` of each row of `x` (checked against `w`'s length).
+    fn rows<'a, T: WithDType>(&'a self, x: &'a [T], dims: &[usize]) -> candle_core::Result<impl Iterator<Item = (&'a [T], f64)> + 'a> {
+        let n = self.w.len();
+        if dims.last() != Some(&n) || n == 0 {
+            candle_core::bail!("rms-norm: input {dims:?} against a weight of {n}");
+        }
+        Ok(x.chunks_exact(n).map(move |row| {
+            let ms = row.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>() / n as f64;
+            (row, 1.0 / (ms + self.eps).sqrt())
+        }))
+    }
+}
+
+impl Kernel for RmsNorm {
+    const NAME: &'static str = "rms-norm";
+    fn run<T: WithDType>(&self, x: &[T], dims: &[usize]) -> candle_core::Result<Vec<T>> {
+        let mut out = Vec::with_capacity(x.len());
+        for (row, r) in self.rows(x, dims)? {
+            out.extend(row.iter().zip(self.w.iter()).map(|(v, w)| T::from_f64(v.to_f64() * r * w)));
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        apply(self, storage, layout)
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let backward = RmsNormBackward { norm: RmsNorm { w: Arc::clone(&self.w), eps: self.eps }, x: x.clone() };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&backward)?))
+    }
+}
+
+/// [`RmsNorm`]'s backward, applied to `∂y`, with the forward's input `x`.
+struct RmsNormBackward {
+    norm: RmsNorm,
+    x: Tensor,
+}
+
+impl Kernel for RmsNormBackward {
+    const NAME: &'static str = "rms-norm backward";
+    fn run<T: WithDType>(&self, grad: &[T], dims: &[usize]) -> candle_core::Result<Vec<T>> {
+        let x: Vec<T> = self.x.flatten_all()?.to_vec1()?;
+        if x.len() != grad.len() {
+            candle_core::bail!("rms-norm backward: {} gradients for {} inputs", grad.len(), x.len());
+        }
+        let n = self.norm.w.len();
+        let mut out = Vec::with_capacity(x.len());
+        for ((row, r), g) in self.norm.rows(&x, dims)?.zip(grad.chunks_exact(n)) {
+            let gw = |i: usize| g[i].to_f64() * self.norm.w[i];
+            let mean = (0..n).map(|i| gw(i) * row[i].to_f64()).sum::<f64>() / n as f64;
+            out.extend((0..n).map(|i| T::from_f64(r * gw(i) - row[i].to_f64() * r * r * r * mean)));
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp1 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        apply(self, storage, layout)
+    }
+}
+
+/// The RoPE angles of a packed sequence's tokens: `cos` and `sin` `[T, d/2]`
+/// row-major, row `t` for token `t`'s position.
+pub struct RopeAngles {
+    /// `cos(pos · θ^(−2i/d))`, `[T, d/2]`.
+    pub cos: Arc<[f64]>,
+    /// `sin(pos · θ^(−2i/d))`, `[T, d/2]`.
+    pub sin: Arc<[f64]>,
+}
+
+/// Half-split RoPE (Su et al., "RoFormer", 2021; the split-halves layout of
+/// Llama's Hugging Face implementation, as the device decoder applies it) on
+/// `x` `[T, heads, d]`: for `i < d/2`, `(x₁, x₂) = (x[i], x[i + d/2])` becomes
+/// `(x₁ cos − x₂ sin, x₂ cos + x₁ sin)` at token `t`'s angles. A rotation, so
+/// its backward is the inverse rotation (`sin` negated).
+///
+/// # Errors
+/// `x` not `[T, heads, d]` with `angles` `[T, d/2]`; a non-float input.
+pub fn rope(x: &Tensor, angles: &RopeAngles) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Rope { cos: Arc::clone(&angles.cos), sin: Arc::clone(&angles.sin), inverse: false })
+}
+
+struct Rope {
+    cos: Arc<[f64]>,
+    sin: Arc<[f64]>,
+    inverse: bool,
+}
+
+impl Kernel for Rope {
+    const NAME: &'static str = "rope";
+    fn run<T: WithDType>(&self, x: &[T], dims: &[usize]) -> candle_core::Result<Vec<T>> {
+        let &[t, heads, d] = dims else { candle_core::bail!("rope: input {dims:?} is not [T, heads, d]") };
+        let half = d / 2;
+        if d % 2 != 0 || self.cos.len() != t * half || self.sin.len() != t * half {
+            candle_core::bail!("rope: input {dims:?} against angles for {} values", self.cos.len());
+        }
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let mut out = vec![T::zero(); x.len()];
+        for (row, (xs, ys)) in x.chunks_exact(heads * d).zip(out.chunks_exact_mut(heads * d)).enumerate() {
+            let (cos, sin) = (&self.cos[row * half..][..half], &self.sin[row * half..][..half]);
+            for (xh, yh) in xs.chunks_exact(d).zip(ys.chunks_exact_mut(d)) {
+                for i in 0..half {
+                    let (x1, x2, s) = (xh[i].to_f64(), xh[i + half].to_f64(), sign * sin[i]);
+                    yh[i] = T::from_f64(x1 * cos[i] - x2 * s);
+                    yh[i + half] = T::from_f64(x2 * cos[i] + x1 * s);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        apply(self, storage, layout)
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let inverse = Rope { cos: Arc::clone(&self.cos), sin: Arc::clone(&self.sin), inverse: !self.inverse };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&inverse)?))
+    }
+}
