@@ -139,19 +139,27 @@ fn every_lora_parameter_gets_a_gradient_from_the_task_loss() {
     }
 }
 
-#[test]
-fn gradients_match_finite_differences_in_f64() {
+/// The fp16 tiny pack's base model in f64 (`_tmp` holds its files) and a
+/// rank-2 LoRA on every target with `B` random (seeded by `seed`), so every
+/// parameter has a gradient.
+fn f64_model_and_lora(seed: u64) -> (tempfile::TempDir, BaseModel, Lora) {
     let tmp = tempfile::tempdir().unwrap();
     tiny_packs(tmp.path());
     let pack = ModelPack::open(&tmp.path().join("fp16")).unwrap();
     let base = BaseModel::from_pack(&pack, DType::F64, &Device::Cpu, 64).unwrap();
-    let lora = Lora::new(&base, 2, 4.0, &Target::ALL, 2).unwrap();
+    let lora = Lora::new(&base, 2, 4.0, &Target::ALL, seed).unwrap();
     for (name, var) in lora.named_vars() {
         if name.contains("lora_B") {
             let dims = var.as_tensor().dims().to_vec();
             var.set(&Tensor::randn(0f64, 0.3, dims, &Device::Cpu).unwrap()).unwrap();
         }
     }
+    (tmp, base, lora)
+}
+
+#[test]
+fn gradients_match_finite_differences_in_f64() {
+    let (_tmp, base, lora) = f64_model_and_lora(2);
     let grads = task_loss(&base, &lora).backward().unwrap();
     let eps = 1e-6;
     let mut checked = 0;
@@ -177,17 +185,7 @@ fn gradients_match_finite_differences_in_f64() {
 
 #[test]
 fn packing_examples_changes_neither_the_loss_nor_its_gradients() {
-    let tmp = tempfile::tempdir().unwrap();
-    tiny_packs(tmp.path());
-    let pack = ModelPack::open(&tmp.path().join("fp16")).unwrap();
-    let base = BaseModel::from_pack(&pack, DType::F64, &Device::Cpu, 64).unwrap();
-    let lora = Lora::new(&base, 2, 4.0, &Target::ALL, 4).unwrap();
-    for (name, var) in lora.named_vars() {
-        if name.contains("lora_B") {
-            let dims = var.as_tensor().dims().to_vec();
-            var.set(&Tensor::randn(0f64, 0.3, dims, &Device::Cpu).unwrap()).unwrap();
-        }
-    }
+    let (_tmp, base, lora) = f64_model_and_lora(4);
     // Three examples of different lengths and label counts.
     let ids: [&[u32]; 3] = [&[1, 5, 3, 7, 2, 6, 4, 1, 3], &[2, 4, 6], &[7, 1, 1, 5, 0, 2]];
     let labels: Vec<Vec<Option<u32>>> = ids.iter().map(|ids| (0..ids.len()).map(|i| (i >= 1 && i + 1 < ids.len()).then(|| ids[i + 1])).collect()).collect();
