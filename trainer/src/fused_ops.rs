@@ -1,13 +1,14 @@
-//! RMSNorm and RoPE as single candle ops with explicit backwards, for the
-//! trainer's forward ([`crate::llama`]).
+//! RMSNorm, RoPE and the attention's masked softmax as single candle ops
+//! with explicit backwards, for the trainer's forward ([`crate::llama`]).
 //!
 //! Composed of plain candle ops, an RMSNorm is 7 tensor ops forward and
-//! about 20 backward, a RoPE about 9 and 15, each allocating a tensor the
-//! size of the activations; at the few dozen to few hundred tokens of a
-//! training step that per-op cost, not arithmetic, dominated them (30 layers
-//! × 2 norms × 2 RoPEs a forward). Here each is one pass forward and one
-//! backward. candle 0.11's own fused `rms_norm` and `rotary_emb::rope` return
-//! no gradient (`../shared/DESIGN.md`, Trainer), hence these.
+//! about 20 backward, a RoPE about 9 and 15, a masked softmax 6 and about 10,
+//! each allocating a tensor the size of its input; at the few dozen to few
+//! hundred tokens of a training step that per-op cost, not arithmetic,
+//! dominated them (30 layers × 2 norms, 2 RoPEs and a softmax a forward).
+//! Here each is one pass forward and one backward. candle 0.11's own fused
+//! `rms_norm`, `rotary_emb::rope` and `softmax_last_dim` return no gradient
+//! (`../shared/DESIGN.md`, Trainer), hence these.
 //!
 //! Both run on the CPU in f32 or f64 (f64 for the finite-difference test),
 //! accumulate in f64, and take only the input's gradient: the norm weights
@@ -191,5 +192,95 @@ impl CustomOp1 for Rope {
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let inverse = Rope { cos: Arc::clone(&self.cos), sin: Arc::clone(&self.sin), inverse: !self.inverse };
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&inverse)?))
+    }
+}
+
+/// Softmax over the last dimension of attention scores `[heads, T, T]`
+/// restricted to the pairs `allowed` (`[T, T]` row-major: query `i` may
+/// attend to key `j`); the others get probability 0, as adding −∞ before a
+/// plain softmax would give. Every query must allow at least one key (the
+/// causal masks allow the query itself). Backward, with `y` the output:
+/// `∂s = y ⊙ (∂y − Σ ∂y ⊙ y)` per row.
+///
+/// # Errors
+/// `scores` not `[heads, T, T]` for `allowed` `[T, T]`; a non-float input.
+pub fn masked_softmax(scores: &Tensor, allowed: &Arc<[bool]>) -> candle_core::Result<Tensor> {
+    scores.contiguous()?.apply_op1(MaskedSoftmax { allowed: Arc::clone(allowed) })
+}
+
+struct MaskedSoftmax {
+    allowed: Arc<[bool]>,
+}
+
+impl MaskedSoftmax {
+    /// T, checked: `dims` is `[heads, T, T]` and `allowed` is `[T, T]`.
+    fn tokens(&self, dims: &[usize]) -> candle_core::Result<usize> {
+        match dims {
+            &[_, t, u] if t == u && t * t == self.allowed.len() && t > 0 => Ok(t),
+            _ => candle_core::bail!("masked softmax: scores {dims:?} against a mask of {} pairs", self.allowed.len()),
+        }
+    }
+}
+
+impl Kernel for MaskedSoftmax {
+    const NAME: &'static str = "masked softmax";
+    fn run<T: WithDType>(&self, x: &[T], dims: &[usize]) -> candle_core::Result<Vec<T>> {
+        let t = self.tokens(dims)?;
+        let mut out = vec![T::zero(); x.len()];
+        for (r, (row, y)) in x.chunks_exact(t).zip(out.chunks_exact_mut(t)).enumerate() {
+            let allowed = &self.allowed[(r % t) * t..][..t];
+            let max = row.iter().zip(allowed).filter(|(_, &a)| a).map(|(v, _)| v.to_f64()).fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = row.iter().zip(allowed).map(|(v, &a)| if a { (v.to_f64() - max).exp() } else { 0.0 }).collect();
+            let sum: f64 = e.iter().sum();
+            for (y, e) in y.iter_mut().zip(&e) {
+                *y = T::from_f64(e / sum);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        apply(self, storage, layout)
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&SoftmaxBackward { y: y.clone() })?))
+    }
+}
+
+/// [`MaskedSoftmax`]'s backward, applied to `∂y`, with the forward's output `y`.
+struct SoftmaxBackward {
+    y: Tensor,
+}
+
+impl Kernel for SoftmaxBackward {
+    const NAME: &'static str = "masked softmax backward";
+    fn run<T: WithDType>(&self, grad: &[T], dims: &[usize]) -> candle_core::Result<Vec<T>> {
+        let y: Vec<T> = self.y.flatten_all()?.to_vec1()?;
+        let Some(&t) = dims.last().filter(|_| y.len() == grad.len()) else {
+            candle_core::bail!("masked softmax backward: {} gradients for {} outputs", grad.len(), y.len());
+        };
+        let mut out = Vec::with_capacity(y.len());
+        for (y, g) in y.chunks_exact(t).zip(grad.chunks_exact(t)) {
+            let dot: f64 = y.iter().zip(g).map(|(y, g)| y.to_f64() * g.to_f64()).sum();
+            out.extend(y.iter().zip(g).map(|(y, g)| T::from_f64(y.to_f64() * (g.to_f64() - dot))));
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp1 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        apply(self, storage, layout)
     }
 }

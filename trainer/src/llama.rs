@@ -6,7 +6,8 @@
 //! Written with plain candle ops (matmul, broadcast arithmetic, exp,
 //! `candle_nn::ops::softmax`/`log_softmax`, which are compositions of plain
 //! ops) and custom ops with explicit backwards: products with the frozen
-//! weights ([`FrozenMatmul`]), RMSNorm and RoPE ([`crate::fused_ops`]).
+//! weights ([`FrozenMatmul`]), RMSNorm, RoPE and the attention's masked
+//! softmax ([`crate::fused_ops`]).
 //! candle 0.11's fused `softmax_last_dim`, `rms_norm`, `rotary_emb::rope`
 //! and `QMatMul` return no gradient (see `../shared/DESIGN.md`, Trainer). The
 //! computation mirrors the device decoder (`nocturne::decoder`) step for
@@ -26,7 +27,7 @@ use nocturne::adapter::{LoraAdapter, Target};
 use nocturne::config::ModelConfig;
 use nocturne::weights::{Matrix, ModelPack};
 
-use crate::fused_ops::{rms_norm, rope, RopeAngles};
+use crate::fused_ops::{masked_softmax, rms_norm, rope, RopeAngles};
 
 /// Dequantizes a pack matrix to row-major f32 `[rows, cols]`.
 pub fn dense(m: Matrix<'_>) -> Vec<f32> {
@@ -248,8 +249,7 @@ impl BaseModel {
                 Tensor::cat(&(0..kv_heads).flat_map(|g| std::iter::repeat_n(g, group)).map(|g| m.narrow(0, g, 1)).collect::<candle_core::Result<Vec<_>>>()?, 0)
             };
             let (k, v) = (expand(k)?, expand(v)?);
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&packed.mask)?;
-            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let probs = masked_softmax(&(q.matmul(&k.t()?)? * scale)?, &packed.allowed)?;
             let att = probs.matmul(&v)?.transpose(0, 1)?.contiguous()?.reshape((t, heads * d))?;
             x = (x + self.project(&att, l, Target::O, lora)?)?;
             let xn = rms_norm(&x, &layer.post_norm, eps)?;
@@ -265,8 +265,8 @@ impl BaseModel {
 /// Several sequences packed into one for the forward: their tokens one
 /// after the other (`ids` `[T]`, T the sum of their lengths), the RoPE
 /// angles of each one's positions from 0 (`angles`), and a block-diagonal causal mask
-/// (`mask` `[1, T, T]`: 0 where token `j` is in token `i`'s sequence and
-/// `j ≤ i`, −∞ elsewhere), so no token attends across sequences. The
+/// (`allowed` `[T, T]`: true where token `j` is in token `i`'s sequence and
+/// `j ≤ i`), so no token attends across sequences. The
 /// products with the weights then run once on `[T, hidden]` instead of once
 /// per sequence, which the CPU product does at a higher rate (more rows per
 /// weight panel), with fewer small ops. This is the "sequence packing" of
@@ -275,7 +275,7 @@ impl BaseModel {
 struct Packed {
     ids: Tensor,
     angles: RopeAngles,
-    mask: Tensor,
+    allowed: Arc<[bool]>,
 }
 
 impl Packed {
@@ -294,12 +294,12 @@ impl Packed {
         let rows = |table: &[f64]| -> Arc<[f64]> { sequences.iter().flat_map(|s| &table[..s.len() * half]).copied().collect() };
         let owner: Vec<usize> = sequences.iter().enumerate().flat_map(|(i, s)| std::iter::repeat_n(i, s.len())).collect();
         let t = ids.len();
-        let mask: Vec<f32> = (0..t).flat_map(|i| (0..t).map(|j| if j <= i && owner[j] == owner[i] { 0.0 } else { f32::NEG_INFINITY }).collect::<Vec<_>>()).collect();
+        let allowed: Arc<[bool]> = (0..t).flat_map(|i| (0..t).map(|j| j <= i && owner[j] == owner[i]).collect::<Vec<_>>()).collect();
         let device = &base.device;
         Ok(Packed {
             ids: Tensor::from_vec(ids, t, device)?,
             angles: RopeAngles { cos: rows(&base.cos), sin: rows(&base.sin) },
-            mask: Tensor::from_vec(mask, (1, t, t), device)?.to_dtype(base.dtype)?,
+            allowed,
         })
     }
 }
