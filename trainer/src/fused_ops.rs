@@ -10,7 +10,7 @@
 //! `rms_norm`, `rotary_emb::rope` and `softmax_last_dim` return no gradient
 //! (`../shared/DESIGN.md`, Trainer), hence these.
 //!
-//! Both run on the CPU in f32 or f64 (f64 for the finite-difference test),
+//! All three run on the CPU in f32 or f64 (f64 for the finite-difference test),
 //! accumulate in f64, and take only the input's gradient: the norm weights
 //! and the RoPE tables are frozen constants.
 

@@ -4,7 +4,7 @@
 //! Principal types: [`BaseModel`], [`Lora`].
 //!
 //! Written with plain candle ops (matmul, broadcast arithmetic, exp,
-//! `candle_nn::ops::softmax`/`log_softmax`, which are compositions of plain
+//! `candle_nn::ops::log_softmax`, a composition of plain
 //! ops) and custom ops with explicit backwards: products with the frozen
 //! weights ([`FrozenMatmul`]), RMSNorm, RoPE and the attention's masked
 //! softmax ([`crate::fused_ops`]).
