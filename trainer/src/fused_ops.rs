@@ -19,9 +19,31 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 
 /// A row-wise kernel over a contiguous f32 or f64 input of a given shape.
-trait Kernel {
+trait Kernel: Send + Sync {
     const NAME: &'static str;
     fn run<T: WithDType>(&self, x: &[T], dims: &[usize]) -> candle_core::Result<Vec<T>>;
+    /// The input's gradient from the forward's input `x`, output `y` and `∂y`
+    /// (`None`: the op is itself a backward, not differentiated again).
+    fn backward(&self, _x: &Tensor, _y: &Tensor, _grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// A [`Kernel`] as a candle op (one impl for all of them).
+struct Op<K>(K);
+
+impl<K: Kernel> CustomOp1 for Op<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        apply(&self.0, storage, layout)
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.0.backward(x, y, grad)
+    }
 }
 
 /// Runs `kernel` on `storage` (f32 or f64, contiguous); the output has the input's shape.
@@ -47,7 +69,7 @@ fn apply<K: Kernel>(kernel: &K, storage: &CpuStorage, layout: &Layout) -> candle
 /// # Errors
 /// A last dimension other than `w`'s length; a non-contiguous or non-float input.
 pub fn rms_norm(x: &Tensor, w: &Arc<[f64]>, eps: f64) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1(RmsNorm { w: Arc::clone(w), eps })
+    x.contiguous()?.apply_op1(Op(RmsNorm { w: Arc::clone(w), eps }))
 }
 
 struct RmsNorm {
@@ -78,22 +100,13 @@ impl Kernel for RmsNorm {
         }
         Ok(out)
     }
-}
 
-impl CustomOp1 for RmsNorm {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        apply(self, storage, layout)
-    }
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn backward(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let backward = RmsNormBackward { norm: RmsNorm { w: Arc::clone(&self.w), eps: self.eps }, x: x.clone() };
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&backward)?))
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Op(backward))?))
     }
 }
+
 
 /// [`RmsNorm`]'s backward, applied to `∂y`, with the forward's input `x`.
 struct RmsNormBackward {
@@ -119,15 +132,6 @@ impl Kernel for RmsNormBackward {
     }
 }
 
-impl CustomOp1 for RmsNormBackward {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        apply(self, storage, layout)
-    }
-}
 
 /// The RoPE angles of a packed sequence's tokens: `cos` and `sin` `[T, d/2]`
 /// row-major, row `t` for token `t`'s position.
@@ -147,7 +151,7 @@ pub struct RopeAngles {
 /// # Errors
 /// `x` not `[T, heads, d]` with `angles` `[T, d/2]`; a non-float input.
 pub fn rope(x: &Tensor, angles: &RopeAngles) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1(Rope { cos: Arc::clone(&angles.cos), sin: Arc::clone(&angles.sin), inverse: false })
+    x.contiguous()?.apply_op1(Op(Rope { cos: Arc::clone(&angles.cos), sin: Arc::clone(&angles.sin), inverse: false }))
 }
 
 struct Rope {
@@ -178,22 +182,13 @@ impl Kernel for Rope {
         }
         Ok(out)
     }
-}
 
-impl CustomOp1 for Rope {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        apply(self, storage, layout)
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn backward(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let inverse = Rope { cos: Arc::clone(&self.cos), sin: Arc::clone(&self.sin), inverse: !self.inverse };
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&inverse)?))
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Op(inverse))?))
     }
 }
+
 
 /// Softmax over the last dimension of attention scores `[heads, T, T]`
 /// restricted to the pairs `allowed` (`[T, T]` row-major: query `i` may
@@ -205,7 +200,7 @@ impl CustomOp1 for Rope {
 /// # Errors
 /// `scores` not `[heads, T, T]` for `allowed` `[T, T]`; a non-float input.
 pub fn masked_softmax(scores: &Tensor, allowed: &Arc<[bool]>) -> candle_core::Result<Tensor> {
-    scores.contiguous()?.apply_op1(MaskedSoftmax { allowed: Arc::clone(allowed) })
+    scores.contiguous()?.apply_op1(Op(MaskedSoftmax { allowed: Arc::clone(allowed) }))
 }
 
 struct MaskedSoftmax {
@@ -238,21 +233,12 @@ impl Kernel for MaskedSoftmax {
         }
         Ok(out)
     }
-}
 
-impl CustomOp1 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        apply(self, storage, layout)
-    }
-
-    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&SoftmaxBackward { y: y.clone() })?))
+    fn backward(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Op(SoftmaxBackward { y: y.clone() }))?))
     }
 }
+
 
 /// [`MaskedSoftmax`]'s backward, applied to `∂y`, with the forward's output `y`.
 struct SoftmaxBackward {
@@ -275,12 +261,3 @@ impl Kernel for SoftmaxBackward {
     }
 }
 
-impl CustomOp1 for SoftmaxBackward {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        apply(self, storage, layout)
-    }
-}
