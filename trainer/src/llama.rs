@@ -243,14 +243,15 @@ impl BaseModel {
             let q = rope(&self.project(&xn, l, Target::Q, lora)?.reshape((t, heads, d))?, &packed.angles)?;
             let k = rope(&self.project(&xn, l, Target::K, lora)?.reshape((t, kv_heads, d))?, &packed.angles)?;
             let v = self.project(&xn, l, Target::V, lora)?.reshape((t, kv_heads, d))?;
-            let q = q.transpose(0, 1)?.contiguous()?; // [heads, T, d]
-            let expand = |m: Tensor| -> candle_core::Result<Tensor> {
-                let m = m.transpose(0, 1)?.contiguous()?; // [kv_heads, T, d]
-                Tensor::cat(&(0..kv_heads).flat_map(|g| std::iter::repeat_n(g, group)).map(|g| m.narrow(0, g, 1)).collect::<candle_core::Result<Vec<_>>>()?, 0)
-            };
-            let (k, v) = (expand(k)?, expand(v)?);
-            let probs = masked_softmax(&(q.matmul(&k.t()?)? * scale)?, &packed.allowed)?;
-            let att = probs.matmul(&v)?.transpose(0, 1)?.contiguous()?.reshape((t, heads * d))?;
+            // Grouped-query attention without copying keys and values per
+            // query head: query head h reads key/value head h / group, so the
+            // `group` query heads of one key/value head, stacked as rows
+            // ([kv_heads, group·T, d]), take one product with it.
+            let q = q.transpose(0, 1)?.contiguous()?.reshape((kv_heads, group * t, d))?;
+            let (k, v) = (k.transpose(0, 1)?.contiguous()?, v.transpose(0, 1)?.contiguous()?); // [kv_heads, T, d]
+            let scores = (q.matmul(&k.t()?)? * scale)?.reshape((heads, t, t))?;
+            let probs = masked_softmax(&scores, &packed.allowed)?.reshape((kv_heads, group * t, t))?;
+            let att = probs.matmul(&v)?.reshape((heads, t, d))?.transpose(0, 1)?.contiguous()?.reshape((t, heads * d))?;
             x = (x + self.project(&att, l, Target::O, lora)?)?;
             let xn = rms_norm(&x, &layer.post_norm, eps)?;
             let gate = self.project(&xn, l, Target::Gate, lora)?;
