@@ -20,7 +20,9 @@
 //! above its bound, and retention perplexity within its bound. A rejected
 //! adapter is still written, under `rejected/`, so it can be inspected.
 //!
-//! Given the devices' recall encoder ([`NightSources::encoder`]), the
+//! Given the devices' recall encoder ([`NightSources::encoder`]), a
+//! paraphrase must also be close to its question in the encoder's
+//! embedding ([`crate::paraphrase::ParaphraseConfig::min_similarity`]), and the
 //! adapter is scoped (`nocturne::recall::scope`): the corrections it
 //! answers as taught, asked with the adapter on every request, are the ones
 //! it learned; then generalisation, locality and efficacy are measured with
@@ -264,12 +266,16 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
     // locality is measured against.
     let mut evaluator = Evaluator::new(&pack, &tokenizer, &config.device)?;
     evaluator.set_adapter(previous_adapter.clone());
+    let encoder = encoder
+        .map(|dir| SentenceEncoder::load(dir, config.device.recall.max_sequence_tokens as usize).with_context(|| format!("cannot load the recall encoder in {}", dir.display())))
+        .transpose()?;
+    let encoder = encoder.map(Arc::new);
     let corrections: Vec<&Example> = buffer.examples.iter().filter(|e| e.corrected).collect();
     let mut training = buffer.examples.clone();
     let (mut unseen, mut paraphrased) = (Vec::new(), Vec::new());
     for e in &corrections {
         let question = e.messages.last().map_or("", |m| m.content.as_str());
-        let mut found = paraphrases(&mut evaluator, question, &config.paraphrase, config.train.seed ^ e.interaction)?;
+        let mut found = paraphrases(&mut evaluator, encoder.as_deref(), question, &config.paraphrase, config.train.seed ^ e.interaction)?;
         let gate = if found.len() >= 2 { found.pop() } else { None };
         // The paraphrases together weigh as much as the question as asked.
         let weight = e.priority / found.len().max(1) as f32;
@@ -279,10 +285,6 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
     }
     let unseen: Vec<&Example> = unseen.iter().collect();
     let questions: Vec<&str> = corrections.iter().map(|e| e.messages.last().map_or("", |m| m.content.as_str())).collect();
-    let encoder = encoder
-        .map(|dir| SentenceEncoder::load(dir, config.device.recall.max_sequence_tokens as usize).with_context(|| format!("cannot load the recall encoder in {}", dir.display())))
-        .transpose()?;
-    let encoder = encoder.map(Arc::new);
     // A scoped previous adapter answers what its manifest lists, as on the device.
     if let (Some(encoder), Some(previous)) = (&encoder, &previous_adapter) {
         if previous.manifest().scoped() {

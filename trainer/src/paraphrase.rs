@@ -13,13 +13,24 @@
 //! How: the model continues a fixed few-shot prompt of question → rewritten
 //! question pairs ([`FEW_SHOT`]), sampled (temperature 0.8, top-p 0.95,
 //! each attempt its own seed), cut at the end of the line. A 135M model
-//! often repeats the question, answers it instead, or drifts to another
-//! topic, so each candidate passes [`acceptable`]: a question if the original
-//! was one, a different text after [`normalise`] from the original and from
-//! every kept one, a length within half and twice (plus three words) the
-//! original's, and at least half of the original's content words kept.
+//! often repeats the question, answers it instead, negates it, turns "you"
+//! into "I", or drifts to another topic, so each candidate passes
+//! [`acceptable`]: a question if and only if the original is one (a question
+//! mark, or a question word first: chat users drop the mark), as many
+//! negations modulo 2, the same persons (the user, the assistant), a
+//! different text after [`normalise`] from the original and from every kept
+//! one, a length within half and twice (plus three words) the original's,
+//! and at least half of the original's content words kept. Given the
+//! devices' recall encoder, it must also mean nearly the same: a cosine
+//! similarity of at least [`ParaphraseConfig::min_similarity`] (0.75) to the
+//! original, which drops the rewordings the rules let through that say
+//! something else ("Robots are the best" for "Robots are stupid"). The
+//! rules and the threshold were chosen by reading candidates for
+//! chatterbot-corpus questions past the ones `scripts/scenario` asks (the
+//! questions it judges rephrasings on were not looked at).
 
 use crate::eval::{normalise, Evaluator};
+use nocturne::recall::encoder::SentenceEncoder;
 use nocturne::sampler::SamplerConfig;
 
 /// The few-shot prompt the model continues: general questions, none of them
@@ -36,17 +47,21 @@ Question: Do you like music?\nRewritten: Are you a fan of music?\n\n";
 pub struct ParaphraseConfig {
     /// Paraphrases wanted per question (default 4: three to train on, one for the gate).
     pub wanted: usize,
-    /// Sampling attempts per question at most (default 10, [`ParaphraseConfig::wanting`]).
+    /// Sampling attempts per question at most (default 32, [`ParaphraseConfig::wanting`]).
     pub attempts: usize,
     /// Longest paraphrase, tokens (default 32).
     pub max_tokens: usize,
+    /// Least cosine similarity of a paraphrase's recall embedding to the
+    /// question's, when the encoder is given (default 0.75).
+    pub min_similarity: f32,
 }
 
 impl ParaphraseConfig {
-    /// `wanted` paraphrases per question, with at most two and a half
-    /// sampling attempts each (rounded down), 32 tokens at most.
+    /// `wanted` paraphrases per question, with at most eight sampling
+    /// attempts each (on questions past the scenario's, about one candidate
+    /// in ten passed every check), 32 tokens at most.
     pub fn wanting(wanted: usize) -> ParaphraseConfig {
-        ParaphraseConfig { wanted, attempts: wanted * 5 / 2, max_tokens: 32 }
+        ParaphraseConfig { wanted, attempts: wanted * 8, max_tokens: 32, min_similarity: 0.75 }
     }
 }
 
@@ -64,8 +79,36 @@ const FUNCTION_WORDS: &[&str] = &[
     "this", "there", "s", "re", "m", "t", "ll", "d", "ve", "any", "some", "about", "tell", "know",
 ];
 
+/// First words of a question asked without its question mark ("What is a chat bot").
+const QUESTION_OPENERS: &[&str] = &[
+    "what", "who", "whom", "whose", "which", "when", "where", "why", "how", "is", "are", "am", "was", "were", "do", "does", "did", "can",
+    "could", "will", "would", "should", "shall", "may", "might", "have", "has",
+];
+
+/// Words that negate, after [`normalise`] ("don't" is "don t").
+const NEGATIONS: &[&str] = &["not", "no", "never", "t", "cannot", "nothing", "nobody", "none", "nor", "neither"];
+
+/// Words of the first person (the user) and of the second (the assistant).
+const FIRST_PERSON: &[&str] = &["i", "me", "my", "mine", "myself", "we", "us", "our", "ours"];
+const SECOND_PERSON: &[&str] = &["you", "your", "yours", "yourself"];
+
 fn content_words(text: &str) -> Vec<String> {
     normalise(text).split(' ').filter(|w| !w.is_empty() && !FUNCTION_WORDS.contains(w)).map(String::from).collect()
+}
+
+/// A question: it ends with `?` or opens with a question word or auxiliary.
+fn is_question(text: &str) -> bool {
+    text.trim_end().ends_with('?') || normalise(text).split(' ').next().is_some_and(|w| QUESTION_OPENERS.contains(&w))
+}
+
+/// What a rewording must keep besides its topic: whether it asks, whether
+/// it negates (an odd number of negations), and who it is about (the user,
+/// the assistant: "You are immortal" is not "I am immortal").
+fn form(text: &str) -> (bool, bool, bool, bool) {
+    let normalised = normalise(text);
+    let words: Vec<&str> = normalised.split(' ').collect();
+    let count = |set: &[&str]| words.iter().filter(|w| set.contains(w)).count();
+    (is_question(text), count(NEGATIONS) % 2 == 1, count(FIRST_PERSON) > 0, count(SECOND_PERSON) > 0)
 }
 
 /// Whether `candidate` is kept as a paraphrase of `original`, given the
@@ -76,7 +119,7 @@ pub fn acceptable(original: &str, candidate: &str, kept: &[String]) -> bool {
     if n_candidate.is_empty() || n_candidate == n_original || kept.iter().any(|k| normalise(k) == n_candidate) {
         return false;
     }
-    if original.trim_end().ends_with('?') && !candidate.ends_with('?') {
+    if form(original) != form(candidate) {
         return false;
     }
     let (words, candidate_words) = (n_original.split(' ').count(), n_candidate.split(' ').count());
@@ -90,13 +133,15 @@ pub fn acceptable(original: &str, candidate: &str, kept: &[String]) -> bool {
 }
 
 /// Up to `config.wanted` paraphrases of `question`, written by the model
-/// the evaluator runs (the device's current model), in the order found.
-/// Reproducible for a given `seed`.
+/// the evaluator runs (the device's current model), in the order found,
+/// each [`acceptable`] and, with `encoder`, at least `config.min_similarity`
+/// similar to `question`. Reproducible for a given `seed`.
 ///
 /// # Errors
-/// Tokenizer or decoder errors.
-pub fn paraphrases(evaluator: &mut Evaluator<'_>, question: &str, config: &ParaphraseConfig, seed: u64) -> anyhow::Result<Vec<String>> {
+/// Tokenizer, decoder or encoder errors.
+pub fn paraphrases(evaluator: &mut Evaluator<'_>, encoder: Option<&SentenceEncoder>, question: &str, config: &ParaphraseConfig, seed: u64) -> anyhow::Result<Vec<String>> {
     let prompt = format!("{FEW_SHOT}Question: {}\nRewritten:", question.trim());
+    let original = encoder.map(|e| e.embed(question)).transpose()?;
     let mut kept = Vec::new();
     for attempt in 0..config.attempts as u64 {
         if kept.len() == config.wanted {
@@ -104,9 +149,17 @@ pub fn paraphrases(evaluator: &mut Evaluator<'_>, question: &str, config: &Parap
         }
         let sampler = SamplerConfig { temperature: 0.8, top_k: 0, top_p: 0.95, repetition_penalty: 1.0, seed: seed.wrapping_add(attempt) };
         let candidate = evaluator.continue_text(&prompt, "\n", config.max_tokens, sampler)?;
-        if acceptable(question, &candidate, &kept) {
-            kept.push(candidate.trim().to_string());
+        if !acceptable(question, &candidate, &kept) {
+            continue;
         }
+        if let (Some(encoder), Some(original)) = (encoder, &original) {
+            // Both embeddings have unit length: the dot product is the cosine.
+            let similarity: f32 = encoder.embed(&candidate)?.iter().zip(original).map(|(a, b)| a * b).sum();
+            if similarity < config.min_similarity {
+                continue;
+            }
+        }
+        kept.push(candidate.trim().to_string());
     }
     Ok(kept)
 }
@@ -118,7 +171,7 @@ mod tests {
     #[test]
     fn rewordings_pass_and_repeats_answers_and_drift_do_not() {
         let kept = vec!["What's your favourite colour?".to_string()];
-        assert!(acceptable("What is your favorite color?", "Which color do you like best, favorite or not?", &[]));
+        assert!(acceptable("What is your favorite color?", "Which color do you like best, your favorite one?", &[]));
         assert!(acceptable("What is the stock market?", "What's a stock market?", &[]));
         assert!(acceptable("When will you die?", "When do you die?", &[]));
         // The question itself, again or after normalisation, or a kept one again.
@@ -129,6 +182,15 @@ mod tests {
         // Another topic: fewer than half the content words kept.
         assert!(!acceptable("Who is the president of the United States?", "Who is the president of the world?", &[]));
         assert!(!acceptable("What is the stock market?", "What kind of business do you run?", &[]));
+        // A question asked without its mark answered, a statement turned into a question.
+        assert!(!acceptable("What is a chat bot", "A chat bot!", &[]));
+        assert!(acceptable("What is a chat bot", "What does a chat bot do", &[]));
+        assert!(!acceptable("Robots", "Can robots walk?", &[]));
+        // Negated, or about someone else.
+        assert!(!acceptable("Robots laugh", "Robots do not laugh.", &[]));
+        assert!(!acceptable("You are not immortal", "You're immortal!", &[]));
+        assert!(acceptable("You are not immortal", "You aren't an immortal being", &[]));
+        assert!(!acceptable("You are immortal", "I am immortal!", &[]));
         // Far too short or too long.
         assert!(!acceptable("What is the capital city of the country of France?", "France?", &[]));
         assert!(!acceptable("Why?", "Why is it that this is the case, and why would anyone ever think so at all?", &[]));

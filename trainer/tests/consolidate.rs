@@ -196,6 +196,17 @@ fn consolidate_eval_and_report_from_the_command_line() {
     assert_eq!(written[0]["question"], "What is the name of this kiosk?");
     let trained = written[0]["trained"].as_array().unwrap().len() as u64;
     assert_eq!(description["trained_on"].as_u64(), Some(1 + trained), "{description}");
+    // Given the encoder, every paraphrase kept (trained on or the gate's) is
+    // close to the question in its embedding.
+    let encoder = nocturne::recall::encoder::SentenceEncoder::load(&encoder_dir(), 128).unwrap();
+    let question = encoder.embed("What is the name of this kiosk?").unwrap();
+    let mut kept: Vec<&str> = written[0]["trained"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    kept.extend(written[0]["gate"].as_str());
+    for paraphrase in kept {
+        let embedding = encoder.embed(paraphrase).unwrap();
+        let similarity: f32 = embedding.iter().zip(&question).map(|(a, b)| a * b).sum();
+        assert!(similarity >= ParaphraseConfig::default().min_similarity, "{paraphrase}: similarity {similarity}");
+    }
     assert_eq!(report["locality_probes"], serde_json::json!([5, 5]));
     for entry in learned {
         let device = nocturne::ids::DeviceId::from_hex(entry["device"].as_str().unwrap()).unwrap();
