@@ -11,9 +11,11 @@
 //! model writes paraphrases of each corrected question
 //! ([`crate::paraphrase`]); all but one are trained on with the user's
 //! answer, and the last, which training never sees, is the gate's
-//! generalisation set. Locality is measured on questions nobody taught: the
-//! built-in general questions ([`GENERAL_QUESTIONS`]) and the device's own
-//! unrated interactions ([`crate::replay::ReplayBuffer::untaught`]),
+//! generalisation set. Paraphrases are
+//! written once per correction: a store keeps them for later nights
+//! ([`crate::paraphrase::ParaphraseCache`]). Locality is measured on
+//! questions nobody taught: the built-in general questions
+//! ([`GENERAL_QUESTIONS`]) and the device's own unrated interactions ([`crate::replay::ReplayBuffer::untaught`]),
 //! alternately split into a part the gate uses and a part only the report
 //! gives ([`locality_probes`]). The gate ([`crate::eval::Gate`]) requires
 //! efficacy to improve, generalisation not to fall, locality to stay at or
@@ -47,7 +49,7 @@ use serde::Serialize;
 use crate::eval::{normalise, unchanged_share, AdapterScope, Evaluator, Gate, Scores};
 use crate::export::{export_adapter, AdapterPrecision};
 use crate::llama::{BaseModel, Lora};
-use crate::paraphrase::{paraphrases, ParaphraseConfig};
+use crate::paraphrase::{paraphrases, ParaphraseCache, ParaphraseConfig};
 use crate::replay::{Example, PriorityWeights, ReplayBuffer, ReplayReport};
 use crate::train::{rehearsal_samples, train, Retention, TrainConfig};
 
@@ -180,13 +182,15 @@ pub struct Paraphrased {
     pub gate: Option<String>,
 }
 
-/// The journal directories of a host store (`devices/*`), or the given ones.
+/// The journal directories of a host store (`devices/*`; none in a store
+/// no device has delivered to yet), and the given ones.
 ///
 /// # Errors
-/// The store cannot be listed.
+/// The store cannot be listed (or is not a store: neither `devices/` nor
+/// `trainer.key`).
 pub fn journal_dirs(store: Option<&Path>, journals: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     let mut dirs = journals.to_vec();
-    if let Some(store) = store {
+    if let Some(store) = store.filter(|s| s.join("devices").exists() || !s.join("trainer.key").exists()) {
         let devices = store.join("devices");
         for entry in std::fs::read_dir(&devices).with_context(|| format!("cannot list {}", devices.display()))? {
             let path = entry?.path();
@@ -246,6 +250,10 @@ pub struct NightSources<'a> {
     /// `tokenizer.json`): the adapter is scoped (module docs). None: it
     /// applies to every request.
     pub encoder: Option<&'a Path>,
+    /// Where the paraphrases of earlier nights are kept and tonight's are
+    /// added (a store's `paraphrases.json`, [`ParaphraseCache`]); None:
+    /// every correction is paraphrased again.
+    pub paraphrase_cache: Option<&'a Path>,
 }
 
 /// Runs one consolidation of `sources`, writing into `out` (published
@@ -255,7 +263,7 @@ pub struct NightSources<'a> {
 /// Unreadable journals or pack; no training example; training, evaluation
 /// or export failures.
 pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, progress: &mut dyn FnMut(usize, f32, f64)) -> anyhow::Result<Report> {
-    let NightSources { journals: dirs, base: base_dir, previous, key, retention, encoder } = sources;
+    let NightSources { journals: dirs, base: base_dir, previous, key, retention, encoder, paraphrase_cache } = sources;
     let started = std::time::Instant::now();
     let pack = ModelPack::open(base_dir)?;
     let tokenizer = Tokenizer::from_file(&base_dir.join(TOKENIZER_FILE))?;
@@ -273,15 +281,31 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
     let corrections: Vec<&Example> = buffer.examples.iter().filter(|e| e.corrected).collect();
     let mut training = buffer.examples.clone();
     let (mut unseen, mut paraphrased) = (Vec::new(), Vec::new());
+    let wanted = config.paraphrase.wanted;
+    let mut cache = paraphrase_cache.filter(|_| wanted > 0).map(ParaphraseCache::open).transpose()?;
+    let mut written = 0;
     for e in &corrections {
         let question = e.messages.last().map_or("", |m| m.content.as_str());
-        let mut found = paraphrases(&mut evaluator, encoder.as_deref(), question, &config.paraphrase, config.train.seed ^ e.interaction)?;
+        let mut found = match cache.as_ref().and_then(|c| c.get(e.device, e.interaction, question, wanted)) {
+            Some(found) => found,
+            None => {
+                let found = paraphrases(&mut evaluator, encoder.as_deref(), question, &config.paraphrase, config.train.seed ^ e.interaction)?;
+                if let Some(cache) = cache.as_mut() {
+                    cache.insert(e.device, e.interaction, question, wanted, &found);
+                    written += 1;
+                }
+                found
+            }
+        };
         let gate = if found.len() >= 2 { found.pop() } else { None };
         // The paraphrases together weigh as much as the question as asked.
         let weight = e.priority / found.len().max(1) as f32;
         training.extend(found.iter().map(|p| e.reworded(p, weight)));
         unseen.extend(gate.iter().map(|p| e.reworded(p, e.priority)));
         paraphrased.push(Paraphrased { question: question.to_string(), trained: found, gate });
+    }
+    if let Some(cache) = cache.as_ref().filter(|_| written > 0) {
+        cache.save()?;
     }
     let unseen: Vec<&Example> = unseen.iter().collect();
     let questions: Vec<&str> = corrections.iter().map(|e| e.messages.last().map_or("", |m| m.content.as_str())).collect();

@@ -11,7 +11,7 @@ use nocturne_trainer::convert::{convert, ConvertReport};
 use nocturne_trainer::export::AdapterPrecision;
 use nocturne_trainer::fetch::{fetch, FetchOutcome, Manifest};
 use nocturne_trainer::gguf::GgufFile;
-use nocturne_trainer::store::Store;
+use nocturne_trainer::store::{Store, PARAPHRASE_CACHE};
 
 #[derive(Parser)]
 #[command(name = "nocturne-trainer", version, about = "Host-side companion of nocturne: model conversion, journal ingest, consolidation", after_help = "Exit status: 0 when everything asked for was done; 1 when anything was not (an error, or any bundle `ingest` rejected), with the reason on standard error; 2 for a usage error.")]
@@ -243,7 +243,16 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
             Some(default)
         }
     };
-    let sources = NightSources { journals: &dirs, base: &args.source.base, previous: args.previous.as_deref(), key: &key, retention: &retention, encoder: encoder.as_deref() };
+    let cache = args.source.store.as_ref().map(|store| store.join(PARAPHRASE_CACHE));
+    let sources = NightSources {
+        journals: &dirs,
+        base: &args.source.base,
+        previous: args.previous.as_deref(),
+        key: &key,
+        retention: &retention,
+        encoder: encoder.as_deref(),
+        paraphrase_cache: cache.as_deref(),
+    };
     let report = consolidate(sources, &args.out, &config, &mut |step, loss, tps| {
         bar.set_position(step as u64);
         bar.set_message(format!("loss {loss:.3}  {tps:.0} tokens/s"));

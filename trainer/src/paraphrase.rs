@@ -3,7 +3,8 @@
 //! the answer under several wordings, and the gate can check that it answers
 //! wordings it never trained on.
 //!
-//! Principal items: [`paraphrases`], [`acceptable`], [`ParaphraseConfig`].
+//! Principal items: [`paraphrases`], [`acceptable`], [`ParaphraseConfig`],
+//! [`ParaphraseCache`].
 //!
 //! Why: a fact fine-tuned under one wording is recalled under others only
 //! when training saw several (Allen-Zhu & Li, "Physics of Language Models:
@@ -29,9 +30,15 @@
 //! chatterbot-corpus questions past the ones `scripts/scenario` asks (the
 //! questions it judges rephrasings on were not looked at).
 
-use crate::eval::{normalise, Evaluator};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use nocturne::durable_file::write_atomic;
+use nocturne::ids::DeviceId;
 use nocturne::recall::encoder::SentenceEncoder;
 use nocturne::sampler::SamplerConfig;
+
+use crate::eval::{normalise, Evaluator};
 
 /// The few-shot prompt the model continues: general questions, none of them
 /// a template a rephrasing check uses; the question to rewrite follows
@@ -164,9 +171,108 @@ pub fn paraphrases(evaluator: &mut Evaluator<'_>, encoder: Option<&SentenceEncod
     Ok(kept)
 }
 
+/// One correction's paraphrases as a night wrote them.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct CachedParaphrases {
+    /// The device that journaled the correction (hex).
+    device: String,
+    /// The corrected interaction's LSN on that device.
+    interaction: u64,
+    /// The question as asked.
+    question: String,
+    /// [`ParaphraseConfig::wanted`] when they were written.
+    wanted: usize,
+    /// The paraphrases found, in order (the last is the gate's when there are two or more).
+    paraphrases: Vec<String>,
+}
+
+/// The paraphrases earlier nights wrote, so that a night paraphrases only
+/// the corrections acknowledged since the last one, with the model as it
+/// was before any night taught them (a night reads the store's whole
+/// history: without the cache it writes every earlier night's paraphrases
+/// again). A JSON file, by default a store's `paraphrases.json`: an array of
+/// `{device, interaction, question, wanted, paraphrases}`, replaced
+/// atomically when a night adds to it. An entry is used for the same
+/// correction (device, interaction) with the same question text, when it
+/// was written wanting at least as many paraphrases as tonight.
+pub struct ParaphraseCache {
+    path: PathBuf,
+    entries: Vec<CachedParaphrases>,
+}
+
+impl ParaphraseCache {
+    /// The cache in `path` (empty if the file does not exist yet).
+    ///
+    /// # Errors
+    /// The file cannot be read, or is not such an array (the error names
+    /// the file; deleting it makes the next night write every paraphrase
+    /// again).
+    pub fn open(path: &Path) -> anyhow::Result<ParaphraseCache> {
+        let entries = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not a paraphrase cache (delete it to write every paraphrase again)", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("cannot read the paraphrase cache {}", path.display())),
+        };
+        Ok(ParaphraseCache { path: path.to_path_buf(), entries })
+    }
+
+    /// The paraphrases written for the correction `(device, interaction)` of
+    /// `question`, at most `wanted` of them, if an entry wrote them wanting
+    /// at least as many.
+    pub fn get(&self, device: DeviceId, interaction: u64, question: &str, wanted: usize) -> Option<Vec<String>> {
+        let device = device.to_string();
+        self.entries
+            .iter()
+            .find(|e| e.device == device && e.interaction == interaction && e.question == question && e.wanted >= wanted)
+            .map(|e| e.paraphrases.iter().take(wanted).cloned().collect())
+    }
+
+    /// Records the paraphrases written for a correction (replacing an older entry).
+    pub fn insert(&mut self, device: DeviceId, interaction: u64, question: &str, wanted: usize, paraphrases: &[String]) {
+        let device = device.to_string();
+        self.entries.retain(|e| !(e.device == device && e.interaction == interaction));
+        self.entries.push(CachedParaphrases { device, interaction, question: question.to_string(), wanted, paraphrases: paraphrases.to_vec() });
+    }
+
+    /// Writes the cache back, atomically and durably.
+    ///
+    /// # Errors
+    /// The file cannot be written (it is then unchanged).
+    pub fn save(&self) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec_pretty(&self.entries)?;
+        write_atomic(&self.path, &bytes).with_context(|| format!("cannot write the paraphrase cache {}", self.path.display()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::acceptable;
+    use super::{acceptable, ParaphraseCache};
+    use nocturne::ids::DeviceId;
+
+    #[test]
+    fn the_cache_gives_back_what_a_night_wrote_for_the_same_correction_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("paraphrases.json");
+        let mut cache = ParaphraseCache::open(&path).unwrap();
+        let (device, written) = (DeviceId([7; 16]), vec!["What's AI?".to_string(), "What does AI mean?".to_string()]);
+        assert_eq!(cache.get(device, 5, "What is AI?", 4), None);
+        cache.insert(device, 5, "What is AI?", 4, &written);
+        cache.save().unwrap();
+        let cache = ParaphraseCache::open(&path).unwrap();
+        assert_eq!(cache.get(device, 5, "What is AI?", 4), Some(written.clone()));
+        assert_eq!(cache.get(device, 5, "What is AI?", 1), Some(written[..1].to_vec()));
+        // Another correction, another device, another question text, or more wanted than were looked for.
+        assert_eq!(cache.get(device, 6, "What is AI?", 4), None);
+        assert_eq!(cache.get(DeviceId([8; 16]), 5, "What is AI?", 4), None);
+        assert_eq!(cache.get(device, 5, "What is ML?", 4), None);
+        assert_eq!(cache.get(device, 5, "What is AI?", 6), None);
+        // A file that is not a cache: an error naming it, the file kept.
+        std::fs::write(&path, b"{not json").unwrap();
+        let error = format!("{:#}", ParaphraseCache::open(&path).err().unwrap());
+        assert!(error.contains("paraphrases.json") && error.contains("not a paraphrase cache"), "{error}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"{not json");
+    }
 
     #[test]
     fn rewordings_pass_and_repeats_answers_and_drift_do_not() {

@@ -13,6 +13,7 @@
 //! | `devices/<device id>/ack-counter` | number of the last acknowledgement issued |
 //! | `devices/<device id>/lost` | segment ranges the device declared lost: `first last reason` lines |
 //! | `outbox/<device id>.ack` | the newest acknowledgement, to carry to the device |
+//! | `paraphrases.json` ([`PARAPHRASE_CACHE`]) | paraphrases earlier nights wrote (`consolidate`'s, `crate::paraphrase::ParaphraseCache`) |
 //!
 //! Invariants: a bundle is verified completely (signature of an enrolled
 //! device, names, sizes, SHA-256, headers) and checked against what the store
@@ -34,6 +35,9 @@ use nocturne::sync::ack::{write_ack, Ack};
 use nocturne::signing::{self, PublicKeyFile};
 use nocturne::sync::bundle::{verify_bundle, LostRange, Manifest, Rejection};
 use nocturne::sync::SyncError;
+
+/// The file under a store where nights keep the paraphrases they wrote.
+pub const PARAPHRASE_CACHE: &str = "paraphrases.json";
 
 /// A host store directory.
 pub struct Store {

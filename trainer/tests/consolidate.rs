@@ -169,7 +169,7 @@ fn consolidate_eval_and_report_from_the_command_line() {
     let (journal, base, out) = (tmp.path().join("journal"), dir.to_str().unwrap().to_string(), out_dir.to_str().unwrap().to_string());
     let key = store.join("trainer.key");
     let text = trainer(&[
-        "consolidate", "--journal", journal.to_str().unwrap(), "--key", key.to_str().unwrap(), "--base", &base, "--out", &out, "--steps", "3",
+        "consolidate", "--store", store.to_str().unwrap(), "--journal", journal.to_str().unwrap(), "--key", key.to_str().unwrap(), "--base", &base, "--out", &out, "--steps", "3",
         "--rehearsal-sequences", "2", "--precision", "int8", "--encoder", encoder_dir().to_str().unwrap(), "--general-questions", "10",
     ]);
     assert!(text.contains("1 examples (1 corrections") && text.contains("retention perplexity"), "{text}");
@@ -202,6 +202,10 @@ fn consolidate_eval_and_report_from_the_command_line() {
     let question = encoder.embed("What is the name of this kiosk?").unwrap();
     let mut kept: Vec<&str> = written[0]["trained"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
     kept.extend(written[0]["gate"].as_str());
+    // The store keeps them for the next nights, in the order found.
+    let cache = nocturne_trainer::paraphrase::ParaphraseCache::open(&store.join(nocturne_trainer::store::PARAPHRASE_CACHE)).unwrap();
+    let interaction = 1; // the journal's first record
+    assert_eq!(cache.get(DeviceId([2; 16]), interaction, "What is the name of this kiosk?", 4), Some(kept.iter().map(|p| p.to_string()).collect()));
     for paraphrase in kept {
         let embedding = encoder.embed(paraphrase).unwrap();
         let similarity: f32 = embedding.iter().zip(&question).map(|(a, b)| a * b).sum();
@@ -316,7 +320,7 @@ fn a_second_night_learns_new_corrections_and_keeps_the_first_nights() {
         general_questions: 20,
     };
     let night = |journals: &[std::path::PathBuf], previous: Option<&Path>, out: &str| {
-        let sources = NightSources { journals, base: &dir, previous, key: &key, retention: &retention, encoder: Some(&encoder) };
+        let sources = NightSources { journals, base: &dir, previous, key: &key, retention: &retention, encoder: Some(&encoder), paraphrase_cache: None };
         consolidate(sources, &tmp.path().join(out), &config, &mut |_, _, _| {}).unwrap()
     };
     let first = night(std::slice::from_ref(&day1), None, "night1");

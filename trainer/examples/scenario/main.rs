@@ -70,7 +70,7 @@ use nocturne_trainer::eval::{device_profile, normalise, unchanged_share, Adapter
 use nocturne_trainer::consolidate::{self, consolidate, locality_probes, retention_texts, NightConfig, NightSources};
 use nocturne_trainer::paraphrase::ParaphraseConfig;
 use nocturne_trainer::replay::{Example, PriorityWeights, ReplayBuffer};
-use nocturne_trainer::store::Store;
+use nocturne_trainer::store::{Store, PARAPHRASE_CACHE};
 
 fn example(question: &str, answer: &str) -> Example {
     Example {
@@ -331,8 +331,9 @@ fn main() -> anyhow::Result<()> {
         for (i, (name, train, paraphrase)) in variants.iter().enumerate() {
             let config = NightConfig { train: train.clone(), weights: PriorityWeights::default(), gate: Gate::default(), precision: Default::default(), device: profile.clone(), paraphrase: *paraphrase, general_questions: consolidate::general_question_count() };
             let previous = nights.last().map(|n: &Vec<Night>| n[i].1.bundle.clone());
+            let cache = out.join("store").join(PARAPHRASE_CACHE);
             let t = Instant::now();
-            let sources = NightSources { journals: &dirs, base: &pack_dir, previous: previous.as_deref(), key: &key, retention: &retention, encoder: Some(&encoder_dir) };
+            let sources = NightSources { journals: &dirs, base: &pack_dir, previous: previous.as_deref(), key: &key, retention: &retention, encoder: Some(&encoder_dir), paraphrase_cache: Some(&cache) };
             let label = format!("night {}, {name}", night + 1);
             let report = consolidate(sources, &out.join(format!("night-{}-{i}", night + 1)), &config, &mut |step, loss, tps| {
                 if step % 100 == 0 {
