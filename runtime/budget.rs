@@ -3,7 +3,7 @@
 //!
 //! Principal types: [`MemoryPlan`], [`PlanSettings`], [`DecoderBuffers`],
 //! [`KvPrecision`], [`BudgetError`]; the sizing constants [`ROW_TILE`],
-//! [`PREFILL_BLOCK`], [`MAX_LORA_RANK`], [`FUSED_PRODUCTS`].
+//! [`TOKEN_GROUP`], [`PREFILL_BLOCK`], [`MAX_LORA_RANK`], [`FUSED_PRODUCTS`].
 //!
 //! Invariants: the plan is a leaf: it knows the model config and nothing of
 //! the code that allocates (decoder, session, adapters), which sizes its
@@ -19,6 +19,11 @@ use crate::config::{ModelConfig, INT8_BLOCK};
 
 /// Weight rows a prefill worker dequantizes and applies together.
 pub const ROW_TILE: usize = 4;
+
+/// Tokens of a product input the grouped int8 prefill tile takes at once
+/// (one token per 32-bit lane of a 256-bit register; see
+/// `kernels::scalar::group_tokens_i8` for the layout).
+pub const TOKEN_GROUP: usize = 8;
 
 /// Tokens per prefill block: large enough to amortize each weight row over
 /// many tokens, small enough that activations stay a few hundred KiB.
@@ -110,6 +115,13 @@ pub struct DecoderBuffers {
     pub quantized: usize,
     /// Its block scales, `quantized / 32` f32.
     pub quantized_scales: usize,
+    /// The same input in groups of [`TOKEN_GROUP`] tokens for the grouped
+    /// prefill tile (with `int8_activations`, else 0): `prefill_block`
+    /// rounded up to a whole group `× max(hidden, q width, intermediate)` i8.
+    pub grouped: usize,
+    /// Its block scales and its block offsets, `grouped / 32` each (f32 and
+    /// i32).
+    pub grouped_scales: usize,
     /// Attention scores, `threads × context` f32.
     pub scores: usize,
     /// Dequantized weight-row tiles (an int8 tile's widened scales take
@@ -140,6 +152,12 @@ impl DecoderBuffers {
             lora: FUSED_PRODUCTS * block * MAX_LORA_RANK,
             quantized: if settings.int8_activations { block * h.max(q).max(ff) } else { 0 },
             quantized_scales: if settings.int8_activations { block * h.max(q).max(ff) / INT8_BLOCK } else { 0 },
+            grouped: if settings.int8_activations { block.next_multiple_of(TOKEN_GROUP) * h.max(q).max(ff) } else { 0 },
+            grouped_scales: if settings.int8_activations {
+                block.next_multiple_of(TOKEN_GROUP) * h.max(q).max(ff) / INT8_BLOCK
+            } else {
+                0
+            },
             scores: threads * ctx,
             rows: threads * ROW_TILE * h.max(q).max(ff),
             logits: settings.logit_rows * config.vocab_size,
@@ -156,8 +174,9 @@ pub struct MemoryPlan {
     pub kv_cache: usize,
     /// Activations of one prefill block: residual, normed input, q, k, v,
     /// attention output, MLP gate and up, the adapter's `A x`
-    /// (`prefill_block ×` their widths, f32), and the int8 copy of a
-    /// product's input with its block scales.
+    /// (`prefill_block ×` their widths, f32), and the int8 copies of a
+    /// product's input (row by row, and in token groups) with their block
+    /// scales (and the groups' block offsets).
     pub activations: usize,
     /// Per thread: attention scores (`context` f32) and a tile of dequantized
     /// weight rows (`ROW_TILE × max(hidden, q width, intermediate)` f32).
@@ -204,7 +223,9 @@ impl MemoryPlan {
         let b = DecoderBuffers::new(config, settings);
         MemoryPlan {
             kv_cache: b.kv_cache * settings.kv.bytes(),
-            activations: (2 * b.residual + 2 * b.q + 2 * b.kv + 2 * b.mlp + b.lora + b.quantized_scales) * F32 + b.quantized,
+            activations: (2 * b.residual + 2 * b.q + 2 * b.kv + 2 * b.mlp + b.lora + b.quantized_scales + 2 * b.grouped_scales) * F32
+                + b.quantized
+                + b.grouped,
             thread_scratch: (b.scores + b.rows) * F32,
             adapter_scales: b.adapter_scales * F32,
             logits: b.logits * F32,

@@ -126,8 +126,11 @@ fn int8_activations_are_planned_and_allocate_nothing_per_token() {
     let session = Session::start(&pack, &tokenizer, &ACTIVE, options).unwrap();
     assert_eq!(session.allocated(), *session.memory_plan());
     let plain = Session::start(&pack, &tokenizer, &ACTIVE, SessionOptions::for_profile(&ACTIVE)).unwrap();
-    // 32 tokens x 1536 (the widest product input) int8 values and 48 f32 scales each.
-    assert_eq!(session.memory_plan().activations - plain.memory_plan().activations, 32 * 1536 + 32 * 48 * 4);
+    // 32 tokens x 1536 (the widest product input) int8 values and 48 f32 scales each, row by
+    // row, and again in four groups of 8 tokens with 48 f32 scales and 48 i32 offsets each.
+    let row_by_row = 32 * 1536 + 32 * 48 * 4;
+    let grouped = 32 * 1536 + 32 * 48 * (4 + 4);
+    assert_eq!(session.memory_plan().activations - plain.memory_plan().activations, row_by_row + grouped);
     drop((session, plain));
     check_no_allocation_per_token(&pack, &tokenizer, None, options);
 }

@@ -35,8 +35,9 @@ use std::sync::Arc;
 use half::f16;
 
 use crate::adapter::{LoraAdapter, Target};
-use crate::budget::{DecoderBuffers, MemoryPlan, PlanSettings, MAX_LORA_RANK, ROW_TILE};
+use crate::budget::{DecoderBuffers, MemoryPlan, PlanSettings, MAX_LORA_RANK, ROW_TILE, TOKEN_GROUP};
 use crate::config::INT8_BLOCK;
+use crate::kernels::scalar::group_tokens_i8;
 use crate::kernels::{rms_norm, rope, silu_mul, softmax, Kernels, RopeTable};
 use crate::pool::{share, WorkerPool};
 use crate::weights::{Matrix, ModelPack};
@@ -109,29 +110,52 @@ struct Activations {
     up: Vec<f32>,
     /// `A x` of the active adapter, `prefill_block × MAX_LORA_RANK`.
     lora: Vec<f32>,
-    /// A product input as int8 blocks (int8 packs), and its block scales.
-    xq: Vec<i8>,
-    xq_scales: Vec<f32>,
+    /// A product input as int8 blocks (int8 packs with int8 activations).
+    xq: QuantizedInput,
+}
+
+/// The int8 copies of a product input: row by row (values, one f32 scale
+/// per 32-block) and, for the grouped prefill tile, in groups of
+/// [`TOKEN_GROUP`] tokens (`kernels::scalar::group_tokens_i8`'s layout:
+/// values, scales, offsets).
+struct QuantizedInput {
+    values: Vec<i8>,
+    scales: Vec<f32>,
+    grouped: Vec<i8>,
+    grouped_scales: Vec<f32>,
+    grouped_offsets: Vec<i32>,
 }
 
 /// A product's input rows: f32, and for an int8 pack the same rows
 /// quantized to int8 blocks (values, one f32 scale per 32-block), made once
-/// for every product that reads them.
+/// for every product that reads them; for several rows and kernels with a
+/// grouped tile, also in token groups (values, scales, offsets).
 #[derive(Clone, Copy)]
 struct Input<'a> {
     f32: &'a [f32],
     i8: Option<(&'a [i8], &'a [f32])>,
+    grouped: Option<(&'a [i8], &'a [f32], &'a [i32])>,
 }
 
 impl<'a> Input<'a> {
-    /// `x`, quantized into `values` and `scales` when `int8`.
-    fn new(k: &Kernels, int8: bool, x: &'a [f32], values: &'a mut [i8], scales: &'a mut [f32]) -> Input<'a> {
-        let i8 = int8.then(|| {
-            let (values, scales) = (&mut values[..x.len()], &mut scales[..x.len() / INT8_BLOCK]);
-            (k.quantize_i8)(x, values, scales);
-            (&*values, &*scales)
+    /// `x` (`n` rows), quantized into `q` when `int8`, and grouped there too
+    /// when `n > 1` and the kernels have [`Kernels::dot4_grouped_i8_i8`].
+    fn new(k: &Kernels, int8: bool, x: &'a [f32], n: usize, q: &'a mut QuantizedInput) -> Input<'a> {
+        if !int8 {
+            return Input { f32: x, i8: None, grouped: None };
+        }
+        let QuantizedInput { values, scales, grouped, grouped_scales, grouped_offsets } = q;
+        let (values, scales) = (&mut values[..x.len()], &mut scales[..x.len() / INT8_BLOCK]);
+        (k.quantize_i8)(x, values, scales);
+        let grouped = (n > 1 && k.dot4_grouped_i8_i8.is_some()).then(|| {
+            let cols = x.len() / n;
+            let len = n.next_multiple_of(TOKEN_GROUP) * cols;
+            let (values_out, scales_out, offsets_out) =
+                (&mut grouped[..len], &mut grouped_scales[..len / INT8_BLOCK], &mut grouped_offsets[..len / INT8_BLOCK]);
+            group_tokens_i8(cols, values, scales, values_out, scales_out, offsets_out);
+            (&*values_out, &*scales_out, &*offsets_out)
         });
-        Input { f32: x, i8 }
+        Input { f32: x, i8: Some((values, scales)), grouped }
     }
 }
 
@@ -300,8 +324,13 @@ impl<'m> Decoder<'m> {
                 gate: zeros(buffers.mlp),
                 up: zeros(buffers.mlp),
                 lora: zeros(buffers.lora),
-                xq: vec![0; buffers.quantized],
-                xq_scales: zeros(buffers.quantized_scales),
+                xq: QuantizedInput {
+                    values: vec![0; buffers.quantized],
+                    scales: zeros(buffers.quantized_scales),
+                    grouped: vec![0; buffers.grouped],
+                    grouped_scales: zeros(buffers.grouped_scales),
+                    grouped_offsets: vec![0; buffers.grouped_scales],
+                },
             },
             scores: zeros(buffers.scores),
             rows: zeros(buffers.rows),
@@ -367,8 +396,11 @@ impl<'m> Decoder<'m> {
         MemoryPlan {
             kv_cache: self.kv.bytes(),
             activations: f(&a.x) + f(&a.xb) + f(&a.q) + f(&a.k) + f(&a.v) + f(&a.att) + f(&a.gate) + f(&a.up) + f(&a.lora)
-                + f(&a.xq_scales)
-                + a.xq.capacity(),
+                + f(&a.xq.scales)
+                + f(&a.xq.grouped_scales)
+                + a.xq.grouped_offsets.capacity() * 4
+                + a.xq.values.capacity()
+                + a.xq.grouped.capacity(),
             thread_scratch: f(&self.scores) + f(&self.rows),
             adapter_scales: f(&self.adapter_scales),
             logits: f(&self.logits),
@@ -489,7 +521,7 @@ impl<'m> Decoder<'m> {
             for i in 0..n {
                 rms_norm(&k, &a.x[i * h..(i + 1) * h], w.input_norm, eps, &mut a.xb[i * h..(i + 1) * h]);
             }
-            let input = Input::new(&k, int8, &a.xb[..n * h], &mut a.xq, &mut a.xq_scales);
+            let input = Input::new(&k, int8, &a.xb[..n * h], n, &mut a.xq);
             let qkv = [(Target::Q, &w.q_proj, &mut a.q[..]), (Target::K, &w.k_proj, &mut a.k[..]), (Target::V, &w.v_proj, &mut a.v[..])];
             p.apply(layer, heapless::Vec::from_iter(qkv), input, &mut a.lora, &mut self.rows);
             for i in 0..n {
@@ -501,17 +533,17 @@ impl<'m> Decoder<'m> {
                 KvCache::F16(cache) => attend::<f16>(&self.pool, &k, cache, layer, a, n, pos0, &shape, &mut self.scores),
                 KvCache::F32(cache) => attend::<f32>(&self.pool, &k, cache, layer, a, n, pos0, &shape, &mut self.scores),
             }
-            let input = Input::new(&k, int8, &a.att[..n * qw], &mut a.xq, &mut a.xq_scales);
+            let input = Input::new(&k, int8, &a.att[..n * qw], n, &mut a.xq);
             p.apply(layer, heapless::Vec::from_iter([(Target::O, &w.o_proj, &mut a.xb[..])]), input, &mut a.lora, &mut self.rows);
             add(&mut a.x[..n * h], &a.xb[..n * h]);
             for i in 0..n {
                 rms_norm(&k, &a.x[i * h..(i + 1) * h], w.post_attention_norm, eps, &mut a.xb[i * h..(i + 1) * h]);
             }
-            let input = Input::new(&k, int8, &a.xb[..n * h], &mut a.xq, &mut a.xq_scales);
+            let input = Input::new(&k, int8, &a.xb[..n * h], n, &mut a.xq);
             let gate_up = [(Target::Gate, &w.gate_proj, &mut a.gate[..]), (Target::Up, &w.up_proj, &mut a.up[..])];
             p.apply(layer, heapless::Vec::from_iter(gate_up), input, &mut a.lora, &mut self.rows);
             silu_mul(&mut a.gate[..n * ff], &a.up[..n * ff]);
-            let input = Input::new(&k, int8, &a.gate[..n * ff], &mut a.xq, &mut a.xq_scales);
+            let input = Input::new(&k, int8, &a.gate[..n * ff], n, &mut a.xq);
             p.apply(layer, heapless::Vec::from_iter([(Target::Down, &w.down_proj, &mut a.xb[..])]), input, &mut a.lora, &mut self.rows);
             add(&mut a.x[..n * h], &a.xb[..n * h]);
         }
@@ -520,7 +552,7 @@ impl<'m> Decoder<'m> {
             rms_norm(&k, &a.x[i * h..(i + 1) * h], self.pack.final_norm(), eps, &mut a.xb[j * h..(j + 1) * h]);
         }
         let rows = n - first;
-        let input = Input::new(&k, int8, &a.xb[..rows * h], &mut a.xq, &mut a.xq_scales);
+        let input = Input::new(&k, int8, &a.xb[..rows * h], rows, &mut a.xq);
         let vocab = self.pack.config().vocab_size;
         let lm_head = Product { m: self.pack.lm_head(), out: SharedOut::new(&mut self.logits[..rows * vocab]), lora: None };
         matmul(&self.pool, &k, &[lm_head], input, rows, &mut self.rows);
@@ -540,8 +572,9 @@ fn add(x: &mut [f32], y: &[f32]) {
 /// a time and applies them to all `n` inputs while they sit in cache, three
 /// tokens at a time (4 × 3 register tiles): int8 rows directly
 /// ([`Kernels::dot4x3_i8_i8`], their scales widened into the worker's slice
-/// of `scratch`), other rows dequantized into it first
-/// ([`Kernels::dot4x3_f32`]).
+/// of `scratch`; or by groups of eight tokens, [`Kernels::dot4_grouped_i8_i8`],
+/// where the kernels have it and the input was grouped), other rows
+/// dequantized into it first ([`Kernels::dot4x3_f32`]).
 fn matmul(pool: &WorkerPool, k: &Kernels, products: &[Product<'_>], input: Input<'_>, n: usize, scratch: &mut [f32]) {
     let stride = scratch.len() / pool.workers();
     let scratch = SharedOut::new(scratch);
@@ -586,19 +619,38 @@ fn product_share(k: &Kernels, p: &Product<'_>, input: Input<'_>, n: usize, mine:
                 let tile_scales = &mut tile[..ROW_TILE * blocks];
                 (k.dequant_f16)(&scales[r0 * blocks..(r0 + ROW_TILE) * blocks], tile_scales);
                 let tile_values = &values[r0 * cols..(r0 + ROW_TILE) * cols];
-                let mut i = 0;
-                while i + 3 <= n {
-                    let (xq, xs) = (&xq[i * cols..(i + 3) * cols], &xs[i * blocks..(i + 3) * blocks]);
-                    let dots = (k.dot4x3_i8_i8)(tile_values, tile_scales, xq, xs);
-                    for (j, dots) in dots.iter().enumerate() {
-                        dots.iter().enumerate().for_each(|(t, &v)| put(i + j, r0 + t, v));
+                if let (Some((xg, xgs, xgo)), Some(grouped)) = (input.grouped, k.dot4_grouped_i8_i8) {
+                    // Up to GROUPS_PER_CALL token groups per call, their outputs on the stack.
+                    const GROUPS_PER_CALL: usize = 4;
+                    let (len, scales_len) = (TOKEN_GROUP * cols, TOKEN_GROUP * blocks);
+                    let mut dots = [0.0f32; GROUPS_PER_CALL * ROW_TILE * TOKEN_GROUP];
+                    let groups = n.div_ceil(TOKEN_GROUP);
+                    for g0 in (0..groups).step_by(GROUPS_PER_CALL) {
+                        let g1 = groups.min(g0 + GROUPS_PER_CALL);
+                        let out = &mut dots[..(g1 - g0) * ROW_TILE * TOKEN_GROUP];
+                        grouped(tile_values, tile_scales, &xg[g0 * len..g1 * len], &xgs[g0 * scales_len..g1 * scales_len], &xgo[g0 * scales_len..g1 * scales_len], out);
+                        for (i, &v) in out.iter().enumerate() {
+                            let (token, row) = ((g0 + i / (ROW_TILE * TOKEN_GROUP)) * TOKEN_GROUP + i % TOKEN_GROUP, i / TOKEN_GROUP % ROW_TILE);
+                            if token < n {
+                                put(token, r0 + row, v);
+                            }
+                        }
                     }
-                    i += 3;
-                }
-                for i in i..n {
-                    let (xq, xs) = x(i);
-                    let [dots] = (k.dot4x1_i8_i8)(tile_values, tile_scales, xq, xs);
-                    dots.iter().enumerate().for_each(|(t, &v)| put(i, r0 + t, v));
+                } else {
+                    let mut i = 0;
+                    while i + 3 <= n {
+                        let (xq, xs) = (&xq[i * cols..(i + 3) * cols], &xs[i * blocks..(i + 3) * blocks]);
+                        let dots = (k.dot4x3_i8_i8)(tile_values, tile_scales, xq, xs);
+                        for (j, dots) in dots.iter().enumerate() {
+                            dots.iter().enumerate().for_each(|(t, &v)| put(i + j, r0 + t, v));
+                        }
+                        i += 3;
+                    }
+                    for i in i..n {
+                        let (xq, xs) = x(i);
+                        let [dots] = (k.dot4x1_i8_i8)(tile_values, tile_scales, xq, xs);
+                        dots.iter().enumerate().for_each(|(t, &v)| put(i, r0 + t, v));
+                    }
                 }
                 r0 += ROW_TILE;
             }
@@ -697,9 +749,10 @@ fn attend<E: KvElement>(
 mod tests {
     use super::*;
 
-    /// The integer path of every product (tiles of [`ROW_TILE`] rows and the
-    /// rows left over, one token and several, one worker and two) equals the
-    /// f32 path on the same quantized activations.
+    /// The integer path of every product (tiles of [`ROW_TILE`] rows, by
+    /// token groups and without, and the rows left over; one token and
+    /// several, one worker and two) equals the f32 path on the same
+    /// quantized activations.
     #[test]
     fn int8_products_equal_f32_products_on_the_quantized_input() {
         for (rows, cols, n) in [(19, 96, 5), (64, 64, 32), (96, 64, 9), (32, 128, 32)] {
@@ -713,19 +766,29 @@ mod tests {
         let scales: Vec<f16> = (0..rows * cols / 32).map(|i| f16::from_f32(0.01 + 0.001 * (i % 7) as f32)).collect();
         let m = Matrix::Int8 { rows, cols, values: &values, scales: &scales };
         let x: Vec<f32> = (0..n * cols).map(|i| noise(i * 31, 1001) as f32 / 100.0).collect();
-        for k in [Kernels::SCALAR, Kernels::detect()] {
-            let (mut xq, mut xs) = (vec![0i8; n * cols], vec![0f32; n * cols / 32]);
-            let (xq, xs) = Input::new(&k, true, &x, &mut xq, &mut xs).i8.unwrap();
-            let dequantized: Vec<f32> = (0..n * cols).map(|i| f32::from(xq[i]) * xs[i / 32]).collect();
+        let detected = Kernels::detect();
+        let ungrouped = |k: Kernels| Kernels { dot4_grouped_i8_i8: None, ..k };
+        for k in [Kernels::SCALAR, ungrouped(Kernels::SCALAR), detected, ungrouped(detected)] {
+            let grouped = n.next_multiple_of(TOKEN_GROUP) * cols;
+            let mut q = QuantizedInput {
+                values: vec![0; n * cols],
+                scales: vec![0.0; n * cols / 32],
+                grouped: vec![0; grouped],
+                grouped_scales: vec![0.0; grouped / 32],
+                grouped_offsets: vec![0; grouped / 32],
+            };
             for threads in [1, 2] {
                 let pool = WorkerPool::new(threads);
                 let mut scratch = vec![0.0; threads * ROW_TILE * cols];
                 for tokens in [1, n] {
                     let (mut got, mut want) = (vec![0.0; tokens * rows], vec![0.0; tokens * rows]);
-                    let int8_input = Input { f32: &x[..tokens * cols], i8: Some((&xq[..tokens * cols], &xs[..tokens * cols / 32])) };
+                    let int8_input = Input::new(&k, true, &x[..tokens * cols], tokens, &mut q);
+                    assert_eq!(int8_input.grouped.is_some(), tokens > 1 && k.dot4_grouped_i8_i8.is_some());
+                    let (xq, xs) = int8_input.i8.unwrap();
+                    let dequantized: Vec<f32> = (0..tokens * cols).map(|i| f32::from(xq[i]) * xs[i / 32]).collect();
                     let product = |out: &mut [f32]| Product { m, out: SharedOut::new(out), lora: None };
                     matmul(&pool, &k, &[product(&mut got)], int8_input, tokens, &mut scratch);
-                    let f32_input = Input { f32: &dequantized[..tokens * cols], i8: None };
+                    let f32_input = Input { f32: &dequantized, i8: None, grouped: None };
                     matmul(&pool, &k, &[product(&mut want)], f32_input, tokens, &mut scratch);
                     for (g, w) in got.iter().zip(&want) {
                         assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{}: {g} != {w} ({tokens} tokens, {threads} threads)", k.isa.name());

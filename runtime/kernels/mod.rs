@@ -22,7 +22,12 @@
 //! tokens at once (the prefill tile; [`Kernels::dot4x1_i8_i8`] for the
 //! block's last tokens), summing each block's byte products exactly in i32 and
 //! scaling once per block, after llama.cpp's Q8_0 × Q8_0 path
-//! ([`x86_int8`] has the SIMD versions and the sign trick they use).
+//! ([`x86_int8`] has the SIMD versions and the sign trick they use). Where
+//! the CPU has `vpdpbusd`, prefill takes [`Kernels::dot4_grouped_i8_i8`]
+//! instead: the block's tokens regrouped eight to a register, one per
+//! 32-bit lane ([`scalar::group_tokens_i8`], the one implementation of that
+//! layout: it moves bytes once per product input), so each block's
+//! conversion and scaling serve eight tokens.
 //!
 //! On aarch64 every primitive has a NEON version ([`neon`]); the int8
 //! products use `sdot` where the CPU has the dot-product extension and
@@ -121,6 +126,11 @@ pub struct Kernels {
     /// Four int8 weight rows · three int8 activation rows (back to back):
     /// the integer prefill tile.
     pub dot4x3_i8_i8: Dot4xTI8I8<3>,
+    /// Four int8 weight rows · groups of eight int8 activation rows laid
+    /// out by [`scalar::group_tokens_i8`]: the integer prefill tile where
+    /// the CPU has `vpdpbusd` (`None` elsewhere: [`Kernels::dot4x3_i8_i8`]
+    /// serves).
+    pub dot4_grouped_i8_i8: Option<Dot4Grouped>,
 }
 
 /// `(four rows, three activation rows) → out[token][row]` ([`scalar::dot4x3_f32`]).
@@ -132,6 +142,10 @@ pub type DotI8I8 = fn(&[i8], &[f16], &[i8], &[f32]) -> f32;
 /// `(four weight rows, their scales as f32, T activation rows, their
 /// scales) → out[token][row]` ([`scalar::dot4xt_i8_i8`]).
 pub type Dot4xTI8I8<const T: usize> = fn(&[i8], &[f32], &[i8], &[f32]) -> [[f32; 4]; T];
+
+/// `(four weight rows, their scales as f32, token groups, their scales,
+/// their offsets, out[group][row][token])` ([`scalar::dot4_grouped_i8_i8`]).
+pub type Dot4Grouped = fn(&[i8], &[f32], &[i8], &[f32], &[i32], &mut [f32]);
 
 /// Safe functions calling `#[target_feature]` kernels: `name = kernel,
 /// (args) -> ret;` each. The invoking module's documentation says why the
@@ -252,6 +266,7 @@ impl Kernels {
         dot_i8_i8: scalar::dot_i8_i8,
         dot4x1_i8_i8: scalar::dot4xt_i8_i8::<1>,
         dot4x3_i8_i8: scalar::dot4xt_i8_i8::<3>,
+        dot4_grouped_i8_i8: Some(scalar::dot4_grouped_i8_i8),
     };
 
     #[cfg(target_arch = "x86_64")]
@@ -271,6 +286,7 @@ impl Kernels {
         dot_i8_i8: x86_int8::avx2::safe::dot_i8_i8,
         dot4x1_i8_i8: x86_int8::avx2::safe::dot4xt_i8_i8::<1>,
         dot4x3_i8_i8: x86_int8::avx2::safe::dot4xt_i8_i8::<3>,
+        dot4_grouped_i8_i8: None,
     };
 
     /// The fastest kernels this CPU supports. `NOCTURNE_KERNELS=scalar` in the
@@ -288,6 +304,7 @@ impl Kernels {
         dot_i8_i8: x86_int8::avxvnni::safe::dot_i8_i8,
         dot4x1_i8_i8: x86_int8::avxvnni::safe::dot4xt_i8_i8::<1>,
         dot4x3_i8_i8: x86_int8::avxvnni::safe::dot4xt_i8_i8::<3>,
+        dot4_grouped_i8_i8: Some(x86_int8::avxvnni::safe_grouped::dot4_grouped_i8_i8),
         ..Kernels::AVX2
     };
 
@@ -309,6 +326,7 @@ impl Kernels {
         dot_i8_i8: x86_int8::avx512vnni::safe::dot_i8_i8,
         dot4x1_i8_i8: x86_int8::avx512vnni::safe::dot4xt_i8_i8::<1>,
         dot4x3_i8_i8: x86_int8::avx512vnni::safe::dot4xt_i8_i8::<3>,
+        dot4_grouped_i8_i8: Some(x86_int8::avx512vnni::safe_grouped::dot4_grouped_i8_i8),
         ..Kernels::AVX512
     };
 
@@ -351,6 +369,7 @@ impl Kernels {
         dot_i8_i8: neon_safe::dot_i8_i8,
         dot4x1_i8_i8: neon_safe::dot4x1_i8_i8,
         dot4x3_i8_i8: neon_safe::dot4x3_i8_i8,
+        dot4_grouped_i8_i8: None,
     };
 
     #[cfg(target_arch = "aarch64")]
@@ -631,6 +650,44 @@ mod tests {
         }
 
         #[test]
+        fn dot4_grouped_i8_i8_matches_the_row_by_row_tile(
+            (w, ws, x) in int8_rows(4, 41), x_more in prop::collection::vec(-4.0f32..4.0, 40 * 41 * 32), tokens in 1usize..=41,
+        ) {
+            // `tokens` rows of x's width (six groups at most, the last one
+            // partial unless `tokens` is a multiple of eight), grouped.
+            let cols = x.len();
+            let rows: Vec<f32> = x.iter().chain(&x_more[..(tokens - 1) * cols]).copied().collect();
+            let (xq, xs) = activations(&rows);
+            let (blocks, groups) = (cols / 32, tokens.div_ceil(8));
+            let (mut xg, mut xgs, mut xgo) = (vec![0i8; groups * 8 * cols], vec![0.0f32; groups * 8 * blocks], vec![0i32; groups * 8 * blocks]);
+            scalar::group_tokens_i8(cols, &xq, &xs, &mut xg, &mut xgs, &mut xgo);
+            let ws: Vec<f32> = ws.iter().map(|s| s.to_f32()).collect();
+            // The reference, token by token, equals the one-token tile; padding gives exact zeros.
+            let mut want = vec![f32::NAN; groups * 32];
+            scalar::dot4_grouped_i8_i8(&w, &ws, &xg, &xgs, &xgo, &mut want);
+            for (i, want) in want.iter().enumerate() {
+                let (g, r, t) = (i / 32, i / 8 % 4, i % 8);
+                let token = g * 8 + t;
+                if token < tokens {
+                    let one = scalar::dot4xt_i8_i8::<1>(&w, &ws, &xq[token * cols..(token + 1) * cols], &xs[token * blocks..(token + 1) * blocks]);
+                    prop_assert!(close(*want, one[0][r], 1.0), "row {} token {}", r, token);
+                } else {
+                    prop_assert_eq!(*want, 0.0, "padding token {} of row {}", token, r);
+                }
+            }
+            let scale: f32 = w.iter().map(|w| f32::from(*w).abs() * 4.0 * 0.1).sum();
+            for k in tables() {
+                if let Some(grouped) = k.dot4_grouped_i8_i8 {
+                    let mut got = vec![f32::NAN; groups * 32];
+                    grouped(&w, &ws, &xg, &xgs, &xgo, &mut got);
+                    for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+                        prop_assert!(close(*got, *want, scale), "{} output {}", k.isa.name(), i);
+                    }
+                }
+            }
+        }
+
+        #[test]
         fn dequant_i8_matches_scalar((q, s, _x) in blocks(20)) {
             let mut want = vec![0.0; q.len()];
             scalar::dequant_i8(&q, &s, &mut want);
@@ -743,6 +800,19 @@ mod tests {
             ("dot4x3_i8_i8 short x scales", Box::new(move || { let _ = (k.dot4x3_i8_i8)(&[1; 128], &[1.0; 4], &[1; 96], &[1.0; 2]); })),
             ("dot4x3_i8_i8 partial block", Box::new(move || { let _ = (k.dot4x3_i8_i8)(&[1; 160], &[1.0; 8], &[1; 120], &[1.0; 6]); })),
         ];
+        let mut cases = cases;
+        if let Some(grouped) = k.dot4_grouped_i8_i8 {
+            // One group of width 32 is (128, 4, 256, 8, 8, 32) long.
+            let grouped_cases: [Case; 6] = [
+                ("dot4_grouped_i8_i8 seven tokens", Box::new(move || grouped(&[1; 128], &[1.0; 4], &[1; 224], &[1.0; 7], &[0; 7], &mut [0.0; 32]))),
+                ("dot4_grouped_i8_i8 short offsets", Box::new(move || grouped(&[1; 128], &[1.0; 4], &[1; 256], &[1.0; 8], &[0; 7], &mut [0.0; 32]))),
+                ("dot4_grouped_i8_i8 short weight scales", Box::new(move || grouped(&[1; 128], &[1.0; 3], &[1; 256], &[1.0; 8], &[0; 8], &mut [0.0; 32]))),
+                ("dot4_grouped_i8_i8 partial block", Box::new(move || grouped(&[1; 160], &[1.0; 4], &[1; 320], &[1.0; 8], &[0; 8], &mut [0.0; 32]))),
+                ("dot4_grouped_i8_i8 short out", Box::new(move || grouped(&[1; 128], &[1.0; 4], &[1; 256], &[1.0; 8], &[0; 8], &mut [0.0; 31]))),
+                ("dot4_grouped_i8_i8 no columns", Box::new(move || grouped(&[], &[], &[], &[], &[], &mut [0.0; 32]))),
+            ];
+            cases.extend(grouped_cases);
+        }
         for (name, call) in cases {
             let outcome = catch_unwind(AssertUnwindSafe(&call));
             assert!(outcome.is_err(), "{} kernels: {name} did not panic", k.isa.name());

@@ -5,12 +5,14 @@
 
 use half::f16;
 
+use crate::budget::TOKEN_GROUP;
 use crate::config::INT8_BLOCK;
 
 /// The slice-length contract of each kernel. A violation is a bug in the
 /// caller: it panics, naming the kernel and the lengths, before any read.
 /// One compare per call is nothing next to the row of work behind it.
 pub mod contract {
+    use crate::budget::TOKEN_GROUP;
     use crate::config::INT8_BLOCK;
 
     /// An int8 row: `values` a multiple of 32 long, one scale per 32-block,
@@ -62,6 +64,31 @@ pub mod contract {
             "{kernel}: {rows} row(s) of {weights} int8 values with {weight_scales} scales against {tokens} \
              token(s) of {x} values with {x_scales} scales; need {rows} and {tokens} rows of one width, a \
              multiple of {INT8_BLOCK}, and one scale per {INT8_BLOCK}-block"
+        );
+    }
+
+    /// Four int8 weight rows back to back (`weights` values, one scale per
+    /// 32-block in `weight_scales`) against whole groups of eight tokens of
+    /// the same width, laid out by [`super::group_tokens_i8`] (`x` values;
+    /// `x_scales` and `x_offsets` one per block and token), with `out` one
+    /// f32 per row and token.
+    #[inline]
+    pub fn int8_groups(kernel: &str, weights: usize, weight_scales: usize, x: usize, x_scales: usize, x_offsets: usize, out: usize) {
+        let width = weights / 4;
+        let groups = out / (4 * TOKEN_GROUP);
+        assert!(
+            width > 0
+                && width.is_multiple_of(INT8_BLOCK)
+                && weights == 4 * width
+                && weight_scales == 4 * (width / INT8_BLOCK)
+                && out == groups * 4 * TOKEN_GROUP
+                && x == groups * TOKEN_GROUP * width
+                && x_scales == groups * TOKEN_GROUP * (width / INT8_BLOCK)
+                && x_offsets == x_scales,
+            "{kernel}: {weights} int8 weight values with {weight_scales} scales against {x} grouped values with \
+             {x_scales} scales and {x_offsets} offsets into {out} outputs; need four rows and whole groups of \
+             {TOKEN_GROUP} tokens of one width, a nonzero multiple of {INT8_BLOCK}, one scale (and offset) per \
+             {INT8_BLOCK}-block, and an output per row and token"
         );
     }
 }
@@ -126,6 +153,81 @@ pub fn dot4xt_i8_i8<const T: usize>(w: &[i8], w_scales: &[f32], x: &[i8], x_scal
                 .sum()
         })
     })
+}
+
+/// Regroups `n` int8 activation rows of width `cols` (row by row in
+/// `values`, block scales in `scales`, as [`quantize_i8`] writes them) for
+/// the grouped prefill tile ([`dot4_grouped_i8_i8`]): groups of
+/// [`TOKEN_GROUP`] (8) tokens, the last one padded with zero tokens (value
+/// and scale 0). Within a group, block `b`'s bytes `4j..4j + 4` of token
+/// `t` go to `out[((b × 8 + j) × 8 + t) × 4..][..4]`, so 32 bytes hold
+/// the same four positions of eight tokens, one token per 32-bit lane;
+/// `out_scales[b × 8 + t]` is the token's block scale and
+/// `out_offsets[b × 8 + t] = -128 × Σ` of its block's 32 values (what the
+/// `vpdpbusd` tiles subtract after multiplying by `w + 128`). Groups follow
+/// each other: `out` is `groups × 8 × cols` long, the other two `groups × 8
+/// × cols / 32`; `n` is `values.len() / cols`. Panics on other lengths.
+pub fn group_tokens_i8(cols: usize, values: &[i8], scales: &[f32], out: &mut [i8], out_scales: &mut [f32], out_offsets: &mut [i32]) {
+    let blocks = cols / INT8_BLOCK;
+    let n = values.len().checked_div(cols).unwrap_or(0);
+    let groups = n.div_ceil(TOKEN_GROUP);
+    assert!(
+        cols.is_multiple_of(INT8_BLOCK)
+            && values.len() == n * cols
+            && scales.len() == n * blocks
+            && out.len() == groups * TOKEN_GROUP * cols
+            && out_scales.len() == groups * TOKEN_GROUP * blocks
+            && out_offsets.len() == out_scales.len(),
+        "group_tokens_i8: {} values and {} scales of width {cols} do not fill {} grouped values, {} scales and {} offsets",
+        values.len(),
+        scales.len(),
+        out.len(),
+        out_scales.len(),
+        out_offsets.len()
+    );
+    let group_len = TOKEN_GROUP * cols;
+    for (g, ((out, out_scales), out_offsets)) in
+        out.chunks_exact_mut(group_len).zip(out_scales.chunks_exact_mut(TOKEN_GROUP * blocks)).zip(out_offsets.chunks_exact_mut(TOKEN_GROUP * blocks)).enumerate()
+    {
+        for t in 0..TOKEN_GROUP {
+            let token = g * TOKEN_GROUP + t;
+            for b in 0..blocks {
+                let (block, scale) = match token < n {
+                    true => (&values[token * cols + b * INT8_BLOCK..][..INT8_BLOCK], scales[token * blocks + b]),
+                    false => (&[0i8; INT8_BLOCK][..], 0.0),
+                };
+                for (j, four) in block.chunks_exact(4).enumerate() {
+                    out[((b * TOKEN_GROUP + j) * TOKEN_GROUP + t) * 4..][..4].copy_from_slice(four);
+                }
+                out_scales[b * TOKEN_GROUP + t] = scale;
+                out_offsets[b * TOKEN_GROUP + t] = -128 * block.iter().map(|&v| i32::from(v)).sum::<i32>();
+            }
+        }
+    }
+}
+
+/// The grouped prefill tile: four int8 weight rows (back to back, scales
+/// widened to f32, back to back) against groups of [`TOKEN_GROUP`] tokens
+/// laid out by [`group_tokens_i8`]; `out[(g × 4 + r) × 8 + t]` is
+/// [`dot_i8_i8`] of row `r` and token `t` of group `g` (contract
+/// [`contract::int8_groups`]). The offsets are checked but not needed here:
+/// the reference multiplies signed bytes.
+pub fn dot4_grouped_i8_i8(w: &[i8], w_scales: &[f32], x: &[i8], x_scales: &[f32], x_offsets: &[i32], out: &mut [f32]) {
+    contract::int8_groups("dot4_grouped_i8_i8", w.len(), w_scales.len(), x.len(), x_scales.len(), x_offsets.len(), out.len());
+    let (n, blocks) = (w.len() / 4, w_scales.len() / 4);
+    for (i, out) in out.iter_mut().enumerate() {
+        let (g, r, t) = (i / (4 * TOKEN_GROUP), i / TOKEN_GROUP % 4, i % TOKEN_GROUP);
+        let x = &x[g * TOKEN_GROUP * n..][..TOKEN_GROUP * n];
+        *out = (0..blocks)
+            .map(|b| {
+                let w = &w[r * n + b * INT8_BLOCK..][..INT8_BLOCK];
+                let dot: i32 = (0..INT8_BLOCK)
+                    .map(|i| i32::from(w[i]) * i32::from(x[((b * TOKEN_GROUP + i / 4) * TOKEN_GROUP + t) * 4 + i % 4]))
+                    .sum();
+                w_scales[r * blocks + b] * x_scales[(g * blocks + b) * TOKEN_GROUP + t] * dot as f32
+            })
+            .sum();
+    }
 }
 
 /// `Σ w[i] × x[i]` of one block, exact.

@@ -27,10 +27,21 @@
 //! trick in the tile too. Block scales are multiplied eight blocks at a time
 //! into a small table and broadcast from it.
 //!
-//! Each function keeps [`contract::int8_rows`] and asserts it before any
-//! load. They are `#[target_feature]` functions: calling one needs the CPU
-//! to have its module's features, which `Kernels::best` establishes before
-//! it hands out the `safe` wrappers.
+//! The `vpdpbusd` modules also have the grouped prefill tile
+//! (`dot4_grouped_i8_i8`): the tokens, regrouped eight to a register (one
+//! per 32-bit lane), take the signed side, and four weight bytes broadcast
+//! to every lane take the unsigned one as `w + 128`; each lane starts at its
+//! token's `-128 Σ x` of the block, so it ends at the exact block dot
+//! (|offset| ≤ 128 × 32 × 127 and the products ≤ 32 × 255 × 127: far inside
+//! i32). Two weight rows × up to four groups are 16 registers of sums and
+//! accumulators: AVX-512VL's 32 registers hold them; AVX-VNNI's 16 spill
+//! some (not measured: no AVX-VNNI machine here).
+//!
+//! Each function keeps [`contract::int8_rows`] (the grouped tile
+//! [`contract::int8_groups`]) and asserts it before any load. They are
+//! `#[target_feature]` functions: calling one needs the CPU to have its
+//! module's features, which `Kernels::best` establishes before it hands out
+//! the `safe` wrappers.
 
 /// Generates one module of kernels for a way of summing byte products.
 ///
@@ -42,7 +53,8 @@ macro_rules! int8_kernels {
         block_dot: |$u:ident, $s:ident| $block_dot:expr,
         prepare_weight: |$pw:ident| $prepare_weight:expr,
         prepare_x: |$px:ident| $prepare_x:expr,
-        pair: |$pp:ident, $pwv:ident, $pxv:ident| $pair:expr $(,)?
+        pair: |$pp:ident, $pwv:ident, $pxv:ident| $pair:expr
+        $(, dpbusd: |$da:ident, $du:ident, $ds:ident| $dpbusd:expr)? $(,)?
     ) => {
         #[doc = $doc]
         pub mod $name {
@@ -187,6 +199,130 @@ macro_rules! int8_kernels {
                 out
             }
 
+            $(
+            use crate::budget::TOKEN_GROUP;
+
+            /// `acc + Σ` of the four byte products of each 32-bit lane
+            /// (`u` unsigned, `s` signed), exact.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn dpbusd($da: __m256i, $du: __m256i, $ds: __m256i) -> __m256i {
+                $dpbusd
+            }
+
+            /// The grouped prefill tile: four weight rows (back to back;
+            /// their scales widened to f32, back to back) against groups of
+            /// eight tokens regrouped by
+            /// [`group_tokens_i8`](crate::kernels::scalar::group_tokens_i8),
+            /// one token per 32-bit lane; `out[(g × 4 + r) × 8 + t]` is row
+            /// `r` with token `t` of group `g` (contract:
+            /// [`contract::int8_groups`]). Per weight block, four weight
+            /// bytes are broadcast to every lane and offset to unsigned
+            /// (`w + 128`) once for up to four groups, and each `vpdpbusd`
+            /// multiplies them by the same four positions of a group's eight
+            /// tokens; the lanes start at the tokens' offsets (`-128 Σ x`),
+            /// so they end at eight exact block dots, converted and scaled
+            /// once per block for the eight. Against [`dot4xt_i8_i8`] a
+            /// block pair costs an eighth of a conversion and a multiply-add
+            /// instead of one of each, and no scale broadcast (the
+            /// microkernel of oneDNN's and ONNX Runtime's u8s8 GEMMs, a
+            /// 4-byte broadcast against packed columns, applied to Q8_0
+            /// blocks).
+            ///
+            /// # Safety
+            /// The CPU must have this module's features (lengths are asserted, not assumed).
+            #[target_feature(enable = $features)]
+            pub fn dot4_grouped_i8_i8(w: &[i8], w_scales: &[f32], x: &[i8], x_scales: &[f32], x_offsets: &[i32], out: &mut [f32]) {
+                contract::int8_groups("dot4_grouped_i8_i8", w.len(), w_scales.len(), x.len(), x_scales.len(), x_offsets.len(), out.len());
+                let groups = out.len() / (4 * TOKEN_GROUP);
+                for r0 in [0, 2] {
+                    let mut g0 = 0;
+                    while g0 < groups {
+                        // SAFETY: rows r0, r0 + 1 < 4 and groups g0..g0 + G <= groups
+                        // (G is at most what is left), the shapes the contract checked.
+                        unsafe {
+                            match groups - g0 {
+                                1 => grouped_tile::<1>(w, w_scales, x, x_scales, x_offsets, r0, g0, out),
+                                2 => grouped_tile::<2>(w, w_scales, x, x_scales, x_offsets, r0, g0, out),
+                                3 => grouped_tile::<3>(w, w_scales, x, x_scales, x_offsets, r0, g0, out),
+                                _ => grouped_tile::<4>(w, w_scales, x, x_scales, x_offsets, r0, g0, out),
+                            }
+                        }
+                        g0 += 4;
+                    }
+                }
+            }
+
+            /// Rows `r0` and `r0 + 1` against groups `g0..g0 + G` of
+            /// [`dot4_grouped_i8_i8`], written to their places in `out`.
+            ///
+            /// # Safety
+            /// The slices keep [`contract::int8_groups`], `r0 + 2 <= 4`,
+            /// and `g0 + G` is at most the number of groups.
+            #[inline]
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn grouped_tile<const G: usize>(
+                w: &[i8],
+                w_scales: &[f32],
+                x: &[i8],
+                x_scales: &[f32],
+                x_offsets: &[i32],
+                r0: usize,
+                g0: usize,
+                out: &mut [f32],
+            ) {
+                let (n, blocks) = (w.len() / 4, w_scales.len() / 4);
+                let flip = _mm256_set1_epi8(-128);
+                let mut sums = [[_mm256_setzero_ps(); G]; 2];
+                for b in 0..blocks {
+                    let mut acc = [[_mm256_setzero_si256(); G]; 2];
+                    for g in 0..G {
+                        // SAFETY: ((g0 + g) × blocks + b + 1) × 8 <= groups × blocks × 8 == x_offsets.len().
+                        let offsets = unsafe { _mm256_loadu_si256(x_offsets.as_ptr().add(((g0 + g) * blocks + b) * 8) as *const __m256i) };
+                        acc[0][g] = offsets;
+                        acc[1][g] = offsets;
+                    }
+                    for j in 0..8 {
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            // SAFETY: (r0 + r) × n + b × 32 + 4j + 4 <= 4n == w.len(); read unaligned.
+                            let four = unsafe { (w.as_ptr().add((r0 + r) * n + b * INT8_BLOCK + 4 * j) as *const i32).read_unaligned() };
+                            let unsigned = _mm256_xor_si256(_mm256_set1_epi32(four), flip);
+                            for (g, acc) in acc.iter_mut().enumerate() {
+                                // SAFETY: (g0 + g) × 8n + (b × 8 + j + 1) × 32 <= groups × 8n == x.len().
+                                let xv = unsafe { load32(x.as_ptr().add((g0 + g) * 8 * n + (b * 8 + j) * 32)) };
+                                *acc = dpbusd(*acc, unsigned, xv);
+                            }
+                        }
+                    }
+                    for (r, (sums, acc)) in sums.iter_mut().zip(&acc).enumerate() {
+                        let ws = _mm256_set1_ps(w_scales[(r0 + r) * blocks + b]);
+                        for (g, (sum, acc)) in sums.iter_mut().zip(acc).enumerate() {
+                            // SAFETY: as for the offsets: x_scales.len() == x_offsets.len().
+                            let xs = unsafe { _mm256_loadu_ps(x_scales.as_ptr().add(((g0 + g) * blocks + b) * 8)) };
+                            *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*acc), _mm256_mul_ps(ws, xs), *sum);
+                        }
+                    }
+                }
+                for (r, sums) in sums.iter().enumerate() {
+                    for (g, sum) in sums.iter().enumerate() {
+                        let at = ((g0 + g) * 4 + r0 + r) * TOKEN_GROUP;
+                        // SAFETY: at + 8 <= groups × 32 == out.len() (contract), eight f32 written.
+                        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(at), *sum) };
+                    }
+                }
+            }
+
+            /// Safe entry point of the grouped tile (see [`safe`]).
+            pub mod safe_grouped {
+                /// See [`super::dot4_grouped_i8_i8`].
+                pub fn dot4_grouped_i8_i8(w: &[i8], w_scales: &[f32], x: &[i8], x_scales: &[f32], x_offsets: &[i32], out: &mut [f32]) {
+                    // SAFETY: the CPU features were detected (module doc of `safe`).
+                    unsafe { super::dot4_grouped_i8_i8(w, w_scales, x, x_scales, x_offsets, out) }
+                }
+            }
+            )?
+
             /// Safe entry points, reachable only through the kernel table
             /// `Kernels::best` builds after detecting this module's features,
             /// so the calls below are sound (lengths are asserted inside).
@@ -227,6 +363,7 @@ int8_kernels!(
     prepare_weight: |w| _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(-128), w)),
     prepare_x: |x| _mm256_xor_si256(x, _mm256_set1_epi8(-128)),
     pair: |start, w, x_offset| _mm256_dpbusd_epi32(start, x_offset, w),
+    dpbusd: |acc, u, s| _mm256_dpbusd_epi32(acc, u, s),
 );
 
 int8_kernels!(
@@ -237,4 +374,5 @@ int8_kernels!(
     prepare_weight: |w| _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(-128), w)),
     prepare_x: |x| _mm256_xor_si256(x, _mm256_set1_epi8(-128)),
     pair: |start, w, x_offset| _mm256_dpbusd_avx_epi32(start, x_offset, w),
+    dpbusd: |acc, u, s| _mm256_dpbusd_avx_epi32(acc, u, s),
 );
