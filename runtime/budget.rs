@@ -143,6 +143,10 @@ impl DecoderBuffers {
         let (h, q, kv, ff) = (config.hidden_size, config.q_width(), config.kv_width(), config.intermediate_size);
         let (ctx, block, threads) = (settings.context_tokens, settings.prefill_block, settings.threads);
         let projection_outputs = q + 2 * kv + 2 * h + 2 * ff;
+        // The widest product input; its int8 copies exist only with int8 activations.
+        let widest = h.max(q).max(ff);
+        let quantized = if settings.int8_activations { block * widest } else { 0 };
+        let grouped = if settings.int8_activations { block.next_multiple_of(TOKEN_GROUP) * widest } else { 0 };
         DecoderBuffers {
             kv_cache: 2 * config.num_hidden_layers * ctx * kv,
             residual: block * h,
@@ -150,16 +154,12 @@ impl DecoderBuffers {
             kv: block * kv,
             mlp: block * ff,
             lora: FUSED_PRODUCTS * block * MAX_LORA_RANK,
-            quantized: if settings.int8_activations { block * h.max(q).max(ff) } else { 0 },
-            quantized_scales: if settings.int8_activations { block * h.max(q).max(ff) / INT8_BLOCK } else { 0 },
-            grouped: if settings.int8_activations { block.next_multiple_of(TOKEN_GROUP) * h.max(q).max(ff) } else { 0 },
-            grouped_scales: if settings.int8_activations {
-                block.next_multiple_of(TOKEN_GROUP) * h.max(q).max(ff) / INT8_BLOCK
-            } else {
-                0
-            },
+            quantized,
+            quantized_scales: quantized / INT8_BLOCK,
+            grouped,
+            grouped_scales: grouped / INT8_BLOCK,
             scores: threads * ctx,
-            rows: threads * ROW_TILE * h.max(q).max(ff),
+            rows: threads * ROW_TILE * widest,
             logits: settings.logit_rows * config.vocab_size,
             rope: ctx * config.head_dim / 2,
             adapter_scales: config.num_hidden_layers * MAX_LORA_RANK * (projection_outputs / INT8_BLOCK),
