@@ -300,6 +300,18 @@ fn nonsense_sampling_options_and_limits_are_refused() {
     usage_error(&["generate", "--max-new-tokens", "0", "hi"], &["--max-new-tokens", "0"]);
     usage_error(&["generate", "--deadline-ms", "0", "hi"], &["--deadline-ms", "0"]);
     usage_error(&["chat", "--temperature", "NaN"], &["--temperature"]);
+    usage_error(&["bench", "--prompt-tokens", "0"], &["--prompt-tokens", "0"]);
+}
+
+#[test]
+fn bench_runs_a_prompt_shorter_than_its_warm_up() {
+    let out = nocturne(&["bench", "--json", "--bandwidth-bytes", "0", "--prompt-tokens", "3", "--new-tokens", "2"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 6, "three packs/modes at one and two threads: {rows:?}");
+    for row in &rows {
+        assert!(row["prefill_tokens_per_s"].as_f64().unwrap() > 0.0 && row["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    }
 }
 
 #[test]

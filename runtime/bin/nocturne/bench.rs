@@ -37,8 +37,8 @@ pub struct BenchArgs {
     /// Directory holding the int8/ and fp16/ packs; default: smollm2-135m-instruct in the models directory (see `--model` of generate).
     #[arg(long)]
     packs: Option<PathBuf>,
-    /// Prompt length for prefill.
-    #[arg(long, default_value_t = 128)]
+    /// Prompt length for prefill, at least 1.
+    #[arg(long, default_value_t = 128, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     prompt_tokens: usize,
     /// Tokens to decode.
     #[arg(long, default_value_t = 128)]
@@ -388,7 +388,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             options.threads = threads;
             options.int8_activations = mode.int8_activations;
             let mut session = Session::start(&pack, &tokenizer, &ACTIVE, options)?;
-            prefill_decode(&mut session, &ids[..8], 0)?; // warm-up: fault in the pages, wake the pool
+            prefill_decode(&mut session, &ids[..ids.len().min(8)], 0)?; // warm-up: fault in the pages, wake the pool
             let (prefill, decode, joins) = prefill_decode(&mut session, &ids, args.new_tokens)?;
             let each_token = |v: u64| v as f64 / args.new_tokens.max(1) as f64;
             let (joins_per_token, wait_us) = (each_token(joins.jobs), each_token(joins.caller_wait_ns) / 1e3);
