@@ -365,14 +365,22 @@ macro_rules! int8_dots {
             #[target_feature(enable = $features)]
             pub fn dot_i8_i8(w: &[i8], w_scales: &[f16], x: &[i8], x_scales: &[f32]) -> f32 {
                 contract::int8_rows("dot_i8_i8", 1, 1, w.len(), w_scales.len(), x.len(), x_scales.len());
-                let mut acc = [vdupq_n_f32(0.0); 2];
-                for (b, (ws, xs)) in w_scales.iter().zip(x_scales).enumerate() {
-                    // SAFETY: (b + 1) × 32 <= x_scales.len() × 32 == w.len() == x.len() (contract).
+                let scaled = |b: usize, acc: float32x4_t| {
+                    // SAFETY: every call below passes b < blocks: (b + 1) × 32 <= w.len() == x.len() (contract).
                     let (wv, xv) = unsafe { (load32(w.as_ptr().add(b * INT8_BLOCK)), load32(x.as_ptr().add(b * INT8_BLOCK))) };
-                    let sum = vcvtq_f32_s32(block_dot(wv, xv));
-                    acc[b % 2] = vfmaq_n_f32(acc[b % 2], sum, ws.to_f32() * xs);
+                    vfmaq_n_f32(acc, vcvtq_f32_s32(block_dot(wv, xv)), w_scales[b].to_f32() * x_scales[b])
+                };
+                // Two accumulators with constant names, so both stay in
+                // registers (indexed by `b % 2` they would live on the stack).
+                let (blocks, mut even, mut odd) = (x_scales.len(), vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+                for b in (0..blocks - blocks % 2).step_by(2) {
+                    even = scaled(b, even);
+                    odd = scaled(b + 1, odd);
                 }
-                vaddvq_f32(vaddq_f32(acc[0], acc[1]))
+                if blocks % 2 == 1 {
+                    even = scaled(blocks - 1, even);
+                }
+                vaddvq_f32(vaddq_f32(even, odd))
             }
 
             /// Four weight rows (back to back; their scales widened to f32,

@@ -114,30 +114,48 @@ macro_rules! int8_kernels {
             pub fn dot_i8_i8(w: &[i8], w_scales: &[f16], x: &[i8], x_scales: &[f32]) -> f32 {
                 contract::int8_rows("dot_i8_i8", 1, 1, w.len(), w_scales.len(), x.len(), x_scales.len());
                 let blocks = x_scales.len();
-                let mut acc = [_mm256_setzero_ps(); 2];
-                let mut scale = [0.0f32; 8];
-                for b in 0..blocks {
-                    if b % 8 == 0 {
-                        if b + 8 <= blocks {
-                            // SAFETY: b + 8 <= blocks == w_scales.len() == x_scales.len() (contract):
-                            // eight f16 (16 bytes) and eight f32 are read, eight f32 written to `scale`.
-                            unsafe {
-                                let ws = _mm256_cvtph_ps(_mm_loadu_si128(w_scales.as_ptr().add(b) as *const __m128i));
-                                let xs = _mm256_loadu_ps(x_scales.as_ptr().add(b));
-                                _mm256_storeu_ps(scale.as_mut_ptr(), _mm256_mul_ps(ws, xs));
-                            }
-                        } else {
-                            for (j, s) in scale.iter_mut().enumerate().take(blocks - b) {
-                                *s = w_scales[b + j].to_f32() * x_scales[b + j];
-                            }
-                        }
+                // Two accumulators in registers: the blocks of a group of
+                // eight alternate between them with constant indices (an
+                // accumulator indexed by `b % 2` lives on the stack, and each
+                // block then waits for the previous one's store).
+                let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                // SAFETY: every call below passes b < blocks, whose 32 bytes at b × 32 lie inside
+                // w and x (w.len() == x.len() == blocks × 32, contract).
+                let scaled = |b: usize, scale: f32, acc: __m256| unsafe { scaled_block(w.as_ptr().add(b * INT8_BLOCK), x.as_ptr().add(b * INT8_BLOCK), scale, acc) };
+                let whole = blocks - blocks % 8;
+                for b0 in (0..whole).step_by(8) {
+                    let mut scale = [0.0f32; 8];
+                    // SAFETY: b0 + 8 <= blocks == w_scales.len() == x_scales.len() (contract): eight
+                    // f16 (16 bytes) and eight f32 are read, eight f32 written to `scale`.
+                    unsafe {
+                        let ws = _mm256_cvtph_ps(_mm_loadu_si128(w_scales.as_ptr().add(b0) as *const __m128i));
+                        _mm256_storeu_ps(scale.as_mut_ptr(), _mm256_mul_ps(ws, _mm256_loadu_ps(x_scales.as_ptr().add(b0))));
                     }
-                    // SAFETY: (b + 1) × 32 <= blocks × 32 == w.len() == x.len() (contract).
-                    let (wv, xv) = unsafe { (load32(w.as_ptr().add(b * INT8_BLOCK)), load32(x.as_ptr().add(b * INT8_BLOCK))) };
-                    let sum = block_dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
-                    acc[b % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(scale[b % 8]), acc[b % 2]);
+                    for pair in 0..4 {
+                        even = scaled(b0 + 2 * pair, scale[2 * pair], even);
+                        odd = scaled(b0 + 2 * pair + 1, scale[2 * pair + 1], odd);
+                    }
                 }
-                hsum(_mm256_add_ps(acc[0], acc[1]))
+                for b in whole..blocks {
+                    let ws = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(w_scales[b].to_bits()))));
+                    even = scaled(b, ws * x_scales[b], even);
+                }
+                hsum(_mm256_add_ps(even, odd))
+            }
+
+            /// `acc + scale × (w · x)` over one block's 32 bytes, the dot
+            /// exact in i32 (sign trick), added to each of eight lanes'
+            /// partial sums.
+            ///
+            /// # Safety
+            /// `w..w + 32` and `x..x + 32` must be readable.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn scaled_block(w: *const i8, x: *const i8, scale: f32, acc: __m256) -> __m256 {
+                // SAFETY: the caller guarantees 32 readable bytes at each.
+                let (wv, xv) = unsafe { (load32(w), load32(x)) };
+                let sum = block_dot(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(scale), acc)
             }
 
             /// Four weight rows (back to back; their scales widened to f32,
