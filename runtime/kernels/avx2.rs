@@ -56,28 +56,52 @@ unsafe fn load_i8x8(p: *const i8) -> __m256 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub fn dot_i8(values: &[i8], scales: &[f16], x: &[f32]) -> f32 {
     contract::int8_row("dot_i8", values.len(), scales.len(), x.len());
-    let (q, xp) = (values.as_ptr(), x.as_ptr());
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
-    for (b, scale) in scales.iter().enumerate() {
-        let o = b * INT8_BLOCK;
-        // SAFETY: o + 32 <= scales.len() × 32 == values.len() == x.len() (contract), so
-        // every load below reads inside `values` and `x`.
-        let (s0, s1) = unsafe {
-            let s0 = _mm256_mul_ps(load_i8x8(q.add(o)), _mm256_loadu_ps(xp.add(o)));
-            let s1 = _mm256_mul_ps(load_i8x8(q.add(o + 8)), _mm256_loadu_ps(xp.add(o + 8)));
-            let s0 = _mm256_fmadd_ps(load_i8x8(q.add(o + 16)), _mm256_loadu_ps(xp.add(o + 16)), s0);
-            let s1 = _mm256_fmadd_ps(load_i8x8(q.add(o + 24)), _mm256_loadu_ps(xp.add(o + 24)), s1);
-            (s0, s1)
-        };
-        let scale = _mm256_set1_ps(scale.to_f32());
-        if b % 2 == 0 {
-            acc0 = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), scale, acc0);
-        } else {
-            acc1 = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), scale, acc1);
+    let (q, xp, blocks) = (values.as_ptr(), x.as_ptr(), scales.len());
+    // SAFETY: every call below passes b < blocks, whose 32 values and 32 x at b × 32 lie
+    // inside the slices (values.len() == x.len() == blocks × 32, contract).
+    let scaled = |b: usize, scale: f32, acc: __m256| unsafe { scaled_block(q.add(b * INT8_BLOCK), xp.add(b * INT8_BLOCK), scale, acc) };
+    // Scales are widened eight at a time, and the blocks alternate between
+    // two accumulators named, not indexed, so both stay in registers.
+    let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let whole = blocks - blocks % 8;
+    for b0 in (0..whole).step_by(8) {
+        let mut scale = [0.0f32; 8];
+        // SAFETY: b0 + 8 <= blocks == scales.len(): eight f16 are read, eight f32 written.
+        unsafe { _mm256_storeu_ps(scale.as_mut_ptr(), load_f16x8(scales.as_ptr().add(b0))) };
+        for pair in 0..4 {
+            even = scaled(b0 + 2 * pair, scale[2 * pair], even);
+            odd = scaled(b0 + 2 * pair + 1, scale[2 * pair + 1], odd);
         }
     }
-    hsum(_mm256_add_ps(acc0, acc1))
+    for (b, &scale) in scales.iter().enumerate().skip(whole) {
+        even = scaled(b, f16_to_f32(scale), even);
+    }
+    hsum(_mm256_add_ps(even, odd))
+}
+
+/// `acc + scale × Σ q[i] × x[i]` over one block (32 int8 values, 32 f32),
+/// in eight lanes.
+///
+/// # Safety
+/// `q..q + 32` and `x..x + 32` must be readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scaled_block(q: *const i8, x: *const f32, scale: f32, acc: __m256) -> __m256 {
+    // SAFETY: the caller guarantees 32 readable values and 32 readable f32.
+    let sum = unsafe {
+        let s0 = _mm256_mul_ps(load_i8x8(q), _mm256_loadu_ps(x));
+        let s1 = _mm256_mul_ps(load_i8x8(q.add(8)), _mm256_loadu_ps(x.add(8)));
+        let s0 = _mm256_fmadd_ps(load_i8x8(q.add(16)), _mm256_loadu_ps(x.add(16)), s0);
+        _mm256_add_ps(s0, _mm256_fmadd_ps(load_i8x8(q.add(24)), _mm256_loadu_ps(x.add(24)), s1))
+    };
+    _mm256_fmadd_ps(sum, _mm256_set1_ps(scale), acc)
+}
+
+/// One f16 widened with F16C (`half`'s `to_f32` checks the CPU at each call).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn f16_to_f32(h: f16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits()))))
 }
 
 /// Element types the f32-accumulating loops read eight at a time.

@@ -63,7 +63,7 @@ macro_rules! int8_kernels {
             use half::f16;
 
             use crate::config::INT8_BLOCK;
-            use crate::kernels::avx2::hsum;
+            use crate::kernels::avx2::{f16_to_f32, hsum};
             use crate::kernels::scalar::contract;
 
             /// Exact i32 lane sums of `u × s` (u unsigned, s signed bytes).
@@ -137,8 +137,7 @@ macro_rules! int8_kernels {
                     }
                 }
                 for b in whole..blocks {
-                    let ws = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(w_scales[b].to_bits()))));
-                    even = scaled(b, ws * x_scales[b], even);
+                    even = scaled(b, f16_to_f32(w_scales[b]) * x_scales[b], even);
                 }
                 hsum(_mm256_add_ps(even, odd))
             }
