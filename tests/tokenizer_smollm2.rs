@@ -120,3 +120,20 @@ fn chatml_matches_the_gguf_template_rendering() {
     let with_system = chatml(&[ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")], false);
     assert_eq!(with_system, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
 }
+
+#[test]
+fn vocab_size_counts_added_tokens_past_the_models_vocabulary() {
+    let added = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+    };
+    let model = serde_json::json!({"type": "BPE", "vocab": {"a": 0, "b": 1, "c": 2}, "merges": []});
+    for (tokens, want) in [(vec![added(1, "b")], 3), (vec![added(3, "<x>"), added(4, "<y>")], 5)] {
+        let json = serde_json::json!({"version": "1.0", "added_tokens": tokens, "model": model});
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, json.to_string()).unwrap();
+        let t = Tokenizer::from_file(&path).unwrap();
+        assert_eq!(t.vocab_size(), want, "{json}");
+        assert_eq!(t.token_table().bytes(want as u32 - 1), t.id_to_token(want as u32 - 1).unwrap().as_bytes());
+    }
+}
