@@ -40,6 +40,20 @@ unsafe fn load_f16x4(p: *const f16) -> float32x4_t {
     out
 }
 
+/// One f16 widened to f32 (scalar `FCVT`, base ARMv8: `half`'s `to_f32`
+/// checks the CPU at each call, and without FEAT_FP16, as on a Cortex-A72,
+/// converts in software).
+#[inline]
+#[target_feature(enable = "neon")]
+fn f16_to_f32(h: f16) -> f32 {
+    // The half's bits in the low 16 bits of a register.
+    let bits = f32::from_bits(u32::from(h.to_bits()));
+    let out: f32;
+    // SAFETY: FCVT reads and writes registers only.
+    unsafe { asm!("fcvt {o:s}, {i:h}", i = in(vreg) bits, o = lateout(vreg) out, options(pure, nomem, nostack)) };
+    out
+}
+
 /// Four f32 narrowed to f16 (`FCVTN`, rounding to nearest even under the
 /// default FPCR, which Rust code never changes), stored at `p`.
 ///
@@ -166,7 +180,7 @@ pub fn dot_i8(values: &[i8], scales: &[f16], x: &[f32]) -> f32 {
                 s[k % 2] = vfmaq_f32(s[k % 2], w, unsafe { vld1q_f32(xp.add(o + 4 * k)) });
             }
         }
-        acc = vfmaq_n_f32(acc, vaddq_f32(s[0], s[1]), scale.to_f32());
+        acc = vfmaq_n_f32(acc, vaddq_f32(s[0], s[1]), f16_to_f32(*scale));
     }
     vaddvq_f32(acc)
 }
@@ -227,7 +241,7 @@ pub fn dequant_i8(values: &[i8], scales: &[f16], out: &mut [f32]) {
     contract::int8_row("dequant_i8", values.len(), scales.len(), out.len());
     let (q, o) = (values.as_ptr(), out.as_mut_ptr());
     for (b, scale) in scales.iter().enumerate() {
-        let s = scale.to_f32();
+        let s = f16_to_f32(*scale);
         for half in 0..2 {
             let at = b * INT8_BLOCK + 16 * half;
             // SAFETY: at + 16 <= (b + 1) × 32 <= values.len() == out.len() (contract).
@@ -368,7 +382,7 @@ macro_rules! int8_dots {
                 let scaled = |b: usize, acc: float32x4_t| {
                     // SAFETY: every call below passes b < blocks: (b + 1) × 32 <= w.len() == x.len() (contract).
                     let (wv, xv) = unsafe { (load32(w.as_ptr().add(b * INT8_BLOCK)), load32(x.as_ptr().add(b * INT8_BLOCK))) };
-                    vfmaq_n_f32(acc, vcvtq_f32_s32(block_dot(wv, xv)), w_scales[b].to_f32() * x_scales[b])
+                    vfmaq_n_f32(acc, vcvtq_f32_s32(block_dot(wv, xv)), super::f16_to_f32(w_scales[b]) * x_scales[b])
                 };
                 // Two accumulators with constant names, so both stay in
                 // registers (indexed by `b % 2` they would live on the stack).
