@@ -13,7 +13,11 @@
 //! answer, and the last, which training never sees, is the gate's
 //! generalisation set. Paraphrases are
 //! written once per correction: a store keeps them for later nights
-//! ([`crate::paraphrase::ParaphraseCache`]). Locality is measured on
+//! ([`crate::paraphrase::ParaphraseCache`]). Each question is also trained
+//! on in a few other surroundings ([`crate::paraphrase::framings`]). On a
+//! later night, the corrections the previous adapter already answers as
+//! taught are drawn [`KNOWN_WEIGHT`] times as often as their priority says,
+//! so the night's steps go mostly to the new ones. Locality is measured on
 //! questions nobody taught: the built-in general questions
 //! ([`GENERAL_QUESTIONS`]) and the device's own unrated interactions ([`crate::replay::ReplayBuffer::untaught`]),
 //! alternately split into a part the gate uses and a part only the report
@@ -46,10 +50,10 @@ use nocturne::tokenizer::{ChatMessage, Tokenizer, DEFAULT_SYSTEM_PROMPT};
 use nocturne::weights::{ModelPack, TOKENIZER_FILE};
 use serde::Serialize;
 
-use crate::eval::{normalise, unchanged_share, AdapterScope, Evaluator, Gate, Scores};
+use crate::eval::{normalise, share, unchanged_share, AdapterScope, Evaluator, Gate, Scores};
 use crate::export::{export_adapter, AdapterPrecision};
 use crate::llama::{BaseModel, Lora};
-use crate::paraphrase::{paraphrases, ParaphraseCache, ParaphraseConfig};
+use crate::paraphrase::{framings, paraphrases, ParaphraseCache, ParaphraseConfig};
 use crate::replay::{Example, PriorityWeights, ReplayBuffer, ReplayReport};
 use crate::train::{rehearsal_samples, train, Retention, TrainConfig};
 
@@ -80,6 +84,22 @@ pub fn locality_probes(untaught: &[Vec<ChatMessage>], general: usize) -> (Vec<Ve
         if i % 2 == 0 { gate.push(probe) } else { report.push(probe) }
     }
     (gate, report)
+}
+
+/// The sampling weight, relative to its priority, of a correction (and of
+/// its paraphrases) that the model a night starts from already answers as
+/// taught.
+pub const KNOWN_WEIGHT: f32 = 1.0 / 3.0;
+
+/// Multiplies by [`KNOWN_WEIGHT`] the priority of every example of
+/// `training` (the corrections, their paraphrases and framings) whose
+/// correction `corrections[i]` the starting model answers as taught
+/// (`known[i]`); a correction is the pair (device, interaction).
+fn weigh_down_known(training: &mut [Example], corrections: &[&Example], known: &[bool]) {
+    let known: std::collections::HashSet<_> = corrections.iter().zip(known).filter(|(_, &k)| k).map(|(e, _)| (e.device, e.interaction)).collect();
+    for e in training.iter_mut().filter(|e| e.corrected && known.contains(&(e.device, e.interaction))) {
+        e.priority *= KNOWN_WEIGHT;
+    }
 }
 
 /// Settings of a run.
@@ -180,6 +200,8 @@ pub struct Paraphrased {
     pub trained: Vec<String>,
     /// The paraphrase the gate asks (None: fewer than two were found, and all are trained on).
     pub gate: Option<String>,
+    /// The question in other surroundings, trained on ([`crate::paraphrase::framings`]).
+    pub framings: Vec<String>,
 }
 
 /// The journal directories of a host store (`devices/*`; none in a store
@@ -298,11 +320,12 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
             }
         };
         let gate = if found.len() >= 2 { found.pop() } else { None };
-        // The paraphrases together weigh as much as the question as asked.
-        let weight = e.priority / found.len().max(1) as f32;
-        training.extend(found.iter().map(|p| e.reworded(p, weight)));
+        let framed = framings(question, config.paraphrase.framings, config.train.seed ^ e.interaction);
+        // The paraphrases and framings together weigh as much as the question as asked.
+        let weight = e.priority / (found.len() + framed.len()).max(1) as f32;
+        training.extend(found.iter().chain(&framed).map(|p| e.reworded(p, weight)));
         unseen.extend(gate.iter().map(|p| e.reworded(p, e.priority)));
-        paraphrased.push(Paraphrased { question: question.to_string(), trained: found, gate });
+        paraphrased.push(Paraphrased { question: question.to_string(), trained: found, gate, framings: framed });
     }
     if let Some(cache) = cache.as_ref().filter(|_| written > 0) {
         cache.save()?;
@@ -319,15 +342,22 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
     }
     let (gate_probes, report_probes) = locality_probes(&buffer.untaught, config.general_questions);
     let (gate_answers, report_answers) = (evaluator.answers(&gate_probes)?, evaluator.answers(&report_probes)?);
-    let score = |evaluator: &mut Evaluator<'_>, locality: f64| -> anyhow::Result<Scores> {
+    let score = |evaluator: &mut Evaluator<'_>, efficacy: f64, locality: f64| -> anyhow::Result<Scores> {
         Ok(Scores {
-            efficacy: evaluator.match_rate(&corrections)?,
+            efficacy,
             generalisation: if unseen.is_empty() { None } else { Some(evaluator.match_rate(&unseen)?) },
             locality,
             retention_perplexity: evaluator.perplexity(retention)?,
         })
     };
-    let before = score(&mut evaluator, 1.0)?;
+    let known = evaluator.matches(&corrections)?;
+    let before = score(&mut evaluator, share(&known), 1.0)?;
+    // What the starting model already answers as taught (on a later night,
+    // what earlier nights taught) is drawn a third as often, so that the
+    // steps go mostly to what is new, while everything is still trained on
+    // (prioritised replay: Schaul et al., ICLR 2016, sample by how much is
+    // left to learn).
+    weigh_down_known(&mut training, &corrections, &known);
     let base = BaseModel::from_pack(&pack, DType::F32, &Device::Cpu, config.train.max_tokens.max(64))?;
     let warm = previous_adapter.as_ref().map(|a| Lora::from_adapter(&base, a)).transpose()?;
     let reference: Vec<Vec<u32>> = retention
@@ -380,7 +410,8 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
             })
         })
         .collect();
-    let after = score(&mut evaluator, locality)?;
+    let efficacy = evaluator.match_rate(&corrections)?;
+    let after = score(&mut evaluator, efficacy, locality)?;
     let learned: Vec<serde_json::Value> = corrections
         .iter()
         .zip(&learned)
@@ -441,6 +472,31 @@ pub fn consolidate(sources: NightSources<'_>, out: &Path, config: &NightConfig, 
 
 #[cfg(test)]
 mod tests {
+    use crate::replay::Example;
+
+    #[test]
+    fn what_the_starting_model_answers_is_drawn_less_often_and_still_trained_on() {
+        let correction = |interaction: u64, question: &str| Example {
+            device: Default::default(),
+            interaction,
+            time_ms: 0,
+            messages: vec![nocturne::tokenizer::ChatMessage::new("user", question)],
+            target: "taught".into(),
+            reply: String::new(),
+            corrected: true,
+            implicit: 0.0,
+            explicit: 1.0,
+            priority: 0.3,
+        };
+        let (old, new) = (correction(1, "Old?"), correction(2, "New?"));
+        let mut approved = correction(1, "Old?");
+        approved.corrected = false;
+        let mut training = vec![old.clone(), new.clone(), old.reworded("Old, again?", 0.15), new.reworded("New, again?", 0.15), approved];
+        super::weigh_down_known(&mut training, &[&old, &new], &[true, false]);
+        let priorities: Vec<f32> = training.iter().map(|e| e.priority).collect();
+        assert_eq!(priorities, [0.3 * super::KNOWN_WEIGHT, 0.3, 0.15 * super::KNOWN_WEIGHT, 0.15, 0.3]);
+    }
+
     #[test]
     fn civil_dates() {
         assert_eq!(super::day(0), "1970-01-01");

@@ -67,6 +67,11 @@ pub fn unchanged_share(before: &[String], after: &[String]) -> f64 {
     if before.is_empty() { 1.0 } else { same as f64 / before.len() as f64 }
 }
 
+/// The share of `true` in `matched` (0 when empty): a match rate.
+pub fn share(matched: &[bool]) -> f64 {
+    matched.iter().filter(|&&m| m).count() as f64 / matched.len().max(1) as f64
+}
+
 /// The publication decision.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Gate {
@@ -285,8 +290,7 @@ impl<'a> Evaluator<'a> {
     /// # Errors
     /// As [`Evaluator::answer`].
     pub fn match_rate(&mut self, examples: &[&Example]) -> anyhow::Result<f64> {
-        let matched = self.matches(examples)?;
-        Ok(matched.iter().filter(|&&m| m).count() as f64 / matched.len().max(1) as f64)
+        Ok(share(&self.matches(examples)?))
     }
 
     /// For each of `examples`, whether it is answered with its target (exact or normalised).

@@ -184,6 +184,9 @@ struct ConsolidateArgs {
     /// Paraphrases the night writes per corrected question (the last one found is the gate's, the others are trained on; 0: none).
     #[arg(long, default_value_t = nocturne_trainer::paraphrase::ParaphraseConfig::default().wanted)]
     paraphrases: usize,
+    /// Framings of each corrected question the night trains on besides its paraphrases: the question after a greeting, before thanks, typed casually (0: none).
+    #[arg(long, default_value_t = nocturne_trainer::paraphrase::ParaphraseConfig::default().framings)]
+    framings: usize,
     /// How many of the built-in general questions the locality probes ask (default: all; fewer make a quicker, less certain night).
     #[arg(long)]
     general_questions: Option<usize>,
@@ -223,7 +226,7 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
         },
         weights: PriorityWeights { implicit: args.implicit_weight, explicit: 1.0 - args.implicit_weight },
         gate: Gate { retention_bound: args.retention_bound, locality_bound: args.locality_bound },
-        paraphrase: nocturne_trainer::paraphrase::ParaphraseConfig::wanting(args.paraphrases),
+        paraphrase: nocturne_trainer::paraphrase::ParaphraseConfig { framings: args.framings, ..nocturne_trainer::paraphrase::ParaphraseConfig::wanting(args.paraphrases) },
         precision: args.precision,
         device: device_profile(args.source.device_profile.as_deref())?,
         general_questions: args.general_questions.unwrap_or_else(nocturne_trainer::consolidate::general_question_count),
@@ -273,8 +276,9 @@ fn consolidate_command(args: &ConsolidateArgs) -> anyhow::Result<ExitCode> {
         _ => "no paraphrase".to_string(),
     };
     println!(
-        "{} paraphrases trained on, {} for the gate; efficacy {:.3} -> {:.3}; generalisation {generalisation}; locality {:.3} (gate), {:.3} (report); retention perplexity {:.3} -> {:.3}",
+        "{} paraphrases and {} framings trained on, {} for the gate; efficacy {:.3} -> {:.3}; generalisation {generalisation}; locality {:.3} (gate), {:.3} (report); retention perplexity {:.3} -> {:.3}",
         report.paraphrases.iter().map(|p| p.trained.len()).sum::<usize>(),
+        report.paraphrases.iter().map(|p| p.framings.len()).sum::<usize>(),
         report.paraphrases.iter().filter(|p| p.gate.is_some()).count(),
         b.efficacy,
         a.efficacy,

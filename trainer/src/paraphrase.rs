@@ -3,8 +3,8 @@
 //! the answer under several wordings, and the gate can check that it answers
 //! wordings it never trained on.
 //!
-//! Principal items: [`paraphrases`], [`acceptable`], [`ParaphraseConfig`],
-//! [`ParaphraseCache`].
+//! Principal items: [`paraphrases`], [`acceptable`], [`framings`],
+//! [`ParaphraseConfig`], [`ParaphraseCache`].
 //!
 //! Why: a fact fine-tuned under one wording is recalled under others only
 //! when training saw several (Allen-Zhu & Li, "Physics of Language Models:
@@ -29,6 +29,16 @@
 //! rules and the threshold were chosen by reading candidates for
 //! chatterbot-corpus questions past the ones `scripts/scenario` asks (the
 //! questions it judges rephrasings on were not looked at).
+//!
+//! Besides rewordings, users put the same question in different
+//! surroundings: a greeting before it, thanks after it, typed in lower case
+//! without its mark. An adapter trained on the bare question keys on its
+//! exact opening and often misses it then, so [`framings`] puts each
+//! corrected question in a few of [`FRAMINGS`], chosen per correction (input
+//! noise as data augmentation, the oldest remedy for brittle inputs; Wei &
+//! Zou's EDA, EMNLP 2019, does the same for text classifiers by rule). They
+//! are trained on, never used by the gate, and written by rule, so no
+//! filter applies.
 
 use std::path::{Path, PathBuf};
 
@@ -61,14 +71,17 @@ pub struct ParaphraseConfig {
     /// Least cosine similarity of a paraphrase's recall embedding to the
     /// question's, when the encoder is given (default 0.75).
     pub min_similarity: f32,
+    /// Framings of each question to train on besides the paraphrases
+    /// (default 2 of the [`FRAMINGS`]; 0 turns them off).
+    pub framings: usize,
 }
 
 impl ParaphraseConfig {
     /// `wanted` paraphrases per question, with at most eight sampling
     /// attempts each (on questions past the scenario's, about one candidate
-    /// in ten passed every check), 32 tokens at most.
+    /// in ten passed every check), 32 tokens at most, and two framings.
     pub fn wanting(wanted: usize) -> ParaphraseConfig {
-        ParaphraseConfig { wanted, attempts: wanted * 8, max_tokens: 32, min_similarity: 0.75 }
+        ParaphraseConfig { wanted, attempts: wanted * 8, max_tokens: 32, min_similarity: 0.75, framings: 2 }
     }
 }
 
@@ -76,6 +89,36 @@ impl Default for ParaphraseConfig {
     fn default() -> ParaphraseConfig {
         ParaphraseConfig::wanting(4)
     }
+}
+
+/// Surroundings a user puts a question in, `{q}` the question as asked,
+/// `{l}` the question with its first letter in lower case. The last one is
+/// the question typed casually: all lower case, without its final mark.
+pub const FRAMINGS: &[&str] = &["Hi! {q}", "Hey, {l}", "{q} Thanks!", "{q} :)", "Hmm, {l}", "Okay, {l}", "Hello there. {q}", "{casual}"];
+
+/// `count` distinct [`FRAMINGS`] of `question` (all of them at most),
+/// chosen by `seed` (SplitMix64, reproducible); none for an empty question.
+pub fn framings(question: &str, count: usize, seed: u64) -> Vec<String> {
+    let question = question.trim();
+    if question.is_empty() {
+        return Vec::new();
+    }
+    let mut chars = question.chars();
+    let lowered = chars.next().map_or(String::new(), |c| c.to_lowercase().collect::<String>() + chars.as_str());
+    let casual = question.trim_end_matches(['?', '!', '.']).trim_end().to_lowercase();
+    let mut order: Vec<usize> = (0..FRAMINGS.len()).collect();
+    let mut rng = nocturne::sampler::SplitMix64(seed);
+    // Fisher–Yates, stopped after the first `count` places.
+    for i in 0..count.min(order.len()) {
+        let j = i + (rng.next_u64() % (order.len() - i) as u64) as usize;
+        order.swap(i, j);
+    }
+    order
+        .into_iter()
+        .take(count)
+        .map(|k| FRAMINGS[k].replace("{q}", question).replace("{l}", &lowered).replace("{casual}", &casual))
+        .filter(|framed| !framed.is_empty() && framed != question)
+        .collect()
 }
 
 /// Words that carry no topic (articles, pronouns, auxiliaries, question words).
@@ -247,7 +290,7 @@ impl ParaphraseCache {
 
 #[cfg(test)]
 mod tests {
-    use super::{acceptable, ParaphraseCache};
+    use super::{acceptable, framings, ParaphraseCache, FRAMINGS};
     use nocturne::ids::DeviceId;
 
     #[test]
@@ -272,6 +315,27 @@ mod tests {
         let error = format!("{:#}", ParaphraseCache::open(&path).err().unwrap());
         assert!(error.contains("paraphrases.json") && error.contains("not a paraphrase cache"), "{error}");
         assert_eq!(std::fs::read(&path).unwrap(), b"{not json");
+    }
+
+    #[test]
+    fn framings_surround_the_question_differently_and_reproducibly() {
+        let question = "What is a chat bot?";
+        let all = framings(question, FRAMINGS.len() + 3, 1);
+        assert_eq!(all.len(), FRAMINGS.len());
+        let mut distinct = all.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), all.len(), "{all:?}");
+        assert!(all.contains(&"Hey, what is a chat bot?".to_string()) && all.contains(&"What is a chat bot? Thanks!".to_string()), "{all:?}");
+        assert!(all.contains(&"what is a chat bot".to_string()), "{all:?}");
+        assert!(all.iter().all(|f| f.to_lowercase().contains("what is a chat bot")), "{all:?}");
+        // The same seed, the same choice; another seed, mostly another.
+        assert_eq!(framings(question, 2, 7), framings(question, 2, 7));
+        assert_eq!(framings(question, 2, 7).len(), 2);
+        assert!((0..16).any(|seed| framings(question, 2, seed) != framings(question, 2, 7)));
+        assert!(framings("  ", 2, 7).is_empty() && framings(question, 0, 7).is_empty());
+        // A question already typed casually is not framed as itself.
+        assert!(!framings("what is ai", FRAMINGS.len(), 3).contains(&"what is ai".to_string()));
     }
 
     #[test]

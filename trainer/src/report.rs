@@ -130,10 +130,10 @@ pub fn render(report: &Value) -> String {
         html += "</table>";
     }
     if let Some(written) = report["paraphrases"].as_array().filter(|w| !w.is_empty()) {
-        html += "<h2>Paraphrases the night wrote</h2><table border='1' cellpadding='4' style='border-collapse:collapse'><tr><th>question</th><th>trained on</th><th>gate (never trained on)</th></tr>";
+        html += "<h2>Paraphrases the night wrote</h2><table border='1' cellpadding='4' style='border-collapse:collapse'><tr><th>question</th><th>trained on</th><th>framings (trained on)</th><th>gate (never trained on)</th></tr>";
         for p in written {
-            let trained: Vec<String> = p["trained"].as_array().into_iter().flatten().filter_map(Value::as_str).map(escape).collect();
-            let _ = write!(html, "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", escape(p["question"].as_str().unwrap_or("")), trained.join("<br>"), escape(p["gate"].as_str().unwrap_or("—")));
+            let listed = |key: &str| p[key].as_array().into_iter().flatten().filter_map(Value::as_str).map(escape).collect::<Vec<String>>().join("<br>");
+            let _ = write!(html, "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", escape(p["question"].as_str().unwrap_or("")), listed("trained"), listed("framings"), escape(p["gate"].as_str().unwrap_or("—")));
         }
         html += "</table>";
     }
@@ -163,7 +163,7 @@ mod tests {
             "after": {"efficacy": 1.0, "generalisation": 0.5, "locality": 0.96, "retention_perplexity": 10.1},
             "locality_report": 0.92,
             "locality_changes": [{"part": "gate", "question": "2+2?", "before": "4, of course.", "after": "5 & more."}],
-            "paraphrases": [{"question": "Who <b>is</b> it?", "trained": ["Who's that?"], "gate": "Which one is it?"}],
+            "paraphrases": [{"question": "Who <b>is</b> it?", "trained": ["Who's that?"], "framings": ["Hey, who <b>is</b> it?"], "gate": "Which one is it?"}],
             "examples_per_day": [["2026-11-21", 3]]
         });
         let html = super::render(&report);
@@ -173,5 +173,6 @@ mod tests {
         assert!(html.contains("answers that changed (1)") && html.contains("5 &amp; more."));
         // The paraphrase table, its text escaped.
         assert!(html.contains("Who &lt;b&gt;is&lt;/b&gt; it?") && html.contains("Who&#39;s that?") && html.contains("Which one is it?"));
+        assert!(html.contains("Hey, who &lt;b&gt;is&lt;/b&gt; it?"));
     }
 }

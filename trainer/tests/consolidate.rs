@@ -195,7 +195,11 @@ fn consolidate_eval_and_report_from_the_command_line() {
     assert_eq!(written.len(), 1);
     assert_eq!(written[0]["question"], "What is the name of this kiosk?");
     let trained = written[0]["trained"].as_array().unwrap().len() as u64;
-    assert_eq!(description["trained_on"].as_u64(), Some(1 + trained), "{description}");
+    // And two framings of it (the default), which no filter drops.
+    let framed = written[0]["framings"].as_array().unwrap();
+    assert_eq!(framed.len(), ParaphraseConfig::default().framings, "{framed:?}");
+    assert!(framed.iter().all(|f| f.as_str().unwrap().to_lowercase().contains("what is the name of this kiosk")), "{framed:?}");
+    assert_eq!(description["trained_on"].as_u64(), Some(1 + trained + framed.len() as u64), "{description}");
     // Given the encoder, every paraphrase kept (trained on or the gate's) is
     // close to the question in its embedding.
     let encoder = nocturne::recall::encoder::SentenceEncoder::load(&encoder_dir(), 128).unwrap();

@@ -30,7 +30,9 @@
 //!    correction was trained on), and rephrased by two fixed templates and
 //!    by hand (`../recall_eval/paraphrases.txt`, where it has the question),
 //!    none of which the night's paraphrase generator writes
-//!    (generalisation); locality is the night's own report-part figure
+//!    (generalisation; the templates put the question in other
+//!    surroundings, as the night's own framings do, with words none of
+//!    `nocturne_trainer::paraphrase::FRAMINGS` uses); locality is the night's own report-part figure
 //!    (never-taught questions whose answer stayed the same; the gate uses
 //!    the other part), and retention perplexity is measured on held-out
 //!    `chitchat-dataset==0.9.0` dialogues. The noise floor of the locality
@@ -304,7 +306,7 @@ fn main() -> anyhow::Result<()> {
     let dirs = vec![store.device_dir(device)];
     let retention = retention_texts(&[])?;
     let default = TrainConfig { steps, rehearsal_weight, targets, ..TrainConfig::default() };
-    let none = ParaphraseConfig::wanting(0);
+    let none = ParaphraseConfig { framings: 0, ..ParaphraseConfig::wanting(0) };
     let variants = [
         ("with paraphrases", default.clone(), ParaphraseConfig::wanting(args.paraphrases)),
         ("without paraphrases", default.clone(), none),
