@@ -113,12 +113,14 @@ pub fn framings(question: &str, count: usize, seed: u64) -> Vec<String> {
         let j = i + (rng.next_u64() % (order.len() - i) as u64) as usize;
         order.swap(i, j);
     }
-    order
-        .into_iter()
-        .take(count)
-        .map(|k| FRAMINGS[k].replace("{q}", question).replace("{l}", &lowered).replace("{casual}", &casual))
-        .filter(|framed| !framed.is_empty() && framed != question)
-        .collect()
+    // One placeholder per framing, filled once: braces in the question stay text.
+    let fill = |framing: &str| {
+        [("{q}", question), ("{l}", lowered.as_str()), ("{casual}", casual.as_str())]
+            .into_iter()
+            .find_map(|(mark, text)| framing.split_once(mark).map(|(before, after)| format!("{before}{text}{after}")))
+            .unwrap_or_else(|| framing.to_string())
+    };
+    order.into_iter().take(count).map(|k| fill(FRAMINGS[k])).filter(|framed| !framed.is_empty() && framed != question).collect()
 }
 
 /// Words that carry no topic (articles, pronouns, auxiliaries, question words).
@@ -334,6 +336,8 @@ mod tests {
         assert_eq!(framings(question, 2, 7).len(), 2);
         assert!((0..16).any(|seed| framings(question, 2, seed) != framings(question, 2, 7)));
         assert!(framings("  ", 2, 7).is_empty() && framings(question, 0, 7).is_empty());
+        // Braces in the question are its text, not placeholders.
+        assert!(framings("What is {l} in {q}?", FRAMINGS.len(), 5).contains(&"Hey, what is {l} in {q}?".to_string()));
         // A question already typed casually is not framed as itself.
         assert!(!framings("what is ai", FRAMINGS.len(), 3).contains(&"what is ai".to_string()));
     }
