@@ -96,6 +96,12 @@ impl Default for ParaphraseConfig {
 /// the question typed casually: all lower case, without its final mark.
 pub const FRAMINGS: &[&str] = &["Hi! {q}", "Hey, {l}", "{q} Thanks!", "{q} :)", "Hmm, {l}", "Okay, {l}", "Hello there. {q}", "{casual}"];
 
+/// `text` with its first letter in lower case ("What is AI?" → "what is AI?").
+pub fn lower_first(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map_or(String::new(), |c| c.to_lowercase().collect::<String>() + chars.as_str())
+}
+
 /// `count` distinct [`FRAMINGS`] of `question` (all of them at most),
 /// chosen by `seed` (SplitMix64, reproducible); none for an empty question.
 pub fn framings(question: &str, count: usize, seed: u64) -> Vec<String> {
@@ -103,8 +109,7 @@ pub fn framings(question: &str, count: usize, seed: u64) -> Vec<String> {
     if question.is_empty() {
         return Vec::new();
     }
-    let mut chars = question.chars();
-    let lowered = chars.next().map_or(String::new(), |c| c.to_lowercase().collect::<String>() + chars.as_str());
+    let lowered = lower_first(question);
     let casual = question.trim_end_matches(['?', '!', '.']).trim_end().to_lowercase();
     let mut order: Vec<usize> = (0..FRAMINGS.len()).collect();
     let mut rng = nocturne::sampler::SplitMix64(seed);

@@ -70,7 +70,7 @@ use nocturne_trainer::train::TrainConfig;
 use datasets::{chatterbot_pairs, chitchat_dialogues, CHATTERBOT, CHITCHAT};
 use nocturne_trainer::eval::{device_profile, normalise, unchanged_share, AdapterScope, Evaluator, Gate};
 use nocturne_trainer::consolidate::{self, consolidate, locality_probes, retention_texts, NightConfig, NightSources};
-use nocturne_trainer::paraphrase::ParaphraseConfig;
+use nocturne_trainer::paraphrase::{lower_first, ParaphraseConfig};
 use nocturne_trainer::replay::{Example, PriorityWeights, ReplayBuffer};
 use nocturne_trainer::store::{Store, PARAPHRASE_CACHE};
 
@@ -97,8 +97,7 @@ const UNTAUGHT: usize = 150;
 
 /// A rephrasing that keeps the question's meaning (two fixed templates, alternating).
 fn rephrase(i: usize, question: &str) -> String {
-    let mut chars = question.chars();
-    let lowered = chars.next().map_or(String::new(), |c| c.to_lowercase().collect::<String>() + chars.as_str());
+    let lowered = lower_first(question);
     if i.is_multiple_of(2) {
         format!("Quick question: {lowered}")
     } else {
